@@ -1,0 +1,183 @@
+"""Tiny Qwen2-VL checkpoints for tests: a byte-level BPE tokenizer with the Qwen2-VL special tokens and
+random-weight models written by transformers' `save_pretrained` (the reference implementation).
+
+Everything here is deterministic (fixed seeds) and small enough to build in about a second.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# Qwen2's pre-tokenizer split pattern (digits are split one by one).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+# The Qwen2-VL chat template as published with the Instruct checkpoints.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "You are a helpful assistant.", "Describe this image.", "What color is the circle?",
+    "What is written in the picture? The quick brown fox jumps over the lazy dog.",
+    "system user assistant red green blue yellow purple orange circle square triangle",
+    "How many shapes are there? 0 1 2 3 4 5 6 7 8 9 (120,455),(300,700)",
+    "Hello, world! Où est la gare? 你好，世界。 Grüße — ünïcödé ✓ 🙂",
+]
+
+
+def write_tokenizer(path: str | Path, vocab_size: int = 400) -> dict[str, int]:
+    """Train a small byte-level BPE and write tokenizer.json + tokenizer_config.json to `path`.
+
+    Returns {special token: id}. The 14 specials come right after the BPE vocabulary, in Qwen2 order.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.save(str(path / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    cfg = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "model_max_length": 32768,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "padding_side": "left",
+        "clean_up_tokenization_spaces": False,
+        "errors": "replace",
+        "split_special_tokens": False,
+        "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+            for t, i in ids.items()
+        },
+        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    return ids
+
+
+def tiny_config_dict(ids: dict[str, int], *, tied: bool = False, vocab_size: int = 448) -> dict:
+    """A flat (hub-layout) Qwen2-VL config.json with tiny dimensions and the tokenizer's special ids."""
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "tie_word_embeddings": tied,
+        "use_sliding_window": False,
+        "attention_dropout": 0.0,
+        "torch_dtype": "float32",
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_config": {
+            "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+            "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        },
+    }
+
+
+def make_tiny_checkpoint(path: str | Path, *, tied: bool = False, seed: int = 0,
+                         max_pixels: int = 200704) -> Path:
+    """Write a complete random tiny Qwen2-VL checkpoint with transformers' save_pretrained.
+
+    Files: config.json, model.safetensors, generation_config.json, tokenizer.json,
+    tokenizer_config.json, preprocessor_config.json. Weights are fp32, scaled up from the default init
+    so that different inputs give clearly different logits (random-init logits are otherwise nearly flat).
+    """
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    path = Path(path)
+    ids = write_tokenizer(path)
+    cfg_dict = tiny_config_dict(ids, tied=tied)
+    config = Qwen2VLConfig(**cfg_dict)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.15)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(path, safe_serialization=True)
+    # save_pretrained writes a nested config in 4.57; ship the flat hub layout like the real checkpoints.
+    (path / "config.json").write_text(json.dumps(cfg_dict, indent=1))
+    (path / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+    }, indent=1))
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "rescale_factor": 1 / 255, "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "min_pixels": 3136, "max_pixels": max_pixels,
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    }, indent=1))
+    return path
+
+
+def hf_processor(path: str | Path):
+    """transformers' Qwen2VLProcessor (slow PIL image processor) for a tiny checkpoint dir.
+
+    transformers 4.57 insists on a video processor, which needs torchvision (not installed here); tests
+    feed video pixels to both implementations directly, so an empty stand-in object is passed instead.
+    """
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    tok = AutoTokenizer.from_pretrained(path)
+    image_processor = Qwen2VLImageProcessor.from_pretrained(path)
+    video_cls = Qwen2VLProcessor.get_possibly_dynamic_module("BaseVideoProcessor")
+    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
+                            video_processor=object.__new__(video_cls), chat_template=tok.chat_template)
