@@ -1,0 +1,173 @@
+"""Rotary position embeddings for Qwen2-VL: M-RoPE positions, text rotary tables, vision 2-D rotary.
+
+Owns three things and nothing else (no modules, no weights, no engine knowledge):
+
+* `mrope_positions(input_ids, grids, ...)`: the 3-stream (t, h, w) position ids of one prompt and its
+  `rope_delta`, by the *max+1* rule (QWEN2VL_SPEC 5.4; transformers <= 4.57 `get_rope_index`). A decode
+  token at index i (0-based, i >= len(prompt)) then sits at `i + rope_delta` on all three streams.
+* Text rotary: frequencies in fp32, each of the head_dim/2 frequencies takes its position from the stream
+  its `mrope_section` says (t for the first section, h for the second, w for the third; not interleaved),
+  duplicated to head_dim, cos/sin computed in fp32 then cast to the activation dtype; rotation is the
+  half-split ("rotate_half", pairs (j, j + d/2)) convention.
+* Vision 2-D rotary: (row, col) of every patch in merge-block-major order, fp32 cos/sin, and q/k rotated in
+  fp32 then cast back (QWEN2VL_SPEC 3.3).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+
+def _check_grid(k: int, grid: Sequence[int], merge: int) -> tuple[int, int, int]:
+    if len(grid) != 3:
+        raise ValueError(f"grid of vision item {k} must be (t, h, w), got {tuple(grid)}")
+    t, h, w = (int(x) for x in grid)
+    if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
+        raise ValueError(
+            f"grid of vision item {k} is (t={t}, h={h}, w={w}); t, h, w must be >= 1 and h, w multiples "
+            f"of spatial_merge_size={merge}"
+        )
+    return t, h, w
+
+
+def mrope_positions(
+    input_ids: Sequence[int] | torch.Tensor,
+    grids: Sequence[Sequence[int]],
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int = 2,
+) -> tuple[torch.Tensor, int]:
+    """M-RoPE position ids of one unpadded prompt.
+
+    `grids` holds one (t, h, w) per vision item (in 14-px patches) in order of appearance; an item's kind
+    is the pad token its run is made of, and item k covers t*h*w // merge**2 consecutive pad tokens
+    (adjacent items of the same kind simply follow each other in the run).
+
+    Returns (positions LongTensor (3, N), rope_delta = max(positions) + 1 - N). Raises ValueError when the
+    pad tokens and the grids disagree (naming the item, the expected and the found counts).
+    """
+    ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()  # (N,)
+    n = ids.numel()
+    positions = torch.empty(3, n, dtype=torch.long)  # (3, N)
+    is_pad = (ids == image_token_id) | (ids == video_token_id)
+    # Maximal runs of one pad id: starts where the id changes into a pad id.
+    change = torch.ones(n, dtype=torch.bool)
+    if n > 1:
+        change[1:] = ids[1:] != ids[:-1]
+    run_starts = torch.nonzero(is_pad & change).flatten().tolist()
+    run_ends = torch.nonzero(is_pad & torch.cat([change[1:], torch.ones(1, dtype=torch.bool)])).flatten()
+    run_ends = (run_ends + 1).tolist()
+
+    merge = spatial_merge_size
+    cur = 0  # next free position = max of everything placed so far + 1
+    pos = 0  # next token index to place
+    k = 0  # next vision item
+    for start, end in zip(run_starts, run_ends):
+        text_len = start - pos
+        positions[:, pos:start] = torch.arange(cur, cur + text_len)
+        cur += text_len
+        while start < end:
+            if k >= len(grids):
+                raise ValueError(
+                    f"prompt has {int(is_pad.sum())} vision pad tokens but the {len(grids)} grids cover only "
+                    f"{sum(_count(g, merge) for g in grids)}; pad token at index {start} has no vision item"
+                )
+            t, h, w = _check_grid(k, grids[k], merge)
+            hm, wm = h // merge, w // merge
+            count = t * hm * wm
+            if start + count > end:
+                raise ValueError(
+                    f"vision item {k} with grid ({t}, {h}, {w}) needs {count} consecutive pad tokens at index "
+                    f"{start}, found {end - start}"
+                )
+            tt = torch.arange(t).view(t, 1, 1).expand(t, hm, wm).flatten()  # (count,)
+            hh = torch.arange(hm).view(1, hm, 1).expand(t, hm, wm).flatten()
+            ww = torch.arange(wm).view(1, 1, wm).expand(t, hm, wm).flatten()
+            positions[:, start:start + count] = torch.stack([tt, hh, ww]) + cur  # (3, count)
+            cur += max(t, hm, wm)
+            start += count
+            k += 1
+        pos = end
+    positions[:, pos:n] = torch.arange(cur, cur + n - pos)
+    cur += n - pos
+    if k != len(grids):
+        raise ValueError(
+            f"{len(grids)} vision grids given but the prompt's pad tokens hold only {k} items"
+        )
+    return positions, cur - n
+
+
+def _count(grid: Sequence[int], merge: int) -> int:
+    t, h, w = (int(x) for x in grid)
+    return t * (h // merge) * (w // merge)
+
+
+# ---------------------------------------------------------------------------------------------- rotary
+
+
+@lru_cache(maxsize=32)
+def _inv_freq(dim: int, theta: float, device: str) -> torch.Tensor:
+    """1 / theta^(2j/dim), j < dim/2, computed in fp32 on the CPU (as transformers does) then moved."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # (dim/2,)
+    return inv.to(device)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dim split in halves."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def mrope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, mrope_section: Sequence[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text rotary tables for positions (3, N): cos, sin of shape (N, head_dim) in `dtype`."""
+    if sum(mrope_section) != head_dim // 2:
+        raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
+    inv = _inv_freq(head_dim, float(theta), str(positions.device))  # (D/2,)
+    stream = torch.repeat_interleave(
+        torch.arange(3, device=positions.device),
+        torch.tensor(list(mrope_section), device=positions.device),
+    )  # (D/2,) stream id of each frequency
+    pos = positions.float()  # (3, N)
+    # Pick each frequency's stream first; the product is elementwise so this equals select-after.
+    freqs = pos[stream].t() * inv  # (N, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (N, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (N, heads, D) rotated in x's dtype with cos/sin (N, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, D)
+    return x * cos + rotate_half(x) * sin
+
+
+def vision_cos_sin(
+    grid_thw: torch.Tensor, head_dim: int, spatial_merge_size: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vision 2-D rotary tables for all patches of `grid_thw` (ni, 3): fp32 cos, sin (S, head_dim).
+
+    Dims [0, D/4) and [D/2, 3D/4) carry the patch row, the others the column (QWEN2VL_SPEC 3.3).
+    """
+    m = spatial_merge_size
+    device = grid_thw.device
+    pos = []
+    for t, h, w in grid_thw.tolist():
+        rows = torch.arange(h, device=device).view(h, 1).expand(h, w)
+        cols = torch.arange(w, device=device).view(1, w).expand(h, w)
+        # merge-block-major: (h/m, m, w/m, m) -> (h/m, w/m, m, m)
+        rows = rows.reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()  # (h*w,)
+        cols = cols.reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+        pos.append(torch.stack([rows, cols], dim=-1).repeat(t, 1))  # (t*h*w, 2)
+    pos = torch.cat(pos)  # (S, 2)
+    inv = _inv_freq(head_dim // 2, float(theta), str(device))  # (D/4,)
+    freqs = (pos.float().unsqueeze(-1) * inv).flatten(1)  # (S, D/2): row freqs then col freqs
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (S, heads, D) rotated in fp32 with fp32 cos/sin (S, D), cast back to x's dtype."""
+    return apply_rotary(x.float(), cos, sin).to(x.dtype)
