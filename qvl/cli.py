@@ -1,0 +1,280 @@
+"""The `qvl` command: run | chat | serve | tokens.
+
+Contract: every subcommand defaults to the demo checkpoint shipped in the package (`qvl/demo`), takes
+`--model DIR_OR_HUB_ID` for real weights, and turns a user mistake (missing file, unsupported format, a
+checkpoint that is not Qwen2-VL, a prompt over the context) into one line on stderr and exit code 2 —
+never a traceback. The CLI only parses flags and prints; the work is done by qvl.LLM, the server and
+qvl.multimodal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEMO_MODEL = Path(__file__).parent / "demo"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _default_model() -> str:
+    return str(DEMO_MODEL)
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or hub id (default: the bundled demo checkpoint)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights/activations dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda when available)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+
+
+def _add_media_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-pixels", type=int, default=None, help="per-image lower pixel bound")
+    p.add_argument("--max-pixels", type=int, default=None, help="per-image upper pixel bound")
+    p.add_argument("--fps", type=float, default=None, help="video frames sampled per second (default 2)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the checkpoint's generation_config)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qvl", description="Qwen2-VL on your own machine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="answer one question about images/videos (streams the answer)")
+    run.add_argument("question")
+    run.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
+    run.add_argument("--video", action="append", default=[], help="video path or URL (repeatable)")
+    run.add_argument("--json", action="store_true", help="print text, token counts, timings and boxes as JSON")
+    run.add_argument("--draw", default=None, metavar="OUT.png", help="draw grounding boxes on the first image")
+    _add_model_args(run)
+    _add_media_args(run)
+    _add_sampling_args(run)
+
+    chat = sub.add_parser("chat", help="interactive chat: /image PATH, /video PATH, /reset, /quit")
+    _add_model_args(chat)
+    _add_media_args(chat)
+    _add_sampling_args(chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
+                       help="checkpoint directory or hub id (default: the bundled demo checkpoint)")
+    from qvl.server.app import add_serve_args
+
+    add_serve_args(serve)
+
+    tokens = sub.add_parser("tokens", help="visual token count of images/videos, from their headers (no model)")
+    tokens.add_argument("files", nargs="+")
+    tokens.add_argument("--json", action="store_true")
+    _add_media_args(tokens)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _make_llm(args):
+    from qvl import LLM
+
+    kwargs = {"dtype": args.dtype, "device": args.device}
+    if args.max_model_len is not None:
+        kwargs["max_model_len"] = args.max_model_len
+    return LLM(args.model or _default_model(), **kwargs)
+
+
+def _sampling(args, llm):
+    from qvl import SamplingParams
+
+    overrides = {"max_tokens": args.max_tokens}
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    return llm.default_sampling_params(**overrides)
+
+
+def _media_part(kind: str, source: str, args) -> dict:
+    if "://" not in source and not source.startswith("data:") and not Path(source).exists():
+        raise CLIError(f"{kind} file not found: {source}")
+    part: dict = {"type": kind, kind: source}
+    for key in ("min_pixels", "max_pixels"):
+        if getattr(args, key) is not None:
+            part[key] = getattr(args, key)
+    if kind == "video" and args.fps is not None:
+        part["fps"] = args.fps
+    return part
+
+
+def _boxes(text: str, images: list[str]) -> list[dict]:
+    """Grounding boxes in the reply, mapped to the first image's pixels when there is one."""
+    from qvl import grounding
+
+    size = None
+    if images and "://" not in images[0]:
+        from PIL import Image
+
+        with Image.open(images[0]) as im:
+            size = im.size
+    return [b.to_dict() for b in grounding.parse(text, image_size=size)]
+
+
+# --------------------------------------------------------------------------------------- commands
+
+def cmd_tokens(args) -> int:
+    from qvl.multimodal.budget import describe
+
+    rows = []
+    for f in args.files:
+        if "://" not in f and not Path(f).exists():
+            raise CLIError(f"file not found: {f}")
+        rows.append(describe(f, min_pixels=args.min_pixels, max_pixels=args.max_pixels, fps=args.fps))
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
+        return 0
+    total = 0
+    for r in rows:
+        (h0, w0), (h1, w1) = r["original_size"], r["resized_size"]
+        t, gh, gw = r["grid_thw"]
+        extra = f"  frames {r['nframes']}" if r.get("nframes") else ""
+        print(f"{r['source']}: {r['kind']} {w0}x{h0} -> {w1}x{h1}  grid {t}x{gh}x{gw}{extra}  "
+              f"{r['tokens']} tokens")
+        total += r["tokens"]
+    if len(rows) > 1:
+        print(f"total: {total} tokens")
+    return 0
+
+
+def cmd_run(args) -> int:
+    content = [_media_part("image", s, args) for s in args.image]
+    content += [_media_part("video", s, args) for s in args.video]
+    content.append({"type": "text", "text": args.question})
+    messages = [{"role": "user", "content": content}]
+    llm = _make_llm(args)
+    params = _sampling(args, llm)
+    start = time.perf_counter()
+    first = None
+    text = ""
+    final = None
+    for delta, out in llm.stream_chat(messages, params):
+        if delta and first is None:
+            first = time.perf_counter() - start
+        text += delta
+        final = out
+        if not args.json:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    total = time.perf_counter() - start
+    boxes = _boxes(text, args.image)
+    if args.draw:
+        if not args.image:
+            raise CLIError("--draw needs an --image to draw on")
+        from qvl import grounding
+
+        grounding.draw(args.image[0], grounding.parse(text), args.draw)
+    if args.json:
+        comp = final.outputs[0]
+        print(json.dumps({
+            "text": text,
+            "prompt_tokens": len(final.prompt_token_ids),
+            "completion_tokens": len(comp.token_ids),
+            "finish_reason": comp.finish_reason,
+            "time_to_first_token_s": round(first if first is not None else total, 4),
+            "total_time_s": round(total, 4),
+            "boxes": boxes,
+        }, indent=1, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _make_llm(args)
+    params = _sampling(args, llm)
+    history: list[dict] = []
+    pending: list[dict] = []
+    interactive = sys.stdin.isatty()
+    print("qvl chat — /image PATH, /video PATH, /reset, /quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            history, pending = [], []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if line.startswith(("/image ", "/video ")):
+            kind, source = line[1:6], line[7:].strip()
+            try:
+                pending.append(_media_part(kind, source, args))
+            except CLIError as e:
+                print(f"qvl: error: {e}", file=sys.stderr)
+                continue
+            print(f"({kind} attached: {source})", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(f"qvl: unknown command {line.split()[0]} (try /image, /video, /reset, /quit)", file=sys.stderr)
+            continue
+        user = {"role": "user", "content": pending + [{"type": "text", "text": line}]}
+        reply = ""
+        try:
+            for delta, _ in llm.stream_chat(history + [user], params):
+                reply += delta
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        except ValueError as e:
+            print(f"qvl: error: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history += [user, {"role": "assistant", "content": reply}]
+        pending = []
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from qvl.server.app import serve
+
+    args.model = args.model_pos or _default_model()
+    serve(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "tokens": cmd_tokens}[args.command]
+    try:
+        return handler(args)
+    except (CLIError, ValueError, FileNotFoundError) as e:
+        print(f"qvl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
