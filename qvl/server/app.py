@@ -1,0 +1,371 @@
+"""The OpenAI-compatible HTTP server: routes, auth, body limits, disconnects, lifecycle, CLI flags.
+
+`create_app(engine, ...)` builds the FastAPI app around an AsyncEngine-like object (see serving.py for
+the methods used); `add_serve_args(parser)` defines the `qvl serve` flags and `serve(args)` runs it with
+uvicorn (SIGTERM: stop accepting, let in-flight requests finish for --graceful-shutdown-timeout seconds,
+abort the rest, stop the engine, exit 0).
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (no auth),
+POST /tokenize (token counts from header dimensions; no pixel decode, no model run), GET /metrics.
+Every route but /health needs `Authorization: Bearer <key>` when an API key is set.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from qvl.server import responses
+from qvl.server.errors import APIError, from_pydantic, install_error_handlers
+from qvl.server.metrics import ServerMetrics
+from qvl.server.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from qvl.server.serving import (RequestRun, ServerLimits, ServingContext, check_media_counts, new_request_id,
+                                prepare_chat, prepare_text, sampling_params)
+
+logger = logging.getLogger("qvl.server")
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class _AuthMiddleware:
+    """Pure ASGI (streams pass through untouched): Bearer key on every path but /health."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health" or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        msg = "Missing API key (send Authorization: Bearer <key>)" if not auth else "Invalid API key"
+        resp = APIError(msg, status=401, code="invalid_api_key").response()
+        await resp(scope, receive, send)
+
+
+async def read_json(request: Request, max_bytes: int, model_cls):
+    """Read the body (refusing > max_bytes with 413 before reading it all), parse JSON, validate."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise APIError(f"Request body too large: {int(length)} bytes > max_request_bytes {max_bytes}",
+                       status=413, code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(f"Request body too large: more than max_request_bytes {max_bytes} bytes",
+                           status=413, code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise APIError("Request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(f"Invalid JSON body: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise APIError(f"Request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise from_pydantic(exc) from exc
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, coro):
+    """Run `coro`; if the client disconnects first, cancel it (its finally-blocks abort engine work)."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise APIError("Client disconnected", status=499, code="client_disconnected")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+def _engine_attr(engine, *names, default=None):
+    for n in names:
+        obj = engine
+        for part in n.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    return default
+
+
+def create_app(engine, *, served_model_name: str, api_key: str | None = None, media_policy=None,
+               limits: ServerLimits | None = None, processor=None, max_model_len: int | None = None,
+               default_sampling: dict | None = None, model_path: str | None = None) -> FastAPI:
+    processor = processor or _engine_attr(engine, "processor", "prompt_processor", "engine.processor")
+    if processor is None:
+        raise ValueError("create_app needs a PromptProcessor (pass processor= or give the engine .processor)")
+    max_model_len = int(max_model_len or _engine_attr(engine, "max_model_len", "config.max_model_len",
+                                                      "engine_config.max_model_len", default=4096))
+    limits = limits or ServerLimits()
+    stats_fn = getattr(engine, "stats", None)
+    metrics = ServerMetrics(served_model_name, stats_fn, max_model_len)
+    from qvl.sampling_params import SamplingParams
+
+    tok = getattr(processor, "tokenizer", None)
+    vocab = _engine_attr(engine, "vocab_size", "model_config.vocab_size", "config.model_config.vocab_size")
+    if vocab is None and tok is not None and hasattr(tok, "get_vocab_size"):
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+    boxes_fn = None
+    with contextlib.suppress(ImportError):
+        from qvl import grounding  # optional module
+        boxes_fn = getattr(grounding, "boxes_for_response", None)
+    ctx = ServingContext(engine=engine, processor=processor, served_model_name=served_model_name,
+                         max_model_len=max_model_len, media_policy=media_policy, limits=limits,
+                         metrics=metrics, default_sampling=dict(default_sampling or {}),
+                         sampling_cls=SamplingParams, vocab_size=vocab, boxes_fn=boxes_fn)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        start = getattr(engine, "start", None)
+        if start is not None:
+            await _maybe(start())
+        try:
+            yield
+        finally:
+            stop = getattr(engine, "shutdown", None) or getattr(engine, "stop", None)
+            if stop is not None:
+                with contextlib.suppress(Exception):
+                    await _maybe(stop())
+            if ctx.executor is not None:
+                ctx.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="qvl", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(_AuthMiddleware, api_key=api_key)
+
+    def check_model(name: str | None) -> None:
+        if name and name != served_model_name:
+            raise APIError(f"The model `{name}` does not exist; this server serves `{served_model_name}`",
+                           status=404, param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": served_model_name, "object": "model", "created": int(time.time()), "owned_by": "qvl",
+            "root": model_path or served_model_name, "parent": None, "max_model_len": max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics_route():
+        body, ctype = metrics.render()
+        return Response(body, media_type=ctype)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await read_json(request, limits.max_request_bytes, TokenizeRequest)
+        check_model(req.model)
+        if req.messages is not None:
+            check_media_counts(ctx, req.messages)
+            msgs = [m.to_processor() for m in req.messages]
+            counts = await ctx.guarded(processor.count_tokens, msgs, policy=media_policy,
+                                       max_model_len=max_model_len)
+            visual = sum(int(it["tokens"]) for it in counts["items"])
+            body = {"count": int(counts["prompt_tokens"]), "max_model_len": max_model_len,
+                    "text_tokens": int(counts["prompt_tokens"]) - visual, "visual_tokens": visual,
+                    "items": counts["items"]}
+        else:
+            p = await ctx.guarded(processor.process_prompt, req.prompt, None, max_model_len=None)
+            body = {"count": len(p.token_ids), "max_model_len": max_model_len, "text_tokens": len(p.token_ids),
+                    "visual_tokens": 0, "items": []}
+            if req.return_token_ids:
+                body["tokens"] = list(p.token_ids)
+        return body
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        run = RequestRun(ctx, new_request_id("chatcmpl"), "chat")
+        try:
+            req = await read_json(request, limits.max_request_bytes, ChatCompletionRequest)
+            check_model(req.model)
+            run.images, run.videos = check_media_counts(ctx, req.messages)
+            prompt, counts = await until_disconnect(request, prepare_chat(ctx, req))
+            params = sampling_params(ctx, req, len(prompt.token_ids))
+        except Exception as exc:
+            run.fail(exc)
+            raise
+        jobs = [(prompt, params)]
+        sizes = counts.get("items", []) if ctx.boxes_fn else None
+        if req.stream:
+            return StreamingResponse(responses.chat_stream(ctx, run, req, jobs), media_type="text/event-stream",
+                                     headers={**_SSE_HEADERS, "X-Request-Id": run.request_id})
+        return await _full(request, run, responses.chat_full(ctx, run, req, jobs, sizes))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        run = RequestRun(ctx, new_request_id("cmpl"), "completion")
+        try:
+            req = await read_json(request, limits.max_request_bytes, CompletionRequest)
+            check_model(req.model)
+            jobs, texts = [], []
+            for p in req.prompt:
+                processed = await until_disconnect(request, prepare_text(ctx, p, req.max_new_tokens))
+                jobs.append((processed, sampling_params(ctx, req, len(processed.token_ids))))
+                texts.append(p if isinstance(p, str) else processor.decode(list(p)))
+        except Exception as exc:
+            run.fail(exc)
+            raise
+        if req.stream:
+            return StreamingResponse(responses.completion_stream(ctx, run, req, jobs, texts),
+                                     media_type="text/event-stream",
+                                     headers={**_SSE_HEADERS, "X-Request-Id": run.request_id})
+        return await _full(request, run, responses.completion_full(ctx, run, req, jobs, texts))
+
+    async def _full(request: Request, run: RequestRun, coro):
+        try:
+            body = await until_disconnect(request, coro)
+        except BaseException as exc:
+            await run.abort_unfinished()
+            run.fail(exc)
+            raise
+        run.finish(200)
+        return JSONResponse(body, headers={"X-Request-Id": run.request_id})
+
+    return app
+
+
+async def _maybe(x):
+    return await x if asyncio.iscoroutine(x) or isinstance(x, asyncio.Future) else x
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `qvl serve` flags (server, limits, media policy and engine sizing)."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="checkpoint dir or hub id (default: the shipped demo checkpoint)")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: env QVL_API_KEY, read at startup)")
+    g.add_argument("--served-model-name", default=None, help="model id in the API (default: the model arg)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests may take before they are aborted")
+    g.add_argument("--preprocess-workers", type=int, default=4, help="threads for media decode/resize")
+    lim = parser.add_argument_group("request limits")
+    lim.add_argument("--max-images-per-request", type=int, default=16)
+    lim.add_argument("--max-videos-per-request", type=int, default=2)
+    lim.add_argument("--max-visual-tokens-per-request", type=int, default=None,
+                     help="cap on image+video tokens in one request (default: only the context bounds it)")
+    lim.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, help="HTTP body size limit")
+    med = parser.add_argument_group("media fetching")
+    med.add_argument("--allowed-local-media-path", default=None,
+                     help="allow file:// URLs and paths under this directory (default: none)")
+    med.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
+                     help="only fetch http(s) media from these domains (default: any public host)")
+    med.add_argument("--allow-private-media-addresses", action="store_true",
+                     help="allow http(s) media on loopback/private/link-local addresses (unsafe)")
+    med.add_argument("--media-timeout", type=float, default=10.0, help="seconds per media download")
+    med.add_argument("--media-max-bytes", type=int, default=100 * 1024 * 1024, help="bytes per media download")
+    eng = parser.add_argument_group("engine")
+    eng.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    eng.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    eng.add_argument("--max-model-len", type=int, default=None)
+    eng.add_argument("--max-num-seqs", type=int, default=None)
+    eng.add_argument("--max-num-batched-tokens", type=int, default=None)
+    eng.add_argument("--block-size", type=int, default=None)
+    eng.add_argument("--kv-cache-memory", default=None, help="KV-cache size, e.g. 4GiB or a fraction 0.8")
+    eng.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    return parser
+
+
+def _media_policy(args):
+    from qvl.multimodal.media import MediaPolicy
+
+    kw = dict(allowed_local_media_path=args.allowed_local_media_path,
+              allowed_media_domains=args.allowed_media_domains,
+              allow_private_addresses=args.allow_private_media_addresses,
+              timeout_s=args.media_timeout, max_bytes=args.media_max_bytes)
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(MediaPolicy)}
+    return MediaPolicy(**{k: v for k, v in kw.items() if k in names})
+
+
+def build_engine(args):
+    """An AsyncEngine from the engine flags (unset flags keep the engine's defaults)."""
+    from qvl.engine.async_engine import AsyncEngine
+
+    kw = {k: getattr(args, k) for k in ("dtype", "device", "max_model_len", "max_num_seqs",
+                                        "max_num_batched_tokens", "block_size", "kv_cache_memory")
+          if getattr(args, k, None) is not None}
+    kw["enable_prefix_caching"] = args.enable_prefix_caching
+    if kw.get("dtype") == "auto":
+        kw.pop("dtype")
+    return AsyncEngine.from_args(args.model, **kw) if hasattr(AsyncEngine, "from_args") else AsyncEngine(args.model, **kw)
+
+
+def serve(args) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.model is None:
+        from qvl.engine.llm_engine import default_model  # the shipped demo checkpoint
+        args.model = default_model()
+    api_key = args.api_key or os.environ.get("QVL_API_KEY") or None
+    engine = build_engine(args)
+    from qvl.sampling_params import generation_defaults
+    model_dir = _engine_attr(engine, "model_path", "model_dir", default=args.model)
+    defaults = generation_defaults(model_dir) if os.path.isdir(str(model_dir)) else {}
+    limits = ServerLimits(max_images_per_request=args.max_images_per_request,
+                          max_videos_per_request=args.max_videos_per_request,
+                          max_visual_tokens_per_request=args.max_visual_tokens_per_request,
+                          max_request_bytes=args.max_request_bytes, preprocess_workers=args.preprocess_workers)
+    app = create_app(engine, served_model_name=args.served_model_name or str(args.model), api_key=api_key,
+                     media_policy=_media_policy(args), limits=limits, default_sampling=defaults,
+                     model_path=str(model_dir))
+    logger.info("serving %s on http://%s:%d (auth %s)", args.model, args.host, args.port,
+                "on" if api_key else "off")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=args.graceful_shutdown_timeout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = add_serve_args(argparse.ArgumentParser(prog="qvl serve", description="OpenAI-compatible server"))
+    serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Engine deltas -> OpenAI bodies: whole responses (non-streaming) and SSE chunk streams.
+
+Streams follow OpenAI: chat sends, per choice, a role chunk first, then content deltas, then a chunk with
+an empty delta and the finish_reason; with `stream_options.include_usage` every chunk carries
+`"usage": null` and a last chunk with `choices: []` carries the usage; then `data: [DONE]`. An engine
+failure after the first byte becomes an error chunk (the status line is already sent), then [DONE].
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from qvl.server.errors import APIError, error_body
+from qvl.server.serving import RequestRun, ServingContext, sse
+
+logger = logging.getLogger("qvl.server")
+
+
+# ---------------------------------------------------------------------------------------------------
+# logprobs
+
+
+def _token_str(ctx: ServingContext, tid: int) -> str:
+    return ctx.processor.decode([tid], skip_special_tokens=False)
+
+
+def chat_logprobs(ctx: ServingContext, token_ids: list[int], logprobs: list | None, top_n: int) -> list[dict]:
+    out = []
+    for k, tid in enumerate(token_ids):
+        d = _as_dict(logprobs[k]) if logprobs and k < len(logprobs) else {}
+        tok = _token_str(ctx, tid)
+        top = sorted(d.items(), key=lambda kv: -kv[1])[:top_n]
+        out.append({"token": tok, "logprob": max(float(d.get(tid, float("-inf"))), -9999.0),
+                    "bytes": list(tok.encode("utf-8")),
+                    "top_logprobs": [{"token": (s := _token_str(ctx, t)), "logprob": max(float(v), -9999.0),
+                                      "bytes": list(s.encode("utf-8"))} for t, v in top]})
+    return out
+
+
+def completion_logprobs(ctx: ServingContext, token_ids: list[int], logprobs: list | None, top_n: int,
+                        offset: int) -> dict:
+    res = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for k, tid in enumerate(token_ids):
+        d = _as_dict(logprobs[k]) if logprobs and k < len(logprobs) else {}
+        tok = _token_str(ctx, tid)
+        res["tokens"].append(tok)
+        res["token_logprobs"].append(max(float(d.get(tid, float("-inf"))), -9999.0))
+        top = sorted(d.items(), key=lambda kv: -kv[1])[:top_n]
+        res["top_logprobs"].append({_token_str(ctx, t): max(float(v), -9999.0) for t, v in top})
+        res["text_offset"].append(offset)
+        offset += len(tok)
+    return res
+
+
+def _as_dict(entry: Any) -> dict[int, float]:
+    if entry is None:
+        return {}
+    if isinstance(entry, dict):
+        return {int(k): float(getattr(v, "logprob", v)) for k, v in entry.items()}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# chat
+
+
+async def chat_full(ctx: ServingContext, run: RequestRun, req, jobs, grounding_sizes=None) -> dict:
+    n = req.n
+    texts = [""] * (len(jobs) * n)
+    tokens: list[list[int]] = [[] for _ in texts]
+    lps: list[list] = [[] for _ in texts]
+    async for idx, o in run.stream(jobs, n):
+        texts[idx] += o.text
+        tokens[idx].extend(o.token_ids)
+        if o.logprobs:
+            lps[idx].extend(o.logprobs)
+    choices = []
+    for i, text in enumerate(texts):
+        c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+             "finish_reason": run.finish_reasons.get(i, "abort")}
+        if req.logprobs:
+            c["logprobs"] = {"content": chat_logprobs(ctx, tokens[i], lps[i], req.top_logprobs or 0)}
+        choices.append(c)
+    body = {"id": run.request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": ctx.served_model_name, "choices": choices, "usage": run.usage()}
+    if ctx.boxes_fn is not None and grounding_sizes is not None:
+        body["qvl_boxes"] = [_boxes(ctx, t, grounding_sizes) for t in texts]
+    return body
+
+
+def _boxes(ctx: ServingContext, text: str, sizes) -> list:
+    try:
+        return ctx.boxes_fn(text, sizes)
+    except Exception:  # noqa: BLE001 - grounding is a convenience, never a failure
+        logger.exception("grounding parse failed")
+        return []
+
+
+async def chat_stream(ctx: ServingContext, run: RequestRun, req, jobs) -> AsyncIterator[str]:
+    created = int(time.time())
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    base = {"id": run.request_id, "object": "chat.completion.chunk", "created": created,
+            "model": ctx.served_model_name}
+
+    def chunk(choices, usage=None):
+        c = {**base, "choices": choices}
+        if include_usage:
+            c["usage"] = usage if usage is not None else (run.usage() if continuous else None)
+        return sse(c)
+
+    status, error = 200, None
+    try:
+        for i in range(req.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for idx, o in run.stream(jobs, req.n):
+            if o.text or o.token_ids:
+                c = {"index": idx, "delta": {"content": o.text}, "logprobs": None, "finish_reason": None}
+                if req.logprobs:
+                    c["logprobs"] = {"content": chat_logprobs(ctx, list(o.token_ids), o.logprobs,
+                                                              req.top_logprobs or 0)}
+                yield chunk([c])
+            if o.finish_reason is not None:
+                yield chunk([{"index": idx, "delta": {}, "logprobs": None, "finish_reason": o.finish_reason}])
+        if include_usage:
+            yield chunk([], usage=run.usage())
+        yield sse("[DONE]")
+    except asyncio.CancelledError:
+        status, error = 499, "client disconnected"
+        raise
+    except APIError as exc:
+        status, error = exc.status, exc.message
+        yield sse(exc.body())
+        yield sse("[DONE]")
+    except Exception as exc:  # noqa: BLE001 - the stream has started; report in-band
+        logger.exception("%s failed mid-stream", run.request_id)
+        status, error = 500, f"{type(exc).__name__}: {exc}"
+        yield sse(error_body(f"Internal server error ({type(exc).__name__}); see the server log",
+                             "server_error", None, "internal_error"))
+        yield sse("[DONE]")
+    finally:
+        await run.abort_unfinished()
+        run.finish(status, error)
+
+
+# ---------------------------------------------------------------------------------------------------
+# completions
+
+
+async def completion_full(ctx: ServingContext, run: RequestRun, req, jobs, prompt_texts: list[str]) -> dict:
+    n = req.n
+    texts = [prompt_texts[i // n] if req.echo else "" for i in range(len(jobs) * n)]
+    tokens: list[list[int]] = [[] for _ in texts]
+    lps: list[list] = [[] for _ in texts]
+    async for idx, o in run.stream(jobs, n):
+        texts[idx] += o.text
+        tokens[idx].extend(o.token_ids)
+        if o.logprobs:
+            lps[idx].extend(o.logprobs)
+    choices = []
+    for i, text in enumerate(texts):
+        lp = None
+        if req.logprobs is not None:
+            start = len(prompt_texts[i // n]) if req.echo else 0
+            lp = completion_logprobs(ctx, tokens[i], lps[i], req.logprobs, start)
+        choices.append({"index": i, "text": text, "logprobs": lp,
+                        "finish_reason": run.finish_reasons.get(i, "abort")})
+    return {"id": run.request_id, "object": "text_completion", "created": int(time.time()),
+            "model": ctx.served_model_name, "choices": choices, "usage": run.usage()}
+
+
+async def completion_stream(ctx: ServingContext, run: RequestRun, req, jobs,
+                            prompt_texts: list[str]) -> AsyncIterator[str]:
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    base = {"id": run.request_id, "object": "text_completion", "created": int(time.time()),
+            "model": ctx.served_model_name}
+    offsets = [0] * (len(jobs) * req.n)
+
+    def chunk(choices, usage=None):
+        c = {**base, "choices": choices}
+        if include_usage:
+            c["usage"] = usage
+        return sse(c)
+
+    status, error = 200, None
+    try:
+        if req.echo:
+            for i in range(len(jobs) * req.n):
+                offsets[i] = len(prompt_texts[i // req.n])
+                yield chunk([{"index": i, "text": prompt_texts[i // req.n], "logprobs": None,
+                              "finish_reason": None}])
+        async for idx, o in run.stream(jobs, req.n):
+            if o.text or o.token_ids or o.finish_reason is not None:
+                lp = None
+                if req.logprobs is not None:
+                    lp = completion_logprobs(ctx, list(o.token_ids), o.logprobs, req.logprobs, offsets[idx])
+                offsets[idx] += len(o.text)
+                yield chunk([{"index": idx, "text": o.text, "logprobs": lp, "finish_reason": o.finish_reason}])
+        if include_usage:
+            yield chunk([], usage=run.usage())
+        yield sse("[DONE]")
+    except asyncio.CancelledError:
+        status, error = 499, "client disconnected"
+        raise
+    except APIError as exc:
+        status, error = exc.status, exc.message
+        yield sse(exc.body())
+        yield sse("[DONE]")
+    except Exception as exc:  # noqa: BLE001
+        logger.exception("%s failed mid-stream", run.request_id)
+        status, error = 500, f"{type(exc).__name__}: {exc}"
+        yield sse(error_body(f"Internal server error ({type(exc).__name__}); see the server log",
+                             "server_error", None, "internal_error"))
+        yield sse("[DONE]")
+    finally:
+        await run.abort_unfinished()
+        run.finish(status, error)
