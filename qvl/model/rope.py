@@ -114,6 +114,12 @@ def _inv_freq(dim: int, theta: float, device: str) -> torch.Tensor:
     return inv.to(device)
 
 
+@lru_cache(maxsize=32)
+def _stream_ids(mrope_section: tuple[int, ...], device: str) -> torch.Tensor:
+    """Stream (0 = t, 1 = h, 2 = w) each rotary frequency takes its position from."""
+    return torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section)).to(device)  # (D/2,)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) over the last dim split in halves."""
     half = x.shape[-1] // 2
@@ -127,10 +133,7 @@ def mrope_cos_sin(
     if sum(mrope_section) != head_dim // 2:
         raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
     inv = _inv_freq(head_dim, float(theta), str(positions.device))  # (D/2,)
-    stream = torch.repeat_interleave(
-        torch.arange(3, device=positions.device),
-        torch.tensor(list(mrope_section), device=positions.device),
-    )  # (D/2,) stream id of each frequency
+    stream = _stream_ids(tuple(int(s) for s in mrope_section), str(positions.device))  # (D/2,)
     pos = positions.float()  # (3, N)
     # Pick each frequency's stream first; the product is elementwise so this equals select-after.
     freqs = pos[stream].t() * inv  # (N, D/2)
@@ -145,23 +148,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def vision_cos_sin(
-    grid_thw: torch.Tensor, head_dim: int, spatial_merge_size: int, theta: float = 10000.0
+    grid_thw: torch.Tensor, head_dim: int, spatial_merge_size: int, theta: float = 10000.0,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vision 2-D rotary tables for all patches of `grid_thw` (ni, 3): fp32 cos, sin (S, head_dim).
+    """Vision 2-D rotary tables of all patches of `grid_thw` (ni, 3): fp32 cos, sin (S, head_dim).
 
     Dims [0, D/4) and [D/2, 3D/4) carry the patch row, the others the column (QWEN2VL_SPEC 3.3).
     """
     m = spatial_merge_size
-    device = grid_thw.device
+    grid_thw = torch.as_tensor(grid_thw).cpu()
+    device = torch.device(device) if device is not None else torch.device("cpu")
     pos = []
     for t, h, w in grid_thw.tolist():
-        rows = torch.arange(h, device=device).view(h, 1).expand(h, w)
-        cols = torch.arange(w, device=device).view(1, w).expand(h, w)
+        rows = torch.arange(h).view(h, 1).expand(h, w)
+        cols = torch.arange(w).view(1, w).expand(h, w)
         # merge-block-major: (h/m, m, w/m, m) -> (h/m, w/m, m, m)
         rows = rows.reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()  # (h*w,)
         cols = cols.reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
         pos.append(torch.stack([rows, cols], dim=-1).repeat(t, 1))  # (t*h*w, 2)
-    pos = torch.cat(pos)  # (S, 2)
+    pos = torch.cat(pos).to(device)  # (S, 2)
     inv = _inv_freq(head_dim // 2, float(theta), str(device))  # (D/4,)
     freqs = (pos.float().unsqueeze(-1) * inv).flatten(1)  # (S, D/2): row freqs then col freqs
     emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)

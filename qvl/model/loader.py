@@ -1,0 +1,153 @@
+"""Load a Qwen2-VL checkpoint (safetensors, single file or sharded) into `Qwen2VLForConditionalGeneration`.
+
+  resolve_model_path(path_or_hub_id) -> local directory (a local dir as is; otherwise
+      huggingface_hub.snapshot_download of the weights, configs and tokenizer files; a clear error when
+      the download fails or the hub is unreachable).
+  load_model(path_or_hub_id, dtype=torch.float32, device="cpu", progress=None) -> (model, config)
+
+Loading: the model is built on the meta device (no random init), then every tensor is read through
+safetensors' memory map, renamed, checked for shape, cast to `dtype` and placed on `device` one at a time
+(peak extra memory = one tensor). Key spellings accepted (QWEN2VL_SPEC 2): hub `visual.*` / `model.*` and
+4.52+ `model.visual.*` / `model.language_model.*`. A missing `lm_head.weight` (or tie_word_embeddings) ties
+the head to the embedding. Unexpected or missing keys -> ValueError listing them.
+
+Knows nothing about tokenizers, the engine or the KV cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from qvl.config import ModelConfig
+from qvl.model.qwen2_vl import Qwen2VLForConditionalGeneration
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+_PROGRESS_BYTES = 1 << 30  # show a progress bar above 1 GiB of weights
+
+
+def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local checkpoint directory for `path_or_hub_id` (downloading from the Hugging Face Hub if needed)."""
+    s = str(path_or_hub_id)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise ValueError(f"{s} is a file; pass a checkpoint directory or a Hugging Face Hub id")
+    looks_local = s.startswith((".", "/", "~")) or s.count("/") > 1 or os.sep != "/" and os.sep in s
+    if looks_local:
+        raise FileNotFoundError(f"model directory {s} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=s, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated, network...
+        raise FileNotFoundError(
+            f"could not download {s} from the Hugging Face Hub: {type(e).__name__}: {e}; "
+            f"pass a local directory"
+        ) from e
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"{index} lists shard(s) that do not exist: {missing}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    bins = sorted(p.name for p in path.glob("*.bin"))
+    hint = f" (found {bins}; only safetensors is supported)" if bins else ""
+    raise ValueError(f"no safetensors weights in {path}{hint}")
+
+
+def canonical_key(key: str) -> str:
+    """Map any accepted spelling to the hub spelling (= our module names)."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key.startswith("model.visual."):
+        return "visual." + key[len("model.visual."):]
+    return key
+
+
+def _name_list(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _warn_fp16(dtype: torch.dtype) -> None:
+    if dtype == torch.float16:
+        warnings.warn("Qwen2-VL in float16 overflows (NaN / '!!!!' outputs, transformers#33294); use bfloat16",
+                      stacklevel=3)
+
+
+def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", progress: bool | None = None,
+               ) -> tuple[Qwen2VLForConditionalGeneration, ModelConfig]:
+    """Build the model and load its weights; returns (model in eval mode, config)."""
+    from safetensors import safe_open
+
+    path = resolve_model_path(path_or_hub_id)
+    config = ModelConfig.from_pretrained(path)
+    files = _checkpoint_files(path)
+    _warn_fp16(dtype)
+    device = torch.device(device)
+
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = set(params)
+    tie = config.tie_word_embeddings
+
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    sources: dict[str, tuple[int, str]] = {}  # canonical name -> (file index, stored key)
+    unexpected: list[str] = []
+    for fi, h in enumerate(handles):
+        for key in h.keys():
+            name = canonical_key(key)
+            if name in expected:
+                sources[name] = (fi, key)
+            else:
+                unexpected.append(key)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected keys for Qwen2-VL: {_name_list(unexpected)}")
+    if "lm_head.weight" not in sources:
+        tie = True
+    elif tie:
+        del sources["lm_head.weight"]  # tied: the head is the embedding, like transformers
+    missing = [n for n in expected if n not in sources and not (tie and n == "lm_head.weight")]
+    if missing:
+        raise ValueError(f"{path}: missing keys: {_name_list(missing)}")
+
+    total_bytes = sum(f.stat().st_size for f in files)
+    show = progress if progress is not None else total_bytes > _PROGRESS_BYTES
+    from tqdm.auto import tqdm
+
+    loaded: dict[str, nn.Parameter] = {}
+    for name in tqdm(sorted(sources), desc="loading weights", unit="tensor", disable=not show):
+        fi, key = sources[name]
+        t = handles[fi].get_tensor(key)
+        want = tuple(params[name].shape)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, expected {want} from config.json")
+        loaded[name] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+    del handles
+
+    for name, p in loaded.items():
+        mod_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(mod_name), attr, p)
+    if tie:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = tie
+    return model.eval(), config

@@ -1,0 +1,90 @@
+"""Qwen2-VL top level: vision tower + text decoder + LM head over a flat token batch. Math only.
+
+Attribute names are the hub checkpoint's (`visual.*`, `model.*`, `lm_head`), so loading is a rename table
+(qvl.model.loader). The pieces are separate calls so the runner controls what runs and when:
+
+    feats  = model.encode_vision(pixel_values (np, 1176), grid_thw (ni, 3))    # (np/4, H), item order
+    embeds = model.embed(input_ids (N,), feats for the pad tokens in this batch)  # (N, H)
+    hidden = model(input_ids, positions (3, N), attn_metadata, inputs_embeds=embeds)  # (N, H)
+    logits = model.compute_logits(hidden[rows that sample])                    # (n, V) float32
+
+Knows nothing about tokenization, scheduling or the KV-cache allocation (a runner sets `k_cache`/`v_cache`
+on each `model.layers[i].self_attn`, see `attention_modules()`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from qvl.config import ModelConfig
+from qvl.layers.attention import AttentionMetadata
+from qvl.model.text import Qwen2Attention, Qwen2Model
+from qvl.model.vision import VisionTransformer
+
+
+class Qwen2VLForConditionalGeneration(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.visual = VisionTransformer(config.vision)
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self.model.embed_tokens.weight.dtype == torch.float16:
+            warnings.warn("Qwen2-VL in float16 overflows (NaN / '!!!!' outputs, transformers#33294); "
+                          "use bfloat16", stacklevel=3)
+        return out
+
+    def attention_modules(self) -> list[Qwen2Attention]:
+        """The decoder attention modules, in layer order (each takes `k_cache` / `v_cache`)."""
+        return [layer.self_attn for layer in self.model.layers]
+
+    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Vision features (np / merge**2, H) of the packed items, in item order."""
+        return self.visual(pixel_values, grid_thw)
+
+    def embed(self, input_ids: torch.Tensor, vision_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (N, H) with `vision_embeds` (M, H) written at the image/video pad tokens in order.
+
+        M must equal the number of pad tokens in `input_ids` (None counts as 0), else ValueError.
+        """
+        c = self.config
+        embeds = self.model.embed_tokens(input_ids.to(self.device))  # (N, H)
+        is_pad = (input_ids == c.image_token_id) | (input_ids == c.video_token_id)
+        num_pad = int(is_pad.sum())
+        m = 0 if vision_embeds is None else vision_embeds.shape[0]
+        if m != num_pad:
+            raise ValueError(f"{num_pad} image/video pad tokens in input_ids but {m} vision embeddings given")
+        if vision_embeds is not None and vision_embeds.dim() != 2:
+            raise ValueError(f"vision_embeds must be (M, {c.hidden_size}), got {tuple(vision_embeds.shape)}")
+        if m:
+            embeds[is_pad.to(embeds.device)] = vision_embeds.to(embeds.device, embeds.dtype)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (N, H) of a flat batch; inputs_embeds (N, H) replaces the lookup."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids or inputs_embeds")
+            inputs_embeds = self.model.embed_tokens(input_ids.to(self.device))  # (N, H)
+        return self.model(inputs_embeds, positions, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, H) -> (n, V) float32 (the head runs in the model dtype, like transformers)."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,109 @@
+"""Qwen2 text decoder as used by Qwen2-VL: math only, attribute names = checkpoint names (`model.*`).
+
+`Qwen2Model.forward(inputs_embeds (N, H), positions (3, N), attn_metadata)` -> final-normed hidden (N, H)
+over a flat batch of tokens (see qvl.layers.attention for what the metadata means). Per layer (pre-norm):
+    h   = x + o_proj(Attn(RMSNorm(x)))              q/k/v with bias, o_proj without; GQA
+    out = h + down_proj(silu(gate_proj(n)) * up_proj(n)),  n = RMSNorm(h)
+RMSNorm casts the normalized value to the input dtype *before* the weight multiply (QWEN2VL_SPEC 6).
+Rotary tables come from qvl.model.rope (M-RoPE, cos/sin cast to the activation dtype).
+
+Each `Qwen2Attention` carries `k_cache` / `v_cache` (None until a runner sets them, shape
+(num_blocks, block_size, num_kv_heads, head_dim)); K is stored after rotary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qvl.config import ModelConfig
+from qvl.layers.attention import AttentionMetadata, attention
+from qvl.model.rope import apply_rotary, mrope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d
+        self.scale = d ** -0.5
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=True)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_metadata: AttentionMetadata | None) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, nH, D)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, nKV, D)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = attention(q, k, v, scale=self.scale, metadata=attn_metadata, k_cache=self.k_cache,
+                      v_cache=self.v_cache)  # (N, nH, D)
+        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Qwen2Attention(config)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn_metadata):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_metadata)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
+        c = self.config
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0).expand(3, -1)  # (3, N): text-only, all streams equal
+        if positions.shape != (3, inputs_embeds.shape[0]):
+            raise ValueError(f"positions must have shape (3, {inputs_embeds.shape[0]}), got "
+                             f"{tuple(positions.shape)}")
+        cos, sin = mrope_cos_sin(positions.to(inputs_embeds.device), c.head_dim, c.rope_theta,
+                                 c.mrope_section, inputs_embeds.dtype)  # (N, D) each
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_metadata)
+        return self.norm(x)

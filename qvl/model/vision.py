@@ -1,0 +1,152 @@
+"""Qwen2-VL vision tower (ViT + 2x2 patch merger): math only, attribute names = checkpoint names (`visual.*`).
+
+`VisionTransformer.forward(pixel_values (np, C*T*P*P), grid_thw (ni, 3))` -> (np / merge**2, hidden_size):
+any mix of images and videos packed without padding, rows in merge-block-major order (QWEN2VL_SPEC 3.2),
+features returned in item order. Steps (QWEN2VL_SPEC 3):
+  * pixel_values cast to the tower's dtype, then Conv3d patch embedding (kernel = stride = (T, P, P));
+  * 2-D rotary (row, col) in fp32, q/k rotated in fp32 and cast back;
+  * pre-norm blocks: LayerNorm -> attention -> LayerNorm -> fc1 -> quick_gelu -> fc2;
+  * attention is restricted to one temporal slice (frame pair) of one item. Segments of equal length that
+    follow each other (all frames of a video, same-size images) run as one batched SDPA call; no dense
+    S x S mask is ever built;
+  * merger: LayerNorm, fuse each 4 consecutive rows, Linear -> exact GELU -> Linear.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qvl.config import VisionConfig
+from qvl.model.rope import apply_rotary_fp32, vision_cos_sin
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+_ACTS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
+
+
+def segment_groups(grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Attention segments of a packed batch, grouped: [(start row, number of segments, segment length)].
+
+    Every temporal slice of every item is one segment of h*w rows; consecutive segments of the same length
+    share a group so they can run as one batch.
+    """
+    groups: list[list[int]] = []
+    start = 0
+    for t, h, w in grid_thw.tolist():
+        length = h * w
+        if groups and groups[-1][2] == length and groups[-1][0] + groups[-1][1] * length == start:
+            groups[-1][1] += t
+        else:
+            groups.append([start, t, length])
+        start += t * length
+    return [tuple(g) for g in groups]
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.shape = (config.in_chans, config.temporal_patch_size, config.patch_size, config.patch_size)
+        self.embed_dim = config.embed_dim
+        self.proj = nn.Conv3d(config.in_chans, config.embed_dim, kernel_size=self.shape[1:],
+                              stride=self.shape[1:], bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = pixel_values.to(self.proj.weight.dtype).view(-1, *self.shape)  # (np, C, T, P, P)
+        return self.proj(x).view(-1, self.embed_dim)  # (np, E)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=True)
+        self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=True)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                groups: list[tuple[int, int, int]]) -> torch.Tensor:
+        s = x.shape[0]
+        q, k, v = self.qkv(x).view(s, 3, self.num_heads, self.head_dim).unbind(1)  # (S, nh, d) each
+        q, k = apply_rotary_fp32(q, cos, sin), apply_rotary_fp32(k, cos, sin)
+        out = torch.empty_like(q)
+        for start, count, length in groups:
+            end = start + count * length
+
+            def seg(t):
+                return t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+            o = F.scaled_dot_product_attention(seg(q), seg(k), seg(v))  # (count, nh, length, d)
+            out[start:end] = o.transpose(1, 2).reshape(count * length, self.num_heads, self.head_dim)
+        return self.proj(out.view(s, -1))
+
+
+class VisionMlp(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.embed_dim, config.mlp_hidden_dim)
+        self.fc2 = nn.Linear(config.mlp_hidden_dim, config.embed_dim)
+        self.act = _ACTS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.attn = VisionAttention(config)
+        self.mlp = VisionMlp(config)
+
+    def forward(self, x, cos, sin, groups):
+        x = x + self.attn(self.norm1(x), cos, sin, groups)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.merged_dim = config.embed_dim * config.spatial_merge_size ** 2
+        self.ln_q = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(), nn.Linear(self.merged_dim, config.hidden_size)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_q(x).view(-1, self.merged_dim))  # (np/4, 4E) -> (np/4, H)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config)
+        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
+        self.merger = PatchMerger(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embed.proj.weight.dtype
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        grid_thw = torch.as_tensor(grid_thw, dtype=torch.long).view(-1, 3).cpu()
+        m = c.spatial_merge_size
+        expected = int((grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).sum())
+        if pixel_values.dim() != 2 or pixel_values.shape != (expected, c.patch_dim):
+            raise ValueError(f"pixel_values must have shape ({expected}, {c.patch_dim}) for grids "
+                             f"{grid_thw.tolist()}, got {tuple(pixel_values.shape)}")
+        if bool(((grid_thw[:, 1] % m) != 0).any() or ((grid_thw[:, 2] % m) != 0).any()):
+            raise ValueError(f"grid h and w must be multiples of spatial_merge_size={m}, got {grid_thw.tolist()}")
+        device = self.patch_embed.proj.weight.device
+        x = self.patch_embed(pixel_values.to(device))  # (np, E)
+        cos, sin = vision_cos_sin(grid_thw, c.head_dim, m, device=device)  # (np, d) fp32
+        groups = segment_groups(grid_thw)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, groups)
+        return self.merger(x)  # (np/4, H)
