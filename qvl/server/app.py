@@ -271,8 +271,9 @@ async def _maybe(x):
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `qvl serve` flags (server, limits, media policy and engine sizing)."""
-    parser.add_argument("model", nargs="?", default=None,
-                        help="checkpoint dir or hub id (default: the shipped demo checkpoint)")
+    if not any(a.dest == "model_pos" for a in parser._actions):   # qvl.cli may define it already
+        parser.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
+                            help="checkpoint dir or hub id (default: the shipped demo checkpoint)")
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
@@ -341,9 +342,10 @@ def serve(args) -> None:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.model = getattr(args, "model", None) or getattr(args, "model_pos", None)
     if args.model is None:
-        from qvl.engine.llm_engine import default_model  # the shipped demo checkpoint
-        args.model = default_model()
+        from qvl.cli import DEMO_MODEL  # the shipped demo checkpoint
+        args.model = str(DEMO_MODEL)
     api_key = args.api_key or os.environ.get("QVL_API_KEY") or None
     engine = build_engine(args)
     from qvl.sampling_params import generation_defaults

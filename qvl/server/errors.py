@@ -142,8 +142,32 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"Method {request.method} not allowed for {request.url.path}"
         return APIError(detail, status=exc.status_code).response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(f"Internal server error ({type(exc).__name__}); see the server log",
-                        status=500, code="internal_error").response()
+    app.add_middleware(_CatchAllMiddleware)
+
+
+class _CatchAllMiddleware:
+    """Unexpected exceptions -> 500 with an error body, logged, and *not* re-raised to the server
+    (Starlette's catch-all handler re-raises, which makes uvicorn drop the keep-alive connection)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def _send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        except Exception as exc:  # noqa: BLE001 - the server must survive anything a request does
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                resp = APIError(f"Internal server error ({type(exc).__name__}); see the server log",
+                                status=500, code="internal_error").response()
+                await resp(scope, receive, send)
