@@ -1,0 +1,217 @@
+"""ModelRunner: a scheduler decision -> flat tensors -> vision + forward + logits -> sampled tokens.
+
+Owns: the paged KV cache (per decoder layer `k_cache` / `v_cache` tensors of shape
+(num_blocks, block_size, nKV, D), set on the model's attention modules), the vision-encoder cache,
+the vision features a sequence holds between prefill chunks, one torch.Generator per seeded
+sequence, and the Sampler.
+Does not know: queues, stop conditions, tokenizers.
+
+`execute(out)` builds one flat batch from every scheduled sequence's new tokens
+  input_ids (N,), positions (3, N), slot_mapping (N,), AttentionMetadata(seq_lens_q, context_lens,
+  block_tables)
+where a prompt token's position is read from the prompt's precomputed (3, P) positions and an output
+token's is `index + rope_delta` on all three streams. Vision: every media item overlapping a
+scheduled chunk needs its feature rows; features come from (1) what the sequence already holds,
+(2) the encoder cache (by content hash), or (3) the vision tower — items of the step encoded in one
+packed call, each whole, deduplicated by hash. A sequence holds an item's features until its last
+pad token is prefilled, so a chunk boundary inside an item never re-encodes it. Logits are computed
+only at the last position of sequences whose chunk reaches their end (they sample).
+
+KV pool size: `kv_cache_memory` as bytes (int) or as a fraction (float in (0, 1]) of free device
+memory after the weights are loaded (CUDA: torch.cuda.mem_get_info; CPU: MemAvailable). Default:
+CUDA 0.85 of free memory (the rest for activations and the vision tower); CPU a quarter of available
+RAM. Either way never more blocks than max_num_seqs sequences of max_model_len tokens can use.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from qvl.engine.encoder_cache import EncoderCache
+from qvl.engine.scheduler import SchedulerOutput
+from qvl.engine.sequence import Sequence
+from qvl.layers.attention import AttentionMetadata
+from qvl.layers.sampler import Sampler, SamplerOutput
+
+_CUDA_DEFAULT_FRACTION = 0.85
+_CPU_DEFAULT_FRACTION = 0.25
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * elem
+
+
+def plan_num_blocks(config, *, block_size: int, dtype: torch.dtype, device: torch.device,
+                    kv_cache_memory: int | float | None, max_num_seqs: int, max_model_len: int) -> int:
+    per_block = kv_bytes_per_block(config, block_size, dtype)
+    if isinstance(kv_cache_memory, bool):
+        raise ValueError(f"kv_cache_memory must be bytes (int) or a fraction (float), got {kv_cache_memory}")
+    if isinstance(kv_cache_memory, int):
+        budget = kv_cache_memory
+    else:
+        frac = kv_cache_memory if kv_cache_memory is not None else (
+            _CUDA_DEFAULT_FRACTION if device.type == "cuda" else _CPU_DEFAULT_FRACTION)
+        if not 0 < frac <= 1:
+            raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {frac}")
+        budget = int(available_memory(device) * frac)
+    num_blocks = budget // per_block
+    useful = max_num_seqs * -(-max_model_len // block_size) + 1
+    if kv_cache_memory is None:
+        num_blocks = min(num_blocks, useful)
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_memory={kv_cache_memory} leaves {budget} bytes, less than one KV "
+                         f"block ({per_block} bytes for {block_size} tokens x "
+                         f"{config.num_hidden_layers} layers)")
+    return num_blocks
+
+
+class ModelRunner:
+    def __init__(self, model, config, *, num_blocks: int, block_size: int,
+                 encoder_cache: EncoderCache | None = None):
+        self.model = model
+        self.config = config
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.device = model.device
+        self.dtype = model.dtype
+        self.encoder_cache = encoder_cache if encoder_cache is not None else EncoderCache(0)
+        self.sampler = Sampler()
+        self.generators: dict[int, torch.Generator] = {}
+        self.held: dict[int, dict[int, torch.Tensor]] = {}   # seq_id -> {item index: (T, H)}
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        for attn in model.attention_modules():
+            attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    # --- per-sequence state --------------------------------------------------------------------
+    def release(self, seq: Sequence, finished: bool) -> None:
+        """Drop held vision features (preempted or finished); the generator only when finished."""
+        self.held.pop(seq.seq_id, None)
+        if finished:
+            self.generators.pop(seq.seq_id, None)
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None:
+            return None
+        g = self.generators.get(seq.seq_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(seq.params.seed + seq.index)
+            self.generators[seq.seq_id] = g
+        return g
+
+    # --- vision --------------------------------------------------------------------------------
+    def _vision_rows(self, batch: list[tuple[Sequence, int, int]]) -> torch.Tensor | None:
+        """Feature rows for every pad token of the batch, in token order: (M, H) or None."""
+        wanted = []                                   # (seq, item, row_start, row_end)
+        to_encode: dict[str, object] = {}
+        for seq, start, end in batch:
+            for m in seq.media_in(start, end):
+                held = self.held.setdefault(seq.seq_id, {})
+                if m.index not in held:
+                    feats = self.encoder_cache.get(m.content_hash)
+                    if feats is None:
+                        to_encode.setdefault(m.content_hash, m.data)
+                    else:
+                        held[m.index] = feats
+                wanted.append((seq, m, max(start, m.offset) - m.offset, min(end, m.end) - m.offset))
+        if not wanted:
+            return None
+        encoded = self._encode(list(to_encode.items())) if to_encode else {}
+        rows = []
+        for seq, m, a, b in wanted:
+            held = self.held[seq.seq_id]
+            if m.index not in held:
+                held[m.index] = encoded[m.content_hash]
+            rows.append(held[m.index][a:b])
+            if b == m.num_tokens:                      # its last pad token is in this step
+                del held[m.index]
+        return torch.cat(rows) if len(rows) > 1 else rows[0]          # (M, H)
+
+    def _encode(self, items: list[tuple[str, object]]) -> dict[str, torch.Tensor]:
+        pixels = torch.cat([vi.pixel_values for _, vi in items]).to(self.device, self.dtype)  # (np, 1176)
+        grid = torch.tensor([list(vi.grid_thw) for _, vi in items], device=self.device)      # (ni, 3)
+        feats = self.model.encode_vision(pixels, grid)                                       # (np/4, H)
+        out = {}
+        for (h, vi), f in zip(items, feats.split([vi.num_tokens for _, vi in items])):
+            out[h] = f
+            self.encoder_cache.put(h, f)
+        return out
+
+    # --- the step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, stop_ids: dict[int, list[int]] | None = None
+                ) -> dict[int, tuple[int, float | None, dict[int, float] | None]]:
+        """Run one step. Returns {seq_id: (token, logprob, top_logprobs)} for sequences that sample.
+
+        stop_ids: per seq_id the ids to ban this step (eos / stop tokens while under min_tokens).
+        """
+        bs = self.block_size
+        ids, pos, slots = [], [], []
+        batch, sample_rows, sample_seqs = [], [], []
+        n_total = 0
+        for seq in out.seqs:
+            n = out.num_scheduled_tokens[seq.seq_id]
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            batch.append((seq, start, end))
+            ids.extend(seq.token_ids[start:end])
+            pos.append(self._positions(seq, start, end))
+            table = seq.block_table
+            slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
+            n_total += n
+            if end == len(seq):
+                sample_rows.append(n_total - 1)
+                sample_seqs.append(seq)
+
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)                # (N,)
+        positions = torch.cat(pos, dim=1).to(self.device)                                  # (3, N)
+        md = AttentionMetadata(
+            seq_lens_q=[e - s for _, s, e in batch], context_lens=[e for _, _, e in batch],
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_tables=[seq.block_table for seq, _, _ in batch])
+        vision = self._vision_rows(batch)
+        embeds = self.model.embed(input_ids, vision)                                       # (N, H)
+        hidden = self.model(input_ids, positions, md, inputs_embeds=embeds)                # (N, H)
+        if not sample_seqs:
+            return {}
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])                                   # (B, V)
+        banned = None
+        if stop_ids:
+            banned = [stop_ids.get(s.seq_id, []) for s in sample_seqs]
+        res: SamplerOutput = self.sampler(
+            logits, [s.params for s in sample_seqs], [s.token_ids for s in sample_seqs],
+            [s.num_prompt_tokens for s in sample_seqs], [self._generator(s) for s in sample_seqs],
+            banned)
+        return {s.seq_id: (t, lp, top) for s, t, lp, top in
+                zip(sample_seqs, res.token_ids, res.logprobs, res.top_logprobs)}
+
+    @staticmethod
+    def _positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """(3, end - start) int64: the prompt's M-RoPE positions, then index + rope_delta."""
+        P = seq.num_prompt_tokens
+        parts = []
+        if start < P:
+            if seq.positions is None:
+                parts.append(torch.arange(start, min(end, P)).expand(3, -1))
+            else:
+                parts.append(seq.positions[:, start:min(end, P)].cpu())
+        if end > P:
+            dec = torch.arange(max(start, P), end) + seq.rope_delta
+            parts.append(dec.expand(3, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
