@@ -18,6 +18,8 @@ import hmac
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -124,18 +126,23 @@ def _engine_attr(engine, *names, default=None):
 def create_app(engine, *, served_model_name: str, api_key: str | None = None, media_policy=None,
                limits: ServerLimits | None = None, processor=None, max_model_len: int | None = None,
                default_sampling: dict | None = None, model_path: str | None = None) -> FastAPI:
-    processor = processor or _engine_attr(engine, "processor", "prompt_processor", "engine.processor")
+    processor = processor or _engine_attr(engine, "processor", "engine.processor")
     if processor is None:
         raise ValueError("create_app needs a PromptProcessor (pass processor= or give the engine .processor)")
-    max_model_len = int(max_model_len or _engine_attr(engine, "max_model_len", "config.max_model_len",
-                                                      "engine_config.max_model_len", default=4096))
+    max_model_len = int(max_model_len or _engine_attr(engine, "max_model_len", "engine.max_model_len",
+                                                      default=4096))
+    model_path = model_path or _engine_attr(engine, "model_path", "engine.model_path")
+    if default_sampling is None:
+        from qvl.sampling_params import generation_defaults
+        gen = _engine_attr(engine, "generation_config", "engine.generation_config")
+        default_sampling = generation_defaults(gen) if isinstance(gen, dict) else {}
     limits = limits or ServerLimits()
     stats_fn = getattr(engine, "stats", None)
     metrics = ServerMetrics(served_model_name, stats_fn, max_model_len)
     from qvl.sampling_params import SamplingParams
 
     tok = getattr(processor, "tokenizer", None)
-    vocab = _engine_attr(engine, "vocab_size", "model_config.vocab_size", "config.model_config.vocab_size")
+    vocab = _engine_attr(engine, "vocab_size", "config.vocab_size", "engine.config.vocab_size")
     if vocab is None and tok is not None and hasattr(tok, "get_vocab_size"):
         vocab = tok.get_vocab_size(with_added_tokens=True)
     boxes_fn = None
@@ -156,9 +163,9 @@ def create_app(engine, *, served_model_name: str, api_key: str | None = None, me
             yield
         finally:
             stop = getattr(engine, "shutdown", None) or getattr(engine, "stop", None)
-            if stop is not None:
+            if stop is not None:   # may block (joins the engine thread): keep the loop free meanwhile
                 with contextlib.suppress(Exception):
-                    await _maybe(stop())
+                    await _maybe(await asyncio.to_thread(stop))
             if ctx.executor is not None:
                 ctx.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -217,16 +224,15 @@ def create_app(engine, *, served_model_name: str, api_key: str | None = None, me
             check_model(req.model)
             run.images, run.videos = check_media_counts(ctx, req.messages)
             prompt, counts = await until_disconnect(request, prepare_chat(ctx, req))
-            params = sampling_params(ctx, req, len(prompt.token_ids))
-        except Exception as exc:
+            await run.start([(prompt, sampling_params(ctx, req, len(prompt.token_ids)))], req.n)
+        except BaseException as exc:
             run.fail(exc)
             raise
-        jobs = [(prompt, params)]
-        sizes = counts.get("items", []) if ctx.boxes_fn else None
         if req.stream:
-            return StreamingResponse(responses.chat_stream(ctx, run, req, jobs), media_type="text/event-stream",
+            return StreamingResponse(responses.chat_stream(ctx, run, req), media_type="text/event-stream",
                                      headers={**_SSE_HEADERS, "X-Request-Id": run.request_id})
-        return await _full(request, run, responses.chat_full(ctx, run, req, jobs, sizes))
+        sizes = counts.get("items", []) if ctx.boxes_fn else None
+        return await _full(request, run, responses.chat_full(ctx, run, req, sizes))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -239,14 +245,15 @@ def create_app(engine, *, served_model_name: str, api_key: str | None = None, me
                 processed = await until_disconnect(request, prepare_text(ctx, p, req.max_new_tokens))
                 jobs.append((processed, sampling_params(ctx, req, len(processed.token_ids))))
                 texts.append(p if isinstance(p, str) else processor.decode(list(p)))
-        except Exception as exc:
+            await run.start(jobs, req.n)
+        except BaseException as exc:
             run.fail(exc)
             raise
         if req.stream:
-            return StreamingResponse(responses.completion_stream(ctx, run, req, jobs, texts),
+            return StreamingResponse(responses.completion_stream(ctx, run, req, texts),
                                      media_type="text/event-stream",
                                      headers={**_SSE_HEADERS, "X-Request-Id": run.request_id})
-        return await _full(request, run, responses.completion_full(ctx, run, req, jobs, texts))
+        return await _full(request, run, responses.completion_full(ctx, run, req, texts))
 
     async def _full(request: Request, run: RequestRun, coro):
         try:
@@ -348,20 +355,38 @@ def serve(args) -> None:
         args.model = str(DEMO_MODEL)
     api_key = args.api_key or os.environ.get("QVL_API_KEY") or None
     engine = build_engine(args)
-    from qvl.sampling_params import generation_defaults
-    model_dir = _engine_attr(engine, "model_path", "model_dir", default=args.model)
-    defaults = generation_defaults(model_dir) if os.path.isdir(str(model_dir)) else {}
     limits = ServerLimits(max_images_per_request=args.max_images_per_request,
                           max_videos_per_request=args.max_videos_per_request,
                           max_visual_tokens_per_request=args.max_visual_tokens_per_request,
                           max_request_bytes=args.max_request_bytes, preprocess_workers=args.preprocess_workers)
     app = create_app(engine, served_model_name=args.served_model_name or str(args.model), api_key=api_key,
-                     media_policy=_media_policy(args), limits=limits, default_sampling=defaults,
-                     model_path=str(model_dir))
+                     media_policy=_media_policy(args), limits=limits)
     logger.info("serving %s on http://%s:%d (auth %s)", args.model, args.host, args.port,
                 "on" if api_key else "off")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=args.graceful_shutdown_timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=args.graceful_shutdown_timeout)
+    _uvicorn_server_cls()(config).run()
+
+
+def _uvicorn_server_cls():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's Server, minus re-raising the caught signal after shutdown: SIGTERM -> drain -> exit 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 def main(argv: list[str] | None = None) -> None:

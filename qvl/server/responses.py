@@ -66,12 +66,11 @@ def _as_dict(entry: Any) -> dict[int, float]:
 # chat
 
 
-async def chat_full(ctx: ServingContext, run: RequestRun, req, jobs, grounding_sizes=None) -> dict:
-    n = req.n
-    texts = [""] * (len(jobs) * n)
+async def chat_full(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None) -> dict:
+    texts = [""] * run.num_choices
     tokens: list[list[int]] = [[] for _ in texts]
     lps: list[list] = [[] for _ in texts]
-    async for idx, o in run.stream(jobs, n):
+    async for idx, o in run.stream():
         texts[idx] += o.text
         tokens[idx].extend(o.token_ids)
         if o.logprobs:
@@ -79,7 +78,7 @@ async def chat_full(ctx: ServingContext, run: RequestRun, req, jobs, grounding_s
     choices = []
     for i, text in enumerate(texts):
         c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-             "finish_reason": run.finish_reasons.get(i, "abort")}
+             "finish_reason": run.finish_reasons.get(i, "abort"), "stop_reason": run.stop_reasons.get(i)}
         if req.logprobs:
             c["logprobs"] = {"content": chat_logprobs(ctx, tokens[i], lps[i], req.top_logprobs or 0)}
         choices.append(c)
@@ -98,7 +97,7 @@ def _boxes(ctx: ServingContext, text: str, sizes) -> list:
         return []
 
 
-async def chat_stream(ctx: ServingContext, run: RequestRun, req, jobs) -> AsyncIterator[str]:
+async def chat_stream(ctx: ServingContext, run: RequestRun, req) -> AsyncIterator[str]:
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -116,7 +115,7 @@ async def chat_stream(ctx: ServingContext, run: RequestRun, req, jobs) -> AsyncI
         for i in range(req.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
-        async for idx, o in run.stream(jobs, req.n):
+        async for idx, o in run.stream():
             if o.text or o.token_ids:
                 c = {"index": idx, "delta": {"content": o.text}, "logprobs": None, "finish_reason": None}
                 if req.logprobs:
@@ -150,12 +149,12 @@ async def chat_stream(ctx: ServingContext, run: RequestRun, req, jobs) -> AsyncI
 # completions
 
 
-async def completion_full(ctx: ServingContext, run: RequestRun, req, jobs, prompt_texts: list[str]) -> dict:
+async def completion_full(ctx: ServingContext, run: RequestRun, req, prompt_texts: list[str]) -> dict:
     n = req.n
-    texts = [prompt_texts[i // n] if req.echo else "" for i in range(len(jobs) * n)]
+    texts = [prompt_texts[i // n] if req.echo else "" for i in range(run.num_choices)]
     tokens: list[list[int]] = [[] for _ in texts]
     lps: list[list] = [[] for _ in texts]
-    async for idx, o in run.stream(jobs, n):
+    async for idx, o in run.stream():
         texts[idx] += o.text
         tokens[idx].extend(o.token_ids)
         if o.logprobs:
@@ -167,17 +166,17 @@ async def completion_full(ctx: ServingContext, run: RequestRun, req, jobs, promp
             start = len(prompt_texts[i // n]) if req.echo else 0
             lp = completion_logprobs(ctx, tokens[i], lps[i], req.logprobs, start)
         choices.append({"index": i, "text": text, "logprobs": lp,
-                        "finish_reason": run.finish_reasons.get(i, "abort")})
+                        "finish_reason": run.finish_reasons.get(i, "abort"),
+                        "stop_reason": run.stop_reasons.get(i)})
     return {"id": run.request_id, "object": "text_completion", "created": int(time.time()),
             "model": ctx.served_model_name, "choices": choices, "usage": run.usage()}
 
 
-async def completion_stream(ctx: ServingContext, run: RequestRun, req, jobs,
-                            prompt_texts: list[str]) -> AsyncIterator[str]:
+async def completion_stream(ctx: ServingContext, run: RequestRun, req, prompt_texts: list[str]) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     base = {"id": run.request_id, "object": "text_completion", "created": int(time.time()),
             "model": ctx.served_model_name}
-    offsets = [0] * (len(jobs) * req.n)
+    offsets = [0] * run.num_choices
 
     def chunk(choices, usage=None):
         c = {**base, "choices": choices}
@@ -188,11 +187,11 @@ async def completion_stream(ctx: ServingContext, run: RequestRun, req, jobs,
     status, error = 200, None
     try:
         if req.echo:
-            for i in range(len(jobs) * req.n):
+            for i in range(run.num_choices):
                 offsets[i] = len(prompt_texts[i // req.n])
                 yield chunk([{"index": i, "text": prompt_texts[i // req.n], "logprobs": None,
                               "finish_reason": None}])
-        async for idx, o in run.stream(jobs, req.n):
+        async for idx, o in run.stream():
             if o.text or o.token_ids or o.finish_reason is not None:
                 lp = None
                 if req.logprobs is not None:

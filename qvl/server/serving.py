@@ -198,7 +198,10 @@ def sampling_params(ctx: ServingContext, req, prompt_len: int):
     """SamplingParams = checkpoint defaults < request fields; max_tokens defaults to the room left."""
     kwargs = {**ctx.default_sampling, **req.sampling_kwargs()}
     max_new = req.max_new_tokens
-    kwargs["max_tokens"] = max_new if max_new is not None else max(1, ctx.max_model_len - prompt_len)
+    if max_new is None:   # the room left, capped by the checkpoint's max_new_tokens when it sets one
+        room = max(1, ctx.max_model_len - prompt_len)
+        max_new = min(room, ctx.default_sampling.get("max_tokens") or room)
+    kwargs["max_tokens"] = max_new
     if req.num_logprobs is not None:
         kwargs["logprobs"] = req.num_logprobs
     try:
@@ -213,6 +216,15 @@ def sampling_params(ctx: ServingContext, req, prompt_len: int):
 
 async def _maybe_await(x):
     return await x if inspect.isawaitable(x) else x
+
+
+async def _aclose(it) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:  # noqa: BLE001
+            logger.exception("closing an engine iterator failed")
 
 
 class RequestRun:
@@ -232,53 +244,79 @@ class RequestRun:
         self.itls: list[float] = []
         self.queue_time: float | None = None
         self.finish_reasons: dict[int, str] = {}
+        self.stop_reasons: dict[int, int | str | None] = {}
         self.num_choices = 0
         self.status = 200
         self.error: str | None = None
         self._unfinished: set[str] = set()
+        self._iters: list[tuple[str, int, Any]] = []
 
-    async def stream(self, jobs: list[tuple[Any, Any]], n: int) -> AsyncIterator[tuple[int, Any]]:
-        """Start one engine request per (prompt, params); yield (choice index, CompletionOutput delta)."""
+    async def start(self, jobs: list[tuple[Any, Any]], n: int) -> None:
+        """Add one engine request per (prompt, params). The engine refuses a bad request (ValueError)
+        here, before any output, so the client still gets a proper 4xx status line."""
         self.num_choices = len(jobs) * n
-        queue: asyncio.Queue = asyncio.Queue()
-        tasks = []
+        self._iters = []
         for j, (prompt, params) in enumerate(jobs):
             rid = self.request_id if len(jobs) == 1 else f"{self.request_id}-{j}"
-            self.prompt_tokens += len(prompt.token_ids)
+            try:
+                it = await _maybe_await(self.ctx.engine.add_request(rid, prompt, params))
+            except ValueError as exc:
+                await self.abort_unfinished()
+                raise APIError(str(exc), code="invalid_value") from exc
+            except BaseException:
+                await self.abort_unfinished()
+                raise
             self._unfinished.add(rid)
-            tasks.append(asyncio.create_task(self._pump(rid, j * n, prompt, params, queue)))
+            self.prompt_tokens += len(prompt.token_ids)
+            self._iters.append((rid, j * n, it))
+
+    async def stream(self) -> AsyncIterator[tuple[int, Any]]:
+        """Yield (choice index, CompletionOutput delta) from the started requests, merged as they come."""
+        if len(self._iters) == 1:    # the common case: no tasks, no queue
+            rid, base, it = self._iters[0]
+            try:
+                async for out in it:
+                    self._account(rid, out)
+                    for o in out.outputs:
+                        yield base + o.index, o
+            finally:
+                await _aclose(it)
+                await self.abort_unfinished()
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(rid, base, it, queue)) for rid, base, it in self._iters]
         try:
             done = 0
             while done < len(tasks):
                 item = await queue.get()
                 if item is None:
                     done += 1
-                    continue
-                if isinstance(item, BaseException):
+                elif isinstance(item, BaseException):
                     raise item
-                yield item
+                else:
+                    yield item
         finally:
             for t in tasks:
                 t.cancel()
             await self.abort_unfinished()
 
-    async def _pump(self, rid: str, base: int, prompt, params, queue: asyncio.Queue) -> None:
+    async def _pump(self, rid: str, base: int, it, queue: asyncio.Queue) -> None:
         try:
-            it = await _maybe_await(self.ctx.engine.add_request(rid, prompt, params))
             async for out in it:
-                self._account(out)
+                self._account(rid, out)
                 for o in out.outputs:
                     await queue.put((base + o.index, o))
-                if getattr(out, "finished", False):
-                    self._unfinished.discard(rid)
-            self._unfinished.discard(rid)
             await queue.put(None)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
             await queue.put(exc)
+        finally:
+            await _aclose(it)
 
-    def _account(self, out) -> None:
+    def _account(self, rid: str, out) -> None:
+        if getattr(out, "finished", False):
+            self._unfinished.discard(rid)
         now = time.monotonic()
         new = sum(len(o.token_ids) for o in out.outputs)
         cached = getattr(out, "num_cached_tokens", None)
@@ -286,7 +324,7 @@ class RequestRun:
             self.cached_tokens = max(self.cached_tokens, int(cached))
         m = getattr(out, "metrics", None)
         if m is not None and self.queue_time is None:
-            q = getattr(m, "time_in_queue", None) or getattr(m, "queue_time", None)
+            q = getattr(m, "time_in_queue", None)
             if q is None and getattr(m, "first_scheduled_time", None) and getattr(m, "arrival_time", None):
                 q = m.first_scheduled_time - m.arrival_time
             self.queue_time = q
@@ -301,6 +339,7 @@ class RequestRun:
         for o in out.outputs:
             if o.finish_reason is not None:
                 self.finish_reasons[o.index] = o.finish_reason
+                self.stop_reasons[o.index] = getattr(o, "stop_reason", None)
 
     async def abort_unfinished(self) -> None:
         for rid in list(self._unfinished):
