@@ -252,12 +252,12 @@ def test_qwen_vl_utils_items_equal_openai_parts(pp, images):
     (pa, _), (pb, _) = images["a"], images["b"]
     frames = images["frames"]
     openai = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "file://" + pa, "detail": "high", "max_pixels": 6000}},
+        {"type": "image_url", "image_url": {"url": "file://" + pa, "detail": "high", "max_pixels": 3136}},
         {"type": "text", "text": "x"},
         {"type": "video_url", "video_url": {"url": frames, "nframes": 4}},
         {"type": "image_url", "image_url": {"url": pb}}]}]
     qwen = [{"role": "user", "content": [
-        {"type": "image", "image": pa, "max_pixels": 6000}, {"text": "x"},
+        {"type": "image", "image": pa, "max_pixels": 3136}, {"text": "x"},
         {"video": frames, "nframes": 4},
         {"image": "file://" + pb}]}]
     a, b = pp.process_messages(openai), pp.process_messages(qwen)
@@ -344,3 +344,65 @@ def test_missing_image_names_item(pp, tmp_path, images):
     for call in (pp.process_messages, pp.count_tokens):
         with pytest.raises(ValueError, match=r"image 2 \(messages\[0\].content\[2\]\)"):
             call(msgs)
+
+
+def _write_mp4(path, frames=8, size=(56, 84), fps=4):
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.height, s.width = size
+        s.pix_fmt = "yuv420p"
+        for k in range(frames):
+            arr = np.full((*size, 3), (30 * k) % 256, dtype=np.uint8)
+            for pkt in s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    return str(path)
+
+
+def test_video_file_counted_equals_processed(pp, tmp_path, images):
+    clip = _write_mp4(tmp_path / "clip.mp4")
+    msgs = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "file://" + clip, "fps": 2}},
+        {"type": "image", "image": images["a"][0]}, {"type": "text", "text": "?"}]}]
+    counted = pp.count_tokens(msgs, max_model_len=4096)
+    out = pp.process_messages(msgs, max_model_len=4096)
+    assert counted["prompt_tokens"] == len(out.token_ids)
+    assert counted["items"][0]["type"] == "video" and counted["items"][0]["original_size"] == (56, 84)
+    assert tuple(counted["items"][0]["grid_thw"]) == tuple(out.items[0].grid_thw)
+    assert out.token_ids[out.item_offsets[0]:out.item_offsets[0] + out.items[0].num_tokens] == \
+        [pp.video_token_id] * out.items[0].num_tokens
+
+
+def test_refused_before_pixels_are_decoded(pp, images, monkeypatch):
+    import qvl.multimodal.prompt as prompt_mod
+
+    def no_decode(*a, **k):
+        raise AssertionError("pixels decoded before the context check")
+
+    monkeypatch.setattr(prompt_mod, "process_image", no_decode)
+    msgs = [{"role": "user", "content": _img(images["a"][0])}]
+    with pytest.raises(ValueError, match="max_model_len 10"):
+        pp.process_messages(msgs, max_model_len=10)
+
+
+def test_remote_media_downloaded_once(pp, images, monkeypatch):
+    import qvl.multimodal.prompt as prompt_mod
+
+    raw = open(images["b"][0], "rb").read()
+    calls = []
+
+    def fake_fetch(src, *, policy=None, label=""):
+        calls.append((src, label))
+        return raw
+
+    monkeypatch.setattr(prompt_mod, "fetch_bytes", fake_fetch)
+    url = "https://example.test/b.png"
+    out = pp.process_messages([{"role": "user", "content": _img(url)}], max_model_len=4096)
+    local = pp.process_messages([{"role": "user", "content": _img(images["b"][0])}])
+    assert calls == [(url, "image 1 (messages[0].content[0])")]
+    assert out.token_ids == local.token_ids
+    assert torch.equal(out.items[0].pixel_values, local.items[0].pixel_values)

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
-VIDEO_OPTIONS = ("fps", "nframes", "min_pixels", "max_pixels", "total_pixels", "video_start", "video_end",
-                 "resized_height", "resized_width")
-_INT_OPTIONS = {"min_pixels", "max_pixels", "resized_height", "resized_width", "nframes", "total_pixels"}
+VIDEO_OPTIONS = ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels",
+                 "video_start", "video_end", "resized_height", "resized_width")
+_INT_OPTIONS = {"min_pixels", "max_pixels", "resized_height", "resized_width", "nframes", "min_frames",
+                "max_frames"}
 _BASE_ROLES = ("system", "user", "assistant")
 
 

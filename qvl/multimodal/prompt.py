@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -33,13 +34,16 @@ import jinja2.nodes
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from qvl.multimodal.budget import ItemBudget, check_context, image_num_tokens, video_num_tokens
+from qvl.multimodal.image import process_image
+from qvl.multimodal.media import fetch_bytes
 from qvl.multimodal.messages import MediaSpec, parse_messages, parse_multi_modal_data
+from qvl.multimodal.video import process_video
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 DEFAULT_MIN_PIXELS = 3136          # 4 * 28 * 28
 DEFAULT_MAX_PIXELS = 12845056      # 16384 * 28 * 28
-VIDEO_BUDGET_FRACTION = 0.9        # qwen-vl-utils: default total_pixels = context * 28^2 * 0.9
 _BUILTIN_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
 _MAX_LOAD_WORKERS = 8
 
@@ -187,12 +191,15 @@ class PromptProcessor:
     def count_tokens(self, messages, *, policy=None, max_model_len: int | None = None,
                      add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> dict:
         """Prompt length without decoding pixels: {"prompt_tokens", "items": [{type, original_size,
-        resized_size, grid_thw, tokens}, ...]} (items in placeholder order)."""
+        resized_size, grid_thw, tokens}, ...]} (items in placeholder order). Pass the same max_model_len
+        as process_messages: a video's default pixel budget derives from it."""
         parsed = parse_messages(messages, self.roles)
         text = self._render(parsed.messages, add_generation_prompt, chat_template_kwargs or {})
         ids = self.encode(text)
         slots = self._match(ids, parsed.media, "the messages")
-        items = [self._header_count(spec, policy, max_model_len) for _, spec in slots]
+        counts = [self._header_count(spec, policy, max_model_len) for _, spec in slots]
+        items = [{"type": c.kind, "original_size": tuple(c.original_size), "resized_size": tuple(c.resized_size),
+                  "grid_thw": tuple(c.grid_thw), "tokens": int(c.num_tokens)} for c in counts]
         return {"prompt_tokens": len(ids) - len(slots) + sum(it["tokens"] for it in items), "items": items}
 
     # -------------------------------------------------------------------------------------- internals
@@ -200,13 +207,14 @@ class PromptProcessor:
     def _process(self, text: str, media, policy, max_model_len: int | None, source: str) -> ProcessedPrompt:
         ids = self.encode(text)
         slots = self._match(ids, media, source)       # [(index of the pad in ids, spec)] in prompt order
+        text_tokens = len(ids) - len(slots)
+        specs = [spec for _, spec in slots]
         if max_model_len is not None:
-            counts = [self._header_count(spec, policy, max_model_len)["tokens"] for _, spec in slots]
-            total = len(ids) - len(slots) + sum(counts)
-            if total > max_model_len:
-                raise ValueError(self._over_length(len(ids) - len(slots), slots, counts, total, max_model_len,
-                                                   "estimated from the media headers"))
-        items = self._load([spec for _, spec in slots], policy, max_model_len)
+            # Refuse before decoding any pixels; download remote media once for both passes.
+            specs = [_prefetch(spec, policy) for spec in specs]
+            check_context([self._header_count(s, policy, max_model_len) for s in specs], text_tokens,
+                          max_model_len)
+        items = self._load(specs, policy, max_model_len)
 
         out: list[int] = []
         offsets: list[int] = []
@@ -218,9 +226,8 @@ class PromptProcessor:
             out.extend([pad] * item.num_tokens)
             prev = at + 1
         out.extend(ids[prev:])                                       # (N,)
-        if max_model_len is not None and len(out) > max_model_len:
-            raise ValueError(self._over_length(len(ids) - len(slots), slots, [it.num_tokens for it in items],
-                                               len(out), max_model_len, "after processing"))
+        if max_model_len is not None:   # exact recheck (headers can lie, e.g. a video's frame count)
+            check_context([_as_budget(it, s.label) for it, s in zip(items, specs)], text_tokens, max_model_len)
         positions, delta = _mrope_positions(out, [tuple(it.grid_thw) for it in items], self.image_token_id,
                                             self.video_token_id, self.spatial_merge_size)  # (3, N)
         return ProcessedPrompt(out, positions, int(delta), items, offsets, text)
@@ -233,7 +240,7 @@ class PromptProcessor:
             by_kind = {k: [m for m in media if m.kind == k] for k in ("image", "video")}
         pads = {"image": [i for i, t in enumerate(ids) if t == self.image_token_id],
                 "video": [i for i, t in enumerate(ids) if t == self.video_token_id]}
-        for kind, pad in ((k, IMAGE_PAD if k == "image" else VIDEO_PAD) for k in ("image", "video")):
+        for kind, pad in (("image", IMAGE_PAD), ("video", VIDEO_PAD)):
             if len(pads[kind]) != len(by_kind[kind]):
                 raise ValueError(
                     f"the prompt has {len(pads[kind])} {pad} placeholder(s) but {source} give "
@@ -246,48 +253,62 @@ class PromptProcessor:
         if spec.kind == "image" and "resized_height" not in opts:
             opts.setdefault("min_pixels", self.min_pixels)
             opts.setdefault("max_pixels", self.max_pixels)
-        if spec.kind == "video" and "total_pixels" not in opts and max_model_len is not None:
-            # A default video spends at most ~90% of the context (qwen-vl-utils' MODEL_SEQ_LEN rule).
-            opts["total_pixels"] = int(max_model_len * 28 * 28 * VIDEO_BUDGET_FRACTION)
+        if spec.kind == "video" and max_model_len is not None:
+            opts["max_model_len"] = max_model_len   # default total_pixels = 0.9 * context (video.py)
         return opts
 
-    def _header_count(self, spec: MediaSpec, policy, max_model_len: int | None) -> dict:
-        from qvl.multimodal import budget
-
+    def _header_count(self, spec: MediaSpec, policy, max_model_len: int | None):
         opts = self._options(spec, max_model_len)
-        try:
-            info = budget.count_media(spec.kind, spec.source, policy=policy, **opts)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{spec.label}: {e}") from e
-        return {"type": spec.kind, "original_size": tuple(info.original_size),
-                "resized_size": tuple(info.resized_size), "grid_thw": tuple(info.grid_thw),
-                "tokens": int(info.num_tokens)}
+        count = image_num_tokens if spec.kind == "image" else video_num_tokens
+        with _labelled(spec.label):
+            return count(spec.source, policy=policy, label=spec.label, **opts)
 
     def _load(self, specs: list[MediaSpec], policy, max_model_len: int | None) -> list:
-        if not specs:
-            return []
-        if len(specs) == 1:
-            return [self._load_one(specs[0], policy, max_model_len)]
+        if len(specs) <= 1:
+            return [self._load_one(s, policy, max_model_len) for s in specs]
         with ThreadPoolExecutor(max_workers=min(_MAX_LOAD_WORKERS, len(specs))) as pool:
             return list(pool.map(lambda s: self._load_one(s, policy, max_model_len), specs))
 
     def _load_one(self, spec: MediaSpec, policy, max_model_len: int | None):
         opts = self._options(spec, max_model_len)
-        try:
-            if spec.kind == "image":
-                from qvl.multimodal.image import process_image
-                return process_image(spec.source, policy=policy, **opts)
-            from qvl.multimodal.video import process_video
-            return process_video(spec.source, policy=policy, **opts)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{spec.label}: {e}") from e
+        load = process_image if spec.kind == "image" else process_video
+        with _labelled(spec.label):
+            return load(spec.source, policy=policy, label=spec.label, **opts)
 
-    @staticmethod
-    def _over_length(text_tokens: int, slots, counts: list[int], total: int, max_model_len: int,
-                     how: str) -> str:
-        parts = [f"text {text_tokens}"] + [f"{spec.label} {n}" for (_, spec), n in zip(slots, counts)]
-        return (f"prompt is {total} tokens ({how}), over max_model_len {max_model_len}: "
-                + ", ".join(parts) + " tokens; lower max_pixels/fps/nframes or send fewer items")
+
+@contextmanager
+def _labelled(label: str):
+    """Make sure an error escaping media loading is a ValueError that names the item."""
+    try:
+        yield
+    except ValueError as e:
+        if str(e).startswith(label):
+            raise
+        raise ValueError(f"{label}: {e}") from e
+    except OSError as e:
+        raise ValueError(f"{label}: cannot read ({type(e).__name__}: {e})") from e
+
+
+def _is_remote(source: Any) -> bool:
+    return isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
+
+
+def _prefetch(spec: MediaSpec, policy) -> MediaSpec:
+    """Download http(s) sources once (under the policy) so counting and loading share the bytes."""
+    src = spec.source
+    with _labelled(spec.label):
+        if _is_remote(src):
+            src = fetch_bytes(src, policy=policy, label=spec.label)
+        elif isinstance(src, (list, tuple)) and any(_is_remote(f) for f in src):
+            src = [fetch_bytes(f, policy=policy, label=f"{spec.label} frame {i}") if _is_remote(f) else f
+                   for i, f in enumerate(src)]
+    return spec if src is spec.source else replace(spec, source=src)
+
+
+def _as_budget(item, label: str) -> ItemBudget:
+    t, h, w = item.grid_thw
+    return ItemBudget(item.kind, tuple(item.original_size), (h * 14, w * 14), (t, h, w), item.num_tokens,
+                      label=label)
 
 
 def _mrope_positions(ids, grids, image_token_id, video_token_id, merge):
