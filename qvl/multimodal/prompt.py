@@ -34,8 +34,9 @@ import jinja2.nodes
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from qvl.model.rope import mrope_positions
 from qvl.multimodal.budget import ItemBudget, check_context, image_num_tokens, video_num_tokens
-from qvl.multimodal.image import process_image
+from qvl.multimodal.image import PATCH_SIZE, process_image
 from qvl.multimodal.media import fetch_bytes
 from qvl.multimodal.messages import MediaSpec, parse_messages, parse_multi_modal_data
 from qvl.multimodal.video import process_video
@@ -228,7 +229,7 @@ class PromptProcessor:
         out.extend(ids[prev:])                                       # (N,)
         if max_model_len is not None:   # exact recheck (headers can lie, e.g. a video's frame count)
             check_context([_as_budget(it, s.label) for it, s in zip(items, specs)], text_tokens, max_model_len)
-        positions, delta = _mrope_positions(out, [tuple(it.grid_thw) for it in items], self.image_token_id,
+        positions, delta = mrope_positions(out, [tuple(it.grid_thw) for it in items], self.image_token_id,
                                             self.video_token_id, self.spatial_merge_size)  # (3, N)
         return ProcessedPrompt(out, positions, int(delta), items, offsets, text)
 
@@ -243,8 +244,8 @@ class PromptProcessor:
         for kind, pad in (("image", IMAGE_PAD), ("video", VIDEO_PAD)):
             if len(pads[kind]) != len(by_kind[kind]):
                 raise ValueError(
-                    f"the prompt has {len(pads[kind])} {pad} placeholder(s) but {source} give "
-                    f"{len(by_kind[kind])} {kind}(s); write one {VISION_START}{pad}{VISION_END} per {kind}")
+                    f"the prompt has {len(pads[kind])} {pad} placeholder(s) but {len(by_kind[kind])} "
+                    f"{kind}(s) were given in {source}; write one {VISION_START}{pad}{VISION_END} per {kind}")
         slots = [(at, spec) for kind in ("image", "video") for at, spec in zip(pads[kind], by_kind[kind])]
         return sorted(slots, key=lambda s: s[0])
 
@@ -307,14 +308,8 @@ def _prefetch(spec: MediaSpec, policy) -> MediaSpec:
 
 def _as_budget(item, label: str) -> ItemBudget:
     t, h, w = item.grid_thw
-    return ItemBudget(item.kind, tuple(item.original_size), (h * 14, w * 14), (t, h, w), item.num_tokens,
-                      label=label)
-
-
-def _mrope_positions(ids, grids, image_token_id, video_token_id, merge):
-    from qvl.model.rope import mrope_positions
-
-    return mrope_positions(ids, grids, image_token_id, video_token_id, spatial_merge_size=merge)
+    return ItemBudget(item.kind, tuple(item.original_size), (h * PATCH_SIZE, w * PATCH_SIZE), (t, h, w),
+                      item.num_tokens, label=label)
 
 
 def _pick_template(value: Any, where: Path) -> str:
