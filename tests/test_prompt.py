@@ -83,7 +83,8 @@ def _img(url, text="Describe this image."):
 
 CONVERSATIONS = {
     "text": [{"role": "user", "content": "Hello, world!"}],
-    "text_parts": [{"role": "user", "content": [{"type": "text", "text": "Hello,"}, {"type": "text", "text": " world"}]}],
+    "text_parts": [{"role": "user", "content": [{"type": "text", "text": "Hello,"},
+                                                {"type": "text", "text": " world"}]}],
     "one_image": [{"role": "user", "content": _img("file:///x.png")}],
     "two_images": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "a.png"}}, {"type": "text", "text": "and"},
@@ -340,7 +341,8 @@ def test_over_max_model_len_lists_items(pp, images):
 
 
 def test_missing_image_names_item(pp, tmp_path, images):
-    msgs = [{"role": "user", "content": [*_img(images["a"][0]), {"type": "image", "image": str(tmp_path / "nope.png")}]}]
+    missing = str(tmp_path / "nope.png")
+    msgs = [{"role": "user", "content": [*_img(images["a"][0]), {"type": "image", "image": missing}]}]
     for call in (pp.process_messages, pp.count_tokens):
         with pytest.raises(ValueError, match=r"image 2 \(messages\[0\].content\[2\]\)"):
             call(msgs)
