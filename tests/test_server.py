@@ -266,9 +266,10 @@ def test_two_images_usage_matches_tokenize(client, http):
     # per-image max_pixels lowers that image's tokens, and usage follows
     msgs[0]["content"][1]["image_url"]["max_pixels"] = 56 * 56
     counts2 = tokenize(http, msgs)
-    assert [it["tokens"] for it in counts2["items"]] == [4, 4]
+    assert [it["tokens"] for it in counts2["items"]] == [4, 2]           # 84x112 -> 28x56 (smart_resize)
+    assert list(counts2["items"][1]["resized_size"]) == [28, 56]
     r = client.chat.completions.create(model="tiny-qwen2-vl", messages=msgs, max_tokens=4, temperature=0)
-    assert r.usage.prompt_tokens == counts2["count"] == counts["count"] - 8
+    assert r.usage.prompt_tokens == counts2["count"] == counts["count"] - 10
 
 
 def test_video_file_data_url_and_frames(client, http, media_dir):
@@ -377,12 +378,10 @@ def test_disconnect_mid_stream_frees_blocks(server, http):
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
+            lines = r.iter_lines()     # kept open: leaving a for-loop over it would close the connection
             got = 0
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    got += 1
-                if got >= 4:
-                    break
+            while got < 4:
+                got += next(lines).startswith("data: ")
             free, total, busy = kv_state(http)
             assert free < total and busy >= 1                              # it holds blocks right now
     wait_kv_free(http)                                                     # aborted, blocks back
@@ -390,14 +389,14 @@ def test_disconnect_mid_stream_frees_blocks(server, http):
 
 
 def test_concurrent_requests(server):
-    results, errors = [], []
+    results, errors = {}, []
 
     def worker(k):
         try:
             c = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
             r = c.chat.completions.create(model="tiny-qwen2-vl", max_tokens=6, temperature=0,
                                           messages=image_msg(png_data_url(56, 56, k % 3)))
-            results.append(r.choices[0].message.content)
+            results[k] = r.choices[0].message.content
         except Exception as e:  # noqa: BLE001
             errors.append(repr(e))
 

@@ -145,10 +145,7 @@ def create_app(engine, *, served_model_name: str, api_key: str | None = None, me
     vocab = _engine_attr(engine, "vocab_size", "config.vocab_size", "engine.config.vocab_size")
     if vocab is None and tok is not None and hasattr(tok, "get_vocab_size"):
         vocab = tok.get_vocab_size(with_added_tokens=True)
-    boxes_fn = None
-    with contextlib.suppress(ImportError):
-        from qvl import grounding  # optional module
-        boxes_fn = getattr(grounding, "boxes_for_response", None)
+    boxes_fn = _grounding_fn()
     ctx = ServingContext(engine=engine, processor=processor, served_model_name=served_model_name,
                          max_model_len=max_model_len, media_policy=media_policy, limits=limits,
                          metrics=metrics, default_sampling=dict(default_sampling or {}),
@@ -228,10 +225,10 @@ def create_app(engine, *, served_model_name: str, api_key: str | None = None, me
         except BaseException as exc:
             run.fail(exc)
             raise
-        if req.stream:
-            return StreamingResponse(responses.chat_stream(ctx, run, req), media_type="text/event-stream",
-                                     headers={**_SSE_HEADERS, "X-Request-Id": run.request_id})
         sizes = counts.get("items", []) if ctx.boxes_fn else None
+        if req.stream:
+            return StreamingResponse(responses.chat_stream(ctx, run, req, sizes), media_type="text/event-stream",
+                                     headers={**_SSE_HEADERS, "X-Request-Id": run.request_id})
         return await _full(request, run, responses.chat_full(ctx, run, req, sizes))
 
     @app.post("/v1/completions")
@@ -266,6 +263,29 @@ def create_app(engine, *, served_model_name: str, api_key: str | None = None, me
         return JSONResponse(body, headers={"X-Request-Id": run.request_id})
 
     return app
+
+
+def _grounding_fn():
+    """(text, count items) -> boxes as dicts, mapped to the first image's original pixels; None when
+    qvl.grounding is not available. Boxes go into an extra `qvl_boxes` field (the openai client ignores it)."""
+    try:
+        from qvl import grounding
+    except ImportError:
+        return None
+    if not hasattr(grounding, "parse"):
+        return None
+
+    def boxes(text: str, items: list[dict]) -> list[dict]:
+        if "<|box_start|>" not in text:
+            return []
+        first = next((it for it in items if it.get("type") == "image"), None)
+        size = None
+        if first is not None and first.get("original_size"):
+            h, w = first["original_size"]
+            size = (w, h)                            # PIL order, as grounding.parse takes it
+        return [b.to_dict() if hasattr(b, "to_dict") else b for b in grounding.parse(text, image_size=size)]
+
+    return boxes
 
 
 async def _maybe(x):

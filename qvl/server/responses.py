@@ -85,7 +85,9 @@ async def chat_full(ctx: ServingContext, run: RequestRun, req, grounding_sizes=N
     body = {"id": run.request_id, "object": "chat.completion", "created": int(time.time()),
             "model": ctx.served_model_name, "choices": choices, "usage": run.usage()}
     if ctx.boxes_fn is not None and grounding_sizes is not None:
-        body["qvl_boxes"] = [_boxes(ctx, t, grounding_sizes) for t in texts]
+        boxes = [_boxes(ctx, t, grounding_sizes) for t in texts]
+        if any(boxes):
+            body["qvl_boxes"] = boxes
     return body
 
 
@@ -97,7 +99,7 @@ def _boxes(ctx: ServingContext, text: str, sizes) -> list:
         return []
 
 
-async def chat_stream(ctx: ServingContext, run: RequestRun, req) -> AsyncIterator[str]:
+async def chat_stream(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None) -> AsyncIterator[str]:
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -115,7 +117,11 @@ async def chat_stream(ctx: ServingContext, run: RequestRun, req) -> AsyncIterato
         for i in range(req.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
+        texts: dict[int, str] = {}
+        grounding = ctx.boxes_fn is not None and grounding_sizes is not None
         async for idx, o in run.stream():
+            if grounding:
+                texts[idx] = texts.get(idx, "") + o.text
             if o.text or o.token_ids:
                 c = {"index": idx, "delta": {"content": o.text}, "logprobs": None, "finish_reason": None}
                 if req.logprobs:
@@ -123,7 +129,10 @@ async def chat_stream(ctx: ServingContext, run: RequestRun, req) -> AsyncIterato
                                                               req.top_logprobs or 0)}
                 yield chunk([c])
             if o.finish_reason is not None:
-                yield chunk([{"index": idx, "delta": {}, "logprobs": None, "finish_reason": o.finish_reason}])
+                c = {"index": idx, "delta": {}, "logprobs": None, "finish_reason": o.finish_reason}
+                if grounding and (boxes := _boxes(ctx, texts.get(idx, ""), grounding_sizes)):
+                    c["qvl_boxes"] = boxes
+                yield chunk([c])
         if include_usage:
             yield chunk([], usage=run.usage())
         yield sse("[DONE]")
