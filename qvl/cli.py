@@ -128,8 +128,8 @@ def _boxes(text: str, images: list[str]) -> list[dict]:
         from PIL import Image
 
         with Image.open(images[0]) as im:
-            size = im.size
-    return [b.to_dict() for b in grounding.parse(text, image_size=size)]
+            size = im.size                              # (width, height)
+    return grounding.to_json(grounding.parse(text), size)
 
 
 # --------------------------------------------------------------------------------------- commands
@@ -141,7 +141,8 @@ def cmd_tokens(args) -> int:
     for f in args.files:
         if "://" not in f and not Path(f).exists():
             raise CLIError(f"file not found: {f}")
-        rows.append(describe(f, min_pixels=args.min_pixels, max_pixels=args.max_pixels, fps=args.fps))
+        options = {k: getattr(args, k) for k in ("min_pixels", "max_pixels", "fps") if getattr(args, k) is not None}
+        rows.append({"source": f, **describe(f, **options)})
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
         return 0
@@ -151,8 +152,8 @@ def cmd_tokens(args) -> int:
         t, gh, gw = r["grid_thw"]
         extra = f"  frames {r['nframes']}" if r.get("nframes") else ""
         print(f"{r['source']}: {r['kind']} {w0}x{h0} -> {w1}x{h1}  grid {t}x{gh}x{gw}{extra}  "
-              f"{r['tokens']} tokens")
-        total += r["tokens"]
+              f"{r['num_tokens']} tokens")
+        total += r["num_tokens"]
     if len(rows) > 1:
         print(f"total: {total} tokens")
     return 0
