@@ -54,6 +54,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qvl", description="Qwen2-VL on your own machine.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="answer one question about images/videos (streams the answer)")
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _make_llm(args):
     from qvl import LLM
 
-    kwargs = {"dtype": args.dtype, "device": args.device}
+    kwargs = {"dtype": args.dtype, "device": None if args.device == "auto" else args.device}
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
     return LLM(args.model or _default_model(), **kwargs)
@@ -275,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # an unexpected failure still gets one line; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"qvl: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
