@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import struct
+import time
 import zlib
 
 import httpx
@@ -165,7 +166,8 @@ def server(tiny_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("server_err_log") / "server.log"
     srv = ServerProcess(tiny_ckpt, ["--served-model-name", "tiny", "--max-model-len", str(MAX_MODEL_LEN),
                                     "--max-images-per-request", "2", "--max-videos-per-request", "1",
-                                    "--max-request-bytes", str(MAX_REQUEST_BYTES)], log)
+                                    "--max-request-bytes", str(MAX_REQUEST_BYTES),
+                                    "--graceful-shutdown-timeout", "0.5"], log)
     yield srv
     rc = srv.stop()
     assert rc == 0, f"server exit code {rc}:\n{srv.log_path.read_text()[-3000:]}"
@@ -216,4 +218,43 @@ def test_server_healthy_after_bad_inputs(server, http):
     wait_kv_free(http)
     free, total, busy = kv_state(http)
     assert total > 0 and free == total and busy == 0
+    assert "Traceback" not in server.log()
+
+
+def test_nonstream_client_timeout_aborts(server, http):
+    """A non-streaming client that gives up: the server notices the disconnect and frees the blocks."""
+    body = chat(messages=[{"role": "user", "content": "Talk."}], max_tokens=470, ignore_eos=True)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.1)
+    wait_kv_free(http)
+    assert "status=499" in server.log()
+
+
+def test_sigterm_with_request_in_flight(server):
+    """Last test of the module: SIGTERM while a stream runs -> the stream ends, the process exits 0."""
+    import signal
+    import threading
+
+    body = chat(messages=[{"role": "user", "content": "Talk."}], max_tokens=450, ignore_eos=True, stream=True)
+    seen, ended = [], threading.Event()
+
+    def reader():
+        try:
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    seen.append(line)
+        except httpx.HTTPError:
+            pass                      # cut off after the grace period: also acceptable
+        ended.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    deadline = time.monotonic() + 30
+    while len(seen) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert seen, "stream did not start"
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0, server.log()[-3000:]
+    assert ended.wait(10)
+    t.join()
     assert "Traceback" not in server.log()

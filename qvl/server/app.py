@@ -31,8 +31,8 @@ from qvl.server import responses
 from qvl.server.errors import APIError, from_pydantic, install_error_handlers
 from qvl.server.metrics import ServerMetrics
 from qvl.server.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
-from qvl.server.serving import (RequestRun, ServerLimits, ServingContext, check_media_counts, new_request_id,
-                                prepare_chat, prepare_text, sampling_params)
+from qvl.server.serving import (RequestRun, ServerLimits, ServingContext, check_media_counts, drain,
+                                new_request_id, prepare_chat, prepare_text, sampling_params)
 
 logger = logging.getLogger("qvl.server")
 
@@ -168,6 +168,7 @@ def create_app(engine, *, served_model_name: str, api_key: str | None = None, me
 
     app = FastAPI(title="qvl", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
+    app.state.begin_shutdown = lambda grace_s: asyncio.ensure_future(drain(ctx, grace_s))
     install_error_handlers(app)
     if api_key:
         app.add_middleware(_AuthMiddleware, api_key=api_key)
@@ -272,18 +273,18 @@ def _grounding_fn():
         from qvl import grounding
     except ImportError:
         return None
-    if not hasattr(grounding, "parse"):
+    if not hasattr(grounding, "parse") or not hasattr(grounding, "to_json"):
         return None
 
     def boxes(text: str, items: list[dict]) -> list[dict]:
-        if "<|box_start|>" not in text:
+        if "<|box_start|>" not in text and "<|quad_start|>" not in text:
             return []
         first = next((it for it in items if it.get("type") == "image"), None)
         size = None
         if first is not None and first.get("original_size"):
             h, w = first["original_size"]
-            size = (w, h)                            # PIL order, as grounding.parse takes it
-        return [b.to_dict() if hasattr(b, "to_dict") else b for b in grounding.parse(text, image_size=size)]
+            size = (w, h)                            # (width, height), as grounding.to_json takes it
+        return grounding.to_json(grounding.parse(text), size)
 
     return boxes
 
@@ -385,14 +386,16 @@ def serve(args) -> None:
                 "on" if api_key else "off")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout)
-    _uvicorn_server_cls()(config).run()
+    _uvicorn_server_cls(app, args.graceful_shutdown_timeout)(config).run()
 
 
-def _uvicorn_server_cls():
+def _uvicorn_server_cls(app: FastAPI, grace_s: float):
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's Server, minus re-raising the caught signal after shutdown: SIGTERM -> drain -> exit 0."""
+        """uvicorn's Server, plus: on SIGTERM/SIGINT the app drains (in-flight requests get most of the
+        grace period, then are aborted cleanly, before uvicorn would cancel them), and the caught signal
+        is not re-raised after shutdown, so the process exits 0."""
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -405,6 +408,15 @@ def _uvicorn_server_cls():
             finally:
                 for sig, handler in originals.items():
                     signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if first:
+                logger.info("signal %d: draining (grace %.1f s)", sig, grace_s)
+                with contextlib.suppress(RuntimeError):
+                    loop = asyncio.get_running_loop()
+                    loop.call_soon_threadsafe(app.state.begin_shutdown, max(0.0, grace_s * 0.8 - 0.1))
 
     return Server
 

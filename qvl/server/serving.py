@@ -50,6 +50,8 @@ class ServingContext:
     vocab_size: int | None = None
     boxes_fn: Callable | None = None
     executor: ThreadPoolExecutor | None = None
+    active: set = field(default_factory=set)          # RequestRuns with engine requests in flight
+    shutting_down: bool = False
 
     async def run_blocking(self, fn, *args, **kwargs):
         """Run CPU-heavy work (media decode, resize, tokenize) in the pool; the event loop never blocks."""
@@ -69,6 +71,19 @@ class ServingContext:
             if err is None:
                 raise
             raise err from exc
+
+
+async def drain(ctx: ServingContext, grace_s: float) -> None:
+    """On SIGTERM: refuse new work, let in-flight requests finish for `grace_s`, then abort the rest
+    (their streams end with finish_reason "abort" and [DONE], so connections close cleanly)."""
+    ctx.shutting_down = True
+    deadline = time.monotonic() + max(0.0, grace_s)
+    while ctx.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if ctx.active:
+        logger.info("shutdown: aborting %d in-flight request(s)", len(ctx.active))
+    for run in list(ctx.active):
+        await run.abort_unfinished()
 
 
 def new_request_id(prefix: str) -> str:
@@ -254,8 +269,11 @@ class RequestRun:
     async def start(self, jobs: list[tuple[Any, Any]], n: int) -> None:
         """Add one engine request per (prompt, params). The engine refuses a bad request (ValueError)
         here, before any output, so the client still gets a proper 4xx status line."""
+        if self.ctx.shutting_down:
+            raise APIError("The server is shutting down", status=503, code="shutting_down")
         self.num_choices = len(jobs) * n
         self._iters = []
+        self.ctx.active.add(self)
         for j, (prompt, params) in enumerate(jobs):
             rid = self.request_id if len(jobs) == 1 else f"{self.request_id}-{j}"
             try:
@@ -365,6 +383,7 @@ class RequestRun:
     def finish(self, status: int = 200, error: str | None = None) -> None:
         """Record metrics and write the one log line for this request."""
         self.status, self.error = status, error
+        self.ctx.active.discard(self)
         end = time.monotonic()
         ttft = None if self.first_token is None else self.first_token - self.arrival
         metrics = self.ctx.metrics
