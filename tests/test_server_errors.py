@@ -142,6 +142,14 @@ CASES = [
     ("image_over_context", "/v1/chat/completions",
      chat(messages=user(img(png_data_url(644, 644), max_pixels=644 * 644))), 400,
      ["maximum context length is 512", "image 1: 529 tokens (644x644 -> 644x644)"], "messages"),
+    ("too_many_visual_tokens", "/v1/chat/completions",
+     chat(messages=user(img(png_data_url(504, 504), max_pixels=504 * 504))), 400,
+     ["Too many visual tokens", "324 > max_visual_tokens_per_request 300"], "messages"),
+    # the context check reads only the header: a PNG that claims 2800x2800 but has no real pixel data is
+    # refused for its size (10000 tokens), not as a corrupt image, so nothing was decoded
+    ("over_context_from_header", "/v1/chat/completions",
+     chat(messages=user(img(data_url(png_header_only(2800, 2800)), max_pixels=2800 * 2800))), 400,
+     ["maximum context length is 512", "image 1: 10000 tokens"], "messages"),
     ("video_no_frames", "/v1/chat/completions",
      chat(messages=user({"type": "video_url", "video_url": {"url": data_url(empty_video(), "video/mp4")}})),
      400, ["video"], None),
@@ -166,6 +174,7 @@ def server(tiny_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("server_err_log") / "server.log"
     srv = ServerProcess(tiny_ckpt, ["--served-model-name", "tiny", "--max-model-len", str(MAX_MODEL_LEN),
                                     "--max-images-per-request", "2", "--max-videos-per-request", "1",
+                                    "--max-visual-tokens-per-request", "300",
                                     "--max-request-bytes", str(MAX_REQUEST_BYTES),
                                     "--graceful-shutdown-timeout", "0.5"], log)
     yield srv

@@ -129,7 +129,7 @@ def _describe_items(items: list[dict]) -> str:
 
 
 def check_budget(ctx: ServingContext, counts: dict, max_new_tokens: int | None) -> None:
-    """Refuse (400) before decoding pixels: visual-token limit, then prompt (+ max_tokens) vs context.
+    """Refuse (400) before decoding pixels: prompt vs context, visual-token limit, prompt + max_tokens.
 
     `counts` is PromptProcessor.count_tokens' result: {"prompt_tokens", "items": [{type, original_size,
     resized_size, grid_thw, tokens}]}.
@@ -137,11 +137,6 @@ def check_budget(ctx: ServingContext, counts: dict, max_new_tokens: int | None) 
     items = counts.get("items", [])
     total = int(counts["prompt_tokens"])
     visual = sum(int(it["tokens"]) for it in items)
-    lim = ctx.limits.max_visual_tokens_per_request
-    if lim is not None and visual > lim:
-        raise APIError(f"Too many visual tokens: {visual} > max_visual_tokens_per_request {lim} "
-                       f"({_describe_items(items)}). Lower max_pixels / fps / nframes, or send fewer "
-                       f"images.", param="messages", code="too_many_visual_tokens")
     L = ctx.max_model_len
     if total >= L:
         detail = f"text: {total - visual} tokens"
@@ -150,6 +145,11 @@ def check_budget(ctx: ServingContext, counts: dict, max_new_tokens: int | None) 
         raise APIError(f"This model's maximum context length is {L} tokens, but the prompt has {total} "
                        f"tokens ({detail}). Lower max_pixels / fps / nframes or shorten the prompt.",
                        param="messages", code="context_length_exceeded")
+    lim = ctx.limits.max_visual_tokens_per_request
+    if lim is not None and visual > lim:
+        raise APIError(f"Too many visual tokens: {visual} > max_visual_tokens_per_request {lim} "
+                       f"({_describe_items(items)}). Lower max_pixels / fps / nframes, or send fewer "
+                       f"images.", param="messages", code="too_many_visual_tokens")
     if max_new_tokens is not None and total + max_new_tokens > L:
         raise APIError(f"This model's maximum context length is {L} tokens. However, you requested "
                        f"{total + max_new_tokens} tokens ({total} in the prompt, {max_new_tokens} for the "
