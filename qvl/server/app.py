@@ -330,7 +330,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     med.add_argument("--media-max-bytes", type=int, default=100 * 1024 * 1024, help="bytes per media download")
     eng = parser.add_argument_group("engine")
     eng.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    eng.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    eng.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda if available)")
     eng.add_argument("--max-model-len", type=int, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=None)
     eng.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -343,13 +343,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _media_policy(args):
     from qvl.multimodal.media import MediaPolicy
 
-    kw = dict(allowed_local_media_path=args.allowed_local_media_path,
-              allowed_media_domains=args.allowed_media_domains,
-              allow_private_addresses=args.allow_private_media_addresses,
-              timeout_s=args.media_timeout, max_bytes=args.media_max_bytes)
-    import dataclasses
-    names = {f.name for f in dataclasses.fields(MediaPolicy)}
-    return MediaPolicy(**{k: v for k, v in kw.items() if k in names})
+    return MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
+                       allowed_media_domains=args.allowed_media_domains,
+                       allow_private_addresses=args.allow_private_media_addresses,
+                       timeout_s=args.media_timeout, max_bytes=args.media_max_bytes)
 
 
 def build_engine(args):
@@ -358,11 +355,8 @@ def build_engine(args):
 
     kw = {k: getattr(args, k) for k in ("dtype", "device", "max_model_len", "max_num_seqs",
                                         "max_num_batched_tokens", "block_size", "kv_cache_memory")
-          if getattr(args, k, None) is not None}
-    kw["enable_prefix_caching"] = args.enable_prefix_caching
-    if kw.get("dtype") == "auto":
-        kw.pop("dtype")
-    return AsyncEngine.from_args(args.model, **kw) if hasattr(AsyncEngine, "from_args") else AsyncEngine(args.model, **kw)
+          if getattr(args, k, None) not in (None, "auto")}
+    return AsyncEngine(args.model, enable_prefix_caching=args.enable_prefix_caching, **kw)
 
 
 def serve(args) -> None:
