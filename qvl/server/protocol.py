@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_N = 16
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
+MAX_FRAME_URLS = 768          # qwen-vl-utils' frame cap; a longer frame list is refused, not truncated
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -84,8 +85,11 @@ class ImageURL(_ImageOptions):
     detail: Literal["auto", "low", "high"] | None = None   # accepted, ignored (as in vLLM)
 
 
+FrameList = Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_FRAME_URLS)]
+
+
 class VideoURL(_VideoOptions):
-    url: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)]
+    url: NonEmptyStr | FrameList
 
 
 class TextPart(_Model):
@@ -131,7 +135,7 @@ class VideoURLPart(_VideoOptions):
 class VideoPart(_VideoOptions):
     """qwen-vl-utils style: {"type": "video", "video": "<url>" | ["<frame url>", ...], "fps": ...}."""
     type: Literal["video"]
-    video: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)]
+    video: NonEmptyStr | FrameList
 
     def item(self) -> dict:
         return {"type": "video", "video": self.video, **self.options()}

@@ -1,6 +1,6 @@
-"""From a validated request to engine output and back: prompt preparation (limits, context check from
-header dimensions before any pixel is decoded, preprocessing off the event loop), sampling parameters,
-running one or more engine requests, and turning their deltas into OpenAI responses or SSE chunks.
+"""From a validated request to engine requests: prompt preparation (limits, context check from header
+dimensions before any pixel is decoded, preprocessing off the event loop), sampling parameters, and
+running one or more engine requests whose deltas responses.py turns into OpenAI bodies / SSE chunks.
 
 Owns: `ServingContext` (engine, processor, limits, metrics, thread pool) and `RequestRun` (one HTTP
 request's engine requests, timings and counters; it aborts whatever is unfinished when closed, so a
