@@ -1,0 +1,150 @@
+"""Visual token counts from headers only (no pixel decoding), and the context-length check.
+
+Owns: `ItemBudget`, `image_num_tokens`, `video_num_tokens`, `check_context`, and `describe` (what
+`qvl tokens` prints). Images: `PIL.Image.open(...).size` (lazy, header only). Videos: container header
+(frame count, or duration * fps when the count is missing; fps; size) through video.probe_video, then the
+same `plan_video` that process_video uses, so counts equal what processing the pixels gives. Frame lists
+read each frame's header. Remote sources are still downloaded (under the same MediaPolicy).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from qvl.multimodal.image import PATCH_SIZE, image_target_size
+from qvl.multimodal.media import MediaPolicy, open_image, video_source
+from qvl.multimodal.video import (DEFAULT_MAX_MODEL_LEN, VideoOptions, check_frame_size, plan_frame_list,
+                                  plan_video, probe_video)
+
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv",
+                    ".ogv", ".wmv", ".3gp", ".y4m", ".ivf"}
+_IMAGE_OPTIONS = {"min_pixels", "max_pixels", "resized_height", "resized_width"}
+
+
+@dataclass
+class ItemBudget:
+    kind: str                          # "image" | "video"
+    original_size: tuple[int, int]     # (height, width); first frame for video
+    resized_size: tuple[int, int]      # (height, width) after smart_resize
+    grid_thw: tuple[int, int, int]     # in 14-px patches
+    num_tokens: int                    # t*h*w // 4
+    nframes: int | None = None         # sampled frames incl. padding (video)
+    total_frames: int | None = None    # frames in the source / selected range (video)
+    video_fps: float | None = None
+    sample_fps: float | None = None
+    label: str | None = None
+
+
+def header_size(source: Any, *, policy: MediaPolicy | None = None, label: str = "image") -> tuple[int, int]:
+    """(width, height) of an image source from its header (PIL's lazy open; pixels not decoded)."""
+    img = open_image(source, policy=policy, label=label, load=False)
+    size = img.size
+    if img is not source:
+        img.close()
+    return size
+
+
+def image_num_tokens(source: Any, *, min_pixels: int | None = None, max_pixels: int | None = None,
+                     resized_height: int | None = None, resized_width: int | None = None,
+                     policy: MediaPolicy | None = None, label: str | None = None) -> ItemBudget:
+    """Tokens of one image, from its header. Same options and defaults as process_image."""
+    label = label or "image"
+    width, height = header_size(source, policy=policy, label=label)
+    if width == 0 or height == 0:
+        raise ValueError(f"{label}: image has zero size ({width}x{height})")
+    th, tw = image_target_size(height, width, min_pixels=min_pixels, max_pixels=max_pixels,
+                               resized_height=resized_height, resized_width=resized_width, label=label)
+    grid = (1, th // PATCH_SIZE, tw // PATCH_SIZE)
+    return ItemBudget("image", (height, width), (th, tw), grid, grid[1] * grid[2] // 4, label=label)
+
+
+def video_num_tokens(source: Any, *, fps: float | None = None, nframes: int | None = None,
+                     min_frames: int | None = None, max_frames: int | None = None,
+                     min_pixels: int | None = None, max_pixels: int | None = None,
+                     total_pixels: float | None = None, resized_height: int | None = None,
+                     resized_width: int | None = None, video_start: float | None = None,
+                     video_end: float | None = None, max_model_len: int | None = DEFAULT_MAX_MODEL_LEN,
+                     policy: MediaPolicy | None = None, label: str | None = None) -> ItemBudget:
+    """Tokens of one video, from the container header. Same options and defaults as process_video."""
+    label = label or "video"
+    opts = VideoOptions(fps, nframes, min_frames, max_frames, min_pixels, max_pixels, total_pixels,
+                        resized_height, resized_width, video_start, video_end, max_model_len)
+    src = video_source(source, policy=policy, label=label)
+    if isinstance(src, list):
+        sizes = []
+        for i, frame in enumerate(src):
+            w, h = header_size(frame, policy=policy, label=f"{label} frame {i}")
+            sizes.append((h, w))
+        step1, plan = plan_frame_list(sizes[0], len(sizes), opts, label=label)
+        for i, size in enumerate(sizes[1:], 1):
+            check_frame_size(i, size, sizes[0], step1, opts, label=label)
+        original, video_fps = sizes[0], None
+    else:
+        meta = probe_video(src, label=label)
+        plan = plan_video(meta, opts, label=label)
+        original, video_fps = (meta.height, meta.width), meta.fps
+    return ItemBudget("video", original, (plan.height, plan.width), plan.grid_thw, plan.num_tokens,
+                      nframes=len(plan.indices), total_frames=plan.total_frames, video_fps=video_fps,
+                      sample_fps=plan.sample_fps, label=label)
+
+
+def check_context(items: list[ItemBudget], text_tokens: int, max_model_len: int) -> int:
+    """Total prompt tokens (text + visual); ValueError listing every item when it exceeds max_model_len."""
+    total = text_tokens + sum(it.num_tokens for it in items)
+    if total > max_model_len:
+        parts = [f"{it.label or f'{it.kind} {i + 1}'}: {it.num_tokens} tokens (grid "
+                 f"{'x'.join(map(str, it.grid_thw))}, resized {it.resized_size[0]}x{it.resized_size[1]})"
+                 for i, it in enumerate(items)]
+        raise ValueError(f"prompt needs {total} tokens ({text_tokens} text + "
+                         f"{total - text_tokens} visual: {'; '.join(parts) or 'none'}), more than "
+                         f"max_model_len {max_model_len}; lower max_pixels / fps / total_pixels or raise "
+                         "max_model_len")
+    return total
+
+
+def _looks_like_video(source: Any) -> bool:
+    if isinstance(source, (list, tuple)):
+        return True
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if path.startswith("data:"):
+            return path[5:].lower().startswith("video/")
+        return os.path.splitext(path.split("?", 1)[0])[1].lower() in VIDEO_EXTENSIONS
+    return False
+
+
+def describe(path: Any, *, kind: str | None = None, max_model_len: int | None = DEFAULT_MAX_MODEL_LEN,
+             text_tokens: int = 0, policy: MediaPolicy | None = None, **options: Any) -> dict:
+    """One item's token budget as a JSON-ready dict (for `qvl tokens`).
+
+    kind: "image", "video", or None to guess (video extension / data:video / frame list -> video; else
+    image, falling back to video when the header is not an image). `options` are the image or video
+    options (min_pixels, max_pixels, fps, nframes, ...). `fits` compares text_tokens + num_tokens with
+    max_model_len.
+    """
+    if kind not in (None, "image", "video"):
+        raise ValueError(f"kind must be 'image', 'video' or None, got {kind!r}")
+    label = str(path) if isinstance(path, (str, os.PathLike)) else kind or "item"
+    if len(label) > 80:
+        label = label[:77] + "..."
+    image_options = {k: v for k, v in options.items() if k in _IMAGE_OPTIONS}
+    item = None
+    if kind is None:
+        kind = "video" if _looks_like_video(path) else "image"
+        if kind == "image":
+            try:
+                item = image_num_tokens(path, policy=policy, label=label, **image_options)
+            except ValueError as image_error:
+                if "not a recognised image" not in str(image_error):
+                    raise
+                kind = "video"
+    if item is None and kind == "image":
+        item = image_num_tokens(path, policy=policy, label=label, **image_options)
+    elif item is None:
+        item = video_num_tokens(path, policy=policy, label=label, max_model_len=max_model_len, **options)
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(item).items() if v is not None}
+    out["max_model_len"] = max_model_len
+    if max_model_len is not None:
+        out["fits"] = text_tokens + item.num_tokens <= max_model_len
+    return out

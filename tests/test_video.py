@@ -1,0 +1,249 @@
+"""Video: frame selection vs qwen-vl-utils 0.0.14, patch layout vs SPEC 4.3, a real PyAV video, errors."""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import math
+import sys
+import types
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qvl.multimodal.image import patchify, resize_rgb
+from qvl.multimodal.video import (VideoMeta, VideoOptions, frame_indices, frame_range, plan_video,
+                                  process_video, smart_nframes)
+
+
+@pytest.fixture(scope="module")
+def qvu():
+    """qwen_vl_utils.vision_process; it imports torchvision at module level, stubbed only for the import."""
+    stubs = {}
+    if importlib.util.find_spec("torchvision") is None:
+        tv = types.ModuleType("torchvision")
+        tv.__version__ = "0.0.0"
+        tv.io = types.ModuleType("torchvision.io")
+        tv.transforms = types.ModuleType("torchvision.transforms")
+        tv.transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
+        stubs = {"torchvision": tv, "torchvision.io": tv.io, "torchvision.transforms": tv.transforms}
+    saved = {k: sys.modules.get(k) for k in stubs}
+    sys.modules.update(stubs)
+    try:
+        from qwen_vl_utils import vision_process
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return vision_process
+
+
+def _write_video(target, *, n=30, fps=10, w=64, h=48, fmt="mp4", codec="mpeg4"):
+    container = av.open(target, "w", format=fmt)
+    stream = container.add_stream(codec, rate=fps)
+    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+    for i in range(n):
+        a = np.zeros((h, w, 3), np.uint8)
+        a[..., 0] = (i * 8) % 256
+        a[:, : (i * 2) % w, 1] = 255
+        a[(i * 3) % h:, :, 2] = 200
+        for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+@pytest.fixture(scope="module")
+def video_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    _write_video(str(path))  # 3 s of 64x48 at 10 fps
+    return path
+
+
+def _reference(path, indices, height, width):
+    """Decode every frame with PyAV, pick `indices`, PIL-bicubic resize, normalise + patchify."""
+    with av.open(str(path)) as c:
+        frames = [f.to_image() for f in c.decode(c.streams.video[0])]
+    return np.stack([resize_rgb(frames[i], height, width) for i in indices])
+
+
+# -------------------------------------------------------------------------------- frame selection
+
+def _both(fn_ref, fn_ours):
+    try:
+        ref = fn_ref()
+    except (ValueError, AssertionError):
+        ref = "error"
+    try:
+        ours = fn_ours()
+    except ValueError:
+        ours = "error"
+    return ref, ours
+
+
+def test_smart_nframes_matches_qwen_vl_utils(qvu):
+    cases = 0
+    for total in [1, 2, 3, 4, 5, 7, 8, 30, 31, 100, 299, 1000, 1537, 10000, 100000]:
+        for video_fps in [1, 7.5, 10, 23.976, 25, 29.97, 30, 60]:
+            for opt in [{}, {"fps": 0.5}, {"fps": 1}, {"fps": 2.0}, {"fps": 3.3}, {"fps": 24},
+                        {"nframes": 2}, {"nframes": 3}, {"nframes": 5}, {"nframes": 16}, {"nframes": 64},
+                        {"fps": 1, "min_frames": 7}, {"fps": 4, "max_frames": 33},
+                        {"min_frames": 3, "max_frames": 9}, {"fps": 2, "nframes": 8}]:
+                ref, ours = _both(lambda: qvu.smart_nframes(dict(opt), total, video_fps),
+                                  lambda: smart_nframes(total, video_fps, **opt))
+                assert ref == ours, (total, video_fps, opt)
+                cases += 1
+    assert cases > 1000
+
+
+def test_frame_range_and_indices_match_qwen_vl_utils(qvu):
+    for total, video_fps in [(30, 10), (300, 29.97), (1001, 23.976), (12, 2)]:
+        for start, end in [(None, None), (0.5, None), (None, 2.0), (0.33, 1.71), (1.0, 1.0), (5.0, 0.1),
+                           (-1, 100), (0, 0.05)]:
+            ele = {k: v for k, v in (("video_start", start), ("video_end", end)) if v is not None}
+            ref, ours = _both(lambda: qvu.calculate_video_frame_range(ele, total, video_fps),
+                              lambda: frame_range(total, video_fps, start, end))
+            assert ref == ours, (total, video_fps, start, end)
+            if ref == "error":
+                continue
+            first, last, count = ref
+            for opt in [{}, {"nframes": 4}, {"fps": 1}]:
+                n_ref, n_ours = _both(lambda: qvu.smart_nframes(dict(opt), count, video_fps),
+                                      lambda: smart_nframes(count, video_fps, **opt))
+                assert n_ref == n_ours
+                if n_ref != "error":
+                    idx = torch.linspace(first, last, n_ref).round().long().tolist()
+                    assert frame_indices(first, last, n_ours) == idx
+
+
+def test_per_frame_budget_matches_qwen_vl_utils_formula(qvu):
+    # max_model_len=None restores qwen-vl-utils' default budget (MODEL_SEQ_LEN 128000) and frame limits.
+    for total, h, w in [(30, 48, 64), (600, 720, 1280), (20000, 1080, 1920), (90, 1920, 1080), (8, 30, 4000)]:
+        for opt in [{}, {"min_pixels": 64 * 784}, {"max_pixels": 200 * 784}, {"total_pixels": 2000 * 784},
+                    {"fps": 0.25}, {"nframes": 6}]:
+            plan = plan_video(VideoMeta(total, 30.0, h, w), VideoOptions(max_model_len=None, **opt))
+            n = qvu.smart_nframes({k: v for k, v in opt.items() if k in ("fps", "nframes")}, total, 30.0)
+            lo = opt.get("min_pixels", 128 * 784)
+            hi = max(min(768 * 784, opt.get("total_pixels", qvu.MODEL_SEQ_LEN * 784 * 0.9) / n * 2),
+                     int(lo * 1.05))
+            hi = min(opt.get("max_pixels", hi), hi)
+            assert len(plan.indices) == n
+            assert (plan.height, plan.width) == qvu.smart_resize(h, w, 28, lo, hi), (total, h, w, opt)
+
+
+def test_default_budget_keeps_long_video_inside_context():
+    meta = VideoMeta(total_frames=20 * 60 * 30, fps=30.0, height=1080, width=1920)  # 20 min
+    qwen_like = plan_video(meta, VideoOptions(max_model_len=None))
+    assert len(qwen_like.indices) == 768 and qwen_like.num_tokens > 32768
+    for max_model_len in (8192, 32768, 128000):
+        plan = plan_video(meta, VideoOptions(max_model_len=max_model_len))
+        assert plan.num_tokens <= 0.9 * max_model_len, (max_model_len, plan.num_tokens)
+    assert len(plan_video(meta, VideoOptions(max_frames=768)).indices) == 768  # explicit wins
+    short = VideoMeta(total_frames=300, fps=30.0, height=480, width=640)  # 10 s: no change
+    default, qwen = plan_video(short, VideoOptions()), plan_video(short, VideoOptions(max_model_len=None))
+    assert default.indices == qwen.indices
+
+
+# -------------------------------------------------------------------------------- layout
+
+def test_video_patch_layout_matches_spec_4_3():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (4, 56, 84, 3), dtype=np.uint8)  # (F, H, W, C)
+    x = torch.from_numpy((frames.astype(np.float64) * (1 / 255)).astype(np.float32))
+    x = (x - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor(
+        [0.26862954, 0.26130258, 0.27577711])
+    x = x.permute(0, 3, 1, 2)[None]  # (B, F, C, H, W)
+    b, gt, t, c, gh, gw, m, p = 1, 2, 2, 3, 4, 6, 2, 14
+    ref = x.reshape(b, gt, t, c, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    ref = ref.reshape(b, gt * gh * gw, c * t * p * p)[0]
+    assert torch.equal(torch.from_numpy(patchify(frames)), ref)
+
+
+# -------------------------------------------------------------------------------- real video
+
+def test_real_video_decoded_and_processed(video_file):
+    v = process_video(str(video_file))
+    # 30 frames at 10 fps, fps 2 -> 6 frames; 48x64 upscaled to >= 128*28^2 pixels -> 280x392
+    assert v.kind == "video" and v.grid_thw == (3, 20, 28) and v.num_tokens == 420
+    assert v.original_size == (48, 64)
+    idx = torch.linspace(0, 29, 6).round().long().tolist()
+    ref = patchify(_reference(video_file, idx, 280, 392))
+    assert np.abs(v.pixel_values.numpy() - ref).max() == 0
+
+    data = video_file.read_bytes()
+    same = [process_video(f"file://{video_file}"), process_video(data),
+            process_video("data:video/mp4;base64," + base64.b64encode(data).decode())]
+    assert {s.content_hash for s in same} == {v.content_hash}
+
+
+def test_real_video_options(video_file):
+    v = process_video(video_file, nframes=8, video_start=0.5, video_end=2.0, min_pixels=16 * 784,
+                      max_pixels=50 * 784)
+    first, last, _ = frame_range(30, 10.0, 0.5, 2.0)
+    idx = torch.linspace(first, last, 8).round().long().tolist()
+    assert v.grid_thw[0] == 4
+    h, w = v.grid_thw[1] * 14, v.grid_thw[2] * 14
+    assert np.abs(v.pixel_values.numpy() - patchify(_reference(video_file, idx, h, w))).max() == 0
+    assert process_video(video_file, resized_height=100, resized_width=100).grid_thw == (3, 8, 8)
+
+
+def test_container_without_frame_count(tmp_path):
+    path = tmp_path / "clip.mkv"
+    _write_video(str(path), n=20, fmt="matroska")
+    assert av.open(str(path)).streams.video[0].frames == 0  # count estimated from duration * fps
+    assert process_video(path, fps=2.0).grid_thw[0] == 2
+
+
+def test_frame_list_like_qwen_vl_utils():
+    frames = [Image.fromarray(np.full((50, 70, 3), i * 40, np.uint8)) for i in range(5)]
+    v = process_video(frames)
+    # image rules first (50x70 -> 56x56... via smart_resize), then padded to 6 frames, video budget
+    assert v.grid_thw[0] == 3 and v.original_size == (50, 70)
+    pv = v.pixel_values.numpy().reshape(3, -1, 3, 2, 196)
+    assert np.array_equal(pv[2, :, :, 0], pv[2, :, :, 1])  # last frame repeated
+    assert not np.array_equal(pv[1, :, :, 0], pv[1, :, :, 1])
+    with pytest.raises(ValueError, match=r"^video 2: frame 1 .*frames must agree"):
+        process_video([frames[0], Image.new("RGB", (500, 30))], label="video 2")
+
+
+# -------------------------------------------------------------------------------- errors
+
+def test_video_errors_name_the_item(video_file, tmp_path):
+    with pytest.raises(ValueError, match=r"^video 1: cannot open video"):
+        process_video(b"\x00\x00\x00\x18ftypmp42 definitely not a video" * 10, label="video 1")
+    with pytest.raises(ValueError, match=r"^video 2: give either fps .* or nframes"):
+        process_video(video_file, fps=2.0, nframes=4, label="video 2")
+    with pytest.raises(ValueError, match=r"^video 3: empty time range"):
+        process_video(video_file, video_start=2.5, video_end=1.0, label="video 3")
+    with pytest.raises(ValueError, match=r"^video 5: min_pixels 100352 is larger than max_pixels 39200"):
+        process_video(video_file, max_pixels=50 * 784, label="video 5")
+    with pytest.raises(ValueError, match=r"^video: empty frame list"):
+        process_video([])
+    one = tmp_path / "one.mp4"
+    _write_video(str(one), n=1)
+    with pytest.raises(ValueError, match=r"^video 4: nframes should be in \[2, 1\]"):
+        process_video(one, label="video 4")
+
+
+def test_playlist_demuxers_are_refused(video_file, tmp_path):
+    # An HLS playlist makes FFmpeg open the files / URLs it lists; the demuxer allow-list refuses it.
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{video_file}\n#EXT-X-ENDLIST\n")
+    with av.open(str(playlist)) as c:  # plain PyAV follows it
+        assert c.format.name == "hls"
+    with pytest.raises(ValueError, match=r"^video: cannot open video"):
+        process_video(playlist)
+    with pytest.raises(ValueError, match=r"^video: cannot open video"):
+        process_video(playlist.read_bytes())
+
+
+def test_frame_count_math_is_even():
+    for total in range(2, 50):
+        n = smart_nframes(total, 10.0)
+        assert n % 2 == 0 and 2 <= n <= total and n == min(max(math.floor(total / 10 * 2 / 2) * 2, 4),
+                                                            total // 2 * 2)
