@@ -146,7 +146,8 @@ def server(tiny_ckpt, media_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server_log") / "server.log"
     srv = ServerProcess(tiny_ckpt, ["--api-key", API_KEY, "--served-model-name", "tiny-qwen2-vl",
                                     "--max-model-len", str(MAX_MODEL_LEN),
-                                    "--allowed-local-media-path", str(media_dir)], log)
+                                    "--allowed-local-media-path", str(media_dir),
+                                    "--allowed-media-domains", "media.example.com,*.cdn.example.com"], log)
     yield srv
     rc = srv.stop()
     log_text = srv.log_path.read_text()
@@ -410,3 +411,17 @@ def test_concurrent_requests(server):
         t.join()
     assert not errors and len(results) == 8
     assert results[0] == results[3] == results[6]                          # same image, greedy: same answer
+
+
+def test_media_policy_flags(http, media_dir):
+    """--allowed-media-domains refuses other hosts (checked before any network access); files outside
+    --allowed-local-media-path are refused even via ../ or symlinks."""
+    r = http.post("/v1/chat/completions", json={"messages": image_msg("https://example.org/cat.png"),
+                                                "max_tokens": 2})
+    assert r.status_code == 400 and "allowed_media_domains" in r.json()["error"]["message"]
+    outside = media_dir.parent / "outside.png"
+    outside.write_bytes(base64.b64decode(png_data_url(56, 56).split(",", 1)[1]))
+    (media_dir / "link.png").symlink_to(outside)
+    for url in (f"file://{media_dir}/../outside.png", f"file://{media_dir}/link.png"):
+        r = http.post("/v1/chat/completions", json={"messages": image_msg(url), "max_tokens": 2})
+        assert r.status_code == 400 and "outside allowed_local_media_path" in r.json()["error"]["message"], url

@@ -322,8 +322,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     med = parser.add_argument_group("media fetching")
     med.add_argument("--allowed-local-media-path", default=None,
                      help="allow file:// URLs and paths under this directory (default: none)")
-    med.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
-                     help="only fetch http(s) media from these domains (default: any public host)")
+    med.add_argument("--allowed-media-domains", action="extend", default=None, metavar="DOMAIN[,DOMAIN]",
+                     type=lambda s: [d.strip() for d in s.split(",") if d.strip()],
+                     help="only fetch http(s) media from these hosts (exact, or *.example.com; comma-separated "
+                          "or repeated; default: any public host)")
     med.add_argument("--allow-private-media-addresses", action="store_true",
                      help="allow http(s) media on loopback/private/link-local addresses (unsafe)")
     med.add_argument("--media-timeout", type=float, default=10.0, help="seconds per media download")
