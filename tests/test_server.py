@@ -144,10 +144,12 @@ def media_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, media_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server_log") / "server.log"
-    srv = ServerProcess(tiny_ckpt, ["--api-key", API_KEY, "--served-model-name", "tiny-qwen2-vl",
+    # the key comes from the environment (read at startup); --api-key KEY is the flag form
+    srv = ServerProcess(tiny_ckpt, ["--served-model-name", "tiny-qwen2-vl",
                                     "--max-model-len", str(MAX_MODEL_LEN),
                                     "--allowed-local-media-path", str(media_dir),
-                                    "--allowed-media-domains", "media.example.com,*.cdn.example.com"], log)
+                                    "--allowed-media-domains", "media.example.com,*.cdn.example.com"], log,
+                        env={"QVL_API_KEY": API_KEY})
     yield srv
     rc = srv.stop()
     log_text = srv.log_path.read_text()
