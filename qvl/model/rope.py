@@ -175,4 +175,6 @@ def vision_cos_sin(
 
 def apply_rotary_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (S, heads, D) rotated in fp32 with fp32 cos/sin (S, D), cast back to x's dtype."""
-    return apply_rotary(x.float(), cos, sin).to(x.dtype)
+    xf = x.float()
+    out = xf * cos.unsqueeze(1)  # (S, heads, D) fp32
+    return out.addcmul_(rotate_half(xf), sin.unsqueeze(1)).to(x.dtype)
