@@ -177,4 +177,5 @@ def apply_rotary_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     """x (S, heads, D) rotated in fp32 with fp32 cos/sin (S, D), cast back to x's dtype."""
     xf = x.float()
     out = xf * cos.unsqueeze(1)  # (S, heads, D) fp32
-    return out.addcmul_(rotate_half(xf), sin.unsqueeze(1)).to(x.dtype)
+    # in place but with the product rounded before the add (no fused multiply-add), as transformers rounds
+    return out.add_(rotate_half(xf).mul_(sin.unsqueeze(1))).to(x.dtype)
