@@ -54,6 +54,7 @@ def _payload(args, i: int, image: str | None) -> dict:
             "stream_options": {"include_usage": True}}
     if args.ignore_eos:
         body["ignore_eos"] = True
+    body.update(args.extra_body)
     return body
 
 
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens tokens")
     p.add_argument("--prompt", default="Describe the picture in one sentence.")
     p.add_argument("--image", default=None, metavar="WxH", help="attach a generated WxH PNG to every request")
+    p.add_argument("--extra-body", type=json.loads, default={}, metavar="JSON",
+                   help='extra request fields, e.g. \'{"top_k": 5}\'')
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the summary here")
     args = p.parse_args(argv)
