@@ -126,6 +126,9 @@ def _engine_attr(engine, *names, default=None):
 def create_app(engine, *, served_model_name: str, api_key: str | None = None, media_policy=None,
                limits: ServerLimits | None = None, processor=None, max_model_len: int | None = None,
                default_sampling: dict | None = None, model_path: str | None = None) -> FastAPI:
+    """The app around `engine` (an AsyncEngine). `media_policy=None` means the strict MediaPolicy():
+    public http(s) hosts only, no local files. processor / max_model_len / default_sampling (the
+    checkpoint's generation_config defaults) / model_path default to what the engine exposes."""
     processor = processor or _engine_attr(engine, "processor", "engine.processor")
     if processor is None:
         raise ValueError("create_app needs a PromptProcessor (pass processor= or give the engine .processor)")
@@ -136,6 +139,9 @@ def create_app(engine, *, served_model_name: str, api_key: str | None = None, me
         from qvl.sampling_params import generation_defaults
         gen = _engine_attr(engine, "generation_config", "engine.generation_config")
         default_sampling = generation_defaults(gen) if isinstance(gen, dict) else {}
+    if media_policy is None:   # the server never uses the permissive library default
+        from qvl.multimodal.media import MediaPolicy
+        media_policy = MediaPolicy()
     limits = limits or ServerLimits()
     stats_fn = getattr(engine, "stats", None)
     metrics = ServerMetrics(served_model_name, stats_fn, max_model_len)
