@@ -254,7 +254,11 @@ def test_stream_wire_format(http):
     assert all(ln.startswith("data: ") for ln in lines)
     assert lines[-1] == "data: [DONE]"
     import json
+
+    from qvl.server.protocol import ChatCompletionChunk
     chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    for ch in chunks:
+        ChatCompletionChunk.model_validate(ch)                            # our own schema, field by field
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert all(ch["choices"][0]["finish_reason"] is None for ch in chunks[:-1])

@@ -409,6 +409,7 @@ class CompletionChoice(_Model):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class CompletionResponse(_Model):

@@ -13,6 +13,7 @@ import time
 from typing import Any, AsyncIterator
 
 from qvl.server.errors import APIError, error_body
+from qvl.server.protocol import ChatCompletionResponse, CompletionResponse
 from qvl.server.serving import RequestRun, ServingContext, sse
 
 logger = logging.getLogger("qvl.server")
@@ -82,13 +83,13 @@ async def chat_full(ctx: ServingContext, run: RequestRun, req, grounding_sizes=N
         if req.logprobs:
             c["logprobs"] = {"content": chat_logprobs(ctx, tokens[i], lps[i], req.top_logprobs or 0)}
         choices.append(c)
-    body = {"id": run.request_id, "object": "chat.completion", "created": int(time.time()),
-            "model": ctx.served_model_name, "choices": choices, "usage": run.usage()}
+    body = ChatCompletionResponse(id=run.request_id, model=ctx.served_model_name, choices=choices,
+                                  usage=run.usage())
     if ctx.boxes_fn is not None and grounding_sizes is not None:
         boxes = [_boxes(ctx, t, grounding_sizes) for t in texts]
         if any(boxes):
-            body["qvl_boxes"] = boxes
-    return body
+            body.qvl_boxes = boxes
+    return body.model_dump(exclude={"qvl_boxes"} if body.qvl_boxes is None else None)
 
 
 def _boxes(ctx: ServingContext, text: str, sizes) -> list:
@@ -177,8 +178,8 @@ async def completion_full(ctx: ServingContext, run: RequestRun, req, prompt_text
         choices.append({"index": i, "text": text, "logprobs": lp,
                         "finish_reason": run.finish_reasons.get(i, "abort"),
                         "stop_reason": run.stop_reasons.get(i)})
-    return {"id": run.request_id, "object": "text_completion", "created": int(time.time()),
-            "model": ctx.served_model_name, "choices": choices, "usage": run.usage()}
+    return CompletionResponse(id=run.request_id, model=ctx.served_model_name, choices=choices,
+                              usage=run.usage()).model_dump()
 
 
 async def completion_stream(ctx: ServingContext, run: RequestRun, req, prompt_texts: list[str]) -> AsyncIterator[str]:
