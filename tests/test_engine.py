@@ -284,3 +284,24 @@ def test_async_engine_stream_and_abort(tiny_ckpt):
         ae.shutdown()
     assert ids == run(make(tiny_ckpt), ps[:1], greedy(10))[0]
     assert eng.stats()["kv_blocks_free"] == eng.stats()["kv_blocks_total"]
+
+
+def test_llm_generate_and_chat_public_inputs(tiny_ckpt):
+    eng = make(tiny_ckpt)
+    llm = LLM.from_engine(eng)
+    sp = greedy(4)
+    a = llm.generate({"prompt": chat(IMG + QUESTIONS[0]), "multi_modal_data": {"image": image(0)}},
+                     sp, use_tqdm=False)[0]
+    b = llm.chat([{"role": "user", "content": [{"type": "image", "image": image(0)},
+                                               {"type": "text", "text": QUESTIONS[0]}]}], sp,
+                 use_tqdm=False)[0]
+    assert len(b.outputs[0].token_ids) == 4 and b.prompt_token_ids[1:4] != a.prompt_token_ids[1:4]
+    c = llm.generate([chat(QUESTIONS[1]), {"prompt_token_ids": list(range(5))}], sp, use_tqdm=False)
+    assert len(a.outputs[0].token_ids) == 4 and a.finished and a.metrics.ttft is not None
+    assert len(c) == 2 and all(len(o.outputs[0].token_ids) == 4 for o in c)
+    with pytest.raises(ValueError, match="pad tokens"):
+        llm.generate({"prompt_token_ids": b.prompt_token_ids}, sp)
+    assert not eng.has_unfinished_requests()
+    assert eng.stats()["encoder_cache_hits"] >= 1 or eng.stats()["prefix_cache_hits"] > 0
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate("x " * 600, sp)

@@ -146,9 +146,7 @@ class LLMEngine:
             ids, positions, delta, text = prompt.token_ids, prompt.positions, prompt.rope_delta, prompt.text
             media = [MediaSpan(i, off, vi.num_tokens, vi.content_hash, vi.kind, vi)
                      for i, (vi, off) in enumerate(zip(prompt.items, prompt.item_offsets))]
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"request {request_id!r}: prompt token ids must be in [0, {vocab})")
+        self._check_prompt(request_id, ids, media)
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = []
         for i in range(params.n):
@@ -167,6 +165,23 @@ class LLMEngine:
         for s, d in zip(seqs, detoks):
             self._seq_state[s.seq_id] = (state, d)
         self.num_prompt_tokens_total += len(ids)
+
+    def _check_prompt(self, request_id: str, ids: list[int], media: list[MediaSpan]) -> None:
+        """Refuse here what would otherwise fail inside a step (and take its batch-mates along)."""
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"request {request_id!r}: prompt token ids must be in [0, {vocab})")
+        pads = {self.config.image_token_id, self.config.video_token_id}
+        num_pads = sum(1 for t in ids if t in pads)
+        num_feats = sum(m.num_tokens for m in media)
+        if num_pads != num_feats:
+            raise ValueError(f"request {request_id!r}: the prompt has {num_pads} image/video pad tokens "
+                             f"but its media give {num_feats} features; pass images/videos through "
+                             f"multi_modal_data (or messages), not pad tokens alone")
+        for m in media:
+            if any(t not in pads for t in ids[m.offset:m.end]):
+                raise ValueError(f"request {request_id!r}: media item {m.index} does not sit on pad "
+                                 f"tokens [{m.offset}, {m.end})")
 
     def _decode_fn(self):
         if self.processor is None:

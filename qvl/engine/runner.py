@@ -162,7 +162,8 @@ class ModelRunner:
         stop_ids: per seq_id the ids to ban this step (eos / stop tokens while under min_tokens).
         """
         bs = self.block_size
-        ids, pos, slots = [], [], []
+        ids, slots = [], []
+        pos: list[list[int]] = [[], [], []]                # t, h, w streams
         batch, sample_rows, sample_seqs = [], [], []
         n_total = 0
         for seq in out.seqs:
@@ -170,7 +171,7 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             batch.append((seq, start, end))
             ids.extend(seq.token_ids[start:end])
-            pos.append(self._positions(seq, start, end))
+            self._positions(seq, start, end, pos)
             table = seq.block_table
             slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
             n_total += n
@@ -179,7 +180,7 @@ class ModelRunner:
                 sample_seqs.append(seq)
 
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)                # (N,)
-        positions = torch.cat(pos, dim=1).to(self.device)                                  # (3, N)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device)               # (3, N)
         md = AttentionMetadata(
             seq_lens_q=[e - s for _, s, e in batch], context_lens=[e for _, _, e in batch],
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
@@ -202,16 +203,19 @@ class ModelRunner:
                 zip(sample_seqs, res.token_ids, res.logprobs, res.top_logprobs)}
 
     @staticmethod
-    def _positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
-        """(3, end - start) int64: the prompt's M-RoPE positions, then index + rope_delta."""
+    def _positions(seq: Sequence, start: int, end: int, out: list[list[int]]) -> None:
+        """Append tokens [start, end)'s positions to the 3 streams: the prompt's M-RoPE positions,
+        then index + rope_delta on all three."""
         P = seq.num_prompt_tokens
-        parts = []
         if start < P:
+            stop = min(end, P)
             if seq.positions is None:
-                parts.append(torch.arange(start, min(end, P)).expand(3, -1))
+                rows = [range(start, stop)] * 3
             else:
-                parts.append(seq.positions[:, start:min(end, P)].cpu())
+                rows = seq.positions[:, start:stop].tolist()                            # (3, n)
+            for stream, row in zip(out, rows):
+                stream.extend(row)
         if end > P:
-            dec = torch.arange(max(start, P), end) + seq.rope_delta
-            parts.append(dec.expand(3, -1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            dec = range(max(start, P) + seq.rope_delta, end + seq.rope_delta)
+            for stream in out:
+                stream.extend(dec)

@@ -101,18 +101,20 @@ class Sampler:
 
         want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None   # (b, V)
-        logits = logits.clone()
+        banned = banned_token_ids is not None and any(banned_token_ids)
+        rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        pf = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+        if banned or rep or pf:
+            logits = logits.clone()                # edited in place below; the caller's stays
 
-        if banned_token_ids is not None and any(banned_token_ids):
+        if banned:
             r = [i for i, ids in enumerate(banned_token_ids) for _ in ids]
             c = [t for ids in banned_token_ids for t in ids]
             logits[torch.tensor(r, device=dev), torch.tensor(c, device=dev)] = float("-inf")
 
-        rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if rep:
             apply_repetition_penalty(logits, rep, [token_ids[i] for i in rep],
                                      [params[i].repetition_penalty for i in rep])
-        pf = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
         if pf:
             apply_presence_frequency(logits, pf, [token_ids[i][num_prompt_tokens[i]:] for i in pf],
                                      [params[i].presence_penalty for i in pf],
