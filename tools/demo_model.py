@@ -145,9 +145,10 @@ class Vision(nn.Module):
         x = px.float().mul_(1 / 255).view(px.shape[0], 3, -1)
         return ((x - self.mean[:, None]) / self.std[:, None]).view(px.shape[0], -1)
 
-    def forward(self, img_px, vid_px, dst, pos, valid):
+    def forward(self, img_px, vid_px, dst, pos, valid, keep=None):
         """img_px (Ni, 588) u8, vid_px (Nv, 1176) u8, dst (Ni+Nv,) flat slot in (S*Lp), pos (S, Lp, 2),
-        valid (S, Lp) bool -> merged tokens of valid blocks, row-major: (M, H)."""
+        valid (S, Lp) bool -> merged tokens of valid blocks, row-major: (M, H). keep: the flat indices of
+        valid[:, ::4] (given by the data loader so the GPU never waits on a boolean-mask sync)."""
         w = self.patch_embed.proj.weight                              # (E, 3, 2, 14, 14)
         e = w.shape[0]
         feats = [F.linear(self._norm(img_px), w.sum(2).reshape(e, -1))] if img_px.numel() else []
@@ -163,8 +164,9 @@ class Vision(nn.Module):
         mask = valid[:, None, None, :]
         for blk in self.blocks:
             x = blk(x, cos, sin, mask)
-        y = self.merger.ln_q(x).reshape(s, lp // 4, 4 * e)            # (S, Lp/4, 4E)
-        y = y[valid[:, ::4]]                                          # (M, 4E)
+        y = self.merger.ln_q(x).reshape(s * lp // 4, 4 * e)           # (S*Lp/4, 4E)
+        keep = keep if keep is not None else valid[:, ::4].reshape(-1).nonzero()[:, 0]
+        y = y[keep]                                                   # (M, 4E)
         return self.merger.mlp(y)                                     # (M, H)
 
 
@@ -261,13 +263,16 @@ class DemoQwen2VL(nn.Module):
         emb = torch.cat((f, f), -1)[:, None]
         return emb.cos(), emb.sin()
 
-    def text(self, ids, pos, mask, vis):
-        """ids (B, L), pos (3, B, L), mask (B, 1, L, L) bool, vis (M, H) for the pad tokens -> (B, L, H)."""
+    def text(self, ids, pos, mask, vis, vis_index=None):
+        """ids (B, L), pos (3, B, L), mask (B, 1, L, L) bool, vis (M, H) for the pad tokens (vis_index: their
+        flat positions in (B*L), row-major) -> (B, L, H)."""
         x = self.model.embed_tokens(ids)
         if vis is not None and vis.numel():
-            is_vis = (ids == self.cfg.image_token_id) | (ids == self.cfg.video_token_id)
-            x = x.clone()
-            x[is_vis] = vis.to(x.dtype)
+            if vis_index is None:
+                is_vis = (ids == self.cfg.image_token_id) | (ids == self.cfg.video_token_id)
+                vis_index = is_vis.reshape(-1).nonzero()[:, 0]
+            b, n, hdim = x.shape
+            x = x.reshape(b * n, hdim).index_copy(0, vis_index, vis.to(x.dtype)).view(b, n, hdim)
         cos, sin = self.rope(pos)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask)

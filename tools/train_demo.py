@@ -212,7 +212,7 @@ def _vision_positions(h: int, w: int) -> np.ndarray:
 
 def collate(rows: list[dict], pad_id: int) -> dict:
     """rows: {kind, px, grid, ids, pos (3,n), seg, tgt, ttype, aux_i?, aux_f?} -> padded numpy batch."""
-    L = -(-max(len(r["ids"]) for r in rows) // 8) * 8
+    L = -(-max(len(r["ids"]) for r in rows) // 16) * 16
     R = len(rows)
     b = {"ids": np.full((R, L), pad_id, np.int64), "pos": np.zeros((3, R, L), np.int64),
          "seg": np.full((R, L), -1, np.int64), "tgt": np.full((R, L), -100, np.int64),
@@ -222,7 +222,7 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         b["ids"][i, :n], b["pos"][:, i, :n], b["seg"][i, :n] = r["ids"], r["pos"], r["seg"]
         b["tgt"][i, :n], b["ttype"][i, :n] = r["tgt"], r["ttype"]
     segs = [(i, r["grid"][1], r["grid"][2]) for i, r in enumerate(rows) for _ in range(r["grid"][0])]
-    lp = max(h * w for _, h, w in segs)
+    lp = -(-max(h * w for _, h, w in segs) // 16) * 16
     b["v_pos"] = np.zeros((len(segs), lp, 2), np.int64)
     b["v_valid"] = np.zeros((len(segs), lp), bool)
     for s, (_, h, w) in enumerate(segs):
@@ -238,6 +238,9 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     b["v_dst"] = np.concatenate(dst_img + dst_vid)
     b["img_px"] = np.concatenate([r["px"] for r in rows if r["kind"] == "image"] or [np.zeros((0, 588), np.uint8)])
     b["vid_px"] = np.concatenate([r["px"] for r in rows if r["kind"] == "video"] or [np.zeros((0, 1176), np.uint8)])
+    b["v_keep"] = np.flatnonzero(b["v_valid"][:, ::4].ravel())
+    b["t_vis"] = np.flatnonzero(np.isin(b["ids"], rows[0]["vis_ids"]).ravel())
+    b["t_sel"] = np.flatnonzero(b["tgt"].ravel() != -100)
     if "aux_i" in rows[0]:
         b["aux_i"] = np.concatenate([r["aux_i"] for r in rows])
         b["aux_f"] = np.concatenate([r["aux_f"] for r in rows])
@@ -265,7 +268,7 @@ def make_row(p: Prompter, scene, qas: list[tuple[str, str, str]], *, system=True
         t[len(qi) - 1:len(s) - 1] = ai
         tgt += t
         ttype += [D.QTYPES.index(qt)] * len(s)
-    row = {"kind": kind, "px": px, "grid": grid, "ids": ids, "pos": np.concatenate(pos, 1), "seg": seg,
+    row = {"kind": kind, "px": px, "grid": grid, "ids": ids, "vis_ids": [p.id["<|image_pad|>"], p.id["<|video_pad|>"]], "pos": np.concatenate(pos, 1), "seg": seg,
            "tgt": tgt, "ttype": ttype}
     if aux:
         row["aux_i"], row["aux_f"] = D.token_targets(scene, rhw)
@@ -326,16 +329,21 @@ def to_dev(b: dict, dev) -> dict:
 
 
 def vision(model, b):
-    return model.visual(b["img_px"], b["vid_px"], b["v_dst"], b["v_pos"], b["v_valid"])
+    return model.visual(b["img_px"], b["vid_px"], b["v_dst"], b["v_pos"], b["v_valid"], b["v_keep"])
+
+
+def _masked_mean(x, m):
+    return (x * m).sum() / m.sum().clamp(min=1)
 
 
 def compute_loss(model, probe, b):
+    """Answer CE (type-balanced) + aux probe loss. Integer indices from the loader: no host syncs."""
     vis = vision(model, b)
-    h = model.text(b["ids"], b["pos"], segment_mask(b["seg"]), vis)
-    sel = b["tgt"] != -100
-    logits = model.lm_head(h[sel]).float()
-    ce = F.cross_entropy(logits, b["tgt"][sel], reduction="none")
-    tt = b["ttype"][sel]
+    h = model.text(b["ids"], b["pos"], segment_mask(b["seg"]), vis, b["t_vis"])
+    sel = b["t_sel"]
+    logits = model.lm_head(h.reshape(-1, h.shape[-1])[sel]).float()
+    ce = F.cross_entropy(logits, b["tgt"].reshape(-1)[sel], reduction="none")
+    tt = b["ttype"].reshape(-1)[sel]
     onehot = (tt[:, None] == torch.arange(len(D.QTYPES), device=tt.device)).float()     # (K, 7)
     n = onehot.sum(0)
     per_type = (ce[:, None] * onehot).sum(0) / n.clamp(min=1)                          # (7,)
@@ -350,10 +358,10 @@ def compute_loss(model, probe, b):
         ce_ = lambda x, y: F.cross_entropy(x, y, ignore_index=-100)  # noqa: E731
         aux = ce_(a[0], ai[:, 0]) + ce_(a[1], ai[:, 1]) + ce_(a[2], ai[:, 2])
         aux = aux + (ce_(a[3], ai[:, 3]) + ce_(a[4], ai[:, 4]) + ce_(a[5], ai[:, 5]) + ce_(a[6], ai[:, 6])) / 2
-        obj = ai[:, 7] != -100
-        if obj.any():
-            aux = aux + ce_(a[7][obj].reshape(-1, 10), ai[obj, 7:].reshape(-1))
-            aux = aux + 5 * F.l1_loss(a[8][obj], af[obj, :4])
+        obj = (ai[:, 7] != -100).float()                                   # (M,)
+        dig = F.cross_entropy(a[7].reshape(-1, 10), ai[:, 7:].clamp(min=0).reshape(-1), reduction="none")
+        aux = aux + _masked_mean(dig.view(-1, 12).mean(1), obj)
+        aux = aux + 5 * _masked_mean((a[8] - af[:, :4].nan_to_num()).abs().mean(1), obj)
         aux = aux + 5 * F.l1_loss(a[9], af[:, 4:])
         parts["aux"] = aux.detach()
         loss = loss + aux
@@ -478,10 +486,17 @@ def train(args) -> None:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-            loss, parts = compute_loss(model, probe, b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+                loss, parts = compute_loss(model, probe, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            emit({"event": "oom_skip", "step": step, "shapes": {k: list(v.shape) for k, v in b.items()}})
+            opt.zero_grad(set_to_none=True)
+            del b
+            torch.cuda.empty_cache()
+            continue
         gn = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(probe.parameters()), 1.0)
         opt.step()
         step += 1
@@ -512,7 +527,8 @@ def train(args) -> None:
             next_save = time.time() + args.save_every
         if last:
             break
-    emit({"event": "done", "steps": step, "images": images, "wall_s": round(time.time() - t_start, 1)})
+    emit({"event": "done", "steps": step, "images": images, "wall_s": round(time.time() - t_start, 1),
+          "max_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None})
     if log:
         log.close()
     sys.stdout.flush()
