@@ -305,3 +305,13 @@ def test_llm_generate_and_chat_public_inputs(tiny_ckpt):
     assert eng.stats()["encoder_cache_hits"] >= 1 or eng.stats()["prefix_cache_hits"] > 0
     with pytest.raises(ValueError, match="max_model_len"):
         llm.generate("x " * 600, sp)
+
+
+def test_sequence_outgrowing_the_pool_finishes_with_length(tiny_ckpt):
+    per_block = 2 * 2 * 16 * 2 * 16 * 4
+    eng = make(tiny_ckpt, kv_cache_memory=3 * per_block, enable_prefix_caching=False)
+    p = prompts(eng, MIXED[1:2])[0]                       # 17 tokens; the pool holds 48
+    out = LLM.from_engine(eng).generate([p], greedy(40), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and out.stop_reason == "kv_cache_full"
+    assert len(p.token_ids) + len(out.token_ids) == 3 * 16 + 1      # + the last, never fed back
+    assert eng.stats()["kv_blocks_free"] == 3

@@ -236,9 +236,11 @@ class LLMEngine:
         touched: dict[str, RequestState] = {}
         for s in out.preempted:
             self.runner.release(s, finished=False)
-        for s in out.finished:                                  # outgrew the KV pool
-            self._finish(s, "length")
-            touched[s.request_id] = self._seq_state[s.seq_id][0]
+        for s in out.finished:              # the scheduler finished it: it outgrew the KV pool
+            state, detok = self._seq_state[s.seq_id]
+            self.runner.release(s, finished=True)
+            detok.finish()
+            touched[s.request_id] = state
         now = time.time()
         for seq_id, (token, logprob, top) in results.items():
             state, detok = self._seq_state[seq_id]
