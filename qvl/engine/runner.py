@@ -143,6 +143,20 @@ class ModelRunner:
                 del held[m.index]
         return torch.cat(rows) if len(rows) > 1 else rows[0]          # (M, H)
 
+    def _vision_mask(self, batch, n_total: int) -> torch.Tensor:
+        """(N,) bool: the rows of this step that lie inside a prompt media span (where features go).
+
+        Pad ids that the model generated are ordinary tokens, so the mask comes from the spans, not ids.
+        """
+        mask = torch.zeros(n_total, dtype=torch.bool)
+        row = 0
+        for seq, start, end in batch:
+            for m in seq.media_in(start, end):
+                a, b = max(start, m.offset), min(end, m.end)
+                mask[row + a - start: row + b - start] = True
+            row += end - start
+        return mask.to(self.device)
+
     def _encode(self, items: list[tuple[str, object]]) -> dict[str, torch.Tensor]:
         pixels = torch.cat([vi.pixel_values for _, vi in items]).to(self.device, self.dtype)  # (np, 1176)
         grid = torch.tensor([list(vi.grid_thw) for _, vi in items], device=self.device)      # (ni, 3)
@@ -186,7 +200,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=[seq.block_table for seq, _, _ in batch])
         vision = self._vision_rows(batch)
-        embeds = self.model.embed(input_ids, vision)                                       # (N, H)
+        embeds = self.model.embed(input_ids, vision, self._vision_mask(batch, n_total))   # (N, H)
         hidden = self.model(input_ids, positions, md, inputs_embeds=embeds)                # (N, H)
         if not sample_seqs:
             return {}

@@ -57,14 +57,21 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         """Vision features (np / merge**2, H) of the packed items, in item order."""
         return self.visual(pixel_values, grid_thw)
 
-    def embed(self, input_ids: torch.Tensor, vision_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings (N, H) with `vision_embeds` (M, H) written at the image/video pad tokens in order.
+    def embed(self, input_ids: torch.Tensor, vision_embeds: torch.Tensor | None = None,
+              vision_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (N, H) with `vision_embeds` (M, H) written at the vision slots in order.
 
-        M must equal the number of pad tokens in `input_ids` (None counts as 0), else ValueError.
+        vision_mask (N,) bool marks the slots; by default every image/video pad token is one. Callers that
+        feed generated tokens pass the mask of the prompt's media spans, because a model may *sample* a pad
+        id, which is then an ordinary token (transformers embeds it as text too).
+        M must equal the number of slots (None counts as 0), else ValueError.
         """
         c = self.config
         embeds = self.model.embed_tokens(input_ids.to(self.device))  # (N, H)
-        is_pad = (input_ids == c.image_token_id) | (input_ids == c.video_token_id)
+        if vision_mask is None:
+            is_pad = (input_ids == c.image_token_id) | (input_ids == c.video_token_id)
+        else:
+            is_pad = vision_mask
         num_pad = int(is_pad.sum())
         m = 0 if vision_embeds is None else vision_embeds.shape[0]
         if m != num_pad:
