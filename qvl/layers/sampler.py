@@ -16,6 +16,7 @@ Knows nothing about sequences, the KV cache or tokenizers.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -34,20 +35,19 @@ class SamplerOutput:
 
 def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], token_ids: list[list[int]],
                              penalties: list[float]) -> None:
-    """In place, HF semantics: every id present in token_ids[j] of row rows[j]."""
-    V = logits.shape[1]
-    flat_idx, flat_pen = [], []
-    for r, ids, p in zip(rows, token_ids, penalties):
-        uniq = set(ids)
-        flat_idx.extend(r * V + t for t in uniq)
-        flat_pen.extend([p] * len(uniq))
-    if not flat_idx:
+    """In place, HF semantics: every id present in token_ids[j] of row rows[j]. Repeated ids are
+    gathered from the unpenalized logits and written back with the same value, so they count once."""
+    dev = logits.device
+    flat = list(itertools.chain.from_iterable(token_ids))
+    if not flat:
         return
-    idx = torch.tensor(flat_idx, device=logits.device)                     # (K,)
-    pen = torch.tensor(flat_pen, device=logits.device, dtype=logits.dtype)
-    flat = logits.view(-1)
-    vals = flat[idx]
-    flat[idx] = torch.where(vals < 0, vals * pen, vals / pen)
+    lens = torch.tensor([len(t) for t in token_ids], device=dev)
+    r = torch.tensor(rows, device=dev).repeat_interleave(lens)                      # (K,)
+    idx = r * logits.shape[1] + torch.tensor(flat, device=dev)                      # (K,)
+    pen = torch.tensor(penalties, device=dev, dtype=logits.dtype).repeat_interleave(lens)
+    view = logits.view(-1)
+    vals = view[idx]
+    view[idx] = torch.where(vals < 0, vals * pen, vals / pen)
 
 
 def apply_presence_frequency(logits: torch.Tensor, rows: list[int], output_ids: list[list[int]],
