@@ -100,7 +100,8 @@ def _make_llm(args):
 def _sampling(args, llm):
     from qvl import SamplingParams
 
-    overrides = {"max_tokens": args.max_tokens}
+    # Keep grounding tokens (<|box_start|>…) in the text so boxes can be parsed and shown.
+    overrides = {"max_tokens": args.max_tokens, "skip_special_tokens": False}
     for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
         value = getattr(args, name)
         if value is not None:
