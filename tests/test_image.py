@@ -4,11 +4,10 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
+from tiny import qwen_vl_utils_vision_process
 from PIL import Image
 
 from qvl.multimodal.image import (MAX_PIXELS, MIN_PIXELS, VisionInput, patchify, process_image,
@@ -44,26 +43,8 @@ def hf_processor(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen_to_rgb():
-    """qwen-vl-utils' to_rgb (alpha over white); its module imports torchvision, stubbed only for import."""
-    stubs = {}
-    if importlib.util.find_spec("torchvision") is None:
-        tv = types.ModuleType("torchvision")
-        tv.__version__ = "0.0.0"
-        tv.io = types.ModuleType("torchvision.io")
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        tv.transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
-        stubs = {"torchvision": tv, "torchvision.io": tv.io, "torchvision.transforms": tv.transforms}
-    saved = {k: sys.modules.get(k) for k in stubs}
-    sys.modules.update(stubs)
-    try:
-        from qwen_vl_utils import vision_process
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return vision_process.to_rgb
+    """qwen-vl-utils' vision_process.to_rgb (see tests/tiny.py)."""
+    return qwen_vl_utils_vision_process().to_rgb
 
 
 def _noise(h, w, mode="RGB", seed=0):

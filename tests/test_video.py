@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import math
-import sys
-import types
 
 import av
 import numpy as np
 import pytest
+from tiny import qwen_vl_utils_vision_process
 import torch
 from PIL import Image
 
@@ -20,26 +18,8 @@ from qvl.multimodal.video import (VideoMeta, VideoOptions, frame_indices, frame_
 
 @pytest.fixture(scope="module")
 def qvu():
-    """qwen_vl_utils.vision_process; it imports torchvision at module level, stubbed only for the import."""
-    stubs = {}
-    if importlib.util.find_spec("torchvision") is None:
-        tv = types.ModuleType("torchvision")
-        tv.__version__ = "0.0.0"
-        tv.io = types.ModuleType("torchvision.io")
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        tv.transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
-        stubs = {"torchvision": tv, "torchvision.io": tv.io, "torchvision.transforms": tv.transforms}
-    saved = {k: sys.modules.get(k) for k in stubs}
-    sys.modules.update(stubs)
-    try:
-        from qwen_vl_utils import vision_process
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return vision_process
+    """qwen-vl-utils' vision_process (see tests/tiny.py)."""
+    return qwen_vl_utils_vision_process()
 
 
 def _write_video(target, *, n=30, fps=10, w=64, h=48, fmt="mp4", codec="mpeg4"):

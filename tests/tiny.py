@@ -181,3 +181,34 @@ def hf_processor(path: str | Path):
     video_cls = Qwen2VLProcessor.get_possibly_dynamic_module("BaseVideoProcessor")
     return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
                             video_processor=object.__new__(video_cls), chat_template=tok.chat_template)
+
+
+def qwen_vl_utils_vision_process():
+    """qwen_vl_utils.vision_process, the reference for frame sampling and alpha handling.
+
+    The module imports torchvision at load time (not installed here, and unused by the functions the tests
+    call), so a stand-in is put in sys.modules for the import only.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    stubs = {}
+    if importlib.util.find_spec("torchvision") is None:
+        tv = types.ModuleType("torchvision")
+        tv.__version__ = "0.0.0"
+        tv.io = types.ModuleType("torchvision.io")
+        tv.transforms = types.ModuleType("torchvision.transforms")
+        tv.transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
+        stubs = {"torchvision": tv, "torchvision.io": tv.io, "torchvision.transforms": tv.transforms}
+    saved = {k: sys.modules.get(k) for k in stubs}
+    sys.modules.update(stubs)
+    try:
+        from qwen_vl_utils import vision_process
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return vision_process
