@@ -98,7 +98,6 @@ def _make_llm(args):
 
 
 def _sampling(args, llm):
-    from qvl import SamplingParams
 
     # Keep grounding tokens (<|box_start|>…) in the text so boxes can be parsed and shown.
     overrides = {"max_tokens": args.max_tokens, "skip_special_tokens": False}

@@ -42,7 +42,7 @@ from qvl.engine.outputs import RequestOutput, RequestState
 from qvl.engine.runner import ModelRunner, plan_num_blocks
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
 from qvl.engine.sequence import MediaSpan, Sequence
-from qvl.sampling_params import SamplingParams, eos_token_ids, generation_defaults
+from qvl.sampling_params import SamplingParams, eos_token_ids
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

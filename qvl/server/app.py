@@ -21,7 +21,6 @@ import os
 import signal
 import threading
 import time
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
