@@ -100,7 +100,7 @@ def _boxes(ctx: ServingContext, text: str, sizes) -> list:
         return []
 
 
-async def chat_stream(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None) -> AsyncIterator[str]:
+def chat_stream(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None) -> AsyncIterator[str]:
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -113,8 +113,7 @@ async def chat_stream(ctx: ServingContext, run: RequestRun, req, grounding_sizes
             c["usage"] = usage if usage is not None else (run.usage() if continuous else None)
         return sse(c)
 
-    status, error = 200, None
-    try:
+    async def events() -> AsyncIterator[str]:
         for i in range(req.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
@@ -136,6 +135,20 @@ async def chat_stream(ctx: ServingContext, run: RequestRun, req, grounding_sizes
                 yield chunk([c])
         if include_usage:
             yield chunk([], usage=run.usage())
+
+    return guarded(run, events())
+
+
+async def guarded(run: RequestRun, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """SSE lines of `events`, then `data: [DONE]`; an error after the stream started is reported in-band.
+
+    Whatever happens (finish, error, client disconnect) the request's unfinished sequences are aborted
+    (their blocks freed) and the request is logged once with its status.
+    """
+    status, error = 200, None
+    try:
+        async for line in events:
+            yield line
         yield sse("[DONE]")
     except asyncio.CancelledError:
         status, error = 499, "client disconnected"
@@ -182,7 +195,7 @@ async def completion_full(ctx: ServingContext, run: RequestRun, req, prompt_text
                               usage=run.usage()).model_dump()
 
 
-async def completion_stream(ctx: ServingContext, run: RequestRun, req, prompt_texts: list[str]) -> AsyncIterator[str]:
+def completion_stream(ctx: ServingContext, run: RequestRun, req, prompt_texts: list[str]) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     base = {"id": run.request_id, "object": "text_completion", "created": int(time.time()),
             "model": ctx.served_model_name}
@@ -194,8 +207,7 @@ async def completion_stream(ctx: ServingContext, run: RequestRun, req, prompt_te
             c["usage"] = usage
         return sse(c)
 
-    status, error = 200, None
-    try:
+    async def events() -> AsyncIterator[str]:
         if req.echo:
             for i in range(run.num_choices):
                 offsets[i] = len(prompt_texts[i // req.n])
@@ -210,20 +222,5 @@ async def completion_stream(ctx: ServingContext, run: RequestRun, req, prompt_te
                 yield chunk([{"index": idx, "text": o.text, "logprobs": lp, "finish_reason": o.finish_reason}])
         if include_usage:
             yield chunk([], usage=run.usage())
-        yield sse("[DONE]")
-    except asyncio.CancelledError:
-        status, error = 499, "client disconnected"
-        raise
-    except APIError as exc:
-        status, error = exc.status, exc.message
-        yield sse(exc.body())
-        yield sse("[DONE]")
-    except Exception as exc:  # noqa: BLE001
-        logger.exception("%s failed mid-stream", run.request_id)
-        status, error = 500, f"{type(exc).__name__}: {exc}"
-        yield sse(error_body(f"Internal server error ({type(exc).__name__}); see the server log",
-                             "server_error", None, "internal_error"))
-        yield sse("[DONE]")
-    finally:
-        await run.abort_unfinished()
-        run.finish(status, error)
+
+    return guarded(run, events())
