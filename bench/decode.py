@@ -8,8 +8,10 @@ qvl: one request of --prompt-len random text tokens, --new-tokens greedy tokens 
 tok/s = (new - 1) / (time of the last token - time of the first). transformers: generate() with
 max_new_tokens = new and = 1 (min_new_tokens equal), decode tok/s = (new - 1) / (difference).
 Roofline: bytes of the weights one decode step must read (decoder layers + final norm + LM head;
-the vision tower is not read) / copy bandwidth measured here (device-to-device clone of 512 MiB,
-read + write counted). Medians over --repeats. Not a test: nothing is asserted.
+the vision tower is not read) / copy bandwidth measured here (device-to-device copy of 512 MiB,
+read + write counted). Medians over --repeats. --threads sets torch's CPU threads for both engines
+and the copy (default: torch's; on a machine shared with other jobs 1 thread is far faster, because
+oneDNN/OpenMP threads spin-wait on each other). Not a test: nothing is asserted.
 
 Also the shared helpers for bench/throughput.py and bench/cache.py: CONFIGS, build_pair, make_engine,
 image_prompt, timer.
@@ -119,8 +121,11 @@ def hf_inputs(prompt, device: str, dtype: torch.dtype) -> dict:
 
 
 def copy_bandwidth(device: str, nbytes: int = 512 << 20, iters: int = 10) -> float:
-    """Bytes/s of a device-to-device copy (read + write)."""
-    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    """Bytes/s of a device-to-device copy (read + write).
+
+    The source is written first: a never-touched CPU buffer reads as the kernel's shared zero page,
+    which sits in cache and would inflate the figure (by ~30% on the 2-core bench machine)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
     times = []
@@ -178,7 +183,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 256 (2b), 64 (small)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = default_device(args.device)
     dtype = torch.bfloat16 if args.config == "2b" else torch.float32
     new = args.new_tokens or (256 if args.config == "2b" else 64)
@@ -203,12 +211,13 @@ def main() -> None:
     wbytes = decode_weight_bytes(ours)
     roof = bw / wbytes
     res = dict(bench="decode", config=args.config, device=device, dtype=str(dtype).split(".")[-1],
+               threads=torch.get_num_threads(), packed_linears=eng.runner.num_packed,
                prompt_len=args.prompt_len, new_tokens=new, qvl_tok_s=round(ours_tps, 2),
                hf_tok_s=round(hf_tps, 2), qvl_over_hf=round(ours_tps / hf_tps, 3),
                weight_gb_per_token=round(wbytes / 1e9, 3), copy_bw_gb_s=round(bw / 1e9, 1),
                roofline_tok_s=round(roof, 1), qvl_over_roofline=round(ours_tps / roof, 3),
                greedy_tokens_equal_to_hf=common_prefix(ours_tokens, hf_tokens))
-    print(f"decode [{args.config}, {device}, {res['dtype']}] batch 1, {new} new tokens: "
+    print(f"decode [{args.config}, {device}, {res['dtype']}, {res['threads']} threads] batch 1, {new} new tokens: "
           f"qvl {ours_tps:.1f} tok/s, transformers {hf_tps:.1f} tok/s (x{ours_tps / hf_tps:.2f}); "
           f"roofline {roof:.0f} tok/s ({wbytes / 1e9:.2f} GB/token at {bw / 1e9:.0f} GB/s): "
           f"{ours_tps / roof:.2f} of roofline; first {res['greedy_tokens_equal_to_hf']}/{new} greedy "

@@ -32,6 +32,7 @@ from qvl.engine.encoder_cache import EncoderCache
 from qvl.engine.scheduler import SchedulerOutput
 from qvl.engine.sequence import Sequence
 from qvl.layers.attention import AttentionMetadata
+from qvl.layers.packed_linear import pack_linears, packing_supported
 from qvl.layers.sampler import Sampler, SamplerOutput
 
 _CUDA_DEFAULT_FRACTION = 0.85
@@ -97,6 +98,15 @@ class ModelRunner:
         for attn in model.attention_modules():
             attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.num_packed = self._pack_decode_weights() if packing_supported(self.dtype, self.device) else 0
+
+    def _pack_decode_weights(self) -> int:
+        """CPU bf16: prepacked weights for the decoder's and the LM head's single-row matmuls
+        (qvl.layers.packed_linear), if the copies fit in half the RAM the KV pool leaves."""
+        linears = [m for m in self.model.model.modules() if isinstance(m, torch.nn.Linear)]
+        kv_bytes = 2 * sum(a.k_cache.numel() * a.k_cache.element_size() for a in self.model.attention_modules())
+        spare = available_memory(self.device) - kv_bytes     # the pool is not touched yet: not counted
+        return pack_linears(linears + [self.model.lm_head], max_bytes=max(0, spare // 2))
 
     # --- per-sequence state --------------------------------------------------------------------
     def release(self, seq: Sequence, finished: bool) -> None:

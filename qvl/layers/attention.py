@@ -12,8 +12,12 @@ Contract (INTERFACES.md):
       - metadata with caches (num_blocks, block_size, nKV, D): the new K/V are written at `slot_mapping`,
         then each sequence's queries (the last seq_lens_q of its context) attend causally to its
         context, gathered through its block table.
-    Decode sequences (one new token) are gathered into one padded batch and attend in a single SDPA call;
-    prefill chunks attend one sequence at a time (a padded batch mask would be quadratic in the batch).
+    Decode sequences (one new token) are gathered into one padded batch (one index_select per cache)
+    and attend in a single SDPA call, masked only when their context lengths differ; prefill chunks
+    attend one sequence at a time (a padded batch mask would be quadratic in the batch).
+  * The index tensors of a step (slots of every context, padding mask, token rows) are derived once per
+    forward, on the first layer that asks, and cached on the metadata object (`CachePlan`): every
+    layer reuses them. So one metadata object describes one step; build a new one for the next step.
   * GQA: kv head j serves query heads [j*g, (j+1)*g). Softmax runs inside SDPA (fp32 accumulation).
 
 Knows nothing about the model, the scheduler or how blocks are allocated. Works on CPU and CUDA alike.
@@ -29,12 +33,23 @@ _HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
 
 @dataclass
+class CachePlan:
+    """Per-forward index tensors for attention over the paged cache (all on the cache's device)."""
+    slot_mapping: torch.Tensor              # (N,) where the new K/V go
+    decode_rows: torch.Tensor | None        # (Bd,) token rows of the decode sequences; None = all rows
+    decode_slots: torch.Tensor | None       # (Bd * L,) context slots of the decode sequences, padded to L
+    decode_shape: tuple[int, int]           # (Bd, L)
+    decode_mask: torch.Tensor | None        # (Bd, 1, 1, L) bool, None when all contexts are L long
+    prefill: list[tuple[int, int, torch.Tensor]]  # (first row, end row, context slots (Lc,)) per chunk
+
+
+@dataclass
 class AttentionMetadata:
     seq_lens_q: list[int]
     context_lens: list[int]
     slot_mapping: torch.Tensor | None = None  # (N,) int64
     block_tables: list[list[int]] | None = None
-    # Index tensors derived once per forward and shared by every layer (keyed by device, block size).
+    # CachePlan per (block size, device), derived on first use and shared by every layer.
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -47,38 +62,56 @@ class AttentionMetadata:
         if self.block_tables is not None and len(self.block_tables) != len(self.seq_lens_q):
             raise ValueError(f"block_tables has {len(self.block_tables)} sequences but seq_lens_q has "
                              f"{len(self.seq_lens_q)}")
+        self.starts = [0]                     # (B + 1,) first token row of each sequence, then N
+        for lq in self.seq_lens_q:
+            self.starts.append(self.starts[-1] + lq)
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.seq_lens_q)
+        return self.starts[-1]
 
-    def _slots(self, i: int, block_size: int, device: torch.device) -> torch.Tensor:
-        """KV slots of sequence i's whole context, (context_lens[i],) int64 on `device`."""
-        key = ("seq", i, block_size, str(device))
-        if key not in self._derived:
-            n = self.context_lens[i]
-            table = self.block_tables[i]
-            need = -(-n // block_size)
+    def _context_slots(self, rows: list[int], block_size: int) -> torch.Tensor:
+        """KV slots of the contexts of sequences `rows`, padded to the longest: (len(rows), L) int64."""
+        lens = [self.context_lens[i] for i in rows]
+        width = -(-max(lens) // block_size)
+        tables = []
+        for i, n in zip(rows, lens):
+            table, need = self.block_tables[i], -(-n // block_size)
             if len(table) < need:
                 raise ValueError(f"sequence {i}: block table has {len(table)} blocks, context of {n} tokens "
                                  f"needs {need} (block_size {block_size})")
-            pos = torch.arange(n)
-            slots = torch.tensor(table[:need], dtype=torch.long)[pos // block_size] * block_size + pos % block_size
-            self._derived[key] = slots.to(device)
-        return self._derived[key]
+            tables.append(table[:need] + [0] * (width - need))   # padding reads block 0, masked out
+        pos = torch.arange(max(lens))
+        return torch.tensor(tables)[:, pos // block_size] * block_size + pos % block_size  # (B, L)
 
-    def _decode_batch(self, rows: list[int], block_size: int, device: torch.device):
-        """Padded (B, maxL) slots and (B, 1, 1, maxL) validity mask for the decode sequences `rows`."""
-        key = ("decode", block_size, str(device))
-        if key not in self._derived:
-            lens = torch.tensor([self.context_lens[i] for i in rows])
-            max_len = int(lens.max())
-            slots = torch.zeros(len(rows), max_len, dtype=torch.long)  # (B, maxL)
-            for b, i in enumerate(rows):
-                slots[b, : self.context_lens[i]] = self._slots(i, block_size, torch.device("cpu"))
-            mask = torch.arange(max_len)[None, :] < lens[:, None]  # (B, maxL)
-            self._derived[key] = (slots.to(device), mask[:, None, None, :].to(device))
-        return self._derived[key]
+    def plan(self, block_size: int, device: torch.device) -> CachePlan:
+        """This step's CachePlan for a cache of `block_size` on `device` (built once, then reused)."""
+        key = (block_size, str(device))
+        if key in self._derived:
+            return self._derived[key]
+        if self.slot_mapping is None or self.block_tables is None:
+            raise ValueError("attention with a KV cache needs slot_mapping and block_tables in the metadata")
+        if self.slot_mapping.shape != (self.num_tokens,):
+            raise ValueError(f"slot_mapping has shape {tuple(self.slot_mapping.shape)}, expected "
+                             f"({self.num_tokens},)")
+        decode = [i for i, lq in enumerate(self.seq_lens_q) if lq == 1]
+        rows = slots = mask = None
+        shape = (0, 0)
+        if decode:
+            lens = [self.context_lens[i] for i in decode]
+            padded = self._context_slots(decode, block_size)                          # (Bd, L)
+            shape = tuple(padded.shape)
+            slots = padded.flatten().to(device)                                       # (Bd * L,)
+            if min(lens) != max(lens):
+                valid = torch.arange(shape[1])[None, :] < torch.tensor(lens)[:, None]  # (Bd, L)
+                mask = valid[:, None, None, :].to(device)                             # (Bd, 1, 1, L)
+            if len(decode) != len(self.seq_lens_q):
+                rows = torch.tensor([self.starts[i] for i in decode], device=device)  # (Bd,)
+        prefill = [(self.starts[i], self.starts[i + 1], self._context_slots([i], block_size)[0].to(device))
+                   for i, lq in enumerate(self.seq_lens_q) if lq > 1]
+        plan = CachePlan(self.slot_mapping.to(device), rows, slots, shape, mask, prefill)
+        self._derived[key] = plan
+        return plan
 
 
 def _sdpa(q, k, v, *, scale: float, mask=None, causal: bool = False) -> torch.Tensor:
@@ -123,9 +156,7 @@ def attention(
     n = q.shape[0]
     if metadata.num_tokens != n:
         raise ValueError(f"attention metadata covers {metadata.num_tokens} tokens but the batch has {n}")
-    starts = [0]
-    for lq in metadata.seq_lens_q:
-        starts.append(starts[-1] + lq)
+    starts = metadata.starts
 
     if k_cache is None:
         for i, (lq, lc) in enumerate(zip(metadata.seq_lens_q, metadata.context_lens)):
@@ -136,30 +167,26 @@ def attention(
             return _causal_one(q, k, v, scale)
         return torch.cat([_causal_one(q[a:b], k[a:b], v[a:b], scale) for a, b in zip(starts, starts[1:])])
 
-    if metadata.slot_mapping is None or metadata.block_tables is None:
-        raise ValueError("attention with a KV cache needs slot_mapping and block_tables in the metadata")
-    if metadata.slot_mapping.shape != (n,):
-        raise ValueError(f"slot_mapping has shape {tuple(metadata.slot_mapping.shape)}, expected ({n},)")
-    block_size = k_cache.shape[1]
+    plan = metadata.plan(k_cache.shape[1], k_cache.device)
     flat_k = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks*block_size, nKV, D)
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    slot_mapping = metadata.slot_mapping.to(k_cache.device)
-    flat_k[slot_mapping] = k.to(k_cache.dtype)
-    flat_v[slot_mapping] = v.to(v_cache.dtype)
+    flat_k.index_copy_(0, plan.slot_mapping, k.to(k_cache.dtype))
+    flat_v.index_copy_(0, plan.slot_mapping, v.to(v_cache.dtype))
 
+    decode_out = None
+    if plan.decode_slots is not None:
+        b, length = plan.decode_shape
+        kb = flat_k.index_select(0, plan.decode_slots).view(b, length, *k.shape[1:])  # (Bd, L, nKV, D)
+        vb = flat_v.index_select(0, plan.decode_slots).view(b, length, *v.shape[1:])
+        qb = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)   # (Bd, nH, D)
+        decode_out = _sdpa(qb.unsqueeze(2), kb.transpose(1, 2).to(q.dtype), vb.transpose(1, 2).to(q.dtype),
+                           scale=scale, mask=plan.decode_mask).squeeze(2)             # (Bd, nH, D)
+        if plan.decode_rows is None:
+            return decode_out
     out = torch.empty_like(q)
-    decode = [i for i, lq in enumerate(metadata.seq_lens_q) if lq == 1]
-    if decode:
-        slots, mask = metadata._decode_batch(decode, block_size, k_cache.device)
-        idx = torch.tensor([starts[i] for i in decode], device=q.device)
-        kb = flat_k[slots].transpose(1, 2).to(q.dtype)  # (B, nKV, maxL, D)
-        vb = flat_v[slots].transpose(1, 2).to(q.dtype)
-        qb = q[idx].unsqueeze(2)  # (B, nH, 1, D)
-        out[idx] = _sdpa(qb, kb, vb, scale=scale, mask=mask).squeeze(2)
-    for i, lq in enumerate(metadata.seq_lens_q):
-        if lq <= 1:
-            continue
-        slots = metadata._slots(i, block_size, k_cache.device)
-        a, b = starts[i], starts[i + 1]
-        out[a:b] = _causal_one(q[a:b], flat_k[slots].to(q.dtype), flat_v[slots].to(q.dtype), scale)
+    if decode_out is not None:
+        out.index_copy_(0, plan.decode_rows, decode_out)
+    for a, b, slots in plan.prefill:
+        out[a:b] = _causal_one(q[a:b], flat_k.index_select(0, slots).to(q.dtype),
+                               flat_v.index_select(0, slots).to(q.dtype), scale)
     return out

@@ -1,0 +1,56 @@
+"""Prepacked single-row linears (CPU bf16): same bits as F.linear, state_dict untouched, engine greedy
+tokens unchanged. Skipped where oneDNN has no bf16 kernels."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qvl.engine.llm_engine import LLM, LLMEngine
+from qvl.layers.packed_linear import pack_linears, packing_supported, unpack_linears
+from qvl.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(not packing_supported(torch.bfloat16, torch.device("cpu")),
+                                reason="oneDNN bf16 kernels not available on this CPU")
+
+
+@torch.no_grad()
+def test_single_rows_bit_identical_and_state_dict_unchanged():
+    torch.manual_seed(0)
+    mods = nn.ModuleList([nn.Linear(96, 160), nn.Linear(160, 96, bias=False), nn.Linear(96, 32)]).bfloat16()
+    keys = list(mods.state_dict())
+    x = torch.randn(5, 96).bfloat16()
+    ref = [mods[0](x[i:i + 1]) for i in range(5)], mods[0](x)
+    assert pack_linears(mods) == 3                        # tiny in_features: one reduction block
+    assert pack_linears(mods) == 0                        # already packed
+    assert all(torch.equal(a, mods[0](x[i:i + 1])) for i, a in enumerate(ref[0]))
+    assert torch.equal(ref[1], mods[0](x))                # several rows: plain F.linear
+    h = torch.randn(1, 160).bfloat16()
+    assert torch.equal(mods[1](h), F.linear(h, mods[1].weight))
+    assert list(mods.state_dict()) == keys
+    unpack_linears(mods)
+    assert "forward" not in mods[0].__dict__
+
+
+def test_budget_too_small_packs_nothing():
+    mods = [nn.Linear(64, 64).bfloat16()]
+    assert pack_linears(mods, max_bytes=100) == 0
+    assert "forward" not in mods[0].__dict__
+
+
+def test_engine_bf16_greedy_unchanged_by_packing(tiny_ckpt):
+    eng = LLMEngine.from_pretrained(str(tiny_ckpt), dtype="bfloat16", device="cpu", max_model_len=256,
+                                    kv_cache_memory=4 << 20, enable_prefix_caching=False)
+    assert eng.runner.num_packed > 0
+    chats = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+             for q in ("Describe this image.", "How many shapes are there? 1 2 3")]
+    params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
+    llm = LLM.from_engine(eng)
+
+    def outs():   # each alone (single-row decode: packed path), then both at once (two rows: plain)
+        alone = [llm.generate([c], params, use_tqdm=False)[0].outputs[0].token_ids for c in chats]
+        return alone, [o.outputs[0].token_ids for o in llm.generate(chats, params, use_tqdm=False)]
+
+    packed = outs()
+    linears = [m for m in eng.model.model.modules() if isinstance(m, nn.Linear)] + [eng.model.lm_head]
+    unpack_linears(linears)
+    assert outs() == packed
