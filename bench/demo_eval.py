@@ -39,12 +39,14 @@ VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 
 
-def make_samples(n_per_type: int, seed: int) -> list[dict]:
+def make_samples(n_per_type: int, seed: int, types=D.QTYPES, extremes: bool = False) -> list[dict]:
     out = []
     for ti, qt in enumerate(D.QTYPES):
+        if qt not in types:
+            continue
         rng = np.random.default_rng([3, seed, ti])
         for _ in range(n_per_type):
-            scene, q, a = D.eval_sample(rng, qt)
+            scene, q, a = D.eval_sample(rng, qt, extremes)
             out.append({"type": qt, "scene": scene, "question": q, "answer": a})
     return out
 
@@ -130,6 +132,10 @@ def score(samples: list[dict], replies: list[str]) -> dict:
             truth = grounding.parse(s["answer"])[0].coords
             got = grounding.parse(r)
             ious.append(iou(got[0].coords, truth) if got else 0.0)
+    for s, r in zip(samples, replies):              # position, split by form: "A or B?" vs "furthest left?"
+        if s["type"] == "position":
+            form = "position: extreme" if s["question"].startswith("Which shape is") else "position: pair"
+            per.setdefault(form, []).append(clean(r) == s["answer"])
     res = {t: {"n": len(v), "exact": round(100 * sum(v) / len(v), 1)} for t, v in per.items() if v}
     if ious:
         res["grounding"].update(iou50=round(100 * float(np.mean(np.array(ious) >= 0.5)), 1),
@@ -153,12 +159,14 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--types", default=",".join(D.QTYPES), help="comma-separated subset of question types")
+    ap.add_argument("--position-extremes", action="store_true", help='add "Which shape is furthest left?"')
     ap.add_argument("--json", help="write scores and every reply here")
     ap.add_argument("--show", type=int, default=0, help="print this many wrong answers per type")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    samples = make_samples(args.n_per_type, args.seed)
+    samples = make_samples(args.n_per_type, args.seed, args.types.split(","), args.position_extremes)
     t0 = time.time()
     run = run_hf if args.backend == "hf" else run_qvl
     replies = run(args.model, samples, args.batch, args.max_new_tokens)

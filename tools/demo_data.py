@@ -35,7 +35,7 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 IMAGE_MAX_PIXELS = 448 * 448
 VIDEO_MAX_PIXELS = 160 * 28 * 28
 MIN_PIXELS = 56 * 56
-N_AUX_INT = 19   # shape, color, motion, char_l, char_r, idx_l, idx_r, 12 box digits
+N_AUX_INT = 23   # shape, color, motion, char_l, char_r, idx_l, idx_r, 12 box digits, 4 position ranks
 N_AUX_FLT = 6    # box x1,y1,x2,y2 (0..1), cell centre x,y (0..1)
 
 
@@ -253,8 +253,10 @@ def box_answer(ref: str, nb) -> str:
             f"<|box_start|>({nb[0]},{nb[1]}),({nb[2]},{nb[3]})<|box_end|>")
 
 
-def questions(rng: np.random.Generator, scene: Scene) -> dict[str, list[tuple[str, str]]]:
-    """Every askable (question, answer) of a scene, grouped by QTYPES entry."""
+def questions(rng: np.random.Generator, scene: Scene, extremes: bool = False) -> dict[str, list[tuple[str, str]]]:
+    """Every askable (question, answer) of a scene, grouped by QTYPES entry. extremes=True adds position
+    questions of the form "Which shape is furthest left?" (not in the shipped checkpoint's training; off by
+    default so seeds reproduce its data and eval set)."""
     objs = scene.objects
     out: dict[str, list[tuple[str, str]]] = {t: [] for t in QTYPES}
     shape_count = {s: sum(o.shape == s for o in objs) for s in SHAPES}
@@ -296,6 +298,17 @@ def questions(rng: np.random.Generator, scene: Scene) -> dict[str, list[tuple[st
                 else:
                     q, ans = "Which is lower, the {x} or the {y}?", low
                 out["position"].append((q.format(x=first.name, y=second.name), f"the {ans.name}"))
+    if extremes and len(objs) >= 2:                       # "Which shape is furthest left?"
+        cs = [_centre(o.box) for o in objs]
+        for axis, dim, lo_qs, hi_qs in ((0, w, ("Which shape is furthest left?", "Which shape is leftmost?"),
+                                         ("Which shape is furthest right?", "Which shape is rightmost?")),
+                                        (1, h, ("Which shape is highest?", "Which shape is at the top?"),
+                                         ("Which shape is lowest?", "Which shape is at the bottom?"))):
+            v = sorted((c[axis], k) for k, c in enumerate(cs))
+            if v[1][0] - v[0][0] > 0.12 * dim:
+                out["position"].append((pick(lo_qs), f"the {objs[v[0][1]].name}"))
+            if v[-1][0] - v[-2][0] > 0.12 * dim:
+                out["position"].append((pick(hi_qs), f"the {objs[v[-1][1]].name}"))
     for o in objs:
         ref = o.shape if shape_count[o.shape] == 1 and rng.random() < 0.3 else o.name
         q = pick(("Where is the {r}?", "Locate the {r}.", "Find the {r}.", "Give the bounding box of the {r}."))
@@ -311,7 +324,7 @@ def _centre(box):
     return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
 
 
-def eval_sample(rng: np.random.Generator, qtype: str) -> tuple[Scene, str, str]:
+def eval_sample(rng: np.random.Generator, qtype: str, extremes: bool = False) -> tuple[Scene, str, str]:
     """One held-out (scene, question, answer) of the given type (re-draws until the type is askable)."""
     for _ in range(100):
         if qtype == "motion":
@@ -319,7 +332,7 @@ def eval_sample(rng: np.random.Generator, qtype: str) -> tuple[Scene, str, str]:
         else:
             scene = make_scene(rng, with_text=True if qtype == "text" else None,
                                n_objects=int(rng.integers(2, 5)) if qtype == "position" else None)
-        qs = questions(rng, scene)[qtype]
+        qs = questions(rng, scene, extremes)[qtype]
         if qs:
             q, a = qs[int(rng.integers(len(qs)))]
             return scene, q, a
@@ -393,7 +406,8 @@ def token_targets(scene: Scene, rhw: tuple[int, int]) -> tuple[np.ndarray, np.nd
 
     ints: shape (0 bg, 1..4 SHAPES, 5 text), colour (0 bg, 1..6), motion (0 none, 1..4), char class under
     the left/right half of the cell, that char's index in the string (1-based), 12 digit classes of the
-    object's 0..1000 box (x1,y1,x2,y2 x hundreds/tens/units; -100 where no object).
+    object's 0..1000 box (x1,y1,x2,y2 x hundreds/tens/units; -100 where no object), the object's rank by
+    centre from the left / right / top / bottom (1 = extreme; 0 where no object).
     floats: object box /1000 (NaN where no object), cell centre (x, y) in 0..1."""
     rh, rw = rhw
     hq, wq = rh // 28, rw // 28
@@ -414,7 +428,9 @@ def token_targets(scene: Scene, rhw: tuple[int, int]) -> tuple[np.ndarray, np.nd
         it = np.zeros((hq, wq, N_AUX_INT), np.int64)
         ft = np.full((hq, wq, N_AUX_FLT), np.nan, np.float32)
         ft[..., 4], ft[..., 5] = cx, cy
-        it[..., 7:] = -100
+        it[..., 7:19] = -100
+        cs = np.array([_centre(b) for b in scene.boxes_per_frame[fi]]).reshape(-1, 2)
+        xr, yr = np.argsort(np.argsort(cs[:, 0])), np.argsort(np.argsort(cs[:, 1]))   # 0 = left / top
         for k, o in enumerate(scene.objects, start=1):
             sel = oid == k
             if not sel.any():
@@ -424,7 +440,8 @@ def token_targets(scene: Scene, rhw: tuple[int, int]) -> tuple[np.ndarray, np.nd
             it[sel, 1] = COLOR_NAMES.index(o.color) + 1
             if scene.moving == k - 1:
                 it[sel, 2] = DIRECTIONS.index(scene.direction) + 1
-            it[sel, 7:] = [v // 10 ** p % 10 for v in nb for p in (2, 1, 0)]
+            it[sel, 7:19] = [v // 10 ** p % 10 for v in nb for p in (2, 1, 0)]
+            it[sel, 19:23] = [xr[k - 1] + 1, n_obj - xr[k - 1], yr[k - 1] + 1, n_obj - yr[k - 1]]
             ft[sel, :4] = np.array(nb, np.float32) / 1000
         if chars is not None:
             it[..., 3:5], it[..., 5:7] = chars
@@ -433,57 +450,3 @@ def token_targets(scene: Scene, rhw: tuple[int, int]) -> tuple[np.ndarray, np.nd
         flts.append(ft.reshape(-1, N_AUX_FLT))
     return np.concatenate(ints), np.concatenate(flts)
 
-
-# ---------------------------------------------------------------- hand-placed scenes (examples/)
-
-def compose_scene(size: tuple[int, int], shapes: list[tuple], text: tuple | None = None,
-                  bg=(246, 244, 238)) -> Scene:
-    """shapes: (shape, colour, x, y, s) with the shape inside (x, y, x+s, y+s); text: (string, x, y, size)."""
-    w, h = size
-    img, lab = Image.new("RGB", (w, h), bg), Image.new("L", (w, h), 0)
-    d, dl = ImageDraw.Draw(img), ImageDraw.Draw(lab)
-    objects = [Obj(sh, c, _draw_shape((d, dl), (COLORS[c], k + 1), sh, x, y, s))
-               for k, (sh, c, x, y, s) in enumerate(shapes)]
-    if text:
-        string, x, y, fs = text
-        d.text((x, y), string, font=_font(fs), fill=(30, 30, 30))
-    return Scene([img], objects, [lab], text=text[0] if text else None,
-                 boxes_per_frame=[[o.box for o in objects]])
-
-
-def compose_video(size: tuple[int, int], shape: str, color: str, s: float, start: tuple, end: tuple,
-                  n_frames: int, bg=(246, 244, 238), static: list[tuple] = ()) -> list[Image.Image]:
-    """Frames of one shape moving in a straight line from start to end (top-left corners) over statics."""
-    frames = []
-    for k in range(n_frames):
-        f = k / (n_frames - 1)
-        x, y = start[0] + (end[0] - start[0]) * f, start[1] + (end[1] - start[1]) * f
-        sc = compose_scene(size, [*static, (shape, color, x, y, s)], bg=bg)
-        frames.append(sc.frames[0])
-    return frames
-
-
-def write_examples(out) -> None:
-    """examples/: shapes.png (README's first command), number.png, wide.png, moving.mp4 (+ moving/ frames)."""
-    from pathlib import Path
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    compose_scene((480, 320), [("circle", "red", 40, 90, 120), ("square", "blue", 200, 40, 100),
-                               ("triangle", "green", 330, 170, 120)]).frames[0].save(out / "shapes.png")
-    compose_scene((400, 300), [("star", "orange", 250, 150, 110)], text=("2024", 30, 40, 64)
-                  ).frames[0].save(out / "number.png")
-    compose_scene((640, 220), [("square", "purple", 30, 40, 120), ("circle", "yellow", 220, 70, 110),
-                               ("star", "blue", 380, 30, 130), ("triangle", "red", 530, 100, 90)]
-                  ).frames[0].save(out / "wide.png")
-    import av
-    frames = compose_video((320, 240), "circle", "red", 70, (20, 90), (230, 90), 8,
-                           static=[("square", "blue", 140, 170, 50)])
-    with av.open(str(out / "moving.mp4"), "w") as box:
-        st = box.add_stream("libx264", rate=4)
-        st.width, st.height, st.pix_fmt = 320, 240, "yuv420p"
-        st.options = {"crf": "12"}
-        for fr in frames:
-            for pkt in st.encode(av.VideoFrame.from_image(fr)):
-                box.mux(pkt)
-        for pkt in st.encode():
-            box.mux(pkt)

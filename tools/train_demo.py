@@ -5,7 +5,7 @@
     python tools/train_demo.py --device cuda --minutes 8 --out DIR    # the real run (GPU)
     python tools/train_demo.py --assemble DIR --into qvl/demo         # weights + config -> shipped dir
 
-Recipe (see the report in bench/demo_eval.py's README section and ../shared/DEMO_TRAINING_NOTES.md):
+Recipe (results in qvl/demo/README.md; background in ../shared/DEMO_TRAINING_NOTES.md):
   * rows = one image (or video) + up to 8 questions; each question attends to the shared prefix
     (system + user + vision) and to itself (prefix-shared packing), positions = single-turn layout;
   * loss = answer tokens (+ closing <|im_end|>) CE  +  a training-only linear probe on the merger output
@@ -17,7 +17,6 @@ Recipe (see the report in bench/demo_eval.py's README section and ../shared/DEMO
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -34,14 +33,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_data as D  # noqa: E402
+from demo_batches import (SPECIALS, SYSTEM, BatchStream, Prompter, collate, eval_set, make_row,  # noqa: E402,F401
+                           mrope_positions, sample_qas, train_batch)
 from demo_model import DemoConfig, DemoQwen2VL, segment_mask  # noqa: E402
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-            "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
-SYSTEM = "You are a helpful assistant."
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in "
     "messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
@@ -54,9 +51,7 @@ CHAT_TEMPLATE = (
     "video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if "
     "add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-AUX_SPLITS = (6, 7, 5, 37, 37, 9, 9, 120, 4, 2)      # shape colour motion charL charR idxL idxR digits box cell
-TYPE_WEIGHT = {"color": 1.0, "shape": 1.0, "count": 0.7, "position": 1.0, "grounding": 2.0, "text": 2.0,
-               "motion": 1.0}
+AUX_SPLITS = (6, 7, 5, 37, 37, 9, 9, 120, 4, 2, 20)  # shape colour motion charL charR idxL idxR digits box cell ranks
 TYPE_LOSS_WEIGHT = torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0, 1.5, 1.5])   # QTYPES order; grounding has 12 digits
 ENGLISH = """The quick brown fox jumps over the lazy dog. A picture is worth a thousand words.
 This is a small demo model trained on synthetic shapes. It can answer simple questions about colors,
@@ -152,175 +147,6 @@ def write_side_files(out: Path, tokdir: Path, cfg: DemoConfig) -> None:
         "repetition_penalty": 1.0, "max_new_tokens": 64}, indent=2))
 
 
-# ---------------------------------------------------------------- prompts, positions, batches
-
-def mrope_positions(ids, grids, image_id: int, video_id: int) -> np.ndarray:
-    """(3, N) M-RoPE positions of one prompt by the max+1 rule (QWEN2VL_SPEC 5.4); grids in patches."""
-    ids = np.asarray(ids)
-    out = np.zeros((3, len(ids)), np.int64)
-    cur, i, g = 0, 0, 0
-    while i < len(ids):
-        if ids[i] in (image_id, video_id):
-            t, h, w = grids[g]
-            h, w = h // 2, w // 2
-            n = t * h * w
-            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
-            out[:, i:i + n] = cur + np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
-            cur += max(t, h, w)
-            i, g = i + n, g + 1
-        else:
-            j = i
-            while j < len(ids) and ids[j] not in (image_id, video_id):
-                j += 1
-            out[:, i:j] = cur + np.arange(j - i)
-            cur += j - i
-            i = j
-    return out
-
-
-class Prompter:
-    """Token ids of the single-turn chat layout, split into a shared prefix and question segments."""
-
-    def __init__(self, tok):
-        self.tok = tok
-        self.id = {s: tok.token_to_id(s) for s in SPECIALS}
-        self.system = self.encode(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
-        self.user = self.encode("<|im_start|>user\n")
-        self.gen = self.encode("<|im_end|>\n<|im_start|>assistant\n")
-
-    @functools.lru_cache(maxsize=65536)
-    def _enc(self, s: str) -> tuple:
-        return tuple(self.tok.encode(s, add_special_tokens=False).ids)
-
-    def encode(self, s: str) -> list[int]:
-        return list(self._enc(s))
-
-    def prefix(self, kind: str, grid, system: bool = True) -> tuple[list[int], np.ndarray]:
-        pad = self.id["<|video_pad|>" if kind == "video" else "<|image_pad|>"]
-        m = grid[0] * grid[1] * grid[2] // 4
-        ids = (self.system if system else []) + self.user + [self.id["<|vision_start|>"]] + [pad] * m \
-            + [self.id["<|vision_end|>"]]
-        pos = mrope_positions(ids, [grid], self.id["<|image_pad|>"], self.id["<|video_pad|>"])
-        return ids, pos
-
-
-def _vision_positions(h: int, w: int) -> np.ndarray:
-    hp = np.arange(h)[:, None].repeat(w, 1).reshape(h // 2, 2, w // 2, 2).transpose(0, 2, 1, 3).ravel()
-    wp = np.arange(w)[None, :].repeat(h, 0).reshape(h // 2, 2, w // 2, 2).transpose(0, 2, 1, 3).ravel()
-    return np.stack([hp, wp], -1)                                            # (h*w, 2)
-
-
-def collate(rows: list[dict], pad_id: int) -> dict:
-    """rows: {kind, px, grid, ids, pos (3,n), seg, tgt, ttype, aux_i?, aux_f?} -> padded numpy batch."""
-    L = -(-max(len(r["ids"]) for r in rows) // 16) * 16
-    R = len(rows)
-    b = {"ids": np.full((R, L), pad_id, np.int64), "pos": np.zeros((3, R, L), np.int64),
-         "seg": np.full((R, L), -1, np.int64), "tgt": np.full((R, L), -100, np.int64),
-         "ttype": np.full((R, L), -1, np.int64)}
-    for i, r in enumerate(rows):
-        n = len(r["ids"])
-        b["ids"][i, :n], b["pos"][:, i, :n], b["seg"][i, :n] = r["ids"], r["pos"], r["seg"]
-        b["tgt"][i, :n], b["ttype"][i, :n] = r["tgt"], r["ttype"]
-    segs = [(i, r["grid"][1], r["grid"][2]) for i, r in enumerate(rows) for _ in range(r["grid"][0])]
-    lp = -(-max(h * w for _, h, w in segs) // 16) * 16
-    b["v_pos"] = np.zeros((len(segs), lp, 2), np.int64)
-    b["v_valid"] = np.zeros((len(segs), lp), bool)
-    for s, (_, h, w) in enumerate(segs):
-        b["v_pos"][s, :h * w] = _vision_positions(h, w)
-        b["v_valid"][s, :h * w] = True
-    first_seg = np.cumsum([0] + [r["grid"][0] for r in rows])
-    dst_img, dst_vid = [], []
-    for i, r in enumerate(rows):
-        t, h, w = r["grid"]
-        k = np.arange(t * h * w)
-        d = (first_seg[i] + k // (h * w)) * lp + k % (h * w)
-        (dst_vid if r["kind"] == "video" else dst_img).append(d)
-    b["v_dst"] = np.concatenate(dst_img + dst_vid)
-    b["img_px"] = np.concatenate([r["px"] for r in rows if r["kind"] == "image"] or [np.zeros((0, 588), np.uint8)])
-    b["vid_px"] = np.concatenate([r["px"] for r in rows if r["kind"] == "video"] or [np.zeros((0, 1176), np.uint8)])
-    b["v_keep"] = np.flatnonzero(b["v_valid"][:, ::4].ravel())
-    b["t_vis"] = np.flatnonzero(np.isin(b["ids"], rows[0]["vis_ids"]).ravel())
-    b["t_sel"] = np.flatnonzero(b["tgt"].ravel() != -100)
-    if "aux_i" in rows[0]:
-        b["aux_i"] = np.concatenate([r["aux_i"] for r in rows])
-        b["aux_f"] = np.concatenate([r["aux_f"] for r in rows])
-    return b
-
-
-def make_row(p: Prompter, scene, qas: list[tuple[str, str, str]], *, system=True, min_pixels=D.MIN_PIXELS,
-             aux=True, answers=True) -> dict:
-    """One row: prefix + one segment per (qtype, question, answer). answers=False: eval prompt (1 question,
-    ends with the generation prompt)."""
-    px, grid, rhw = D.to_pixels(scene, min_pixels=min_pixels)
-    kind = "video" if scene.is_video else "image"
-    ids, pos = p.prefix(kind, grid, system)
-    nxt = int(pos.max()) + 1
-    seg, tgt, ttype = [0] * len(ids), [-100] * len(ids), [-1] * len(ids)
-    pos = [pos]
-    for k, (qt, q, a) in enumerate(qas, start=1):
-        qi = p.encode(q) + p.gen
-        ai = p.encode(a) + [p.id["<|im_end|>"]] if answers else []
-        s = qi + ai
-        ids += s
-        pos.append(np.broadcast_to(nxt + np.arange(len(s)), (3, len(s))))
-        seg += [k] * len(s)
-        t = [-100] * len(s)
-        t[len(qi) - 1:len(s) - 1] = ai
-        tgt += t
-        ttype += [D.QTYPES.index(qt)] * len(s)
-    row = {"kind": kind, "px": px, "grid": grid, "ids": ids, "vis_ids": [p.id["<|image_pad|>"], p.id["<|video_pad|>"]], "pos": np.concatenate(pos, 1), "seg": seg,
-           "tgt": tgt, "ttype": ttype}
-    if aux:
-        row["aux_i"], row["aux_f"] = D.token_targets(scene, rhw)
-    return row
-
-
-def sample_qas(rng, scene, k_max: int, must: str | None = None) -> list[tuple[str, str, str]]:
-    """Up to k_max distinct questions, drawn with TYPE_WEIGHT; a `must` type (if askable) comes first."""
-    cands = [(t, q, a) for t, qs in D.questions(rng, scene).items() for q, a in qs]
-    first = [c for c in cands if c[0] == must][:1]
-    cands = [c for c in cands if c not in first]
-    w = np.array([TYPE_WEIGHT[t] for t, _, _ in cands])
-    k = min(k_max - len(first), len(cands))
-    idx = rng.choice(len(cands), size=k, replace=False, p=w / w.sum()) if k > 0 else []
-    out = first + [cands[i] for i in idx]
-    return [out[i] for i in rng.permutation(len(out))]
-
-
-def train_batch(rng, p: Prompter, n_img: int, n_vid: int, k_max: int = 8) -> dict:
-    rows = []
-    for i in range(n_img + n_vid):
-        video = i >= n_img
-        scene = D.make_video(rng) if video else D.make_scene(rng)
-        minp = int(rng.choice([D.MIN_PIXELS, 128 * 28 * 28])) if video else D.MIN_PIXELS
-        rows.append(make_row(p, scene, sample_qas(rng, scene, 3 if video else k_max, must="motion" if video else None),
-                             system=rng.random() > 0.1, min_pixels=minp))
-    return collate(rows, p.id["<|endoftext|>"])
-
-
-class BatchStream(torch.utils.data.IterableDataset):
-    def __init__(self, tokfile: str, n_img: int, n_vid: int, seed: int):
-        self.tokfile, self.n_img, self.n_vid, self.seed = tokfile, n_img, n_vid, seed
-
-    def __iter__(self):
-        from tokenizers import Tokenizer
-        info = torch.utils.data.get_worker_info()
-        wid = info.id if info else 0
-        rng = np.random.default_rng([1, self.seed, wid])
-        p = Prompter(Tokenizer.from_file(self.tokfile))
-        while True:
-            yield {k: torch.from_numpy(v) for k, v in train_batch(rng, p, self.n_img, self.n_vid).items()}
-
-
-def eval_set(n_per_type: int, seed: int) -> list[tuple[str, D.Scene, str, str]]:
-    """Held-out samples: (qtype, scene, question, answer); seed streams are [2, seed, type] (training: [1, ...])."""
-    out = []
-    for ti, qt in enumerate(D.QTYPES):
-        rng = np.random.default_rng([2, seed, ti])
-        out += [(qt, *D.eval_sample(rng, qt)) for _ in range(n_per_type)]
-    return out
-
-
 # ---------------------------------------------------------------- forward, loss, greedy decoding
 
 def to_dev(b: dict, dev) -> dict:
@@ -336,7 +162,7 @@ def _masked_mean(x, m):
     return (x * m).sum() / m.sum().clamp(min=1)
 
 
-def compute_loss(model, probe, b):
+def compute_loss(model, probe, b, aux_weight: float = 1.0, rank_weight: float = 0.0):
     """Answer CE (type-balanced) + aux probe loss. Integer indices from the loader: no host syncs."""
     vis = vision(model, b)
     h = model.text(b["ids"], b["pos"], segment_mask(b["seg"]), vis, b["t_vis"])
@@ -359,12 +185,14 @@ def compute_loss(model, probe, b):
         aux = ce_(a[0], ai[:, 0]) + ce_(a[1], ai[:, 1]) + ce_(a[2], ai[:, 2])
         aux = aux + (ce_(a[3], ai[:, 3]) + ce_(a[4], ai[:, 4]) + ce_(a[5], ai[:, 5]) + ce_(a[6], ai[:, 6])) / 2
         obj = (ai[:, 7] != -100).float()                                   # (M,)
-        dig = F.cross_entropy(a[7].reshape(-1, 10), ai[:, 7:].clamp(min=0).reshape(-1), reduction="none")
+        dig = F.cross_entropy(a[7].reshape(-1, 10), ai[:, 7:19].clamp(min=0).reshape(-1), reduction="none")
         aux = aux + _masked_mean(dig.view(-1, 12).mean(1), obj)
         aux = aux + 5 * _masked_mean((a[8] - af[:, :4].nan_to_num()).abs().mean(1), obj)
         aux = aux + 5 * F.l1_loss(a[9], af[:, 4:])
+        if rank_weight:                                  # position ranks: only with --position-extremes
+            aux = aux + rank_weight * F.cross_entropy(a[10].reshape(-1, 5), ai[:, 19:23].reshape(-1))
         parts["aux"] = aux.detach()
-        loss = loss + aux
+        loss = loss + aux_weight * aux
     return loss, parts
 
 
@@ -447,17 +275,27 @@ def train(args) -> None:
     tokfile = str(Path(args.tokenizer) / "tokenizer.json")
     p = Prompter(Tokenizer.from_file(tokfile))
     cfg = model_config(p.tok, small=args.small)
-    model = DemoQwen2VL(cfg).to(dev)
+    model = DemoQwen2VL(cfg)
+    if args.init:                                   # fine-tune: start from a saved checkpoint's weights
+        from safetensors.torch import load_file
+        model.load_state_dict({k: v.float() for k, v in load_file(str(Path(args.init) / "model.safetensors")).items()})
+    model = model.to(dev)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     probe = nn.Linear(cfg.hidden_size, sum(AUX_SPLITS)).to(dev)
     n_par = sum(x.numel() for x in model.parameters())
-    decay = [x for x in list(model.parameters()) + list(probe.parameters()) if x.dim() >= 2]
-    other = [x for x in list(model.parameters()) + list(probe.parameters()) if x.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
+    decay = [x for x in model.parameters() if x.dim() >= 2]
+    other = [x for x in model.parameters() if x.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0},
+                             {"params": list(probe.parameters()), "weight_decay": 0.0, "lr_mult": args.probe_lr_mult}],
                             lr=args.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
-    samples = eval_set(args.eval_per_type, seed=args.eval_seed)
+    samples = eval_set(args.eval_per_type, seed=args.eval_seed, extremes=args.position_extremes)
     eval_rows = [make_row(p, sc, [(qt, q, a)], aux=False, answers=False) for qt, sc, q, a in samples]
     loader = torch.utils.data.DataLoader(
-        BatchStream(tokfile, args.images, args.videos, args.seed), batch_size=None,
+        BatchStream(tokfile, args.images, args.videos, args.seed, args.text_prob,
+                    dict(kv.split("=") for kv in args.type_weights.split(",")) if args.type_weights else None,
+                    args.position_extremes),
+        batch_size=None,
         num_workers=args.workers, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if args.workers else None, persistent_workers=args.workers > 0)
     log = open(args.log, "a") if args.log else None
@@ -483,12 +321,14 @@ def train(args) -> None:
         b = to_dev(next(it), dev)
         t_data += time.time() - t0
         frac = (time.time() - t_train0) / budget
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * cosine
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         try:
             with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-                loss, parts = compute_loss(model, probe, b)
+                loss, parts = compute_loss(model, probe, b, aux_weight=min(1.0, (step + 1) / args.aux_ramp),
+                                           rank_weight=float(args.position_extremes))
             opt.zero_grad(set_to_none=True)
             loss.backward()
         except torch.OutOfMemoryError:
@@ -519,7 +359,7 @@ def train(args) -> None:
             acc_ev, replies = run_eval(model, p, subr, sub, dev)
             emit({"event": "eval", "step": step, "min": round((now - t_train0) / 60, 2), "images": images,
                   "n": len(sub), **acc_ev, "eval_s": round(time.time() - te, 1),
-                  "examples": [(s[2], s[3], r) for s, r in zip(sub[::max(1, len(sub) // 6)], replies[::max(1, len(sub) // 6)])]})
+                  "examples": [(s[2], s[3], r) for s, r in list(zip(sub, replies))[::max(1, len(sub) // 6)]]})
             next_eval = time.time() + args.eval_every
         if args.out and (now >= next_save or step == args.early_check or last):
             save_checkpoint(model, Path(args.out), Path(args.tokenizer) if args.full else None)
@@ -578,6 +418,14 @@ def main(argv=None) -> None:
     ap.add_argument("--early-check", type=int, default=5, help="eval+save at this step to catch late bugs early")
     ap.add_argument("--max-steps", type=int, default=0)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--init", help="checkpoint dir to fine-tune from (weights only; the probe starts fresh)")
+    ap.add_argument("--aux-ramp", type=int, default=1, help="steps over which the aux loss weight ramps to 1")
+    ap.add_argument("--text-prob", type=float, default=0.35, help="fraction of images with rendered text")
+    ap.add_argument("--type-weights", default="", help="question sampling weights, e.g. text=3,position=3")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--probe-lr-mult", type=float, default=1.0)
+    ap.add_argument("--position-extremes", action="store_true",
+                    help='also ask "Which shape is furthest left?" (not in the shipped checkpoint\'s recipe)')
     args = ap.parse_args(argv)
     if args.build_tokenizer:
         build_tokenizer(Path(args.build_tokenizer))
@@ -588,7 +436,8 @@ def main(argv=None) -> None:
         for name in ("model.safetensors", "config.json"):
             if (src / name).resolve() != (dst / name).resolve():
                 shutil.copy(src / name, dst / name)
-        write_side_files(dst, Path(args.tokenizer), model_config(Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))))
+        tok = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
+        write_side_files(dst, Path(args.tokenizer), model_config(tok))
     elif args.smoke:
         smoke(args)
     else:
