@@ -92,7 +92,7 @@ def run_hf(model_dir: str, samples: list[dict], batch: int, max_new: int) -> lis
         with torch.no_grad():
             out = model.generate(**enc, **kw, max_new_tokens=max_new, do_sample=False, repetition_penalty=1.0)
         for row in out[:, enc["input_ids"].shape[1]:]:
-            replies.append(tok.decode(row, skip_special_tokens=False))
+            replies.append(tok.decode(row, skip_special_tokens=False).replace("<|endoftext|>", ""))
     return replies
 
 

@@ -140,3 +140,30 @@ def test_qvl_greedy_equals_transformers(hf):
     for (name, q, _), o in zip(qs, outs):
         _, ids = hf_answer(hf, Image.open(EXAMPLES / name), q)
         assert list(o.outputs[0].token_ids) == ids, (name, q)
+
+
+def test_video_motion_in_qvl_and_transformers(hf):
+    """examples/moving.mp4 (a red circle moving right): qvl's answer, and transformers' answer on the
+    pixels qvl's video path produced (4 frames at 2 fps -> grid t = 2)."""
+    try:
+        from qvl import LLM, SamplingParams
+        from qvl.multimodal.video import process_video
+        llm = LLM(str(DEMO), dtype="float32", device="cpu")
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"qvl.LLM unavailable: {e}")
+    q = "Which way does the red circle move?"
+    conv = [{"role": "user", "content": [{"type": "video", "video": str(EXAMPLES / "moving.mp4")},
+                                         {"type": "text", "text": q}]}]
+    (out,) = llm.chat([conv], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    assert out.outputs[0].text.strip() == "right"
+    tok, _, model = hf
+    v = process_video(str(EXAMPLES / "moving.mp4"))
+    assert v.grid_thw[0] == 2
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": q}]}],
+                                   tokenize=False, add_generation_prompt=True)
+    n = v.grid_thw[0] * v.grid_thw[1] * v.grid_thw[2] // 4
+    enc = tok([text.replace("<|video_pad|>", "<|video_pad|>" * n)], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**enc, pixel_values_videos=v.pixel_values, video_grid_thw=torch.tensor([v.grid_thw]),
+                             max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1]:]
+    assert ids.tolist() == list(out.outputs[0].token_ids)
