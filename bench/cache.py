@@ -49,7 +49,10 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                     help="default: 1280 720 (2b), 448 448 (small)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = default_device(args.device)
     dtype = torch.bfloat16 if args.config == "2b" else torch.float32
     w, h = args.image_size or ((1280, 720) if args.config == "2b" else (448, 448))

@@ -71,7 +71,10 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--hf-requests", type=int, default=None, help="default: 3 (2b), 2 (small)")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = default_device(args.device)
     dtype = torch.bfloat16 if args.config == "2b" else torch.float32
     new = args.new_tokens or (128 if args.config == "2b" else 32)

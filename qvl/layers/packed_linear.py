@@ -1,18 +1,20 @@
-"""Prepacked oneDNN weights for single-row (decode) matmuls on CPU, used only where bit-identical.
+"""Prepacked oneDNN weights for few-row (decode) matmuls on CPU, used only where bit-identical.
 
-On CPUs with AMX / AVX512-BF16, `F.linear` on one bf16 row re-lays the plain (out, in) weight into the
-kernel's blocked layout on every call; that copy, not the memory read, bounds batch-1 decode.
+On CPUs with AMX / AVX512-BF16, `F.linear` on a few bf16 rows re-lays the plain (out, in) weight into
+the kernel's blocked layout on every call; that copy, not the memory read, bounds decode.
 `pack_linears(linears)` gives each nn.Linear a second copy of its weight in the blocked layout
-(`torch.ops.mkldnn._reorder_linear_weight`) and routes single-row inputs through it
-(`torch.ops.mkldnn._linear_pointwise`). Inputs of several rows (prefill, batched decode), inputs that
-need grad, other thread counts and other dtypes keep `F.linear` on the plain weight.
+(`torch.ops.mkldnn._reorder_linear_weight`) and routes inputs of up to `max_rows` rows through it
+(`torch.ops.mkldnn._linear_pointwise`). More rows (prefill), inputs that need grad, another thread
+count and other dtypes keep `F.linear` on the plain weight.
 
 Numerics: the packed kernel must give the *same bits* as F.linear, or greedy tokens would drift from
-transformers'. Whether it does depends on the shape and the thread count (the kernel splits the
-reduction over in_features differently for some sizes), so each distinct (out, in, bias) is probed once
-when packing: random rows through both paths, compared bit for bit, enough rows for ~2^17 outputs (a
-different reduction order changes ~1e-4 of the outputs, so it is caught with near certainty). A shape
-that differs stays on F.linear (on Qwen2-VL-2B: down_proj, in_features 8960; the rest match).
+transformers'. Whether it does depends on the shape, the number of rows and the thread count (the
+kernels split the reduction over in_features differently for some sizes), so each distinct
+(out, in, bias) is probed once when packing, for 1, 2, ... rows up to MAX_ROWS: random inputs through
+both paths, compared bit for bit, enough calls for ~2^17 outputs per row count (a different reduction
+order changes ~1e-4 of the outputs, so it is caught with near certainty). `max_rows` is the last row
+count before the first mismatch; a shape that differs already at one row stays on F.linear (on
+Qwen2-VL-2B: down_proj, in_features 8960; the other shapes match up to 32 rows).
 
 Memory: the packed copy lives beside the plain weight (prefill needs the plain one, and a tied LM head
 shares it with the embedding). `pack_linears` packs nothing when the copies would exceed `max_bytes`.
@@ -30,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _PROBE_OUTPUTS = 1 << 17
+MAX_ROWS = 32
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -40,16 +43,17 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 class _PackedForward:
-    """Replaces one nn.Linear's forward: packed kernel for a single contiguous row, F.linear otherwise."""
+    """Replaces one nn.Linear's forward: packed kernel for up to max_rows contiguous rows, else F.linear."""
 
-    def __init__(self, linear: nn.Linear, packed: torch.Tensor, threads: int) -> None:
+    def __init__(self, linear: nn.Linear, packed: torch.Tensor, threads: int, max_rows: int) -> None:
         self.weight, self.bias = linear.weight, linear.bias
-        self.packed, self.threads = packed, threads
+        self.packed, self.threads, self.max_rows = packed, threads, max_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 2 and x.shape[0] == 1 and x.dtype == self.packed.dtype and x.is_contiguous()
-                and not torch.is_grad_enabled() and torch.get_num_threads() == self.threads):
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # (1, out)
+        if (x.dim() == 2 and x.shape[0] <= self.max_rows and x.dtype == self.packed.dtype
+                and x.is_contiguous() and not torch.is_grad_enabled()
+                and torch.get_num_threads() == self.threads):
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # (M, out)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -57,20 +61,23 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
 
-def _bit_identical(linear: nn.Linear, packed: torch.Tensor, threads: int) -> bool:
-    """Probe: single random rows through F.linear and the packed kernel give the same bits."""
+def _max_identical_rows(linear: nn.Linear, packed: torch.Tensor, threads: int) -> int:
+    """Probe: the largest m <= MAX_ROWS such that inputs of 1..m random rows give the same bits through
+    F.linear and the packed kernel (0: not even one row)."""
     out_f, in_f = linear.weight.shape
-    rows = min(64, max(2, math.ceil(_PROBE_OUTPUTS / out_f)))
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, in_f, generator=g).to(linear.weight.dtype)  # (rows, in)
-    fwd = _PackedForward(linear, packed, threads)
+    fwd = _PackedForward(linear, packed, threads, MAX_ROWS)
     with torch.no_grad():
-        return all(torch.equal(F.linear(x[r:r + 1], linear.weight, linear.bias), fwd(x[r:r + 1]))
-                   for r in range(rows))
+        for m in range(1, MAX_ROWS + 1):
+            for _ in range(min(64, math.ceil(_PROBE_OUTPUTS / (m * out_f)))):
+                x = torch.randn(m, in_f, generator=g).to(linear.weight.dtype)  # (m, in)
+                if not torch.equal(F.linear(x, linear.weight, linear.bias), fwd(x)):
+                    return m - 1
+    return MAX_ROWS
 
 
 def pack_linears(linears: Iterable[nn.Linear], *, max_bytes: int | None = None) -> int:
-    """Give each linear whose shape passes the bit-identity probe a packed single-row path.
+    """Give each linear whose shape passes the bit-identity probe a packed few-row path.
 
     Returns the number of linears packed (0 when the dtype/device is unsupported or the packed copies
     would exceed max_bytes). Packing twice is a no-op for already packed modules.
@@ -82,19 +89,19 @@ def pack_linears(linears: Iterable[nn.Linear], *, max_bytes: int | None = None) 
     if max_bytes is not None and need > max_bytes:
         return 0
     threads = torch.get_num_threads()
-    verdict: dict[tuple, bool] = {}
+    max_rows: dict[tuple, int] = {}            # (out, in, bias) -> probe verdict
     count = 0
     for m in linears:
         if m.weight.dtype != torch.bfloat16:
             continue
         key = (*m.weight.shape, m.bias is not None)
-        if verdict.get(key) is False:
+        if max_rows.get(key) == 0:
             continue
         packed = _pack(m.weight)
-        if key not in verdict:
-            verdict[key] = _bit_identical(m, packed, threads)
-        if verdict[key]:
-            m.forward = _PackedForward(m, packed, threads)
+        if key not in max_rows:
+            max_rows[key] = _max_identical_rows(m, packed, threads)
+        if max_rows[key]:
+            m.forward = _PackedForward(m, packed, threads, max_rows[key])
             count += 1
     return count
 
