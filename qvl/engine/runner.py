@@ -17,6 +17,10 @@ packed call, each whole, deduplicated by hash. A sequence holds an item's featur
 pad token is prefilled, so a chunk boundary inside an item never re-encodes it. Logits are computed
 only at the last position of sequences whose chunk reaches their end (they sample).
 
+CPU bf16: the decoder's and the LM head's linears get prepacked oneDNN weights for inputs of up to 32
+rows (decode steps), where probed bit-identical to F.linear (qvl.layers.packed_linear); the copies are
+a snapshot of the weights taken here, so a model whose weights change later needs a new runner.
+
 KV pool size: `kv_cache_memory` as bytes (int) or as a fraction (float in (0, 1]) of free device
 memory after the weights are loaded (CUDA: torch.cuda.mem_get_info; CPU: MemAvailable). Default:
 CUDA 0.85 of free memory (the rest for activations and the vision tower); CPU a quarter of available

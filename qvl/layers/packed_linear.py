@@ -18,7 +18,8 @@ Qwen2-VL-2B: down_proj, in_features 8960; the other shapes match up to 32 rows).
 
 Memory: the packed copy lives beside the plain weight (prefill needs the plain one, and a tied LM head
 shares it with the embedding). `pack_linears` packs nothing when the copies would exceed `max_bytes`.
-`unpack_linears` restores plain F.linear. The packed tensors are not parameters: state_dict is unchanged.
+`unpack_linears` restores plain F.linear. The packed tensors are not parameters: state_dict is unchanged,
+and they are a snapshot: after changing a weight, unpack and pack again.
 
 Knows nothing about the model: it sees nn.Linear modules only.
 """
@@ -76,38 +77,38 @@ def _max_identical_rows(linear: nn.Linear, packed: torch.Tensor, threads: int) -
     return MAX_ROWS
 
 
+def _is_packed(m: nn.Linear) -> bool:
+    return isinstance(m.__dict__.get("forward"), _PackedForward)
+
+
 def pack_linears(linears: Iterable[nn.Linear], *, max_bytes: int | None = None) -> int:
     """Give each linear whose shape passes the bit-identity probe a packed few-row path.
 
-    Returns the number of linears packed (0 when the dtype/device is unsupported or the packed copies
-    would exceed max_bytes). Packing twice is a no-op for already packed modules.
+    Returns how many of `linears` are packed afterwards (already packed ones count and are left as
+    they are). Packs nothing when the dtype/device is unsupported or the new copies would exceed
+    max_bytes.
     """
-    linears = [m for m in linears if not isinstance(m.__dict__.get("forward"), _PackedForward)]
-    if not linears or not packing_supported(linears[0].weight.dtype, linears[0].weight.device):
-        return 0
-    need = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if max_bytes is not None and need > max_bytes:
-        return 0
-    threads = torch.get_num_threads()
-    max_rows: dict[tuple, int] = {}            # (out, in, bias) -> probe verdict
-    count = 0
-    for m in linears:
-        if m.weight.dtype != torch.bfloat16:
-            continue
-        key = (*m.weight.shape, m.bias is not None)
-        if max_rows.get(key) == 0:
-            continue
-        packed = _pack(m.weight)
-        if key not in max_rows:
-            max_rows[key] = _max_identical_rows(m, packed, threads)
-        if max_rows[key]:
-            m.forward = _PackedForward(m, packed, threads, max_rows[key])
-            count += 1
-    return count
+    linears = list(linears)
+    todo = [m for m in linears if not _is_packed(m) and m.weight.dtype == torch.bfloat16]
+    need = sum(m.weight.numel() * m.weight.element_size() for m in todo)
+    if (todo and packing_supported(todo[0].weight.dtype, todo[0].weight.device)
+            and (max_bytes is None or need <= max_bytes)):
+        threads = torch.get_num_threads()
+        max_rows: dict[tuple, int] = {}            # (out, in, bias) -> probe verdict
+        for m in todo:
+            key = (*m.weight.shape, m.bias is not None)
+            if max_rows.get(key) == 0:
+                continue
+            packed = _pack(m.weight)
+            if key not in max_rows:
+                max_rows[key] = _max_identical_rows(m, packed, threads)
+            if max_rows[key]:
+                m.forward = _PackedForward(m, packed, threads, max_rows[key])
+    return sum(_is_packed(m) for m in linears)
 
 
 def unpack_linears(linears: Iterable[nn.Linear]) -> None:
     """Drop the packed copies: every linear back to its class forward (F.linear)."""
     for m in linears:
-        if isinstance(m.__dict__.get("forward"), _PackedForward):
+        if _is_packed(m):
             del m.forward
