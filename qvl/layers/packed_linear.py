@@ -51,7 +51,7 @@ class _PackedForward:
         self.packed, self.threads, self.max_rows = packed, threads, max_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 2 and x.shape[0] <= self.max_rows and x.dtype == self.packed.dtype
+        if (x.dim() == 2 and 0 < x.shape[0] <= self.max_rows and x.dtype == self.packed.dtype
                 and x.is_contiguous() and not torch.is_grad_enabled()
                 and torch.get_num_threads() == self.threads):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # (M, out)
