@@ -108,14 +108,6 @@ def run_qvl(model_dir: str, samples: list[dict], batch: int, max_new: int) -> li
     return replies
 
 
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def clean(reply: str) -> str:
     for s in ("<|im_end|>", "<|endoftext|>"):
         reply = reply.replace(s, "")
@@ -131,7 +123,7 @@ def score(samples: list[dict], replies: list[str]) -> dict:
         if s["type"] == "grounding":
             truth = grounding.parse(s["answer"])[0].coords
             got = grounding.parse(r)
-            ious.append(iou(got[0].coords, truth) if got else 0.0)
+            ious.append(D.iou(got[0].coords, truth) if got else 0.0)
     for s, r in zip(samples, replies):              # position, split by form: "A or B?" vs "furthest left?"
         if s["type"] == "position":
             form = "position: extreme" if s["question"].startswith("Which shape is") else "position: pair"

@@ -227,14 +227,6 @@ def greedy(model, b: dict, eos: int, max_new: int = 40) -> list[list[int]]:
     return out
 
 
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def parse_box(text: str):
     import re
     m = re.search(r"\((\d+),(\d+)\),\((\d+),(\d+)\)", text)
@@ -249,7 +241,7 @@ def score(samples, replies) -> dict:
         res.setdefault(qt, []).append(rep == ans)
         if qt == "grounding":
             pb, gb = parse_box(rep), parse_box(ans)
-            res.setdefault("grounding_iou50", []).append(pb is not None and iou(pb, gb) >= 0.5)
+            res.setdefault("grounding_iou50", []).append(pb is not None and D.iou(pb, gb) >= 0.5)
     return {k: round(100 * sum(v) / len(v), 1) for k, v in res.items()}
 
 
