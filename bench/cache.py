@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import (CONFIGS, build_pair, default_device, hf_inputs, image_prompt,  # noqa: E402
+from decode import (add_common_args, build_pair, hf_inputs, image_prompt, setup,  # noqa: E402
                     make_engine, timer)
 
 
@@ -44,17 +44,12 @@ def ttft(eng, prompt, device: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=list(CONFIGS), default="small")
-    ap.add_argument("--device", default=None)
+    add_common_args(ap)
     ap.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                     help="default: 1280 720 (2b), 448 448 (small)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = default_device(args.device)
-    dtype = torch.bfloat16 if args.config == "2b" else torch.float32
+    device, dtype = setup(args)
     w, h = args.image_size or ((1280, 720) if args.config == "2b" else (448, 448))
 
     hf, ours, config = build_pair(args.config, device, dtype)

@@ -58,6 +58,20 @@ def default_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """--config, --device, --threads: shared by decode, throughput and cache benches."""
+    ap.add_argument("--config", choices=list(CONFIGS), default="small")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def setup(args) -> tuple[str, torch.dtype]:
+    """Apply --threads; the device and dtype of the run (bf16 for the 2b config, else fp32)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return default_device(args.device), (torch.bfloat16 if args.config == "2b" else torch.float32)
+
+
 def build_pair(name: str, device: str, dtype: torch.dtype):
     """(transformers model, qvl model, qvl ModelConfig) with the same random weights."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as HF
@@ -178,17 +192,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=list(CONFIGS), default="small")
-    ap.add_argument("--device", default=None)
+    add_common_args(ap)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 256 (2b), 64 (small)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = default_device(args.device)
-    dtype = torch.bfloat16 if args.config == "2b" else torch.float32
+    device, dtype = setup(args)
     new = args.new_tokens or (256 if args.config == "2b" else 64)
 
     hf, ours, config = build_pair(args.config, device, dtype)

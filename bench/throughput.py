@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import (CONFIGS, build_pair, default_device, hf_inputs, image_prompt,  # noqa: E402
+from decode import (add_common_args, build_pair, hf_inputs, image_prompt, setup,  # noqa: E402
                     make_engine, timer)
 
 
@@ -64,19 +64,14 @@ def run_hf(hf, prompts, new: int, device: str, dtype) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=list(CONFIGS), default="small")
-    ap.add_argument("--device", default=None)
+    add_common_args(ap)
     ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="default: 16 32")
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 (2b), 32 (small)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--hf-requests", type=int, default=None, help="default: 3 (2b), 2 (small)")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = default_device(args.device)
-    dtype = torch.bfloat16 if args.config == "2b" else torch.float32
+    device, dtype = setup(args)
     new = args.new_tokens or (128 if args.config == "2b" else 32)
     conc = args.concurrency or [16, 32]
     n_hf = args.hf_requests or (3 if args.config == "2b" else 2)
