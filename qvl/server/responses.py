@@ -67,8 +67,8 @@ def _as_dict(entry: Any) -> dict[int, float]:
 # chat
 
 
-async def chat_full(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None) -> dict:
-    texts = [""] * run.num_choices
+async def _collect(run: RequestRun, texts: list[str]) -> tuple[list[str], list[list[int]], list[list]]:
+    """Run a request to the end: per choice the text (appended to `texts`), token ids and logprobs."""
     tokens: list[list[int]] = [[] for _ in texts]
     lps: list[list] = [[] for _ in texts]
     async for idx, o in run.stream():
@@ -76,6 +76,11 @@ async def chat_full(ctx: ServingContext, run: RequestRun, req, grounding_sizes=N
         tokens[idx].extend(o.token_ids)
         if o.logprobs:
             lps[idx].extend(o.logprobs)
+    return texts, tokens, lps
+
+
+async def chat_full(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None) -> dict:
+    texts, tokens, lps = await _collect(run, [""] * run.num_choices)
     choices = []
     for i, text in enumerate(texts):
         c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -174,14 +179,8 @@ async def guarded(run: RequestRun, events: AsyncIterator[str]) -> AsyncIterator[
 
 async def completion_full(ctx: ServingContext, run: RequestRun, req, prompt_texts: list[str]) -> dict:
     n = req.n
-    texts = [prompt_texts[i // n] if req.echo else "" for i in range(run.num_choices)]
-    tokens: list[list[int]] = [[] for _ in texts]
-    lps: list[list] = [[] for _ in texts]
-    async for idx, o in run.stream():
-        texts[idx] += o.text
-        tokens[idx].extend(o.token_ids)
-        if o.logprobs:
-            lps[idx].extend(o.logprobs)
+    echoed = [prompt_texts[i // n] if req.echo else "" for i in range(run.num_choices)]
+    texts, tokens, lps = await _collect(run, echoed)
     choices = []
     for i, text in enumerate(texts):
         lp = None
