@@ -34,6 +34,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights/activations dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; 1 is much faster on a machine other jobs load)")
 
 
 def _add_media_args(p: argparse.ArgumentParser) -> None:
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _make_llm(args):
     from qvl import LLM
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     kwargs = {"dtype": args.dtype, "device": None if args.device == "auto" else args.device}
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len

@@ -47,7 +47,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "qvl.server.app", str(model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--device", "cpu", "--dtype", "float32", *extra_args]
+               "--port", str(self.port), "--device", "cpu", "--dtype", "float32", "--threads", "1", *extra_args]
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

@@ -339,6 +339,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     eng.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     eng.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda if available)")
     eng.add_argument("--max-model-len", type=int, default=None)
+    eng.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: torch's; 1 is much faster on a machine other jobs load)")
     eng.add_argument("--max-num-seqs", type=int, default=None)
     eng.add_argument("--max-num-batched-tokens", type=int, default=None)
     eng.add_argument("--block-size", type=int, default=None)
@@ -376,6 +378,10 @@ def serve(args) -> None:
         from qvl.cli import DEMO_MODEL  # the shipped demo checkpoint
         args.model = str(DEMO_MODEL)
     api_key = args.api_key or os.environ.get("QVL_API_KEY") or None
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine = build_engine(args)
     limits = ServerLimits(max_images_per_request=args.max_images_per_request,
                           max_videos_per_request=args.max_videos_per_request,
