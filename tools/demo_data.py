@@ -16,10 +16,15 @@ It knows nothing about tokenizers or models: prompts and token ids are built in 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root, for the qvl package
+from qvl.multimodal.image import smart_resize  # noqa: E402  (the one transformers-exact implementation)
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS = {"red": (215, 35, 35), "green": (35, 160, 60), "blue": (35, 75, 215),
@@ -340,21 +345,6 @@ def eval_sample(rng: np.random.Generator, qtype: str, extremes: bool = False) ->
 
 
 # ---------------------------------------------------------------- pixels (transformers' PIL path)
-
-def smart_resize(h: int, w: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = IMAGE_MAX_PIXELS) -> tuple[int, int]:
-    if max(h, w) / min(h, w) > 200:
-        raise ValueError(f"aspect ratio of {h}x{w} exceeds 200")
-    hb, wb = round(h / factor) * factor, round(w / factor) * factor
-    if hb * wb > max_pixels:
-        beta = math.sqrt(h * w / max_pixels)
-        hb = max(factor, math.floor(h / beta / factor) * factor)
-        wb = max(factor, math.floor(w / beta / factor) * factor)
-    elif hb * wb < min_pixels:
-        beta = math.sqrt(min_pixels / (h * w))
-        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
-    return hb, wb
-
 
 def patchify(frames: np.ndarray) -> np.ndarray:
     """(F, H, W, 3) uint8 -> merge-block-major patches. F == 1 (image): (n, 588) = (C, P, P) columns,
