@@ -11,7 +11,9 @@ Contract (INTERFACES.md):
       - metadata without caches: B sequences, each causal over its own new tokens only (no history);
       - metadata with caches (num_blocks, block_size, nKV, D): the new K/V are written at `slot_mapping`,
         then each sequence's queries (the last seq_lens_q of its context) attend causally to its
-        context, gathered through its block table.
+        context, gathered through its block table. The caches must hold finite values in every slot
+        (allocate them zeroed): padded decode rows read unwritten slots, masked to weight 0, and 0*NaN
+        would still be NaN.
     Decode sequences (one new token) are gathered into one padded batch (one index_select per cache)
     and attend in a single SDPA call, masked only when their context lengths differ; prefill chunks
     attend one sequence at a time (a padded batch mask would be quadratic in the batch).
