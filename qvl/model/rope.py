@@ -129,7 +129,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def mrope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, mrope_section: Sequence[int], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text rotary tables for positions (3, N): cos, sin of shape (N, head_dim) in `dtype`."""
+    """Text rotary tables for positions (3, N): cos and a half-negated sin, each (N, head_dim) in `dtype`.
+
+    The sin table's first half is negated (exact: only the sign flips) so that `apply_rotary` needs no
+    negation per call: rotate_half(x) * sin == swap_halves(x) * sin_signed, bit for bit."""
     if sum(mrope_section) != head_dim // 2:
         raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
     inv = _inv_freq(head_dim, float(theta), str(positions.device))  # (D/2,)
@@ -138,13 +141,14 @@ def mrope_cos_sin(
     # Pick each frequency's stream first; the product is elementwise so this equals select-after.
     freqs = pos[stream].t() * inv  # (N, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (N, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    return emb.cos().to(dtype), torch.cat((-sin[:, :head_dim // 2], sin[:, head_dim // 2:]), -1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (N, heads, D) rotated in x's dtype with cos/sin (N, D)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, D)
-    return x * cos + rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x (N, heads, D) rotated in x's dtype with mrope_cos_sin's tables (N, D): x*cos + rotate_half(x)*sin,
+    computed as x*cos + swap_halves(x)*sin_signed (same bits, fewer kernels)."""
+    return x * cos.unsqueeze(1) + x.roll(x.shape[-1] // 2, -1) * sin_signed.unsqueeze(1)
 
 
 def vision_cos_sin(

@@ -54,7 +54,8 @@ class Qwen2Attention(nn.Module):
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, nH, D)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, nKV, D)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qk = apply_rotary(torch.cat((q, k), 1), cos, sin)  # (N, nH + nKV, D): one rotation for both
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         o = attention(q, k, v, scale=self.scale, metadata=attn_metadata, k_cache=self.k_cache,
                       v_cache=self.v_cache)  # (N, nH, D)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
