@@ -1,4 +1,4 @@
-"""The `qvl` command: run | chat | serve | tokens.
+"""The `qvl` command: run | chat | serve | tokens | bench.
 
 Contract: every subcommand defaults to the demo checkpoint shipped in the package (`qvl/demo`), takes
 `--model DIR_OR_HUB_ID` for real weights, and turns a user mistake (missing file, unsupported format, a
@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("files", nargs="+")
     tokens.add_argument("--json", action="store_true")
     _add_media_args(tokens)
+    bench = sub.add_parser("bench", help="latency and throughput of a checkpoint on this machine (qvl.benchmark)")
+    bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 8],
+                       help="requests submitted at once, one measurement each (default: 1 8)")
+    bench.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request (default 128)")
+    bench.add_argument("--image-size", type=int, nargs=2, default=[448, 448], metavar=("W", "H"),
+                       help="random image per request (default 448 448: 256 visual tokens)")
+    bench.add_argument("--question", default=None, help="the question asked about each image")
+    bench.add_argument("--json", action="store_true")
+    _add_model_args(bench)
     return parser
 
 
@@ -272,9 +281,34 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from qvl import benchmark
+
+    benchmark.check(args.concurrency, args.new_tokens, args.image_size)
+    llm = _make_llm(args)
+    model = llm.engine.model
+    kwargs = {"question": args.question} if args.question else {}
+    rows = benchmark.run_bench(llm, concurrency=args.concurrency, new_tokens=args.new_tokens,
+                               image_size=tuple(args.image_size), **kwargs)
+    import torch
+
+    setup = {"model": args.model or _default_model(), "device": str(model.device),
+             "dtype": str(model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+             "image_size": list(args.image_size)}
+    if args.json:
+        print(json.dumps({**setup, "rows": rows}, indent=1))
+    else:
+        print(f"qvl bench: {setup['model']} on {setup['device']} ({setup['dtype']}, {setup['threads']} threads); "
+              f"each request: one {args.image_size[0]}x{args.image_size[1]} image, {rows[0]['prompt_tokens']} "
+              f"prompt tokens, {args.new_tokens} new tokens")
+        print(benchmark.format_table(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "tokens": cmd_tokens}[args.command]
+    handler = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "tokens": cmd_tokens,
+               "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except (CLIError, ValueError, FileNotFoundError) as e:

@@ -59,6 +59,7 @@ def test_tokens_needs_no_model(tmp_path):
     (["run", "--image", "missing.png", "hi"], "not found"),
     (["tokens", "missing.png"], "not found"),
     (["run", "--model", "/", "hi"], "not a Hugging Face Qwen2-VL checkpoint"),
+    (["bench", "--new-tokens", "0"], "new_tokens must be >= 1, got 0"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(args, message):
     r = qvl(*args)
@@ -72,3 +73,18 @@ def test_unsupported_format_is_one_line(tmp_path):
     bad.write_text("not an image")
     r = qvl("run", "--image", str(bad), "hi")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "notes.png" in r.stderr
+
+
+def test_bench_reports_every_concurrency():
+    r = qvl("bench", "--concurrency", "1", "3", "--new-tokens", "4", "--image-size", "84", "56", "--json",
+            "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["device"] == "cpu" and out["image_size"] == [84, 56]
+    assert [row["concurrency"] for row in out["rows"]] == [1, 3]
+    for row in out["rows"]:
+        n = row["concurrency"]
+        assert row["new_tokens"] == 4 and row["prompt_tokens"] > 6      # 3x2 merged tokens + text
+        assert row["output_tok_s"] == pytest.approx(n * 4 / row["wall_s"], rel=0.05)
+        assert 0 < row["ttft_ms_median"] <= row["ttft_ms_p90"] <= 1000 * row["wall_s"]
+        assert row["tpot_ms_median"] > 0
