@@ -197,14 +197,16 @@ def test_embed_count_mismatch(pair):
 # --------------------------------------------------------------------------------- paged KV attention
 
 class PagedCache:
-    """A minimal stand-in for the runner: per-layer caches and shuffled (non-contiguous) block tables."""
+    """A minimal stand-in for the runner: per-layer caches and shuffled (non-contiguous) block tables.
+    Unwritten slots hold NaN (as recycled memory may); only the reserved last block is zeroed."""
 
     def __init__(self, model, config, num_blocks=64, block_size=4, seed=0):
         self.block_size = block_size
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        shape = (num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
         for attn in model.attention_modules():
-            attn.k_cache = torch.zeros(shape)
-            attn.v_cache = torch.zeros(shape)
+            attn.k_cache = torch.full(shape, float("nan"))
+            attn.v_cache = torch.full(shape, float("nan"))
+            attn.k_cache[-1] = attn.v_cache[-1] = 0
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         self.tables: dict[int, list[int]] = {}

@@ -98,19 +98,23 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
         self.held: dict[int, dict[int, torch.Tensor]] = {}   # seq_id -> {item index: (T, H)}
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        # Zeroed, not empty: a padded decode batch reads slots no token has written yet (with weight 0),
-        # and 0 * NaN left in recycled memory would be NaN.
+        # One block more than the block manager hands out: the last one is the zeroed padding block that
+        # padded decode rows read (qvl.layers.attention). The rest stays uninitialised (untouched pages
+        # cost no RAM); every slot attention reads there has been written first.
+        shape = (num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
         for attn in model.attention_modules():
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache[-1].zero_()
+            attn.v_cache[-1].zero_()
         self.num_packed = self._pack_decode_weights() if packing_supported(self.dtype, self.device) else 0
 
     def _pack_decode_weights(self) -> int:
         """CPU bf16: prepacked weights for the decoder's and the LM head's single-row matmuls
         (qvl.layers.packed_linear), if the copies fit in half the RAM the KV pool leaves."""
         linears = [m for m in self.model.model.modules() if isinstance(m, torch.nn.Linear)]
-        spare = available_memory(self.device)     # the zeroed pool is already resident: not counted again
+        kv_bytes = 2 * sum(a.k_cache.numel() * a.k_cache.element_size() for a in self.model.attention_modules())
+        spare = available_memory(self.device) - kv_bytes     # the pool is not touched yet: not counted
         return pack_linears(linears + [self.model.lm_head], max_bytes=max(0, spare // 2))
 
     # --- per-sequence state --------------------------------------------------------------------

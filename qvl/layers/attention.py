@@ -11,9 +11,10 @@ Contract (INTERFACES.md):
       - metadata without caches: B sequences, each causal over its own new tokens only (no history);
       - metadata with caches (num_blocks, block_size, nKV, D): the new K/V are written at `slot_mapping`,
         then each sequence's queries (the last seq_lens_q of its context) attend causally to its
-        context, gathered through its block table. The caches must hold finite values in every slot
-        (allocate them zeroed): padded decode rows read unwritten slots, masked to weight 0, and 0*NaN
-        would still be NaN.
+        context, gathered through its block table. The caches' *last* block is reserved for padding:
+        the caller zeroes it and never puts it in a block table. Decode rows shorter than the longest
+        read its first slot at their padded positions (masked to weight 0), so no unwritten slot,
+        which may hold NaN from recycled memory (0 * NaN = NaN), is ever read.
     Decode sequences (one new token) are gathered into one padded batch (one index_select per cache)
     and attend in a single SDPA call, masked only when their context lengths differ; prefill chunks
     attend one sequence at a time (a padded batch mask would be quadratic in the batch).
@@ -72,8 +73,9 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return self.starts[-1]
 
-    def _context_slots(self, rows: list[int], block_size: int) -> torch.Tensor:
-        """KV slots of the contexts of sequences `rows`, padded to the longest: (len(rows), L) int64."""
+    def _context_slots(self, rows: list[int], block_size: int, pad_slot: int) -> torch.Tensor:
+        """KV slots of the contexts of sequences `rows`, padded to the longest with `pad_slot`:
+        (len(rows), L) int64."""
         lens = [self.context_lens[i] for i in rows]
         width = -(-max(lens) // block_size)
         tables = []
@@ -82,13 +84,15 @@ class AttentionMetadata:
             if len(table) < need:
                 raise ValueError(f"sequence {i}: block table has {len(table)} blocks, context of {n} tokens "
                                  f"needs {need} (block_size {block_size})")
-            tables.append(table[:need] + [0] * (width - need))   # padding reads block 0, masked out
+            tables.append(table[:need] + [0] * (width - need))
         pos = torch.arange(max(lens))
-        return torch.tensor(tables)[:, pos // block_size] * block_size + pos % block_size  # (B, L)
+        slots = torch.tensor(tables)[:, pos // block_size] * block_size + pos % block_size  # (B, L)
+        return slots.masked_fill_(pos[None, :] >= torch.tensor(lens)[:, None], pad_slot)
 
-    def plan(self, block_size: int, device: torch.device) -> CachePlan:
-        """This step's CachePlan for a cache of `block_size` on `device` (built once, then reused)."""
-        key = (block_size, str(device))
+    def plan(self, block_size: int, device: torch.device, pad_slot: int) -> CachePlan:
+        """This step's CachePlan for a cache of `block_size` on `device` whose zeroed padding slot is
+        `pad_slot` (built once, then reused)."""
+        key = (block_size, str(device), pad_slot)
         if key in self._derived:
             return self._derived[key]
         if self.slot_mapping is None or self.block_tables is None:
@@ -101,7 +105,7 @@ class AttentionMetadata:
         shape = (0, 0)
         if decode:
             lens = [self.context_lens[i] for i in decode]
-            padded = self._context_slots(decode, block_size)                          # (Bd, L)
+            padded = self._context_slots(decode, block_size, pad_slot)                # (Bd, L)
             shape = tuple(padded.shape)
             slots = padded.flatten().to(device)                                       # (Bd * L,)
             if min(lens) != max(lens):
@@ -109,7 +113,7 @@ class AttentionMetadata:
                 mask = valid[:, None, None, :].to(device)                             # (Bd, 1, 1, L)
             if len(decode) != len(self.seq_lens_q):
                 rows = torch.tensor([self.starts[i] for i in decode], device=device)  # (Bd,)
-        prefill = [(self.starts[i], self.starts[i + 1], self._context_slots([i], block_size)[0].to(device))
+        prefill = [(self.starts[i], self.starts[i + 1], self._context_slots([i], block_size, pad_slot)[0].to(device))
                    for i, lq in enumerate(self.seq_lens_q) if lq > 1]
         plan = CachePlan(self.slot_mapping.to(device), rows, slots, shape, mask, prefill)
         self._derived[key] = plan
@@ -169,7 +173,7 @@ def attention(
             return _causal_one(q, k, v, scale)
         return torch.cat([_causal_one(q[a:b], k[a:b], v[a:b], scale) for a, b in zip(starts, starts[1:])])
 
-    plan = metadata.plan(k_cache.shape[1], k_cache.device)
+    plan = metadata.plan(k_cache.shape[1], k_cache.device, pad_slot=(k_cache.shape[0] - 1) * k_cache.shape[1])
     flat_k = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks*block_size, nKV, D)
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
     flat_k.index_copy_(0, plan.slot_mapping, k.to(k_cache.dtype))
