@@ -84,7 +84,7 @@ class AttentionMetadata:
             if len(table) < need:
                 raise ValueError(f"sequence {i}: block table has {len(table)} blocks, context of {n} tokens "
                                  f"needs {need} (block_size {block_size})")
-            tables.append(table[:need] + [0] * (width - need))
+            tables.append(table[:need] + [0] * (width - need))      # placeholders, replaced by pad_slot
         pos = torch.arange(max(lens))
         slots = torch.tensor(tables)[:, pos // block_size] * block_size + pos % block_size  # (B, L)
         return slots.masked_fill_(pos[None, :] >= torch.tensor(lens)[:, None], pad_slot)
