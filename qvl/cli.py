@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     serve.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
                        help="checkpoint directory or hub id (default: the bundled demo checkpoint)")
-    from qvl.server.app import add_serve_args
+    from qvl.server.launch import add_serve_args
 
     add_serve_args(serve)
 
@@ -274,7 +274,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from qvl.server.app import serve
+    from qvl.server.launch import serve
 
     args.model = args.model_pos or _default_model()
     serve(args)

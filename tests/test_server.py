@@ -40,13 +40,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m qvl.server.app MODEL ...` in a subprocess; waits for /health; SIGTERM on stop()."""
+    """`python -m qvl.server.launch MODEL ...` in a subprocess; waits for /health; SIGTERM on stop()."""
 
     def __init__(self, model: Path, extra_args: list[str], log_path: Path, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "qvl.server.app", str(model), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "qvl.server.launch", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--device", "cpu", "--dtype", "float32", "--threads", "1", *extra_args]
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
