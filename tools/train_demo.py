@@ -164,7 +164,8 @@ def _masked_mean(x, m):
 
 def compute_loss(model, probe, b, aux_weight: float = 1.0, rank_weight: float = 0.0):
     """Answer CE (type-balanced) + aux probe loss. Integer indices from the loader: no host syncs."""
-    vis = vision(model, b)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and model.visual.patch_embed.proj.weight.requires_grad):
+        vis = vision(model, b)                          # no graph through a frozen tower (--freeze-vision)
     h = model.text(b["ids"], b["pos"], segment_mask(b["seg"]), vis, b["t_vis"])
     sel = b["t_sel"]
     logits = model.lm_head(h.reshape(-1, h.shape[-1])[sel]).float()
@@ -274,13 +275,17 @@ def train(args) -> None:
     model = model.to(dev)
     if args.threads:
         torch.set_num_threads(args.threads)
-    probe = nn.Linear(cfg.hidden_size, sum(AUX_SPLITS)).to(dev)
     n_par = sum(x.numel() for x in model.parameters())
-    decay = [x for x in model.parameters() if x.dim() >= 2]
-    other = [x for x in model.parameters() if x.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0},
-                             {"params": list(probe.parameters()), "weight_decay": 0.0, "lr_mult": args.probe_lr_mult}],
-                            lr=args.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
+    if args.freeze_vision:                          # fine-tune the text model only; the probe has no use
+        model.visual.requires_grad_(False)
+    probe = None if args.freeze_vision else nn.Linear(cfg.hidden_size, sum(AUX_SPLITS)).to(dev)
+    trained = [x for x in model.parameters() if x.requires_grad]
+    groups = [{"params": [x for x in trained if x.dim() >= 2], "weight_decay": 0.05},
+              {"params": [x for x in trained if x.dim() < 2], "weight_decay": 0.0}]
+    if probe is not None:
+        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0, "lr_mult": args.probe_lr_mult})
+    trained += [x for g in groups[2:] for x in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
     samples = eval_set(args.eval_per_type, seed=args.eval_seed, extremes=args.position_extremes)
     eval_rows = [make_row(p, sc, [(qt, q, a)], aux=False, answers=False) for qt, sc, q, a in samples]
     loader = torch.utils.data.DataLoader(
@@ -329,7 +334,7 @@ def train(args) -> None:
             del b
             torch.cuda.empty_cache()
             continue
-        gn = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(probe.parameters()), 1.0)
+        gn = torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         step += 1
         images += args.images + args.videos
@@ -416,6 +421,7 @@ def main(argv=None) -> None:
     ap.add_argument("--type-weights", default="", help="question sampling weights, e.g. text=3,position=3")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--probe-lr-mult", type=float, default=1.0)
+    ap.add_argument("--freeze-vision", action="store_true", help="train the text model only (with --init)")
     ap.add_argument("--position-extremes", action="store_true",
                     help='also ask "Which shape is furthest left?" (not in the shipped checkpoint\'s recipe)')
     args = ap.parse_args(argv)
