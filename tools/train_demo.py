@@ -284,7 +284,7 @@ def train(args) -> None:
               {"params": [x for x in trained if x.dim() < 2], "weight_decay": 0.0}]
     if probe is not None:
         groups.append({"params": list(probe.parameters()), "weight_decay": 0.0, "lr_mult": args.probe_lr_mult})
-    trained += [x for g in groups[2:] for x in g["params"]]
+        trained += list(probe.parameters())
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
     samples = eval_set(args.eval_per_type, seed=args.eval_seed, extremes=args.position_extremes)
     eval_rows = [make_row(p, sc, [(qt, q, a)], aux=False, answers=False) for qt, sc, q, a in samples]

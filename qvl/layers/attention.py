@@ -108,9 +108,8 @@ class AttentionMetadata:
             padded = self._context_slots(decode, block_size, pad_slot)                # (Bd, L)
             shape = tuple(padded.shape)
             slots = padded.flatten().to(device)                                       # (Bd * L,)
-            if min(lens) != max(lens):
-                valid = torch.arange(shape[1])[None, :] < torch.tensor(lens)[:, None]  # (Bd, L)
-                mask = valid[:, None, None, :].to(device)                             # (Bd, 1, 1, L)
+            if min(lens) != max(lens):                  # padding is exactly where pad_slot was put
+                mask = (padded != pad_slot)[:, None, None, :].to(device)              # (Bd, 1, 1, L)
             if len(decode) != len(self.seq_lens_q):
                 rows = torch.tensor([self.starts[i] for i in decode], device=device)  # (Bd,)
         prefill = [(self.starts[i], self.starts[i + 1], self._context_slots([i], block_size, pad_slot)[0].to(device))
