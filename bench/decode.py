@@ -76,9 +76,9 @@ def build_pair(name: str, device: str, dtype: torch.dtype):
     """(transformers model, qvl model, qvl ModelConfig) with the same random weights."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as HF
 
-    from qvl.config import ModelConfig
-    from qvl.model.loader import canonical_key
-    from qvl.model.qwen2_vl import Qwen2VLForConditionalGeneration
+    from qvl.models.qwen2_vl.config import ModelConfig
+    from qvl.models.qwen2_vl.weights import canonical_key
+    from qvl.models.qwen2_vl.model import Qwen2VLForConditionalGeneration
 
     d = config_dict(name)
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def timer(device: str) -> float:
 
 def image_prompt(config, image, text_before: list[int], text_after: list[int]):
     """A ProcessedPrompt: text, one image (its pads), text — built without a tokenizer."""
-    from qvl.model.rope import mrope_positions
+    from qvl.models.qwen2_vl.rope import mrope_positions
     from qvl.multimodal.image import process_image
     from qvl.multimodal.prompt import ProcessedPrompt
 

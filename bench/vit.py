@@ -31,8 +31,8 @@ def build(name: str, dtype: torch.dtype, device: str):
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-    from qvl.config import VisionConfig
-    from qvl.model.vision import VisionTransformer
+    from qvl.models.qwen2_vl.config import VisionConfig
+    from qvl.models.qwen2_vl.vision import VisionTransformer
 
     spec = {k: v for k, v in CONFIGS[name].items() if k != "grids"}
     torch.manual_seed(0)

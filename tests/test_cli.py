@@ -58,7 +58,7 @@ def test_tokens_needs_no_model(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["run", "--image", "missing.png", "hi"], "not found"),
     (["tokens", "missing.png"], "not found"),
-    (["run", "--model", "/", "hi"], "not a Hugging Face Qwen2-VL checkpoint"),
+    (["run", "--model", "/", "hi"], "not a Hugging Face checkpoint"),
     (["bench", "--new-tokens", "0"], "new_tokens must be >= 1, got 0"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(args, message):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qvl.config import ModelConfig, VisionConfig, load_generation_config
+from qvl.models.qwen2_vl.config import ModelConfig, VisionConfig, load_generation_config
 
 HUB_2B = {
     "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",

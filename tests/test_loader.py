@@ -1,4 +1,4 @@
-"""qvl.model.loader: key layouts, sharding, tied head, dtype, and the errors for bad checkpoints."""
+"""qvl.build: key layouts, sharding, tied head, dtype, and the errors for bad checkpoints."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qvl.model.loader import canonical_key, load_model, resolve_model_path
+from qvl.build import load_model, resolve_model_path
+from qvl.models.qwen2_vl.weights import canonical_key
 
 
 def _copy(src, dst):

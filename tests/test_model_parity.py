@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qvl.model.rope import mrope_positions
+from qvl.models.qwen2_vl.rope import mrope_positions
 
 IMG, VID, VS, VE = 900, 901, 902, 903
 
@@ -82,7 +82,7 @@ def _hf(path, attn="sdpa", dtype=torch.float32):
 
 @pytest.fixture(scope="module")
 def pair(tiny_ckpt):
-    from qvl.model.loader import load_model
+    from qvl.build import load_model
 
     model, config = load_model(tiny_ckpt)
     return model, config, _hf(tiny_ckpt)
@@ -90,7 +90,7 @@ def pair(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def pair_tied(tiny_ckpt_tied):
-    from qvl.model.loader import load_model
+    from qvl.build import load_model
 
     model, config = load_model(tiny_ckpt_tied)
     return model, config, _hf(tiny_ckpt_tied)
@@ -329,7 +329,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.fixture(scope="module")
 def cuda_bf16(tiny_ckpt):
-    from qvl.model.loader import load_model
+    from qvl.build import load_model
 
     model, config = load_model(tiny_ckpt, dtype=torch.bfloat16, device="cuda")
     hf = _hf(tiny_ckpt, dtype=torch.bfloat16).to("cuda")
@@ -381,7 +381,7 @@ def test_cuda_bf16_logits_and_greedy_match_transformers(cuda_bf16):
 @cuda
 @torch.no_grad()
 def test_cuda_fp32_matches_cpu(pair, tiny_ckpt):
-    from qvl.model.loader import load_model
+    from qvl.build import load_model
 
     model_cpu, config, _ = pair
     model, _ = load_model(tiny_ckpt, device="cuda")

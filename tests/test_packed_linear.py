@@ -20,12 +20,18 @@ def test_single_rows_bit_identical_and_state_dict_unchanged():
     keys = list(mods.state_dict())
     x = torch.randn(40, 96).bfloat16()
     ref = [mods[0](x[:m]) for m in (1, 2, 5, 40)]
-    assert pack_linears(mods) == 3                        # tiny in_features: one reduction block
-    assert pack_linears(mods) == 3                        # already packed: left as they are
-    assert mods[0].forward.max_rows >= 5
+    # Which shapes pass the bit-identity probe depends on the CPU's oneDNN kernels (all three on AMX
+    # machines, two on some AVX-512 ones): whatever is packed must give F.linear's bits.
+    packed = pack_linears(mods)
+    assert packed >= 1 and packed == sum("forward" in m.__dict__ for m in mods)
+    assert pack_linears(mods) == packed                   # already packed: left as they are
     assert all(torch.equal(a, mods[0](x[:m])) for a, m in zip(ref, (1, 2, 5, 40)))   # 40 rows: F.linear
     h = torch.randn(1, 160).bfloat16()
     assert torch.equal(mods[1](h), F.linear(h, mods[1].weight))
+    for m in mods:
+        if "forward" in m.__dict__:
+            rows = torch.randn(m.forward.max_rows, m.in_features).bfloat16()
+            assert torch.equal(m(rows), F.linear(rows, m.weight, m.bias))
     assert list(mods.state_dict()) == keys
     unpack_linears(mods)
     assert "forward" not in mods[0].__dict__

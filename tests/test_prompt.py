@@ -162,7 +162,7 @@ def test_decode_and_no_bos(pp, hf):
 
 
 def test_special_ids_checked_against_model_config(ckpt):
-    from qvl.config import ModelConfig
+    from qvl.models.qwen2_vl.config import ModelConfig
 
     cfg = ModelConfig.from_pretrained(ckpt)
     assert PromptProcessor.from_pretrained(ckpt, model_config=cfg).image_token_id == cfg.image_token_id

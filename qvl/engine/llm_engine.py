@@ -104,7 +104,7 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model: str, *, dtype="auto", device=None, **kw) -> "LLMEngine":
-        from qvl.model.loader import load_model, resolve_model_path
+        from qvl.build import load_model, resolve_model_path
         from qvl.multimodal.prompt import PromptProcessor
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

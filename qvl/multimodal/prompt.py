@@ -34,7 +34,7 @@ import jinja2.nodes
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from qvl.model.rope import mrope_positions
+from qvl.models import DEFAULT_MODEL_TYPE, family_for
 from qvl.multimodal.budget import ItemBudget, check_context, image_num_tokens, video_num_tokens
 from qvl.multimodal.image import PATCH_SIZE, process_image
 from qvl.multimodal.media import fetch_bytes
@@ -63,7 +63,11 @@ class PromptProcessor:
     def __init__(self, tokenizer, chat_template: str | None = None, *, min_pixels: int = DEFAULT_MIN_PIXELS,
                  max_pixels: int = DEFAULT_MAX_PIXELS, special_tokens: dict[str, Any] | None = None,
                  model_config=None, spatial_merge_size: int = 2):
-        """`tokenizer` is a `tokenizers.Tokenizer`; `special_tokens` are template variables (eos_token, ...)."""
+        """`tokenizer` is a `tokenizers.Tokenizer`; `special_tokens` are template variables (eos_token, ...).
+
+        `model_config` (a family's Config) picks the family whose rope index and pad expansion apply;
+        without one (tokenizer-only use), Qwen2-VL's rules with the tokenizer's pad ids and
+        `spatial_merge_size`."""
         if min_pixels <= 0 or max_pixels < min_pixels:
             raise ValueError(f"pixel limits must satisfy 0 < min_pixels <= max_pixels, got "
                              f"min_pixels={min_pixels}, max_pixels={max_pixels}")
@@ -73,6 +77,7 @@ class PromptProcessor:
         self.special_tokens = dict(special_tokens or {})
         self.model_config = model_config
         self.spatial_merge_size = spatial_merge_size
+        self.processing = family_for(getattr(model_config, "model_type", DEFAULT_MODEL_TYPE)).processing
         ids = {}
         for tok in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END):
             ids[tok] = tokenizer.token_to_id(tok)
@@ -223,15 +228,25 @@ class PromptProcessor:
         for (at, _), item in zip(slots, items):
             out.extend(ids[prev:at])
             offsets.append(len(out))
-            pad = self.image_token_id if item.kind == "image" else self.video_token_id
-            out.extend([pad] * item.num_tokens)
+            out.extend(self._pad_tokens(item))
             prev = at + 1
         out.extend(ids[prev:])                                       # (N,)
         if max_model_len is not None:   # exact recheck (headers can lie, e.g. a video's frame count)
             check_context([_as_budget(it, s.label) for it, s in zip(items, specs)], text_tokens, max_model_len)
-        positions, delta = mrope_positions(out, [tuple(it.grid_thw) for it in items], self.image_token_id,
-                                            self.video_token_id, self.spatial_merge_size)  # (3, N)
+        positions, delta = self.processing.rope_index(out, items, self._rope_config())  # (3, N)
         return ProcessedPrompt(out, positions, int(delta), items, offsets, text)
+
+    def _rope_config(self):
+        """The config the family's rope index and pad expansion read (pad ids, merge size)."""
+        if self.model_config is not None:
+            return self.model_config
+        from types import SimpleNamespace
+
+        return SimpleNamespace(image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+                               vision=SimpleNamespace(spatial_merge_size=self.spatial_merge_size))
+
+    def _pad_tokens(self, item) -> list[int]:
+        return self.processing.pad_tokens(item, self._rope_config())
 
     def _match(self, ids: list[int], media, source: str) -> list[tuple[int, MediaSpec]]:
         """Pair each pad token of `ids` with its media spec: images in order, videos in order."""

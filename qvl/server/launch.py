@@ -18,7 +18,7 @@ import threading
 from fastapi import FastAPI
 
 from qvl.server.app import create_app
-from qvl.server.serving import ServerLimits
+from qvl.config import ServerLimits
 
 logger = logging.getLogger("qvl.server")
 

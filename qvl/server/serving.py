@@ -22,18 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from qvl.config import ServerLimits
 from qvl.server.errors import APIError, media_error
 
 logger = logging.getLogger("qvl.server")
-
-
-@dataclass
-class ServerLimits:
-    max_images_per_request: int = 16
-    max_videos_per_request: int = 2
-    max_visual_tokens_per_request: int | None = None   # None: only the context bounds it
-    max_request_bytes: int = 64 * 1024 * 1024
-    preprocess_workers: int = 4
 
 
 @dataclass

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qvl.config import VisionConfig
-from qvl.model.rope import apply_rotary_fp32, vision_cos_sin
+from qvl.models.qwen2_vl.config import VisionConfig
+from qvl.models.qwen2_vl.rope import apply_rotary_fp32, vision_cos_sin
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Qwen2-VL top level: vision tower + text decoder + LM head over a flat token batch. Math only.
 
 Attribute names are the hub checkpoint's (`visual.*`, `model.*`, `lm_head`), so loading is a rename table
-(qvl.model.loader). The pieces are separate calls so the runner controls what runs and when:
+(qvl.build). The pieces are separate calls so the runner controls what runs and when:
 
     feats  = model.encode_vision(pixel_values (np, 1176), grid_thw (ni, 3))    # (np/4, H), item order
     embeds = model.embed(input_ids (N,), feats for the pad tokens in this batch)  # (N, H)
@@ -18,10 +18,10 @@ import warnings
 import torch
 import torch.nn as nn
 
-from qvl.config import ModelConfig
+from qvl.models.qwen2_vl.config import ModelConfig
 from qvl.layers.attention import AttentionMetadata
-from qvl.model.text import Qwen2Attention, Qwen2Model
-from qvl.model.vision import VisionTransformer
+from qvl.models.qwen2_vl.text import Qwen2Attention, Qwen2Model
+from qvl.models.qwen2_vl.vision import VisionTransformer
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):

@@ -5,7 +5,7 @@ over a flat batch of tokens (see qvl.layers.attention for what the metadata mean
     h   = x + o_proj(Attn(RMSNorm(x)))              q/k/v with bias, o_proj without; GQA
     out = h + down_proj(silu(gate_proj(n)) * up_proj(n)),  n = RMSNorm(h)
 RMSNorm casts the normalized value to the input dtype *before* the weight multiply (QWEN2VL_SPEC 6).
-Rotary tables come from qvl.model.rope (M-RoPE, cos/sin cast to the activation dtype).
+Rotary tables come from qvl.models.qwen2_vl.rope (M-RoPE, cos/sin cast to the activation dtype).
 
 Each `Qwen2Attention` carries `k_cache` / `v_cache` (None until a runner sets them, shape
 (num_blocks, block_size, num_kv_heads, head_dim)); K is stored after rotary.
@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qvl.config import ModelConfig
+from qvl.models.qwen2_vl.config import ModelConfig
 from qvl.layers.attention import AttentionMetadata, attention
-from qvl.model.rope import apply_rotary, mrope_cos_sin
+from qvl.models.qwen2_vl.rope import apply_rotary, mrope_cos_sin
 
 
 class RMSNorm(nn.Module):

@@ -1,17 +1,17 @@
-"""Load a Qwen2-VL checkpoint (safetensors, single file or sharded) into `Qwen2VLForConditionalGeneration`.
+"""Build a model from a checkpoint (safetensors, single file or sharded) through its family (qvl.models).
 
   resolve_model_path(path_or_hub_id) -> local directory (a local dir as is; otherwise
       huggingface_hub.snapshot_download of the weights, configs and tokenizer files; a clear error when
       the download fails or the hub is unreachable).
   load_model(path_or_hub_id, dtype=torch.float32, device="cpu", progress=None) -> (model, config)
 
-Loading: the model is built on the meta device (no random init), then every tensor is read through
-safetensors' memory map, renamed, checked for shape, cast to `dtype` and placed on `device` one at a time
-(peak extra memory = one tensor). Key spellings accepted (QWEN2VL_SPEC 2): hub `visual.*` / `model.*` and
-4.52+ `model.visual.*` / `model.language_model.*`. A missing `lm_head.weight` (or tie_word_embeddings) ties
-the head to the embedding. Unexpected or missing keys -> ValueError listing them.
+Pipeline: config.json's model_type picks the family; the family's Model is built on the meta device (no
+random init); every stored tensor is renamed by the family's `weights.canonical_key`, passed through its
+`weights.sanitize` (checkpoint quirks), checked for shape, cast to `dtype` and placed on `device` one at a
+time (peak extra memory = one tensor). A missing head (`weights.TIED[0]`, or tie_word_embeddings) shares
+the embedding. Unexpected or missing keys -> ValueError listing them.
 
-Knows nothing about tokenizers, the engine or the KV cache.
+Knows nothing about tokenizers, the engine or the KV cache, and no family fact.
 """
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qvl.config import ModelConfig
-from qvl.model.qwen2_vl import Qwen2VLForConditionalGeneration
+from qvl.models import load_config
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
 _PROGRESS_BYTES = 1 << 30  # show a progress bar above 1 GiB of weights
@@ -72,40 +71,33 @@ def _checkpoint_files(path: Path) -> list[Path]:
     raise ValueError(f"no safetensors weights in {path}{hint}")
 
 
-def canonical_key(key: str) -> str:
-    """Map any accepted spelling to the hub spelling (= our module names)."""
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
-    if key.startswith("model.visual."):
-        return "visual." + key[len("model.visual."):]
-    return key
-
-
 def _name_list(names: list[str], limit: int = 20) -> str:
     shown = ", ".join(sorted(names)[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _warn_fp16(dtype: torch.dtype) -> None:
+def _warn_fp16(dtype: torch.dtype, family) -> None:
     if dtype == torch.float16:
-        warnings.warn("Qwen2-VL in float16 overflows (NaN / '!!!!' outputs, transformers#33294); use bfloat16",
-                      stacklevel=3)
+        warnings.warn(f"{family.DISPLAY_NAME} in float16 overflows (NaN / '!!!!' outputs, transformers#33294); "
+                      f"use bfloat16", stacklevel=3)
 
 
 def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", progress: bool | None = None,
-               ) -> tuple[Qwen2VLForConditionalGeneration, ModelConfig]:
-    """Build the model and load its weights; returns (model in eval mode, config)."""
+               ) -> tuple[nn.Module, object]:
+    """Build the model and load its weights; returns (model in eval mode, its family's config)."""
     from safetensors import safe_open
 
     path = resolve_model_path(path_or_hub_id)
-    config = ModelConfig.from_pretrained(path)
+    family, config = load_config(path)
+    weights = family.weights
     files = _checkpoint_files(path)
-    _warn_fp16(dtype)
+    _warn_fp16(dtype, family)
     device = torch.device(device)
 
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(config)
+        model = family.Model(config)
+    head, embedding = weights.TIED
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = set(params)
     tie = config.tie_word_embeddings
@@ -115,18 +107,18 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
     unexpected: list[str] = []
     for fi, h in enumerate(handles):
         for key in h.keys():
-            name = canonical_key(key)
+            name = weights.canonical_key(key)
             if name in expected:
                 sources[name] = (fi, key)
             else:
                 unexpected.append(key)
     if unexpected:
-        raise ValueError(f"{path}: unexpected keys for Qwen2-VL: {_name_list(unexpected)}")
-    if "lm_head.weight" not in sources:
+        raise ValueError(f"{path}: unexpected keys for {family.DISPLAY_NAME}: {_name_list(unexpected)}")
+    if head not in sources:
         tie = True
     elif tie:
-        del sources["lm_head.weight"]  # tied: the head is the embedding, like transformers
-    missing = [n for n in expected if n not in sources and not (tie and n == "lm_head.weight")]
+        del sources[head]  # tied: the head is the embedding, like transformers
+    missing = [n for n in expected if n not in sources and not (tie and n == head)]
     if missing:
         raise ValueError(f"{path}: missing keys: {_name_list(missing)}")
 
@@ -137,7 +129,7 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
     loaded: dict[str, nn.Parameter] = {}
     for name in tqdm(sorted(sources), desc="loading weights", unit="tensor", disable=not show):
         fi, key = sources[name]
-        t = handles[fi].get_tensor(key)
+        t = weights.sanitize(name, handles[fi].get_tensor(key))
         want = tuple(params[name].shape)
         if tuple(t.shape) != want:
             raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, expected {want} from config.json")
@@ -148,6 +140,7 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
         mod_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(mod_name), attr, p)
     if tie:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        mod_name, _, attr = head.rpartition(".")
+        setattr(model.get_submodule(mod_name), attr, model.get_parameter(embedding))
     model.config.tie_word_embeddings = tie
     return model.eval(), config
