@@ -59,6 +59,7 @@ class VisionInput:
     grid_thw: tuple[int, int, int]  # in 14-px patches
     content_hash: str               # sha256 hex of (kind, grid, pixel bytes)
     original_size: tuple[int, int]  # (height, width) of the source (first frame for video)
+    sample_fps: float | None = None  # video: frames sampled per second of the source (None for images)
 
     @property
     def num_tokens(self) -> int:

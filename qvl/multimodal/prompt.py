@@ -58,6 +58,13 @@ class ProcessedPrompt:
     item_offsets: list[int] = field(default_factory=list)  # index of each item's first pad token
     text: str = ""                     # the rendered prompt, one pad per item (not expanded)
 
+    @classmethod
+    def from_token_ids(cls, token_ids: list[int]) -> "ProcessedPrompt":
+        """A text-only prompt given as token ids: positions 0..N-1 on all three streams."""
+        n = len(token_ids)
+        return cls(token_ids=list(token_ids), positions=torch.arange(n).expand(3, n).clone(),  # (3, N)
+                   rope_delta=0)
+
 
 class PromptProcessor:
     def __init__(self, tokenizer, chat_template: str | None = None, *, min_pixels: int = DEFAULT_MIN_PIXELS,

@@ -342,4 +342,5 @@ def process_video(video: Any, *, fps: float | None = None, nframes: int | None =
         original = (meta.height, meta.width)
     grid = plan.grid_thw
     return VisionInput(kind="video", pixel_values=torch.from_numpy(patchify(frames)), grid_thw=grid,
-                       content_hash=content_hash("video", grid, frames), original_size=original)
+                       content_hash=content_hash("video", grid, frames), original_size=original,
+                       sample_fps=plan.sample_fps)
