@@ -5,6 +5,8 @@ Owns: `ItemBudget`, `image_num_tokens`, `video_num_tokens`, `check_context`, and
 (frame count, or duration * fps when the count is missing; fps; size) through video.probe_video, then the
 same `plan_video` that process_video uses, so counts equal what processing the pixels gives. Frame lists
 read each frame's header. Remote sources are still downloaded (under the same MediaPolicy).
+Every entry point takes the family's `spec: PreprocessSpec` (None = Qwen2-VL's), the same one given to
+process_image / process_video, and counts tokens with `spec.num_tokens(grid)`.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from qvl.multimodal.image import PATCH_SIZE, image_target_size
+from qvl.multimodal.image import image_target_size
 from qvl.multimodal.media import MediaPolicy, open_image, video_source
+from qvl.multimodal.spec import QWEN2_VL, PreprocessSpec
 from qvl.multimodal.video import (DEFAULT_MAX_MODEL_LEN, VideoOptions, check_frame_size, plan_frame_list,
                                   plan_video, probe_video)
 
@@ -27,8 +30,8 @@ class ItemBudget:
     kind: str                          # "image" | "video"
     original_size: tuple[int, int]     # (height, width); first frame for video
     resized_size: tuple[int, int]      # (height, width) after smart_resize
-    grid_thw: tuple[int, int, int]     # in 14-px patches
-    num_tokens: int                    # t*h*w // 4
+    grid_thw: tuple[int, int, int]     # in patches (14 px for Qwen2-VL)
+    num_tokens: int                    # spec.num_tokens(grid): t*h*w // merge**2
     nframes: int | None = None         # sampled frames incl. padding (video)
     total_frames: int | None = None    # frames in the source / selected range (video)
     video_fps: float | None = None
@@ -47,16 +50,19 @@ def header_size(source: Any, *, policy: MediaPolicy | None = None, label: str = 
 
 def image_num_tokens(source: Any, *, min_pixels: int | None = None, max_pixels: int | None = None,
                      resized_height: int | None = None, resized_width: int | None = None,
-                     policy: MediaPolicy | None = None, label: str | None = None) -> ItemBudget:
+                     policy: MediaPolicy | None = None, label: str | None = None,
+                     spec: PreprocessSpec | None = None) -> ItemBudget:
     """Tokens of one image, from its header. Same options and defaults as process_image."""
+    spec = QWEN2_VL if spec is None else spec
     label = label or "image"
     width, height = header_size(source, policy=policy, label=label)
     if width == 0 or height == 0:
         raise ValueError(f"{label}: image has zero size ({width}x{height})")
     th, tw = image_target_size(height, width, min_pixels=min_pixels, max_pixels=max_pixels,
-                               resized_height=resized_height, resized_width=resized_width, label=label)
-    grid = (1, th // PATCH_SIZE, tw // PATCH_SIZE)
-    return ItemBudget("image", (height, width), (th, tw), grid, grid[1] * grid[2] // 4, label=label)
+                               resized_height=resized_height, resized_width=resized_width, label=label,
+                               spec=spec)
+    grid = (1, th // spec.patch_size, tw // spec.patch_size)
+    return ItemBudget("image", (height, width), (th, tw), grid, spec.num_tokens(grid), label=label)
 
 
 def video_num_tokens(source: Any, *, fps: float | None = None, nframes: int | None = None,
@@ -65,7 +71,8 @@ def video_num_tokens(source: Any, *, fps: float | None = None, nframes: int | No
                      total_pixels: float | None = None, resized_height: int | None = None,
                      resized_width: int | None = None, video_start: float | None = None,
                      video_end: float | None = None, max_model_len: int | None = DEFAULT_MAX_MODEL_LEN,
-                     policy: MediaPolicy | None = None, label: str | None = None) -> ItemBudget:
+                     policy: MediaPolicy | None = None, label: str | None = None,
+                     spec: PreprocessSpec | None = None) -> ItemBudget:
     """Tokens of one video, from the container header. Same options and defaults as process_video."""
     label = label or "video"
     opts = VideoOptions(fps, nframes, min_frames, max_frames, min_pixels, max_pixels, total_pixels,
@@ -76,13 +83,13 @@ def video_num_tokens(source: Any, *, fps: float | None = None, nframes: int | No
         for i, frame in enumerate(src):
             w, h = header_size(frame, policy=policy, label=f"{label} frame {i}")
             sizes.append((h, w))
-        step1, plan = plan_frame_list(sizes[0], len(sizes), opts, label=label)
+        step1, plan = plan_frame_list(sizes[0], len(sizes), opts, label=label, spec=spec)
         for i, size in enumerate(sizes[1:], 1):
-            check_frame_size(i, size, sizes[0], step1, opts, label=label)
+            check_frame_size(i, size, sizes[0], step1, opts, label=label, spec=spec)
         original, video_fps = sizes[0], None
     else:
         meta = probe_video(src, label=label)
-        plan = plan_video(meta, opts, label=label)
+        plan = plan_video(meta, opts, label=label, spec=spec)
         original, video_fps = (meta.height, meta.width), meta.fps
     return ItemBudget("video", original, (plan.height, plan.width), plan.grid_thw, plan.num_tokens,
                       nframes=len(plan.indices), total_frames=plan.total_frames, video_fps=video_fps,
@@ -115,13 +122,14 @@ def _looks_like_video(source: Any) -> bool:
 
 
 def describe(path: Any, *, kind: str | None = None, max_model_len: int | None = DEFAULT_MAX_MODEL_LEN,
-             text_tokens: int = 0, policy: MediaPolicy | None = None, **options: Any) -> dict:
+             text_tokens: int = 0, policy: MediaPolicy | None = None, spec: PreprocessSpec | None = None,
+             **options: Any) -> dict:
     """One item's token budget as a JSON-ready dict (for `qvl tokens`).
 
     kind: "image", "video", or None to guess (video extension / data:video / frame list -> video; else
     image, falling back to video when the header is not an image). `options` are the image or video
     options (min_pixels, max_pixels, fps, nframes, ...). `fits` compares text_tokens + num_tokens with
-    max_model_len.
+    max_model_len. `spec`: the family's PreprocessSpec (None = Qwen2-VL's).
     """
     if kind not in (None, "image", "video"):
         raise ValueError(f"kind must be 'image', 'video' or None, got {kind!r}")
@@ -134,15 +142,16 @@ def describe(path: Any, *, kind: str | None = None, max_model_len: int | None = 
         kind = "video" if _looks_like_video(path) else "image"
         if kind == "image":
             try:
-                item = image_num_tokens(path, policy=policy, label=label, **image_options)
+                item = image_num_tokens(path, policy=policy, label=label, spec=spec, **image_options)
             except ValueError as image_error:
                 if "not a recognised image" not in str(image_error):
                     raise
                 kind = "video"
     if item is None and kind == "image":
-        item = image_num_tokens(path, policy=policy, label=label, **image_options)
+        item = image_num_tokens(path, policy=policy, label=label, spec=spec, **image_options)
     elif item is None:
-        item = video_num_tokens(path, policy=policy, label=label, max_model_len=max_model_len, **options)
+        item = video_num_tokens(path, policy=policy, label=label, max_model_len=max_model_len, spec=spec,
+                                **options)
     out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(item).items() if v is not None}
     out["max_model_len"] = max_model_len
     if max_model_len is not None:
