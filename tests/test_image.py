@@ -10,8 +10,9 @@ import pytest
 from tiny import qwen_vl_utils_vision_process
 from PIL import Image
 
-from qvl.multimodal.image import (MAX_PIXELS, MIN_PIXELS, VisionInput, patchify, process_image,
-                                  smart_resize)
+from qvl.multimodal.image import (FACTOR, MAX_PIXELS, MIN_PIXELS, PATCH_DIM, PATCH_SIZE, VisionInput,
+                                  content_hash, normalize_lut, patchify, process_image, smart_resize)
+from qvl.multimodal.spec import QWEN2_VL, PreprocessSpec
 
 HUB = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 
@@ -212,3 +213,108 @@ def test_resized_height_width():
     assert v.grid_thw == (1, 22, 36)  # snapped to (308, 504)
     with pytest.raises(ValueError, match="resized_height and resized_width go together"):
         process_image(_noise(100, 100), resized_height=300)
+
+
+# -------------------------------------------------------------------------------- PreprocessSpec
+
+QWEN3_LIKE = PreprocessSpec(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=(0.5, 0.5, 0.5),
+                            image_std=(0.5, 0.5, 0.5), min_pixels=65536, max_pixels=16777216)
+OTHER_SPECS = [
+    QWEN3_LIKE,
+    PreprocessSpec(patch_size=14, merge_size=2, temporal_patch_size=3),                 # T = 3
+    PreprocessSpec(patch_size=16, merge_size=1, image_mean=(0.1, 0.2, 0.3), image_std=(0.3, 0.2, 0.1)),
+]
+
+
+def _hf_for(spec):
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor(patch_size=spec.patch_size, merge_size=spec.merge_size,
+                                 temporal_patch_size=spec.temporal_patch_size,
+                                 image_mean=list(spec.image_mean), image_std=list(spec.image_std),
+                                 min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+
+
+def test_spec_smart_resize_uses_the_spec_factor_and_limits():
+    assert QWEN3_LIKE.factor == 32 and QWEN3_LIKE.patch_dim == 1536
+    for h, w in [(333, 517), (1080, 1920), (10, 10), (4000, 3000), (100, 2000)]:
+        rh, rw = smart_resize(h, w, spec=QWEN3_LIKE)
+        assert rh % 32 == 0 and rw % 32 == 0
+        assert QWEN3_LIKE.min_pixels <= rh * rw <= QWEN3_LIKE.max_pixels
+        assert (rh, rw) == smart_resize(h, w, 32, 65536, 16777216)
+    assert smart_resize(333, 517, spec=QWEN3_LIKE) == (320, 512)
+    assert smart_resize(10, 10, spec=QWEN3_LIKE) == (256, 256)   # min_pixels 65536 from the spec
+    assert smart_resize(333, 517, 28, spec=QWEN3_LIKE) == (336, 504)  # an explicit factor wins
+
+
+@pytest.mark.parametrize("spec", OTHER_SPECS, ids=["qwen3-like", "t3", "merge1"])
+@pytest.mark.parametrize("h,w", [(333, 517), (10, 10), (45, 61), (1080, 1920)])
+def test_spec_image_matches_transformers_configured_alike(spec, h, w):
+    img = _noise(h, w)
+    ours = process_image(img, spec=spec)
+    _assert_same(ours, img, _hf_for(spec))
+    t, gh, gw = ours.grid_thw
+    assert t == 1 and ours.pixel_values.shape[1] == spec.patch_dim
+    assert spec.patch_dim == 3 * spec.temporal_patch_size * spec.patch_size ** 2
+    assert (gh * spec.patch_size) % spec.factor == 0 and (gw * spec.patch_size) % spec.factor == 0
+    assert ours.merge_size == spec.merge_size and ours.num_tokens == spec.num_tokens(ours.grid_thw)
+
+
+def test_spec_pixel_values_by_hand():
+    white = process_image(Image.new("RGB", (64, 64), (255, 255, 255)), spec=QWEN3_LIKE)
+    assert white.grid_thw == (1, 16, 16) and tuple(white.pixel_values.shape) == (256, 1536)
+    assert white.num_tokens == 64
+    assert (white.pixel_values == 1.0).all()                      # (1.0 - 0.5) / 0.5
+    black = process_image(Image.new("RGB", (64, 64)), spec=QWEN3_LIKE)
+    assert (black.pixel_values == -1.0).all()                     # (0.0 - 0.5) / 0.5
+    clip_white = process_image(Image.new("RGB", (56, 56), (255, 255, 255)))
+    assert float(clip_white.pixel_values[0, 0]) == np.float32((np.float32(1.0) - np.float32(0.48145466))
+                                                              / np.float32(0.26862954))
+
+
+def test_spec_patch_layout_generalises_spec_4_2():
+    rng = np.random.default_rng(5)
+    for spec in OTHER_SPECS:
+        p, m, tp = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+        gh, gw = 2 * m, 3 * m
+        x = rng.integers(0, 256, (gh * p, gw * p, 3), dtype=np.uint8)
+        norm = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
+        norm = (norm - np.array(spec.image_mean, np.float32)) / np.array(spec.image_std, np.float32)
+        ref = norm.transpose(2, 0, 1).reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+        ref = np.broadcast_to(ref[:, :, :, :, :, None], ref.shape[:5] + (tp, p, p))
+        assert np.array_equal(patchify(x, spec=spec), ref.reshape(gh * gw, spec.patch_dim))
+        with pytest.raises(ValueError, match=f"multiples of {spec.factor}"):
+            patchify(x[: p * m - 1], spec=spec)
+
+
+def test_normalisation_table_cached_per_mean_std():
+    a = normalize_lut(QWEN3_LIKE)
+    assert normalize_lut(PreprocessSpec(patch_size=14, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)) is a
+    assert normalize_lut() is normalize_lut(QWEN2_VL) is not a
+    assert a.shape == (3, 256) and a.dtype == np.float32 and not a.flags.writeable
+    assert a[0, 255] == 1.0 and a[0, 0] == -1.0
+
+
+def test_default_spec_path_unchanged():
+    assert (PATCH_SIZE, FACTOR, PATCH_DIM, MIN_PIXELS, MAX_PIXELS) == (14, 28, 1176, 3136, 12845056)
+    img = _noise(333, 517)
+    base = process_image(img)
+    for spec in (QWEN2_VL, PreprocessSpec()):
+        same = process_image(img, spec=spec)
+        assert same.grid_thw == base.grid_thw and same.content_hash == base.content_hash
+        assert np.array_equal(same.pixel_values.numpy(), base.pixel_values.numpy())
+    assert base.merge_size == 2 and smart_resize(333, 517) == smart_resize(333, 517, spec=QWEN2_VL)
+
+
+def test_content_hash_tells_specs_apart():
+    img = Image.new("RGB", (64, 64), (10, 20, 30))
+    a = process_image(img, spec=QWEN3_LIKE)
+    b = process_image(img, spec=PreprocessSpec(patch_size=16, min_pixels=65536, max_pixels=16777216))
+    assert a.grid_thw == b.grid_thw and a.content_hash != b.content_hash  # same pixels, other mean/std
+    pixels = np.zeros((56, 56, 3), np.uint8)
+    assert content_hash("image", (1, 4, 4), pixels) == content_hash("image", (1, 4, 4), pixels, spec=QWEN2_VL)
+
+
+def test_spec_resized_height_width_snaps_to_the_spec_factor():
+    v = process_image(_noise(100, 100), resized_height=300, resized_width=500, spec=QWEN3_LIKE)
+    assert v.grid_thw == (1, 18, 32)  # snapped to (288, 512)
