@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from qvl.multimodal.image import patchify, resize_rgb
-from qvl.multimodal.video import (VideoMeta, VideoOptions, frame_indices, frame_range, plan_video,
-                                  process_video, smart_nframes)
+from qvl.multimodal.spec import QWEN2_VL, PreprocessSpec
+from qvl.multimodal.video import (VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VideoMeta, VideoOptions, frame_indices,
+                                  frame_range, plan_video, process_video, smart_nframes, video_max_pixels,
+                                  video_min_pixels)
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +229,81 @@ def test_frame_count_math_is_even():
         n = smart_nframes(total, 10.0)
         assert n % 2 == 0 and 2 <= n <= total and n == min(max(math.floor(total / 10 * 2 / 2) * 2, 4),
                                                             total // 2 * 2)
+
+
+# -------------------------------------------------------------------------------- PreprocessSpec
+
+QWEN3_LIKE = PreprocessSpec(patch_size=16, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                            min_pixels=65536, max_pixels=16777216)  # factor 32
+T3 = PreprocessSpec(temporal_patch_size=3)
+
+
+def test_spec_per_frame_budget_uses_the_spec_factor(qvu):
+    f = 32
+    assert (video_min_pixels(QWEN3_LIKE), video_max_pixels(QWEN3_LIKE)) == (128 * f * f, 768 * f * f)
+    assert (video_min_pixels(), video_max_pixels()) == (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
+    assert (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS) == (100352, 602112)
+    for total, h, w in [(30, 48, 64), (600, 720, 1280), (20000, 1080, 1920), (90, 1920, 1080)]:
+        for opt in [{}, {"min_pixels": 64 * f * f}, {"max_pixels": 200 * f * f},
+                    {"total_pixels": 2000 * f * f}, {"nframes": 6}]:
+            plan = plan_video(VideoMeta(total, 30.0, h, w), VideoOptions(max_model_len=None, **opt),
+                              spec=QWEN3_LIKE)
+            n = qvu.smart_nframes({k: v for k, v in opt.items() if k == "nframes"}, total, 30.0)
+            lo = opt.get("min_pixels", 128 * f * f)
+            hi = max(min(768 * f * f, opt.get("total_pixels", qvu.MODEL_SEQ_LEN * f * f * 0.9) / n * 2),
+                     int(lo * 1.05))
+            hi = min(opt.get("max_pixels", hi), hi)
+            assert len(plan.indices) == n and plan.height % f == 0 and plan.width % f == 0
+            assert (plan.height, plan.width) == qvu.smart_resize(h, w, f, lo, hi), (total, h, w, opt)
+            assert plan.grid_thw == (n // 2, plan.height // 16, plan.width // 16)
+            assert plan.num_tokens == QWEN3_LIKE.num_tokens(plan.grid_thw)
+
+
+def test_spec_default_budget_keeps_long_video_inside_context():
+    meta = VideoMeta(total_frames=20 * 60 * 30, fps=30.0, height=1080, width=1920)
+    for max_model_len in (8192, 32768):
+        plan = plan_video(meta, VideoOptions(max_model_len=max_model_len), spec=QWEN3_LIKE)
+        assert plan.num_tokens <= 0.9 * max_model_len
+        assert plan.height % 32 == 0 and plan.width % 32 == 0
+
+
+def test_spec_temporal_patch_size_rounds_frame_counts():
+    for total in range(3, 60):
+        n = smart_nframes(total, 10.0, spec=T3)
+        assert n % 3 == 0 and 3 <= n <= total
+    assert smart_nframes(100, 10.0, nframes=7, spec=T3) == 6
+    with pytest.raises(ValueError, match=r"nframes should be in \[3, 2\]"):
+        smart_nframes(2, 10.0, spec=T3)
+    plan = plan_video(VideoMeta(300, 30.0, 480, 640), VideoOptions(), spec=T3)
+    assert len(plan.indices) % 3 == 0 and plan.grid_thw[0] == len(plan.indices) // 3
+
+
+def test_spec_real_video(video_file):
+    v = process_video(str(video_file), spec=QWEN3_LIKE)
+    # 6 frames; 48x64 upscaled to >= 128*32^2 pixels -> 320x448, multiples of 32
+    assert v.grid_thw == (3, 20, 28) and v.num_tokens == 420 and v.merge_size == 2
+    assert tuple(v.pixel_values.shape) == (3 * 20 * 28, 1536)
+    idx = torch.linspace(0, 29, 6).round().long().tolist()
+    ref = patchify(_reference(video_file, idx, 320, 448), spec=QWEN3_LIKE)
+    assert np.abs(v.pixel_values.numpy() - ref).max() == 0
+    assert v.content_hash != process_video(str(video_file)).content_hash
+    t3 = process_video(str(video_file), spec=T3)
+    assert t3.grid_thw[0] * 3 == 6 and t3.pixel_values.shape[1] == 3 * 3 * 14 * 14
+
+
+def test_spec_frame_list():
+    frames = [Image.fromarray(np.full((50, 70, 3), i * 40, np.uint8)) for i in range(5)]
+    v = process_video(frames, spec=QWEN3_LIKE)
+    assert v.grid_thw[0] == 3 and (v.grid_thw[1] * 16) % 32 == 0 and (v.grid_thw[2] * 16) % 32 == 0
+    t3 = process_video(frames, spec=T3)  # 5 frames padded to 6 = 2 temporal patches of 3
+    assert t3.grid_thw[0] == 2
+    pv = t3.pixel_values.numpy().reshape(2, -1, 3, 3, 196)
+    assert np.array_equal(pv[1, :, :, 1], pv[1, :, :, 2])  # frames 4, 5: the last frame repeated
+    assert not np.array_equal(pv[1, :, :, 0], pv[1, :, :, 1])
+
+
+def test_default_spec_video_unchanged(video_file):
+    base = process_video(str(video_file))
+    same = process_video(str(video_file), spec=QWEN2_VL)
+    assert same.grid_thw == base.grid_thw and same.content_hash == base.content_hash
+    assert torch.equal(same.pixel_values, base.pixel_values)
