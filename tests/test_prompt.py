@@ -392,7 +392,7 @@ def test_refused_before_pixels_are_decoded(pp, images, monkeypatch):
 
 
 def test_remote_media_downloaded_once(pp, images, monkeypatch):
-    import qvl.multimodal.prompt as prompt_mod
+    import qvl.multimodal.plan as plan_mod      # plan() fetches; load() reuses the bytes
 
     raw = open(images["b"][0], "rb").read()
     calls = []
@@ -401,7 +401,7 @@ def test_remote_media_downloaded_once(pp, images, monkeypatch):
         calls.append((src, label))
         return raw
 
-    monkeypatch.setattr(prompt_mod, "fetch_bytes", fake_fetch)
+    monkeypatch.setattr(plan_mod, "fetch_bytes", fake_fetch)
     url = "https://example.test/b.png"
     out = pp.process_messages([{"role": "user", "content": _img(url)}], max_model_len=4096)
     local = pp.process_messages([{"role": "user", "content": _img(images["b"][0])}])

@@ -1,44 +1,43 @@
 """Chat messages (or a raw prompt) + images/videos -> token ids, M-RoPE positions and vision inputs.
 
-`PromptProcessor` owns the checkpoint's tokenizer (tokenizer.json via `tokenizers`), its Jinja chat
-template and its image pixel limits. For one request it:
+`PromptProcessor` owns the checkpoint's tokenizer (tokenizer.json via `tokenizers`), its chat template
+(rendered as transformers does, template.py) and its image pixel limits. One request goes through three
+steps (DESIGN.md "plan -> check -> load"; the plan types and the check live in plan.py):
 
-  1. parses the messages (qvl/multimodal/messages.py) into template-friendly messages + media specs;
-  2. renders the template exactly as transformers' `apply_chat_template` does (sandboxed Jinja with
-     trim_blocks/lstrip_blocks, `raise_exception`, a `tojson` that does not HTML-escape, the tokenizer's
-     special tokens as variables) and tokenizes it (no BOS; special tokens recognised);
-  3. when `max_model_len` is given, counts every item's visual tokens from its header (budget.py, no
-     pixel decode) and refuses a prompt that cannot fit *before* any heavy work;
-  4. loads each item (process_image / process_video), expands its single `<|image_pad|>` /
-     `<|video_pad|>` to t*h*w/4 copies in placeholder order, and computes positions (3, N) + rope_delta
-     with `mrope_positions` (max+1 rule); then rechecks the exact length.
+  plan(messages | prompt=, multi_modal_data=, ...) -> PromptPlan
+      parse the messages (messages.py), render the template (add_generation_prompt /
+      continue_final_message / chat_template_kwargs), tokenize (no BOS; special tokens recognised) with
+      one pad per item, pair the pads with the media specs, fetch http(s) / data: sources ONCE and read
+      each item's header (budget.py: sizes, frame count, fps -> tokens). No pixel is decoded.
+  check(plan, PromptLimits(max_model_len, ...))  (plan.check) refuses what cannot fit, from the headers.
+  load(plan, limits) -> ProcessedPrompt
+      decode and preprocess each item from the fetched bytes (process_image / process_video), expand its
+      pad to the family's pad tokens in placeholder order, compute positions (3, N) + rope_delta with the
+      family's rope index, and check the exact length again.
 
-It knows nothing about the model weights, the engine or HTTP. Every error is a ValueError naming the
-message/part or the item ("image 2 (messages[1].content[0])") and the numbers involved.
+process_messages / process_prompt (plan + check when max_model_len is given + load) and count_tokens
+(plan alone) are the one-call conveniences. Knows nothing about the model weights, the engine or HTTP.
+Every error is a ValueError naming the message/part or the item ("image 2 (messages[1].content[0])")
+and the numbers involved; limit violations are plan.PromptLimitError.
 """
 from __future__ import annotations
 
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from datetime import datetime
-from functools import lru_cache
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
 import torch
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qvl.models import DEFAULT_MODEL_TYPE, family_for
-from qvl.multimodal.budget import ItemBudget, check_context, image_num_tokens, video_num_tokens
-from qvl.multimodal.image import PATCH_SIZE, process_image
-from qvl.multimodal.media import fetch_bytes
+from qvl.multimodal.budget import ItemBudget, image_num_tokens, video_num_tokens
+from qvl.multimodal.image import process_image
 from qvl.multimodal.messages import MediaSpec, parse_messages, parse_multi_modal_data
+from qvl.multimodal.plan import (PlannedItem, PromptLimits, PromptPlan, check, exact_budget, labelled,
+                                 map_items, match_placeholders, prefetch)
+from qvl.multimodal.template import compile_template, pick_template
+from qvl.multimodal.template import render as render_template
 from qvl.multimodal.video import process_video
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -46,7 +45,6 @@ VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 DEFAULT_MIN_PIXELS = 3136          # 4 * 28 * 28
 DEFAULT_MAX_PIXELS = 12845056      # 16384 * 28 * 28
 _BUILTIN_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
-_MAX_LOAD_WORKERS = 8
 
 
 @dataclass
@@ -57,6 +55,7 @@ class ProcessedPrompt:
     items: list = field(default_factory=list)         # VisionInput, in placeholder order
     item_offsets: list[int] = field(default_factory=list)  # index of each item's first pad token
     text: str = ""                     # the rendered prompt, one pad per item (not expanded)
+    labels: list[str] = field(default_factory=list)   # each item's label for messages ("image 1 (...)")
 
     @classmethod
     def from_token_ids(cls, token_ids: list[int]) -> "ProcessedPrompt":
@@ -64,6 +63,16 @@ class ProcessedPrompt:
         n = len(token_ids)
         return cls(token_ids=list(token_ids), positions=torch.arange(n).expand(3, n).clone(),  # (3, N)
                    rope_delta=0)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def budgets(self) -> list[ItemBudget]:
+        """Each item's exact budget (from its pixels), for plan.check."""
+        labels = self.labels or [""] * len(self.items)
+        return [exact_budget(it, label) for it, label in zip(self.items, labels)]
 
 
 class PromptProcessor:
@@ -94,7 +103,7 @@ class PromptProcessor:
         self.vision_start_token_id, self.vision_end_token_id = ids[VISION_START], ids[VISION_END]
         if model_config is not None:
             self._check_model_config(model_config)
-        self._template = _compile_template(self.chat_template)
+        self._template = compile_template(self.chat_template)
         self.roles = ("system", "user", "assistant") + (
             ("tool",) if re.search(r"""['"]tool['"]""", self.chat_template) else ())
 
@@ -120,10 +129,10 @@ class PromptProcessor:
             if (d / "chat_template.jinja").is_file():
                 chat_template = (d / "chat_template.jinja").read_text()
             elif (d / "chat_template.json").is_file():
-                chat_template = _pick_template(_read_json(d / "chat_template.json").get("chat_template"),
+                chat_template = pick_template(_read_json(d / "chat_template.json").get("chat_template"),
                                                d / "chat_template.json")
             elif tok_cfg.get("chat_template") is not None:
-                chat_template = _pick_template(tok_cfg["chat_template"], d / "tokenizer_config.json")
+                chat_template = pick_template(tok_cfg["chat_template"], d / "tokenizer_config.json")
         special = {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             value = tok_cfg.get(key)
@@ -158,17 +167,17 @@ class PromptProcessor:
 
     # ------------------------------------------------------------------------------------ text helpers
 
-    def render(self, messages, add_generation_prompt: bool = True, **template_kwargs) -> str:
+    def render(self, messages, add_generation_prompt: bool = True, *, continue_final_message: bool = False,
+               **template_kwargs) -> str:
         """The chat template applied to `messages` (one pad per image/video, nothing loaded)."""
-        return self._render(parse_messages(messages, self.roles).messages, add_generation_prompt, template_kwargs)
+        return self._render(parse_messages(messages, self.roles).messages, add_generation_prompt,
+                            continue_final_message, template_kwargs)
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict) -> str:
-        variables = {"tools": None, "documents": None, **self.special_tokens, **template_kwargs}
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **variables)
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template error: {e}") from e
+    def _render(self, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool,
+                template_kwargs: dict | None) -> str:
+        return render_template(self._template, messages, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, variables=self.special_tokens,
+                               template_kwargs=template_kwargs)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`: no BOS, special tokens in the text are recognised as such."""
@@ -179,69 +188,109 @@ class PromptProcessor:
             ids = ids.tolist()
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    # -------------------------------------------------------------------------------------- processing
+    # ----------------------------------------------------------------------------- plan, check, load
 
-    def process_messages(self, messages, *, policy=None, max_model_len: int | None = None,
-                         add_generation_prompt: bool = True,
-                         chat_template_kwargs: dict | None = None) -> ProcessedPrompt:
-        """Render, check the budget from headers, load media, expand pads, tokenize, position."""
-        parsed = parse_messages(messages, self.roles)
-        text = self._render(parsed.messages, add_generation_prompt, chat_template_kwargs or {})
-        return self._process(text, parsed.media, policy, max_model_len, source="the messages")
-
-    def process_prompt(self, prompt: str, multi_modal_data: dict | None = None, *, policy=None,
-                       max_model_len: int | None = None) -> ProcessedPrompt:
-        """A raw prompt with one `<|vision_start|><|image_pad|><|vision_end|>` (or `<|video_pad|>`) per item.
-
-        `multi_modal_data` = {"image": item | [items], "video": item | [items]} (see
-        messages.parse_multi_modal_data); images fill the image placeholders in order, videos the video ones.
-        """
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        specs = parse_multi_modal_data(multi_modal_data)
-        return self._process(prompt, specs, policy, max_model_len, source="multi_modal_data")
-
-    def count_tokens(self, messages, *, policy=None, max_model_len: int | None = None,
-                     add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> dict:
-        """Prompt length without decoding pixels: {"prompt_tokens", "items": [{type, original_size,
-        resized_size, grid_thw, tokens}, ...]} (items in placeholder order). Pass the same max_model_len
-        as process_messages: a video's default pixel budget derives from it."""
-        parsed = parse_messages(messages, self.roles)
-        text = self._render(parsed.messages, add_generation_prompt, chat_template_kwargs or {})
+    def plan(self, messages=None, *, prompt: str | None = None, multi_modal_data: dict | None = None,
+             policy=None, add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None, max_model_len: int | None = None) -> PromptPlan:
+        """Render + tokenize + fetch + read headers (no pixels decoded). Give chat `messages`, or a raw
+        `prompt` with one `<|vision_start|><|image_pad|><|vision_end|>` (or `<|video_pad|>`) per item and
+        `multi_modal_data` = {"image": item | [items], "video": item | [items]} (messages.
+        parse_multi_modal_data; images fill the image placeholders in order, videos the video ones).
+        The template flags apply to messages only. Pass the max_model_len the prompt will be checked
+        against: a video's default pixel budget derives from it."""
+        if (messages is None) == (prompt is None):
+            raise ValueError("plan takes chat messages or a raw prompt (prompt=...), exactly one of them")
+        if messages is not None:
+            if multi_modal_data is not None:
+                raise ValueError("multi_modal_data goes with a raw prompt; chat messages carry their own media")
+            parsed = parse_messages(messages, self.roles)
+            text = self._render(parsed.messages, add_generation_prompt, continue_final_message,
+                                chat_template_kwargs)
+            media, source = parsed.media, "the messages"
+        else:
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+            if continue_final_message or chat_template_kwargs:
+                raise ValueError("continue_final_message / chat_template_kwargs apply to chat messages, not "
+                                 "to a raw prompt")
+            text, media, source = prompt, parse_multi_modal_data(multi_modal_data), "multi_modal_data"
         ids = self.encode(text)
-        slots = self._match(ids, parsed.media, "the messages")
-        counts = [self._header_count(spec, policy, max_model_len) for _, spec in slots]
-        items = [{"type": c.kind, "original_size": tuple(c.original_size), "resized_size": tuple(c.resized_size),
-                  "grid_thw": tuple(c.grid_thw), "tokens": int(c.num_tokens)} for c in counts]
-        return {"prompt_tokens": len(ids) - len(slots) + sum(it["tokens"] for it in items), "items": items}
+        slots = match_placeholders(ids, media, self.image_token_id, self.video_token_id, source)
 
-    # -------------------------------------------------------------------------------------- internals
+        def one(slot: tuple[int, MediaSpec]) -> PlannedItem:
+            at, spec = slot
+            spec = prefetch(spec, policy)                      # the only download of this item
+            return PlannedItem(spec, self._header_count(spec, policy, max_model_len), at)
 
-    def _process(self, text: str, media, policy, max_model_len: int | None, source: str) -> ProcessedPrompt:
-        ids = self.encode(text)
-        slots = self._match(ids, media, source)       # [(index of the pad in ids, spec)] in prompt order
-        text_tokens = len(ids) - len(slots)
-        specs = [spec for _, spec in slots]
-        if max_model_len is not None:
-            # Refuse before decoding any pixels; download remote media once for both passes.
-            specs = [_prefetch(spec, policy) for spec in specs]
-            check_context([self._header_count(s, policy, max_model_len) for s in specs], text_tokens,
-                          max_model_len)
-        items = self._load(specs, policy, max_model_len)
+        return PromptPlan(text, ids, map_items(one, slots), policy=policy, max_model_len=max_model_len)
 
+    def load(self, plan: PromptPlan, limits: PromptLimits | None = None) -> ProcessedPrompt:
+        """Decode the planned items, expand the pads, compute positions; then check the exact length
+        against `limits` (default: the plan's max_model_len, when it has one)."""
+        items = map_items(lambda it: self._load_one(it.spec, plan.policy, plan.max_model_len), plan.items)
+        ids, offsets = self._expand(plan, [self._pad_tokens(v) for v in items])      # (N,)
+        positions, delta = self.processing.rope_index(ids, items, self._rope_config())  # (3, N)
+        out = ProcessedPrompt(ids, positions, int(delta), items, offsets, plan.text,
+                              [it.spec.label for it in plan.items])
+        if limits is None and plan.max_model_len is not None:
+            limits = PromptLimits(plan.max_model_len)
+        if limits is not None:      # exact recheck (headers can lie, e.g. a video's frame count)
+            check(out, limits)
+        return out
+
+    def expanded_token_ids(self, plan: PromptPlan) -> list[int]:
+        """The ids load() will produce, from the headers alone (for /tokenize)."""
+        return self._expand(plan, [self._pad_tokens(it.budget) for it in plan.items])[0]
+
+    def _expand(self, plan: PromptPlan, pads: list[list[int]]) -> tuple[list[int], list[int]]:
+        """Token ids with each item's single pad replaced by `pads[i]`, and each item's first index."""
         out: list[int] = []
         offsets: list[int] = []
         prev = 0
-        for (at, _), item in zip(slots, items):
-            out.extend(ids[prev:at])
+        for item, pad in zip(plan.items, pads):
+            out.extend(plan.token_ids[prev:item.pad_index])
             offsets.append(len(out))
-            out.extend(self._pad_tokens(item))
-            prev = at + 1
-        out.extend(ids[prev:])                                       # (N,)
-        if max_model_len is not None:   # exact recheck (headers can lie, e.g. a video's frame count)
-            check_context([_as_budget(it, s.label) for it, s in zip(items, specs)], text_tokens, max_model_len)
-        positions, delta = self.processing.rope_index(out, items, self._rope_config())  # (3, N)
-        return ProcessedPrompt(out, positions, int(delta), items, offsets, text)
+            out.extend(pad)
+            prev = item.pad_index + 1
+        out.extend(plan.token_ids[prev:])
+        return out, offsets
+
+    # ---------------------------------------------------------------------------------- conveniences
+
+    def process_messages(self, messages, *, policy=None, max_model_len: int | None = None,
+                         add_generation_prompt: bool = True, continue_final_message: bool = False,
+                         chat_template_kwargs: dict | None = None) -> ProcessedPrompt:
+        """plan -> check (when max_model_len is given: the prompt must fit it) -> load."""
+        plan = self.plan(messages, policy=policy, add_generation_prompt=add_generation_prompt,
+                         continue_final_message=continue_final_message,
+                         chat_template_kwargs=chat_template_kwargs, max_model_len=max_model_len)
+        return self._check_and_load(plan)
+
+    def process_prompt(self, prompt: str, multi_modal_data: dict | None = None, *, policy=None,
+                       max_model_len: int | None = None) -> ProcessedPrompt:
+        """A raw prompt + multi_modal_data (see plan): plan -> check (with max_model_len) -> load."""
+        plan = self.plan(prompt=prompt, multi_modal_data=multi_modal_data, policy=policy,
+                         max_model_len=max_model_len)
+        return self._check_and_load(plan)
+
+    def count_tokens(self, messages, *, policy=None, max_model_len: int | None = None,
+                     add_generation_prompt: bool = True, continue_final_message: bool = False,
+                     chat_template_kwargs: dict | None = None) -> dict:
+        """Prompt length without decoding pixels (plan alone): {"prompt_tokens", "items": [{type,
+        original_size, resized_size, grid_thw, tokens}, ...]} (items in placeholder order). Pass the same
+        max_model_len as process_messages: a video's default pixel budget derives from it."""
+        return self.plan(messages, policy=policy, add_generation_prompt=add_generation_prompt,
+                         continue_final_message=continue_final_message,
+                         chat_template_kwargs=chat_template_kwargs, max_model_len=max_model_len).counts()
+
+    def _check_and_load(self, plan: PromptPlan) -> ProcessedPrompt:
+        limits = None if plan.max_model_len is None else PromptLimits(plan.max_model_len)
+        if limits is not None:      # refuse before decoding any pixels
+            check(plan, limits)
+        return self.load(plan, limits)
+
+    # -------------------------------------------------------------------------------------- internals
 
     def _rope_config(self):
         """The config the family's rope index and pad expansion read (pad ids, merge size)."""
@@ -253,23 +302,8 @@ class PromptProcessor:
                                vision=SimpleNamespace(spatial_merge_size=self.spatial_merge_size))
 
     def _pad_tokens(self, item) -> list[int]:
+        """The family's pad tokens for one item (a VisionInput, or an ItemBudget: kind + grid_thw)."""
         return self.processing.pad_tokens(item, self._rope_config())
-
-    def _match(self, ids: list[int], media, source: str) -> list[tuple[int, MediaSpec]]:
-        """Pair each pad token of `ids` with its media spec: images in order, videos in order."""
-        if isinstance(media, dict):
-            by_kind = {"image": list(media["image"]), "video": list(media["video"])}
-        else:
-            by_kind = {k: [m for m in media if m.kind == k] for k in ("image", "video")}
-        pads = {"image": [i for i, t in enumerate(ids) if t == self.image_token_id],
-                "video": [i for i, t in enumerate(ids) if t == self.video_token_id]}
-        for kind, pad in (("image", IMAGE_PAD), ("video", VIDEO_PAD)):
-            if len(pads[kind]) != len(by_kind[kind]):
-                raise ValueError(
-                    f"the prompt has {len(pads[kind])} {pad} placeholder(s) but {len(by_kind[kind])} "
-                    f"{kind}(s) were given in {source}; write one {VISION_START}{pad}{VISION_END} per {kind}")
-        slots = [(at, spec) for kind in ("image", "video") for at, spec in zip(pads[kind], by_kind[kind])]
-        return sorted(slots, key=lambda s: s[0])
 
     def _options(self, spec: MediaSpec, max_model_len: int | None) -> dict:
         opts = dict(spec.options)
@@ -280,71 +314,15 @@ class PromptProcessor:
             opts["max_model_len"] = max_model_len   # default total_pixels = 0.9 * context (video.py)
         return opts
 
-    def _header_count(self, spec: MediaSpec, policy, max_model_len: int | None):
-        opts = self._options(spec, max_model_len)
+    def _header_count(self, spec: MediaSpec, policy, max_model_len: int | None) -> ItemBudget:
         count = image_num_tokens if spec.kind == "image" else video_num_tokens
-        with _labelled(spec.label):
-            return count(spec.source, policy=policy, label=spec.label, **opts)
-
-    def _load(self, specs: list[MediaSpec], policy, max_model_len: int | None) -> list:
-        if len(specs) <= 1:
-            return [self._load_one(s, policy, max_model_len) for s in specs]
-        with ThreadPoolExecutor(max_workers=min(_MAX_LOAD_WORKERS, len(specs))) as pool:
-            return list(pool.map(lambda s: self._load_one(s, policy, max_model_len), specs))
+        with labelled(spec.label):
+            return count(spec.source, policy=policy, label=spec.label, **self._options(spec, max_model_len))
 
     def _load_one(self, spec: MediaSpec, policy, max_model_len: int | None):
-        opts = self._options(spec, max_model_len)
         load = process_image if spec.kind == "image" else process_video
-        with _labelled(spec.label):
-            return load(spec.source, policy=policy, label=spec.label, **opts)
-
-
-@contextmanager
-def _labelled(label: str):
-    """Make sure an error escaping media loading is a ValueError that names the item."""
-    try:
-        yield
-    except ValueError as e:
-        if str(e).startswith(label):
-            raise
-        raise ValueError(f"{label}: {e}") from e
-    except OSError as e:
-        raise ValueError(f"{label}: cannot read ({type(e).__name__}: {e})") from e
-
-
-def _is_remote(source: Any) -> bool:
-    return isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
-
-
-def _prefetch(spec: MediaSpec, policy) -> MediaSpec:
-    """Download http(s) sources once (under the policy) so counting and loading share the bytes."""
-    src = spec.source
-    with _labelled(spec.label):
-        if _is_remote(src):
-            src = fetch_bytes(src, policy=policy, label=spec.label)
-        elif isinstance(src, (list, tuple)) and any(_is_remote(f) for f in src):
-            src = [fetch_bytes(f, policy=policy, label=f"{spec.label} frame {i}") if _is_remote(f) else f
-                   for i, f in enumerate(src)]
-    return spec if src is spec.source else replace(spec, source=src)
-
-
-def _as_budget(item, label: str) -> ItemBudget:
-    t, h, w = item.grid_thw
-    return ItemBudget(item.kind, tuple(item.original_size), (h * PATCH_SIZE, w * PATCH_SIZE), (t, h, w),
-                      item.num_tokens, label=label)
-
-
-def _pick_template(value: Any, where: Path) -> str:
-    """A template string, or the "default" entry of a list of {name, template} (first one otherwise)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and value:
-        value = [{"name": k, "template": v} for k, v in value.items()]
-    if isinstance(value, list) and value and all(isinstance(t, dict) and "template" in t for t in value):
-        named = {t.get("name"): t["template"] for t in value}
-        return named.get("default", value[0]["template"])
-    raise ValueError(f"{where}: chat_template must be a string or a list of {{name, template}}, "
-                     f"got {type(value).__name__}")
+        with labelled(spec.label):
+            return load(spec.source, policy=policy, label=spec.label, **self._options(spec, max_model_len))
 
 
 def _read_json(path: Path) -> dict:
@@ -354,37 +332,3 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from e
-
-
-@lru_cache(maxsize=16)
-def _compile_template(source: str):
-    """Jinja environment as transformers builds it for chat templates (same whitespace rules)."""
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson HTML-escapes; templates expect plain JSON.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols, _GenerationTag])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"chat template does not parse: {e} (line {e.lineno})") from e
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (training templates) renders its body unchanged."""
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller):
-        return caller()
