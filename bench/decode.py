@@ -164,10 +164,12 @@ def decode_weight_bytes(model) -> int:
 
 def qvl_decode(eng, prompt_ids: list[int], new: int, device: str) -> tuple[float, list[int]]:
     """(decode tok/s, the generated tokens)."""
+    from qvl.multimodal.prompt import ProcessedPrompt
     from qvl.sampling_params import SamplingParams
 
     rid = f"d{time.monotonic_ns()}"
-    eng.add_request(rid, prompt_ids, SamplingParams(temperature=0, max_tokens=new, min_tokens=new))
+    eng.add_request(rid, ProcessedPrompt.from_token_ids(prompt_ids),
+                    SamplingParams(temperature=0, max_tokens=new, min_tokens=new))
     first, tokens = None, []
     while eng.has_unfinished_requests():
         outs = eng.step()

@@ -1,14 +1,15 @@
 """qvl: Qwen2-VL inference — library, offline engine, OpenAI-compatible server and CLI.
 
 Public API (imported lazily so `import qvl` stays cheap and `qvl tokens` needs no model):
-  LLM, SamplingParams, process_image, process_video, smart_resize
+  LLM, EngineConfig, SamplingParams, process_image, process_video, smart_resize, VisionInput
 """
 from importlib import import_module
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "LLM": "qvl.engine.llm_engine",
+    "LLM": "qvl.llm",
+    "EngineConfig": "qvl.config",
     "SamplingParams": "qvl.sampling_params",
     "process_image": "qvl.multimodal.image",
     "process_video": "qvl.multimodal.video",

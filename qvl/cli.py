@@ -4,7 +4,8 @@ Contract: every subcommand defaults to the demo checkpoint shipped in the packag
 `--model DIR_OR_HUB_ID` for real weights, and turns a user mistake (missing file, unsupported format, a
 checkpoint that is not Qwen2-VL, a prompt over the context) into one line on stderr and exit code 2 —
 never a traceback. The CLI only parses flags and prints; the work is done by qvl.LLM, the server and
-qvl.multimodal.
+qvl.multimodal. The engine flags of run, chat, serve and bench are EngineConfig's fields
+(qvl.config.add_dataclass_args); each command builds one EngineConfig from them.
 """
 from __future__ import annotations
 
@@ -14,28 +15,17 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_MODEL = Path(__file__).parent / "demo"
+from qvl.config import EngineConfig, add_dataclass_args, dataclass_from_args
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def _default_model() -> str:
-    return str(DEMO_MODEL)
-
-
 # ---------------------------------------------------------------------------------------------- flags
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory or hub id (default: the bundled demo checkpoint)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights/activations dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda when available)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's; 1 is much faster on a machine other jobs load)")
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    add_dataclass_args(p, EngineConfig, title="engine")
 
 
 def _add_media_args(p: argparse.ArgumentParser) -> None:
@@ -65,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--video", action="append", default=[], help="video path or URL (repeatable)")
     run.add_argument("--json", action="store_true", help="print text, token counts, timings and boxes as JSON")
     run.add_argument("--draw", default=None, metavar="OUT.png", help="draw grounding boxes on the first image")
-    _add_model_args(run)
+    _add_engine_args(run)
     _add_media_args(run)
     _add_sampling_args(run)
 
     chat = sub.add_parser("chat", help="interactive chat: /image PATH, /video PATH, /reset, /quit")
-    _add_model_args(chat)
+    _add_engine_args(chat)
     _add_media_args(chat)
     _add_sampling_args(chat)
 
@@ -93,23 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random image per request (default 448 448: 256 visual tokens)")
     bench.add_argument("--question", default=None, help="the question asked about each image")
     bench.add_argument("--json", action="store_true")
-    _add_model_args(bench)
+    _add_engine_args(bench)
     return parser
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 def _make_llm(args):
-    from qvl import LLM
+    from qvl.llm import LLM
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    kwargs = {"dtype": args.dtype, "device": None if args.device == "auto" else args.device}
-    if args.max_model_len is not None:
-        kwargs["max_model_len"] = args.max_model_len
-    return LLM(args.model or _default_model(), **kwargs)
+    return LLM.from_config(dataclass_from_args(EngineConfig, args))
 
 
 def _sampling(args, llm):
@@ -276,7 +259,6 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     from qvl.server.launch import serve
 
-    args.model = args.model_pos or _default_model()
     serve(args)
     return 0
 
@@ -292,7 +274,7 @@ def cmd_bench(args) -> int:
                                image_size=tuple(args.image_size), **kwargs)
     import torch
 
-    setup = {"model": args.model or _default_model(), "device": str(model.device),
+    setup = {"model": llm.engine.engine_config.model_path, "device": str(model.device),
              "dtype": str(model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
              "image_size": list(args.image_size)}
     if args.json:

@@ -1,18 +1,299 @@
-"""Configuration dataclasses that check themselves: the one source of every default.
+"""Configuration dataclasses that check themselves: the one source of every default and every flag.
 
+  EngineConfig   how an engine is loaded and sized (qvl.LLM, LLMEngine.from_config, every CLI command)
   ServerLimits   per-request limits of the HTTP server (qvl serve)
+  ServeOptions   where and how qvl serve listens
+  DEMO_MODEL     the demo checkpoint shipped in the package (EngineConfig.model=None loads it)
 
-Knows nothing about torch, models or HTTP.
+Each dataclass validates itself in __post_init__ (a ValueError naming the field, the limit and the
+value) and carries its help text in field metadata. `add_dataclass_args(parser, cls)` turns the
+fields into argparse flags and `dataclass_from_args(cls, args)` builds the dataclass back, so a new
+knob is one field. Flags have no argparse default: an unset flag is absent from the namespace and the
+field's default applies. Field metadata read by add_dataclass_args:
+  help      the help text ("(default: X)" is appended when the default is not None)
+  flag      the flag's spelling (default: --field-name); None: no flag for this field
+  aliases   more spellings; for a bool, an alias starting with --no- sets False
+  choices, metavar   as in argparse
+Flag types come from the annotation: int / float / str (X | None is X; a union of several types is
+a str the dataclass parses itself); bool is --x / --no-x; list[X] takes comma-separated values and may
+be repeated.
+
+Knows nothing about torch, models or HTTP; reads no environment variable.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEMO_MODEL = Path(__file__).parent / "demo"
+
+# What "auto" (None) means for the two cache sizes, by device type.
+AUTO_KV_CACHE_FRACTION = {"cuda": 0.85, "cpu": 0.25}      # of free memory after the weights
+AUTO_ENCODER_CACHE_BYTES = {"cuda": 512 << 20, "cpu": 256 << 20}
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
 
-@dataclass
+# ------------------------------------------------------------------------------------------- sizes
+
+def parse_memory(value, name: str = "memory", *, fraction: bool = True) -> int | float | None:
+    """None, bytes (int), a fraction (float, when `fraction`), or a string: '4GiB', '512MB', '2e9', '0.8'.
+
+    A unitless number <= 1 is a fraction (when `fraction`); anything else is bytes (int). ValueError
+    names `name`."""
+    if value is None or isinstance(value, bool):
+        return value                       # bool: refused by the caller's range check
+    if isinstance(value, (int, float)):
+        return value if isinstance(value, int) or (fraction and value <= 1) else int(value)
+    s = str(value).strip().lower().replace(" ", "")
+    try:
+        for unit, mult in _UNITS.items():
+            if s.endswith(unit):
+                return int(float(s[:-len(unit)]) * mult)
+        if s.endswith("b"):
+            return int(float(s[:-1]))
+        num = float(s)
+    except ValueError:
+        raise ValueError(f"{name} must be bytes (e.g. 4GiB, 512MB, 2e9)"
+                         f"{' or a fraction in (0, 1]' if fraction else ''}, got {value!r}") from None
+    return num if fraction and num <= 1 else int(num)
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _require(ok: bool, where: str, limit: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{where} must be {limit}, got {value!r}")
+
+
+def _check_ints(obj, names: dict[str, int], *, optional: tuple[str, ...] = ()) -> None:
+    """Each field in `names` an int >= its lower bound (None allowed for the `optional` ones)."""
+    for name, lo in names.items():
+        v = getattr(obj, name)
+        if v is None and name in optional:
+            continue
+        _require(_is_int(v) and v >= lo, f"{type(obj).__name__}.{name}", f"an integer >= {lo}", v)
+
+
+# -------------------------------------------------------------------------------------- EngineConfig
+
+def _f(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that decides how a checkpoint is loaded and how the engine is sized.
+
+    Loading (read by LLMEngine.from_config only): model, dtype, device, threads, chat_template,
+    quantization, tensor_parallel_size. Sizing (read by LLMEngine): the rest. Sizes given as strings
+    are parsed here: after construction kv_cache_memory is None, an int (bytes) or a float (a
+    fraction), and encoder_cache_memory None or an int."""
+
+    model: str | None = _f(None, "checkpoint directory or Hugging Face hub id "
+                                 "(default: the demo checkpoint shipped in qvl/demo)")
+    dtype: str = _f("auto", "weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+                    choices=DTYPES)
+    device: str = _f("auto", "cpu, cuda or cuda:N (auto: cuda when available, else cpu)")
+    max_model_len: int | None = _f(None, "context length in tokens, prompt + output "
+                                         "(default: the model's max_position_embeddings)")
+    max_num_seqs: int = _f(256, "sequences decoded at once")
+    max_num_batched_tokens: int = _f(8192, "tokens per engine step; longer prefills are split in chunks")
+    block_size: int = _f(16, "tokens per KV-cache block")
+    kv_cache_memory: int | float | str | None = _f(
+        None, "KV-cache size: bytes (4GiB, 2e9) or a fraction of the memory free after loading the "
+              f"weights (0.8) (default: {AUTO_KV_CACHE_FRACTION['cuda']} of free CUDA memory, "
+              f"{AUTO_KV_CACHE_FRACTION['cpu']} of available RAM on CPU, capped at what max_num_seqs "
+              "sequences of max_model_len tokens can use)", metavar="SIZE")
+    enable_prefix_caching: bool = _f(True, "reuse the KV blocks of shared prompt prefixes "
+                                           "(images included, by content)", aliases=["--no-prefix-caching"])
+    encoder_cache_memory: int | str | None = _f(
+        None, "vision-feature cache size in bytes, e.g. 256MiB; 0 turns it off (default: "
+              f"{AUTO_ENCODER_CACHE_BYTES['cuda'] >> 20}MiB on CUDA, {AUTO_ENCODER_CACHE_BYTES['cpu'] >> 20}MiB "
+              "on CPU)", metavar="SIZE")
+    threads: int | None = _f(None, "CPU threads for torch (default: torch's; 1 is much faster on a "
+                                   "machine other jobs load)")
+    chat_template: str | None = _f(None, "a Jinja chat-template file used instead of the checkpoint's",
+                                   metavar="FILE")
+    quantization: str | None = _f(None, "weight quantization method (none is supported yet: the "
+                                        "checkpoint's float weights are used)")
+    tensor_parallel_size: int = _f(1, "GPUs the model is split over (only 1 is supported yet)")
+    enforce_eager: bool = _f(False, "never capture CUDA graphs (qvl captures none yet, so this "
+                                    "changes nothing today)")
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)   # noqa: E731 (frozen)
+        if self.model is not None:
+            _require(isinstance(self.model, (str, Path)) and str(self.model) != "", "EngineConfig.model",
+                     "a checkpoint directory or hub id (or None for the demo)", self.model)
+            set_("model", str(self.model))
+        dtype = self.dtype if isinstance(self.dtype, str) else str(self.dtype).removeprefix("torch.")
+        set_("dtype", _DTYPE_ALIASES.get(dtype, dtype))
+        _require(self.dtype in DTYPES, "EngineConfig.dtype", f"one of {', '.join(DTYPES)}", self.dtype)
+        set_("device", "auto" if self.device is None else str(self.device))
+        _require(_DEVICE.fullmatch(self.device) is not None, "EngineConfig.device",
+                 "auto, cpu, cuda or cuda:N", self.device)
+        _check_ints(self, {"max_model_len": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1,
+                           "block_size": 1, "threads": 1, "tensor_parallel_size": 1},
+                    optional=("max_model_len", "threads"))
+        kv = parse_memory(self.kv_cache_memory, "EngineConfig.kv_cache_memory")
+        _require(kv is None or (_is_int(kv) and kv > 0) or (isinstance(kv, float) and 0 < kv <= 1),
+                 "EngineConfig.kv_cache_memory", "bytes > 0 or a fraction in (0, 1]", self.kv_cache_memory)
+        set_("kv_cache_memory", kv)
+        enc = parse_memory(self.encoder_cache_memory, "EngineConfig.encoder_cache_memory", fraction=False)
+        _require(enc is None or (_is_int(enc) and enc >= 0), "EngineConfig.encoder_cache_memory",
+                 "bytes >= 0", self.encoder_cache_memory)
+        set_("encoder_cache_memory", enc)
+        for name in ("enable_prefix_caching", "enforce_eager"):
+            _require(isinstance(getattr(self, name), bool), f"EngineConfig.{name}", "True or False",
+                     getattr(self, name))
+        _require(self.chat_template is None or (isinstance(self.chat_template, (str, Path))
+                                                and str(self.chat_template) != ""),
+                 "EngineConfig.chat_template", "a template file path or None", self.chat_template)
+        if self.chat_template is not None:
+            set_("chat_template", str(self.chat_template))
+        _require(self.quantization is None, "EngineConfig.quantization",
+                 "None (quantized checkpoints are not supported yet)", self.quantization)
+        _require(self.tensor_parallel_size == 1, "EngineConfig.tensor_parallel_size",
+                 "1 (tensor parallelism is not supported yet)", self.tensor_parallel_size)
+
+    @property
+    def model_path(self) -> str:
+        """The checkpoint to load: `model`, or the shipped demo checkpoint."""
+        return self.model if self.model is not None else str(DEMO_MODEL)
+
+    def encoder_cache_bytes(self, device_type: str) -> int:
+        """encoder_cache_memory, or its auto size on this device type."""
+        if self.encoder_cache_memory is not None:
+            return self.encoder_cache_memory
+        return AUTO_ENCODER_CACHE_BYTES["cuda" if device_type == "cuda" else "cpu"]
+
+
+# ---------------------------------------------------------------------------------------- the server
+
+@dataclass(frozen=True)
 class ServerLimits:
-    max_images_per_request: int = 16
-    max_videos_per_request: int = 2
-    max_visual_tokens_per_request: int | None = None   # None: only the context bounds it
-    max_request_bytes: int = 64 * 1024 * 1024
-    preprocess_workers: int = 4
+    """What one HTTP request may ask for; more is a 4xx before any media is decoded."""
+
+    max_images_per_request: int = _f(16, "images in one request")
+    max_videos_per_request: int = _f(2, "videos in one request")
+    max_visual_tokens_per_request: int | None = _f(
+        None, "image + video tokens in one request (default: only the context bounds them)")
+    max_request_bytes: int = _f(64 * 1024 * 1024, "HTTP body size limit in bytes")
+    preprocess_workers: int = _f(4, "threads that fetch, decode and resize media")
+
+    def __post_init__(self):
+        _check_ints(self, {"max_images_per_request": 0, "max_videos_per_request": 0,
+                           "max_visual_tokens_per_request": 1, "max_request_bytes": 1, "preprocess_workers": 1},
+                    optional=("max_visual_tokens_per_request",))
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Where `qvl serve` listens, who may call it, and how it stops."""
+
+    host: str = _f("127.0.0.1", "address to listen on")
+    port: int = _f(8000, "TCP port")
+    api_key: str | None = _f(None, "require 'Authorization: Bearer KEY' on every route but /health "
+                                   "(default: the QVL_API_KEY environment variable, read at startup)")
+    served_model_name: str | None = _f(None, "the model id in the API (default: the model argument)")
+    log_level: str = _f("info", "server log level", choices=LOG_LEVELS)
+    graceful_shutdown_timeout: float = _f(30.0, "on SIGTERM, seconds in-flight requests may take "
+                                                "before they are aborted")
+
+    def __post_init__(self):
+        _require(_is_int(self.port) and 0 <= self.port <= 65535, "ServeOptions.port", "in [0, 65535]",
+                 self.port)
+        _require(self.log_level in LOG_LEVELS, "ServeOptions.log_level", f"one of {', '.join(LOG_LEVELS)}",
+                 self.log_level)
+        _require(isinstance(self.graceful_shutdown_timeout, (int, float)) and self.graceful_shutdown_timeout >= 0,
+                 "ServeOptions.graceful_shutdown_timeout", ">= 0 seconds", self.graceful_shutdown_timeout)
+
+
+# ------------------------------------------------------------------------------------- flags <-> fields
+
+class _BoolFlag(argparse.Action):
+    """--x sets True, --no-x (and every alias starting with --no-) sets False."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no-"))
+
+
+def _comma_list(elem: type):
+    return lambda s: [elem(x.strip()) for x in s.split(",") if x.strip()]
+
+
+def _flag_kwargs(f: dataclasses.Field, hint) -> tuple[list[str], dict]:
+    meta = f.metadata
+    flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+    names = [flag, *meta.get("aliases", ())]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] \
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    base = args[0] if len(args) == 1 else str
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    help_ = meta.get("help", "")
+    kw: dict = {"dest": f.name, "default": argparse.SUPPRESS}
+    if base is bool:
+        names = [flag, "--no-" + flag[2:], *meta.get("aliases", ())]
+        kw["action"] = _BoolFlag
+        help_ += f" (default: {'on' if default else 'off'})"
+    else:
+        if typing.get_origin(base) is list:
+            kw.update(action="extend", type=_comma_list((typing.get_args(base) or (str,))[0]))
+            help_ += " (comma-separated or repeated)"
+        else:
+            kw["type"] = base if base in (int, float) else str
+        if default is not None and default != []:
+            help_ += f" (default: {default})"
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        else:
+            kw["metavar"] = meta.get("metavar", flag[2:].upper().replace("-", "_"))
+    kw["help"] = help_.strip().replace("%", "%%")
+    return names, kw
+
+
+def add_dataclass_args(parser, cls, *, title: str | None = None):
+    """Add one flag per field of dataclass `cls` to `parser` (in an argument group if `title`).
+
+    Returns the parser or group. ValueError if a field's dest is already taken in `parser` (each knob
+    is defined once; argparse itself refuses a repeated flag spelling)."""
+    target = parser.add_argument_group(title) if title else parser
+    taken = {a.dest for a in parser._actions}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("flag", "") is None:
+            continue
+        if f.name in taken:
+            raise ValueError(f"{cls.__name__}.{f.name}: the parser already has a {f.name!r} option")
+        names, kw = _flag_kwargs(f, hints[f.name])
+        target.add_argument(*names, **kw)
+    return target
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
+    """`cls` built from the flags present in `args` (absent ones keep the field defaults) and
+    `overrides`; the dataclass's own checks apply."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if f.init and hasattr(args, f.name)}
+    return cls(**{**values, **overrides})

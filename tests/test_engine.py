@@ -8,9 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from qvl.config import EngineConfig
 from qvl.engine.async_engine import AsyncEngine
 from qvl.engine.detokenizer import IncrementalDetokenizer
-from qvl.engine.llm_engine import LLM, LLMEngine
+from qvl.engine.llm_engine import LLMEngine
+from qvl.llm import LLM
+from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -33,7 +36,7 @@ def greedy(num=12, **kw) -> SamplingParams:
 def make(ckpt, **kw) -> LLMEngine:
     kw.setdefault("max_model_len", 512)
     kw.setdefault("kv_cache_memory", 4 << 20)
-    return LLMEngine.from_pretrained(str(ckpt), dtype="float32", device="cpu", **kw)
+    return LLMEngine.from_config(EngineConfig(model=str(ckpt), dtype="float32", device="cpu", **kw))
 
 
 def prompts(eng: LLMEngine, items):
@@ -230,7 +233,19 @@ def test_stop_token_ids_and_max_model_len(tiny_ckpt):
     out = LLM.from_engine(short).generate([p], greedy(12), use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
     with pytest.raises(ValueError, match="max_model_len"):
-        short.add_request("long", list(range(len(p.token_ids) + 4)), greedy())
+        short.add_request("long", ProcessedPrompt.from_token_ids(range(len(p.token_ids) + 4)), greedy())
+
+
+def test_add_request_takes_only_processed_prompts(tiny_ckpt):
+    eng = make(tiny_ckpt)
+    for raw in (chat(QUESTIONS[1]), [1, 2, 3], {"prompt_token_ids": [1, 2, 3]}):
+        with pytest.raises(TypeError, match="ProcessedPrompt"):
+            eng.add_request("raw", raw, greedy(2))
+    assert not eng.has_unfinished_requests()
+    eng.add_request("ids", ProcessedPrompt.from_token_ids([1, 2, 3]), greedy(2))
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+    assert outs[0].prompt_token_ids == [1, 2, 3] and len(outs[0].outputs[0].token_ids) == 2
 
 
 def test_n_greater_than_one_shares_prompt_blocks(tiny_ckpt):

@@ -6,7 +6,8 @@ batch-mates of that request are unaffected.
 import numpy as np
 from PIL import Image
 
-from qvl.engine.llm_engine import LLM, LLMEngine
+from qvl.engine.llm_engine import LLMEngine
+from qvl.llm import LLM
 from qvl.sampling_params import SamplingParams
 
 

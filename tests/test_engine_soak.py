@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qvl.engine.llm_engine import LLM, LLMEngine
+from qvl.engine.llm_engine import LLMEngine
+from qvl.llm import LLM
 from qvl.sampling_params import SamplingParams
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"

@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qvl.engine.llm_engine import LLM, LLMEngine
+from qvl.engine.llm_engine import LLMEngine
 from qvl.layers.packed_linear import pack_linears, packing_supported, unpack_linears
+from qvl.llm import LLM
 from qvl.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.bfloat16, torch.device("cpu")),

@@ -1,4 +1,4 @@
-"""LLMEngine (add_request / step / abort) and the offline facade `qvl.LLM`.
+"""LLMEngine: add_request / step / abort over one loaded model.
 
 LLMEngine owns the request table and wires the parts: Scheduler (+ BlockManager), ModelRunner
 (+ EncoderCache, Sampler), one IncrementalDetokenizer per sequence. `step()` is three calls:
@@ -7,34 +7,32 @@ LLMEngine owns the request table and wires the parts: Scheduler (+ BlockManager)
     results = runner.execute(out)         # vision + forward + logits + sampling
     return self._update(out, results)     # append tokens, stop checks, free blocks, outputs
 
+Building: `LLMEngine.from_config(EngineConfig)` loads the checkpoint (weights through qvl.build and the
+family registry, tokenizer + chat template as a PromptProcessor, generation_config.json) and sizes the
+engine; `LLMEngine(model, config, processor, engine_config)` wraps an already loaded model (tests, mock
+models; processor None = token-id prompts only). The offline facade over it is qvl.llm.LLM.
+
+Requests: `add_request(request_id, ProcessedPrompt, params)` only — text, chat and media are turned
+into a ProcessedPrompt beforehand (qvl.multimodal.prompt, via `engine.processor`; token ids via
+`ProcessedPrompt.from_token_ids`), never inside the engine or `step()`.
+
 Stop rules, in order, for each new token (none before `min_tokens` output tokens, where eos and
 stop_token_ids are also banned from sampling): eos (from generation_config.json, else config.json)
 unless `ignore_eos`; `stop_token_ids` (stop_reason = the id); stop strings (text cut before them,
 stop_reason = the string); then "length" at `max_tokens` or `max_model_len`. A request with n > 1 is
 n sequences; siblings share the prompt's full blocks through the prefix cache and seed `seed + i`.
 A step that raises aborts the requests it was running (blocks freed) and re-raises; their ids are in
-`last_failed_request_ids`. Prompts are processed (media loaded, pads expanded) in `add_request`,
-never inside `step()`.
-
-LLM(model, *, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
-    kv_cache_memory, enable_prefix_caching=True, encoder_cache_memory) wraps an LLMEngine:
-  generate(prompts, sampling_params=None, *, use_tqdm=True) -> list[RequestOutput]
-     prompts: a str, {"prompt": str, "multi_modal_data": {"image": [...], "video": [...]}},
-     {"prompt_token_ids": [...]}, or a list of these; sampling_params: one or one per prompt;
-     None = the checkpoint's generation defaults.
-  chat(messages | list of conversations, sampling_params=None, ...) -> list[RequestOutput]
-  stream(prompt, params) / stream_chat(messages, params) -> iterator of (new text of completion 0,
-     RequestOutput so far); leaving the loop early aborts the request.
-  default_sampling_params(**overrides), stats() -> dict (see LLMEngine.stats).
+`last_failed_request_ids`.
 """
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import time
-from typing import Iterator
+from pathlib import Path
 
 import torch
 
+from qvl.config import EngineConfig
 from qvl.engine.block_manager import BlockManager
 from qvl.engine.detokenizer import IncrementalDetokenizer
 from qvl.engine.encoder_cache import EncoderCache
@@ -42,59 +40,61 @@ from qvl.engine.outputs import RequestOutput, RequestState
 from qvl.engine.runner import ModelRunner, plan_num_blocks
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
 from qvl.engine.sequence import MediaSpan, Sequence
+from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams, eos_token_ids
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
+def resolve_device(device: str) -> torch.device:
+    """EngineConfig.device -> a torch.device ("auto": cuda when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """EngineConfig.dtype -> a torch.dtype ("auto": bfloat16 on CUDA, float32 on CPU)."""
+    if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
     return _DTYPES[dtype]
 
 
-def parse_memory(value) -> int | float | None:
-    """kv_cache_memory: None, bytes (int), a fraction (float), or a string '4GiB' / '0.8' / '2e9'."""
-    if value is None or isinstance(value, (int, float)):
-        return value
-    s = str(value).strip().lower().replace(" ", "")
-    for unit, mult in _UNITS.items():
-        if s.endswith(unit):
-            return int(float(s[:-len(unit)]) * mult)
-    num = float(s)
-    return num if num <= 1 else int(num)
+def read_chat_template(path: str | None) -> str | None:
+    """The text of EngineConfig.chat_template (a file), or None for the checkpoint's own template."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"chat_template: no such file: {path}")
+    return p.read_text()
 
 
 class LLMEngine:
-    def __init__(self, model, config, processor=None, *, generation_config: dict | None = None,
-                 max_model_len: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int | None = None, block_size: int = 16,
-                 kv_cache_memory=None, enable_prefix_caching: bool = True,
-                 encoder_cache_memory: int | None = None, model_path: str | None = None):
-        """From a loaded model (+ its ModelConfig, PromptProcessor or None for token-id prompts)."""
+    def __init__(self, model, config, processor=None, engine_config: EngineConfig | None = None, *,
+                 generation_config: dict | None = None, model_path: str | None = None, **options):
+        """From a loaded model, its family's config, a PromptProcessor (None: token-id prompts only) and
+        an EngineConfig, or its fields as keywords (`LLMEngine(model, config, None, max_model_len=64)`),
+        or both (the keywords replace fields). The loading fields (model, dtype, device, threads,
+        chat_template, ...) are from_config's; here the model's own device and dtype rule."""
+        cfg = engine_config or EngineConfig()
+        cfg = dataclasses.replace(cfg, **options) if options else cfg
+        self.engine_config = cfg
         self.model, self.config, self.processor = model, config, processor
         self.model_path = model_path
-        self.max_model_len = max_model_len or config.max_position_embeddings
+        self.max_model_len = cfg.max_model_len or config.max_position_embeddings
         self.generation_config = dict(generation_config or {})
         self.eos_token_ids = set(eos_token_ids(self.generation_config) or config.eos_token_id)
         device = model.device
-        num_blocks = plan_num_blocks(config, block_size=block_size, dtype=model.dtype, device=device,
-                                     kv_cache_memory=parse_memory(kv_cache_memory),
-                                     max_num_seqs=max_num_seqs, max_model_len=self.max_model_len)
-        if encoder_cache_memory is None:
-            encoder_cache_memory = (512 if device.type == "cuda" else 256) << 20
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens or 8192,
+        num_blocks = plan_num_blocks(config, block_size=cfg.block_size, dtype=model.dtype, device=device,
+                                     kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
+                                     max_model_len=self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
+                                   max_num_batched_tokens=cfg.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)
-        self.runner = ModelRunner(model, config, num_blocks=num_blocks, block_size=block_size,
-                                  encoder_cache=EncoderCache(int(encoder_cache_memory)))
+        self.runner = ModelRunner(model, config, num_blocks=num_blocks, block_size=cfg.block_size,
+                                  encoder_cache=EncoderCache(cfg.encoder_cache_bytes(device.type)))
         self.requests: dict[str, RequestState] = {}
         self._seq_state: dict[int, tuple[RequestState, IncrementalDetokenizer]] = {}
         self.last_failed_request_ids: list[str] = []
@@ -103,49 +103,47 @@ class LLMEngine:
         self.num_requests_finished = 0
 
     @classmethod
-    def from_pretrained(cls, model: str, *, dtype="auto", device=None, **kw) -> "LLMEngine":
+    def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
+        """Load `cfg.model_path` (a directory or hub id) and build the engine `cfg` describes: torch
+        threads set first (cfg.threads), weights on cfg.device in cfg.dtype, the tokenizer with the
+        checkpoint's chat template or cfg.chat_template's file, generation_config.json's defaults."""
         from qvl.build import load_model, resolve_model_path
         from qvl.multimodal.prompt import PromptProcessor
-
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        path = resolve_model_path(model)
-        net, config = load_model(path, dtype=resolve_dtype(dtype, dev), device=dev)
-        processor = PromptProcessor.from_pretrained(path, config)
         from qvl.sampling_params import load_generation_config
-        return cls(net, config, processor, generation_config=load_generation_config(path),
-                   model_path=str(path), **kw)
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        template = read_chat_template(cfg.chat_template)     # a missing file fails before the weights load
+        device = resolve_device(cfg.device)
+        path = resolve_model_path(cfg.model_path)
+        net, config = load_model(path, dtype=resolve_dtype(cfg.dtype, device), device=device)
+        processor = PromptProcessor.from_pretrained(path, config, chat_template=template)
+        return cls(net, config, processor, cfg, generation_config=load_generation_config(path),
+                   model_path=str(path))
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, **options) -> "LLMEngine":
+        """`from_config(EngineConfig(model=model, **options))`."""
+        return cls.from_config(EngineConfig(model=model, **options))
 
     # --- requests ------------------------------------------------------------------------------
     def default_sampling_params(self, **overrides) -> SamplingParams:
         return SamplingParams.from_generation_config(self.generation_config, **overrides)
 
-    def process(self, prompt, policy=None):
-        """str / {"prompt", "multi_modal_data"} / {"prompt_token_ids"} / list[int] / ProcessedPrompt."""
-        if isinstance(prompt, str):
-            prompt = {"prompt": prompt}
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return list(prompt["prompt_token_ids"])
-            if self.processor is None:
-                raise ValueError("this engine has no tokenizer: pass prompt token ids")
-            return self.processor.process_prompt(prompt["prompt"], prompt.get("multi_modal_data"),
-                                                 policy=policy, max_model_len=self.max_model_len)
-        return prompt
-
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, *,
+    def add_request(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams | None = None, *,
                     arrival_time: float | None = None, output_kind: str = "cumulative") -> None:
-        """Queue a request; raises ValueError (nothing queued) when it can never run."""
+        """Queue a processed prompt; raises ValueError (nothing queued) when it can never run, TypeError
+        for anything but a ProcessedPrompt. params None: the checkpoint's generation defaults."""
+        if not isinstance(prompt, ProcessedPrompt):
+            raise TypeError(f"add_request takes a qvl.multimodal.prompt.ProcessedPrompt, got "
+                            f"{type(prompt).__name__} (token ids: ProcessedPrompt.from_token_ids(ids); text, "
+                            f"chat and media: engine.processor or qvl.LLM)")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         params = params if params is not None else self.default_sampling_params()
-        prompt = self.process(prompt)
-        text = None
-        if isinstance(prompt, list):
-            ids, positions, delta, media = prompt, None, 0, []
-        else:
-            ids, positions, delta, text = prompt.token_ids, prompt.positions, prompt.rope_delta, prompt.text
-            media = [MediaSpan(i, off, vi.num_tokens, vi.content_hash, vi.kind, vi)
-                     for i, (vi, off) in enumerate(zip(prompt.items, prompt.item_offsets))]
+        ids, positions, delta, text = prompt.token_ids, prompt.positions, prompt.rope_delta, prompt.text or None
+        media = [MediaSpan(i, off, vi.num_tokens, vi.content_hash, vi.kind, vi)
+                 for i, (vi, off) in enumerate(zip(prompt.items, prompt.item_offsets))]
         self._check_prompt(request_id, ids, media)
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = []
@@ -308,113 +306,3 @@ class LLMEngine:
             "generation_tokens_total": self.num_generation_tokens_total,
             "num_requests_finished": self.num_requests_finished,
         }
-
-
-class LLM:
-    def __init__(self, model: str, *, dtype="auto", device=None, max_model_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 block_size: int = 16, kv_cache_memory=None, enable_prefix_caching: bool = True,
-                 encoder_cache_memory: int | None = None):
-        self.engine = LLMEngine.from_pretrained(
-            model, dtype=dtype, device=device, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size, kv_cache_memory=kv_cache_memory,
-            enable_prefix_caching=enable_prefix_caching, encoder_cache_memory=encoder_cache_memory)
-        self._ids = itertools.count()
-
-    @classmethod
-    def from_engine(cls, engine: LLMEngine) -> "LLM":
-        self = cls.__new__(cls)
-        self.engine, self._ids = engine, itertools.count()
-        return self
-
-    def default_sampling_params(self, **overrides) -> SamplingParams:
-        return self.engine.default_sampling_params(**overrides)
-
-    get_default_sampling_params = default_sampling_params
-
-    def stats(self) -> dict:
-        return self.engine.stats()
-
-    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
-            prompts = [prompts]
-        processed = [self.engine.process(p) for p in prompts]
-        return self._run(processed, sampling_params, use_tqdm)
-
-    def chat(self, messages, sampling_params=None, *, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
-             ) -> list[RequestOutput]:
-        convs = [messages] if _is_conversation(messages) else list(messages)
-        processed = [self._process_chat(c, add_generation_prompt, chat_template_kwargs) for c in convs]
-        return self._run(processed, sampling_params, use_tqdm)
-
-    def stream(self, prompt, sampling_params=None) -> Iterator[tuple[str, RequestOutput]]:
-        return self._stream(self.engine.process(prompt), sampling_params)
-
-    def stream_chat(self, messages, sampling_params=None, *, add_generation_prompt: bool = True,
-                    chat_template_kwargs: dict | None = None) -> Iterator[tuple[str, RequestOutput]]:
-        return self._stream(self._process_chat(messages, add_generation_prompt, chat_template_kwargs),
-                            sampling_params)
-
-    # --- internals -----------------------------------------------------------------------------
-    def _process_chat(self, conv, add_generation_prompt, chat_template_kwargs):
-        if self.engine.processor is None:
-            raise ValueError("this engine has no tokenizer/chat template")
-        return self.engine.processor.process_messages(
-            conv, max_model_len=self.engine.max_model_len, add_generation_prompt=add_generation_prompt,
-            chat_template_kwargs=chat_template_kwargs)
-
-    def _params(self, sampling_params, n: int) -> list[SamplingParams]:
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != n:
-                raise ValueError(f"{len(sampling_params)} sampling params for {n} prompts")
-            return [p if p is not None else self.default_sampling_params() for p in sampling_params]
-        return [sampling_params or self.default_sampling_params()] * n
-
-    def _run(self, prompts, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
-        from tqdm.auto import tqdm
-
-        eng = self.engine
-        ids = []
-        try:
-            for p, sp in zip(prompts, self._params(sampling_params, len(prompts))):
-                ids.append(f"offline-{next(self._ids)}")
-                eng.add_request(ids[-1], p, sp)
-            done: dict[str, RequestOutput] = {}
-            with tqdm(total=len(ids), desc="generating", unit="req",
-                      disable=not use_tqdm or len(ids) < 2) as bar:
-                while len(done) < len(ids):
-                    for o in eng.step():
-                        if o.finished:
-                            done[o.request_id] = o
-                            bar.update(1)
-            return [done[i] for i in ids]
-        finally:
-            eng.abort_request([i for i in ids if i in eng.requests])
-
-    def _stream(self, prompt, sampling_params) -> Iterator[tuple[str, RequestOutput]]:
-        eng = self.engine
-        rid = f"stream-{next(self._ids)}"
-        eng.add_request(rid, prompt, self._params(sampling_params, 1)[0])
-        sent = 0
-        try:
-            while True:
-                for o in eng.step():
-                    if o.request_id != rid:
-                        continue
-                    text = o.outputs[0].text
-                    yield text[sent:], o
-                    sent = len(text)
-                    if o.finished:
-                        return
-        finally:
-            eng.abort_request(rid)
-
-
-def _is_token_ids(x) -> bool:
-    return isinstance(x, list) and bool(x) and all(isinstance(t, int) for t in x)
-
-
-def _is_conversation(x) -> bool:
-    return isinstance(x, list) and (not x or isinstance(x[0], dict))

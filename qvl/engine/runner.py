@@ -22,9 +22,9 @@ rows (decode steps), where probed bit-identical to F.linear (qvl.layers.packed_l
 a snapshot of the weights taken here, so a model whose weights change later needs a new runner.
 
 KV pool size: `kv_cache_memory` as bytes (int) or as a fraction (float in (0, 1]) of free device
-memory after the weights are loaded (CUDA: torch.cuda.mem_get_info; CPU: MemAvailable). Default:
-CUDA 0.85 of free memory (the rest for activations and the vision tower); CPU a quarter of available
-RAM. Either way never more blocks than max_num_seqs sequences of max_model_len tokens can use.
+memory after the weights are loaded (CUDA: torch.cuda.mem_get_info; CPU: MemAvailable). Default (None):
+qvl.config.AUTO_KV_CACHE_FRACTION of it (CUDA keeps the rest for activations and the vision tower), and
+never more blocks than max_num_seqs sequences of max_model_len tokens can use.
 """
 from __future__ import annotations
 
@@ -32,15 +32,13 @@ import os
 
 import torch
 
+from qvl.config import AUTO_KV_CACHE_FRACTION
 from qvl.engine.encoder_cache import EncoderCache
 from qvl.engine.scheduler import SchedulerOutput
 from qvl.engine.sequence import Sequence
 from qvl.layers.attention import AttentionMetadata
 from qvl.layers.packed_linear import pack_linears, packing_supported
 from qvl.layers.sampler import Sampler, SamplerOutput
-
-_CUDA_DEFAULT_FRACTION = 0.85
-_CPU_DEFAULT_FRACTION = 0.25
 
 
 def available_memory(device: torch.device) -> int:
@@ -70,7 +68,7 @@ def plan_num_blocks(config, *, block_size: int, dtype: torch.dtype, device: torc
         budget = kv_cache_memory
     else:
         frac = kv_cache_memory if kv_cache_memory is not None else (
-            _CUDA_DEFAULT_FRACTION if device.type == "cuda" else _CPU_DEFAULT_FRACTION)
+            AUTO_KV_CACHE_FRACTION["cuda" if device.type == "cuda" else "cpu"])
         if not 0 < frac <= 1:
             raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {frac}")
         budget = int(available_memory(device) * frac)

@@ -45,7 +45,7 @@ import socket
 import struct
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -66,12 +66,21 @@ _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 class MediaPolicy:
     """Where media may come from. See the module docstring for what each field allows."""
 
-    allowed_local_media_path: str | None = None
-    allowed_media_domains: list[str] | None = None
-    allow_private_addresses: bool = False
-    timeout_s: float = 10.0
-    max_bytes: int = 64 * 1024 * 1024
-    max_redirects: int = 5
+    # The metadata is the qvl serve flags' help (qvl.config.add_dataclass_args); "flag" keeps their spelling.
+    allowed_local_media_path: str | None = field(default=None, metadata={
+        "help": "allow file:// URLs and paths under this directory (default: none)", "metavar": "DIR"})
+    allowed_media_domains: list[str] | None = field(default=None, metadata={
+        "help": "only fetch http(s) media from these hosts: exact, or *.example.com (default: any public host)",
+        "metavar": "DOMAIN[,DOMAIN]"})
+    allow_private_addresses: bool = field(default=False, metadata={
+        "flag": "--allow-private-media-addresses",
+        "help": "allow http(s) media on loopback/private/link-local addresses (unsafe)"})
+    timeout_s: float = field(default=10.0, metadata={
+        "flag": "--media-timeout", "help": "seconds per media download"})
+    max_bytes: int = field(default=64 * 1024 * 1024, metadata={
+        "flag": "--media-max-bytes", "help": "bytes per media download"})
+    max_redirects: int = field(default=5, metadata={
+        "flag": "--media-max-redirects", "help": "redirects followed per media download"})
 
     def __post_init__(self):
         if not self.timeout_s > 0:
