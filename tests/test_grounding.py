@@ -1,9 +1,12 @@
-"""qvl.grounding: parsing Qwen2-VL box/quad output, pixel mapping, drawing."""
+"""qvl.grounding: parsing box/quad output (Qwen2-VL 0..1000, Qwen2.5-VL resized pixels), pixel mapping, drawing."""
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 
 from qvl import grounding as G
+from qvl.models.qwen2_5_vl import processing as P25
+from qvl.models.qwen2_vl import processing as P2
 
 REF = "<|object_ref_start|>{}<|object_ref_end|>"
 BOX = "<|box_start|>({},{}),({},{})<|box_end|>"
@@ -84,3 +87,48 @@ def test_draw_writes_png(tmp_path):
     assert img.getpixel((32, 80)) == (250, 250, 250)            # the input is not modified
     x1, y1, x2, y2 = boxes[0].to_pixels(320, 160)
     assert drawn.getpixel((x1, (y1 + y2) // 2)) != (250, 250, 250)  # left edge of the box is outlined
+
+
+# ------------------------------------------------------------- resized-pixel coordinates (Qwen2.5-VL)
+
+def test_resized_pixel_mode_keeps_coordinates():
+    text = REF.format("car") + BOX.format(1200, 50, 300, 99999)
+    (b,) = G.parse(text, coordinates="resized_pixels")
+    assert b.coords == (300, 50, 1200, 99999)                    # no 0..1000 clamp
+    (b,) = G.parse("<|box_start|>(-5,10),(2000,30)<|box_end|>", coordinates="resized_pixels")
+    assert b.coords == (0, 10, 2000, 30)                         # negatives still become 0
+    (b,) = G.parse("a car (1500,20),(1800,640)", coordinates="resized_pixels")   # plain-text fallback
+    assert b.coords == (1500, 20, 1800, 640)
+    assert G.parse(text) == [G.Box("car", (300, 50, 1000, 1000))]  # default: Qwen2-VL's rule
+    with pytest.raises(ValueError, match="coordinates='pixels'"):
+        G.parse(text, coordinates="pixels")
+
+
+def test_resized_pixel_mapping_with_family_rule():
+    assert P25.BOX_COORDINATES == "resized_pixels" and P2.BOX_COORDINATES == "relative_1000"
+    # original 1000 x 600 (h, w), resized to 980 x 588 for the tower: x * 600/588, y * 1000/980
+    assert P25.box_to_original((294, 490, 588, 980), (1000, 600), (980, 588)) == (300, 500, 600, 1000)
+    text = REF.format("o") + BOX.format(294, 490, 588, 980)
+    boxes = G.parse(text, coordinates=P25.BOX_COORDINATES)
+    to_orig = G.pixel_mapper(P25.box_to_original, original_size=(1000, 600), resized_size=(980, 588))
+    assert G.to_json(boxes, to_original=to_orig) == [
+        {"label": "o", "kind": "box", "coords": [294, 490, 588, 980], "complete": True,
+         "pixels": [300, 500, 600, 1000]}]
+    # Qwen2-VL's rule through the same door equals the default size= path
+    rel = G.parse(REF.format("o") + BOX.format(250, 500, 750, 1000))
+    to_rel = G.pixel_mapper(P2.box_to_original, original_size=(200, 640))
+    assert G.to_json(rel, to_original=to_rel) == G.to_json(rel, (640, 200))
+    with pytest.raises(ValueError, match="resized_size"):
+        P25.box_to_original((1, 2, 3, 4), (10, 10))
+
+
+def test_draw_with_resized_pixel_boxes(tmp_path):
+    img = Image.new("RGB", (300, 150), (250, 250, 250))         # original (h, w) = (150, 300)
+    (b,) = G.parse(REF.format("r") + BOX.format(56, 28, 224, 112), coordinates="resized_pixels")
+    to_orig = G.pixel_mapper(P25.box_to_original, original_size=(150, 300), resized_size=(140, 280))
+    drawn = G.draw(img, [b], tmp_path / "r.png", to_original=to_orig)
+    x1, y1, x2, y2 = to_orig(b.coords)
+    assert (x1, y1, x2, y2) == (60, 30, 240, 120)
+    assert drawn.getpixel((x1, (y1 + y2) // 2)) != (250, 250, 250)
+    assert drawn.getpixel((x1 - 8, (y1 + y2) // 2)) == (250, 250, 250)   # not drawn at the 0..1000 place
+    assert (tmp_path / "r.png").exists()

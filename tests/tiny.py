@@ -212,3 +212,81 @@ def qwen_vl_utils_vision_process():
             else:
                 sys.modules[k] = v
     return vision_process
+
+
+# ------------------------------------------------------------------------------------------ Qwen2.5-VL
+
+def tiny_qwen2_5_vl_config_dict(ids: dict[str, int], *, tied: bool = False, vocab_size: int = 448) -> dict:
+    """A flat (hub-layout) Qwen2.5-VL config.json: the Qwen2-VL tiny text decoder and a 3-block Qwen2.5
+    vision tower (block 1 attends per frame, blocks 0 and 2 per 112-px window), tokens_per_second 2."""
+    d = tiny_config_dict(ids, tied=tied, vocab_size=vocab_size)
+    d["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    d["model_type"] = "qwen2_5_vl"
+    d["vision_config"] = {
+        "model_type": "qwen2_5_vl", "depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+        "out_hidden_size": 64, "hidden_act": "silu", "in_chans": 3, "patch_size": 14,
+        "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+        "fullatt_block_indexes": [1], "tokens_per_second": 2,
+    }
+    return d
+
+
+def write_tiny_qwen2_5_vl(path: str | Path, *, tied: bool = False, seed: int = 0, layout: str = "hub",
+                          max_pixels: int = 200704) -> Path:
+    """Write a random tiny Qwen2.5-VL checkpoint with transformers' save_pretrained.
+
+    layout="hub": flat config.json, keys as transformers 4.57 saves them (`visual.*` / `model.*`);
+    layout="nested": the nested config.json save_pretrained writes, keys renamed to the 4.52+ module spelling
+    (`model.visual.*` / `model.language_model.*`). Same other files as make_tiny_checkpoint.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if layout not in ("hub", "nested"):
+        raise ValueError(f"layout must be 'hub' or 'nested', got {layout!r}")
+    path = Path(path)
+    ids = write_tokenizer(path)
+    cfg_dict = tiny_qwen2_5_vl_config_dict(ids, tied=tied)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg_dict)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.15)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+            elif "norm" in name or "ln_q" in name:
+                p.normal_(1.0, 0.1)     # RMSNorm weights away from 1, so a missed norm shows
+    model.save_pretrained(path, safe_serialization=True)
+    if layout == "hub":
+        (path / "config.json").write_text(json.dumps(cfg_dict, indent=1))
+    else:
+        f = path / "model.safetensors"
+        state = load_file(f)
+        renamed = {}
+        for k, v in state.items():
+            if k.startswith("visual."):
+                k = "model." + k
+            elif k.startswith("model.") and not k.startswith(("model.visual.", "model.language_model.")):
+                k = "model.language_model." + k[len("model."):]
+            renamed[k] = v
+        save_file(renamed, f, metadata={"format": "pt"})
+    _write_side_files(path, ids, max_pixels)
+    return path
+
+
+def _write_side_files(path: Path, ids: dict[str, int], max_pixels: int) -> None:
+    (path / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+    }, indent=1))
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "rescale_factor": 1 / 255, "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "min_pixels": 3136, "max_pixels": max_pixels,
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    }, indent=1))

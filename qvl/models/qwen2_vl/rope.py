@@ -5,6 +5,8 @@ Owns three things and nothing else (no modules, no weights, no engine knowledge)
 * `mrope_positions(input_ids, grids, ...)`: the 3-stream (t, h, w) position ids of one prompt and its
   `rope_delta`, by the *max+1* rule (QWEN2VL_SPEC 5.4; transformers <= 4.57 `get_rope_index`). A decode
   token at index i (0-based, i >= len(prompt)) then sits at `i + rope_delta` on all three streams.
+  Temporal grid k of an item sits at k (Qwen2-VL), or, when the item has a `second_per_grid` (Qwen2.5-VL
+  absolute time, QWEN2VL_SPEC 8.4), at floor(k * second_per_grid * tokens_per_second) multiplied in fp32.
 * Text rotary: frequencies in fp32, each of the head_dim/2 frequencies takes its position from the stream
   its `mrope_section` says (t for the first section, h for the second, w for the third; not interleaved),
   duplicated to head_dim, cos/sin computed in fp32 then cast to the activation dtype; rotation is the
@@ -38,6 +40,8 @@ def mrope_positions(
     image_token_id: int,
     video_token_id: int,
     spatial_merge_size: int = 2,
+    second_per_grid: Sequence[float | None] | None = None,
+    tokens_per_second: float = 1.0,
 ) -> tuple[torch.Tensor, int]:
     """M-RoPE position ids of one unpadded prompt.
 
@@ -45,9 +49,14 @@ def mrope_positions(
     is the pad token its run is made of, and item k covers t*h*w // merge**2 consecutive pad tokens
     (adjacent items of the same kind simply follow each other in the run).
 
+    `second_per_grid` (one entry per item, or None for all) gives an item's seconds per temporal grid;
+    None keeps the Qwen2-VL temporal index. The next text starts at the item's max position + 1.
+
     Returns (positions LongTensor (3, N), rope_delta = max(positions) + 1 - N). Raises ValueError when the
     pad tokens and the grids disagree (naming the item, the expected and the found counts).
     """
+    if second_per_grid is not None and len(second_per_grid) != len(grids):
+        raise ValueError(f"second_per_grid has {len(second_per_grid)} entries for {len(grids)} vision grids")
     ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()  # (N,)
     n = ids.numel()
     positions = torch.empty(3, n, dtype=torch.long)  # (3, N)
@@ -82,11 +91,13 @@ def mrope_positions(
                     f"vision item {k} with grid ({t}, {h}, {w}) needs {count} consecutive pad tokens at index "
                     f"{start}, found {end - start}"
                 )
-            tt = torch.arange(t).view(t, 1, 1).expand(t, hm, wm).flatten()  # (count,)
+            spg = None if second_per_grid is None else second_per_grid[k]
+            tk = _temporal_index(t, spg, tokens_per_second)  # (t,)
+            tt = tk.view(t, 1, 1).expand(t, hm, wm).flatten()  # (count,)
             hh = torch.arange(hm).view(1, hm, 1).expand(t, hm, wm).flatten()
             ww = torch.arange(wm).view(1, 1, wm).expand(t, hm, wm).flatten()
             positions[:, start:start + count] = torch.stack([tt, hh, ww]) + cur  # (3, count)
-            cur += max(t, hm, wm)
+            cur += max(int(tk[-1]) + 1, hm, wm)
             start += count
             k += 1
         pos = end
@@ -97,6 +108,15 @@ def mrope_positions(
             f"{len(grids)} vision grids given but the prompt's pad tokens hold only {k} items"
         )
     return positions, cur - n
+
+
+def _temporal_index(t: int, second_per_grid: float | None, tokens_per_second: float) -> torch.Tensor:
+    """Temporal position offsets (t,) of an item's temporal grids: 0..t-1, or absolute time in fp32
+    (k * second_per_grid * tokens_per_second, floored by .long(); transformers 4.49's float rule)."""
+    k = torch.arange(t)
+    if second_per_grid is None:
+        return k
+    return (k * torch.tensor(float(second_per_grid), dtype=torch.float32) * tokens_per_second).long()
 
 
 def _count(grid: Sequence[int], merge: int) -> int:

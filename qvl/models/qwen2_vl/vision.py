@@ -11,6 +11,11 @@ features returned in item order. Steps (QWEN2VL_SPEC 3):
     follow each other (all frames of a video, same-size images) run as one batched SDPA call; no dense
     S x S mask is ever built;
   * merger: LayerNorm, fuse each 4 consecutive rows, Linear -> exact GELU -> Linear.
+
+Reusable by later families (qwen2_5_vl): `group_segments(lengths)` batches any list of attention segments,
+`VisionAttention` takes those groups, `VisionBlock.norm` / `.mlp_cls`, `PatchMerger.norm` and
+`VisionTransformer.block_cls` / `.merger_cls` name the pieces a subclass swaps, and
+`VisionTransformer.check_inputs` validates the packed batch.
 """
 from __future__ import annotations
 
@@ -32,22 +37,24 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 _ACTS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
 
 
-def segment_groups(grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Attention segments of a packed batch, grouped: [(start row, number of segments, segment length)].
-
-    Every temporal slice of every item is one segment of h*w rows; consecutive segments of the same length
-    share a group so they can run as one batch.
-    """
+def group_segments(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive attention segments of the given row counts, grouped for batched attention:
+    [(start row, number of segments, segment length)]; adjacent segments of equal length share a group."""
     groups: list[list[int]] = []
     start = 0
-    for t, h, w in grid_thw.tolist():
-        length = h * w
-        if groups and groups[-1][2] == length and groups[-1][0] + groups[-1][1] * length == start:
-            groups[-1][1] += t
+    for length in lengths:
+        if groups and groups[-1][2] == length:
+            groups[-1][1] += 1
         else:
-            groups.append([start, t, length])
-        start += t * length
+            groups.append([start, 1, length])
+        start += length
     return [tuple(g) for g in groups]
+
+
+def segment_groups(grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Attention segments of a packed batch, grouped (see group_segments): every temporal slice of every
+    item is one segment of h*w rows."""
+    return group_segments([h * w for t, h, w in grid_thw.tolist() for _ in range(t)])
 
 
 class PatchEmbed(nn.Module):
@@ -107,13 +114,20 @@ class VisionMlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def layer_norm(dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
 class VisionBlock(nn.Module):
+    norm = staticmethod(layer_norm)     # dim -> norm module (norm1, norm2)
+    mlp_cls = VisionMlp
+
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.embed_dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.norm1 = self.norm(config.embed_dim)
+        self.norm2 = self.norm(config.embed_dim)
         self.attn = VisionAttention(config)
-        self.mlp = VisionMlp(config)
+        self.mlp = self.mlp_cls(config)
 
     def forward(self, x, cos, sin, groups):
         x = x + self.attn(self.norm1(x), cos, sin, groups)
@@ -121,12 +135,15 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
+    norm = staticmethod(layer_norm)     # dim -> norm module (ln_q)
+
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.merged_dim = config.embed_dim * config.spatial_merge_size ** 2
-        self.ln_q = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.ln_q = self.norm(config.embed_dim)
         self.mlp = nn.Sequential(
-            nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(), nn.Linear(self.merged_dim, config.hidden_size)
+            nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(),
+            nn.Linear(self.merged_dim, config.out_hidden_size),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,18 +151,22 @@ class PatchMerger(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    block_cls = VisionBlock
+    merger_cls = PatchMerger
+
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(config)
-        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
-        self.merger = PatchMerger(config)
+        self.blocks = nn.ModuleList(self.block_cls(config) for _ in range(config.depth))
+        self.merger = self.merger_cls(config)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.patch_embed.proj.weight.dtype
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def check_inputs(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
+        """grid_thw as a CPU (ni, 3) int64 tensor; ValueError when pixel_values or the grids are malformed."""
         c = self.config
         grid_thw = torch.as_tensor(grid_thw, dtype=torch.long).view(-1, 3).cpu()
         m = c.spatial_merge_size
@@ -155,9 +176,14 @@ class VisionTransformer(nn.Module):
                              f"{grid_thw.tolist()}, got {tuple(pixel_values.shape)}")
         if bool(((grid_thw[:, 1] % m) != 0).any() or ((grid_thw[:, 2] % m) != 0).any()):
             raise ValueError(f"grid h and w must be multiples of spatial_merge_size={m}, got {grid_thw.tolist()}")
+        return grid_thw
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        grid_thw = self.check_inputs(pixel_values, grid_thw)
         device = self.patch_embed.proj.weight.device
         x = self.patch_embed(pixel_values.to(device))  # (np, E)
-        cos, sin = vision_cos_sin(grid_thw, c.head_dim, m, device=device)  # (np, d) fp32
+        cos, sin = vision_cos_sin(grid_thw, c.head_dim, c.spatial_merge_size, device=device)  # (np, d) fp32
         groups = segment_groups(grid_thw)
         for blk in self.blocks:
             x = blk(x, cos, sin, groups)

@@ -1,0 +1,9 @@
+"""Qwen2.5-VL checkpoint keys -> module names: exactly Qwen2-VL's rules (qvl.models.qwen2_vl.weights).
+
+Hub keys (`visual.*`, `model.*`, `lm_head.weight`) are the module names; transformers 4.52+ spells them
+`model.visual.*` / `model.language_model.*` (QWEN2VL_SPEC 2; 4.52.x even wrote those to disk, #38403).
+The 3B ties its head to the embedding (`TIED`).
+"""
+from qvl.models.qwen2_vl.weights import RENAMES, TIED, canonical_key, sanitize  # noqa: F401
+
+__all__ = ["RENAMES", "TIED", "canonical_key", "sanitize"]
