@@ -3,8 +3,9 @@
 API (all that the server needs):
   AsyncEngine(model_path, **LLMEngine options)  or  AsyncEngine(engine=an LLMEngine)
   await add_request(request_id, prompt, params) -> async iterator of RequestOutput *deltas*
-      prompt: a ProcessedPrompt (or anything LLMEngine.add_request takes). Errors in the request
-      itself (too long, bad ids, duplicate id) raise ValueError from this await, before any output.
+      prompt: a ProcessedPrompt (qvl.multimodal.prompt; built before, off this engine's thread).
+      Errors in the request itself (too long, bad ids, duplicate id) raise ValueError from this await,
+      before any output.
       Each yielded RequestOutput carries only what is new: per completion the new text and token ids,
       and finish_reason on the last one; the iterator ends after `finished`. Leaving the iterator
       early (client disconnect, cancellation) aborts the request.
@@ -12,7 +13,14 @@ API (all that the server needs):
   stats() -> dict     LLMEngine.stats() (num_running, num_waiting, kv_blocks_*, cache counters, ...)
   start() / shutdown()  the loop thread starts lazily on the first request; shutdown aborts
       everything still running and fails its iterators with RuntimeError.
-  processor, max_model_len, model_config, model_path, vocab_size: read-only facts for the server.
+  Read-only facts (the server's whole view of the engine; typed, nothing probed):
+      processor            PromptProcessor | None (None: token-id prompts only)
+      max_model_len        int, the context length requests are checked against
+      model_config         the family's model Config;  vocab_size  int (the model's, not the tokenizer's)
+      model_path           str | None, the checkpoint directory
+      generation_config    dict, the checkpoint's generation_config.json ({} when it has none)
+      generation_defaults  dict, the SamplingParams fields that file sets (requests override them)
+      default_sampling_params(**overrides) -> SamplingParams, those defaults + overrides
 
 Threading: only the loop thread touches the LLMEngine. Other threads hand it closures through a
 queue; outputs go back with loop.call_soon_threadsafe onto each request's asyncio.Queue. When a step
@@ -28,6 +36,8 @@ from typing import AsyncIterator, Callable
 
 from qvl.engine.llm_engine import LLMEngine
 from qvl.engine.outputs import RequestOutput
+from qvl.multimodal.prompt import ProcessedPrompt, PromptProcessor
+from qvl.sampling_params import SamplingParams, generation_defaults
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5
@@ -53,7 +63,7 @@ class AsyncEngine:
 
     # --- facts for the server ------------------------------------------------------------------
     @property
-    def processor(self):
+    def processor(self) -> PromptProcessor | None:
         return self.engine.processor
 
     @property
@@ -72,10 +82,18 @@ class AsyncEngine:
     def model_path(self) -> str | None:
         return self.engine.model_path
 
+    @property
+    def generation_config(self) -> dict:
+        return dict(self.engine.generation_config)
+
+    @property
+    def generation_defaults(self) -> dict:
+        return generation_defaults(self.engine.generation_config)
+
     def stats(self) -> dict:
         return self.engine.stats()
 
-    def default_sampling_params(self, **overrides):
+    def default_sampling_params(self, **overrides) -> SamplingParams:
         return self.engine.default_sampling_params(**overrides)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -99,7 +117,8 @@ class AsyncEngine:
             self.engine.abort_request(rid)
 
     # --- requests ------------------------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt, params=None) -> AsyncIterator[RequestOutput]:
+    async def add_request(self, request_id: str, prompt: ProcessedPrompt,
+                          params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
         self.start()
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()

@@ -1,24 +1,18 @@
 """Every failure becomes an OpenAI error body: {"error": {"message", "type", "param", "code"}}.
 
-Owns: `APIError` (what routes raise), the mapping of pydantic validation errors to a message and a
-`param` path like "messages[0].content[1].image_url.url", the mapping of exceptions raised while
-loading/decoding user media to 4xx, and the FastAPI exception handlers (404/405 from routing, invalid
-bodies, and anything unexpected -> 500 with a body; the traceback goes to the log, never to the client).
+Owns: `APIError` (what the server, and any other front end such as the CLI or a batch runner, raises for
+a request it refuses) and its body, the mapping of pydantic validation errors to a message and a `param`
+path like "messages[0].content[1].image_url.url", and the mapping of exceptions raised while planning,
+checking and loading a prompt (bad media, limits) to 4xx. Imports no web framework: installing the
+handlers that turn these into HTTP responses is qvl.server.app's.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qvl.server.protocol import ErrorInfo, ErrorResponse
-
-logger = logging.getLogger("qvl.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
@@ -40,9 +34,6 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -98,14 +89,21 @@ def from_pydantic(exc: ValidationError) -> APIError:
     return validation_error(exc.errors(include_url=False))
 
 
-def media_error(exc: BaseException) -> APIError | None:
-    """Map an exception raised while counting/loading/decoding user media to a 4xx, or None if it is ours.
+def media_error(exc: BaseException, param: str | None = None) -> APIError | None:
+    """Map an exception raised while planning/checking/loading a prompt to a 4xx, or None if it is ours.
 
     The contract of qvl.multimodal is: bad input -> ValueError (or a subclass) with a message naming the
-    item and the numbers. Pillow, PyAV and httpx raise their own types for bad/unreachable media.
+    item and the numbers; a prompt over its limits -> plan.PromptLimitError, whose code is kept and whose
+    param is `param` (the prompt's field: "messages" or "prompt") or "max_tokens". Pillow, PyAV and httpx
+    raise their own types for bad/unreachable media.
     """
     import httpx
     from PIL import Image
+
+    from qvl.multimodal.plan import PromptLimitError
+
+    if isinstance(exc, PromptLimitError):
+        return APIError(str(exc), param="max_tokens" if exc.field == "max_tokens" else param, code=exc.code)
 
     name = type(exc).__name__
     if isinstance(exc, Image.DecompressionBombError):
@@ -124,52 +122,3 @@ def media_error(exc: BaseException) -> APIError | None:
     if module.startswith(("PIL", "av")) or isinstance(exc, (OSError, EOFError)):
         return APIError(f"Could not decode media: {name}: {exc}", code="invalid_media")
     return None
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        return validation_error(list(exc.errors())).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        if exc.status_code == 404:
-            detail = f"Not found: {request.method} {request.url.path}"
-        elif exc.status_code == 405:
-            detail = f"Method {request.method} not allowed for {request.url.path}"
-        return APIError(detail, status=exc.status_code).response()
-
-    app.add_middleware(_CatchAllMiddleware)
-
-
-class _CatchAllMiddleware:
-    """Unexpected exceptions -> 500 with an error body, logged, and *not* re-raised to the server
-    (Starlette's catch-all handler re-raises, which makes uvicorn drop the keep-alive connection)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def _send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, _send)
-        except Exception as exc:  # noqa: BLE001 - the server must survive anything a request does
-            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if not started:
-                resp = APIError(f"Internal server error ({type(exc).__name__}); see the server log",
-                                status=500, code="internal_error").response()
-                await resp(scope, receive, send)

@@ -6,9 +6,9 @@ inter-token latency, end-to-end latency, queue time) and a collector that reads 
 scrape time for the gauges (running / waiting / KV-cache usage and free/total blocks) and the engine's
 cumulative counters (prefix cache, encoder cache, preemptions). Knows nothing about HTTP.
 
-Engine stats keys read (missing ones are simply not exported): num_running, num_waiting,
-kv_blocks_free, kv_blocks_total, kv_cache_usage, prefix_cache_queries, prefix_cache_hits,
-encoder_cache_queries, encoder_cache_hits, num_preemptions (a few alternative spellings accepted).
+Engine stats keys read (LLMEngine.stats(); a missing one is simply not exported): num_running,
+num_waiting, kv_blocks_free, kv_blocks_total, kv_cache_usage, prefix_cache_queries, prefix_cache_hits,
+encoder_cache_queries, encoder_cache_hits, num_preemptions.
 """
 from __future__ import annotations
 
@@ -35,13 +35,6 @@ def _1_2_5(limit: int) -> list[float]:
                 return out
             out.append(float(k * m))
         m *= 10
-
-
-def _stat(stats: dict, *names: str):
-    for n in names:
-        if stats.get(n) is not None:
-            return stats[n]
-    return None
 
 
 class _EngineCollector:
@@ -74,29 +67,23 @@ class _EngineCollector:
                 c.add_metric(labels[1], float(value))
                 yield c
 
-        total = _stat(s, "kv_blocks_total", "num_blocks", "num_kv_blocks")
-        free = _stat(s, "kv_blocks_free", "num_free_blocks", "free_blocks")
-        usage = _stat(s, "kv_cache_usage", "kv_cache_usage_perc")
-        if usage is None and total:
-            usage = 1.0 - (free or 0) / total
-        yield from gauge("qvl:num_requests_running", "Requests in the running batch.",
-                         _stat(s, "num_running", "running"))
-        yield from gauge("qvl:num_requests_waiting", "Requests waiting to be scheduled.",
-                         _stat(s, "num_waiting", "waiting"))
-        yield from gauge("qvl:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", usage)
-        yield from gauge("qvl:kv_cache_blocks_total", "KV-cache blocks in the pool.", total)
+        yield from gauge("qvl:num_requests_running", "Requests in the running batch.", s.get("num_running"))
+        yield from gauge("qvl:num_requests_waiting", "Requests waiting to be scheduled.", s.get("num_waiting"))
+        yield from gauge("qvl:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
+                         s.get("kv_cache_usage"))
+        yield from gauge("qvl:kv_cache_blocks_total", "KV-cache blocks in the pool.", s.get("kv_blocks_total"))
         yield from gauge("qvl:kv_cache_blocks_free", "KV-cache blocks free (cached-but-unused count as free).",
-                         free)
+                         s.get("kv_blocks_free"))
         yield from counter("qvl:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                           _stat(s, "prefix_cache_queries"))
+                           s.get("prefix_cache_queries"))
         yield from counter("qvl:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                           _stat(s, "prefix_cache_hits"))
+                           s.get("prefix_cache_hits"))
         yield from counter("qvl:mm_cache_queries", "Vision items looked up in the encoder cache.",
-                           _stat(s, "encoder_cache_queries", "mm_cache_queries"))
+                           s.get("encoder_cache_queries"))
         yield from counter("qvl:mm_cache_hits", "Vision items found in the encoder cache.",
-                           _stat(s, "encoder_cache_hits", "mm_cache_hits"))
+                           s.get("encoder_cache_hits"))
         yield from counter("qvl:num_preemptions", "Sequences preempted (blocks freed, recomputed later).",
-                           _stat(s, "num_preemptions", "preemptions"))
+                           s.get("num_preemptions"))
 
 
 class ServerMetrics:

@@ -2,188 +2,41 @@
 responses (including stream chunks, usage, logprobs and the error body).
 
 Owns: what a request may contain and the per-field bounds (a violation is a 400 naming the field, see
-errors.py). Does not know the model, the engine or media: a part's URL is only checked to be a non-empty
-string here; fetching and decoding happen later under the MediaPolicy.
+errors.py); message content (text / image / video parts) is content.py's. Does not know the model, the
+engine or media.
 
 Extensions over OpenAI (vLLM names where vLLM has one): `top_k`, `min_p`, `repetition_penalty`,
 `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens` (default False so grounding tokens
-survive), per-image `min_pixels`/`max_pixels`/`resized_height`/`resized_width`, video parts (`video_url`
-or qwen-vl-utils style `video`, a URL or a list of frame URLs) with `fps`/`nframes`/`min_pixels`/
-`max_pixels`/`total_pixels`/`video_start`/`video_end`. Unknown top-level keys are ignored (as vLLM
-does); keys that would silently change the meaning of a request (`tools`, `logit_bias`, non-text
-`response_format`, `suffix`, `best_of` != n) are refused instead.
+survive); for chat and /tokenize `add_generation_prompt`, `continue_final_message` (continue the last
+assistant message instead of opening a new turn; the two exclude each other, checked where the template
+is rendered) and `chat_template_kwargs` (extra chat-template variables). Unknown top-level keys are
+ignored (as vLLM does); keys that would silently change the meaning of a request (`tools`, `logit_bias`,
+non-text `response_format`, `suffix`, `best_of` != n) are refused instead.
 """
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from qvl.server.content import ChatMessage, NonEmptyStr, WireModel
 
 MAX_N = 16
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
-MAX_FRAME_URLS = 768          # qwen-vl-utils' frame cap; a longer frame list is refused, not truncated
-
-PositiveInt = Annotated[int, Field(gt=0)]
-NonEmptyStr = Annotated[str, Field(min_length=1)]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-# ---------------------------------------------------------------------------------------------------
-# content parts
-
-
-class _ImageOptions(_Model):
-    min_pixels: PositiveInt | None = None
-    max_pixels: PositiveInt | None = None
-    resized_height: PositiveInt | None = None
-    resized_width: PositiveInt | None = None
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
-        if (self.resized_height is None) != (self.resized_width is None):
-            raise ValueError("resized_height and resized_width must be given together")
-        return self
-
-    def options(self) -> dict:
-        return {k: v for k, v in self.model_dump(include=set(_ImageOptions.model_fields)).items()
-                if v is not None}
-
-
-class _VideoOptions(_ImageOptions):
-    fps: Annotated[float, Field(gt=0, le=60)] | None = None
-    nframes: Annotated[int, Field(ge=1)] | None = None
-    total_pixels: PositiveInt | None = None
-    video_start: Annotated[float, Field(ge=0)] | None = None
-    video_end: Annotated[float, Field(gt=0)] | None = None
-
-    @model_validator(mode="after")
-    def _check_video(self):
-        if self.fps is not None and self.nframes is not None:
-            raise ValueError("give either fps or nframes, not both")
-        if self.video_start is not None and self.video_end is not None and self.video_end <= self.video_start:
-            raise ValueError(f"video_end ({self.video_end}) must be after video_start ({self.video_start})")
-        return self
-
-    def options(self) -> dict:
-        return {k: v for k, v in self.model_dump(include=set(_VideoOptions.model_fields)).items()
-                if v is not None}
-
-
-def _url_object(v: Any) -> Any:
-    return {"url": v} if isinstance(v, (str, list)) else v
-
-
-class ImageURL(_ImageOptions):
-    url: NonEmptyStr
-    detail: Literal["auto", "low", "high"] | None = None   # accepted, ignored (as in vLLM)
-
-
-FrameList = Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_FRAME_URLS)]
-
-
-class VideoURL(_VideoOptions):
-    url: NonEmptyStr | FrameList
-
-
-class TextPart(_Model):
-    type: Literal["text"]
-    text: str
-
-
-class ImageURLPart(_ImageOptions):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-    @field_validator("image_url", mode="before")
-    @classmethod
-    def _wrap(cls, v):
-        return _url_object(v)
-
-    def item(self) -> dict:
-        return {"type": "image", "image": self.image_url.url, **self.options(), **self.image_url.options()}
-
-
-class ImagePart(_ImageOptions):
-    """qwen-vl-utils style: {"type": "image", "image": "<url>", "max_pixels": ...}."""
-    type: Literal["image"]
-    image: NonEmptyStr
-
-    def item(self) -> dict:
-        return {"type": "image", "image": self.image, **self.options()}
-
-
-class VideoURLPart(_VideoOptions):
-    type: Literal["video_url"]
-    video_url: VideoURL
-
-    @field_validator("video_url", mode="before")
-    @classmethod
-    def _wrap(cls, v):
-        return _url_object(v)
-
-    def item(self) -> dict:
-        return {"type": "video", "video": self.video_url.url, **self.options(), **self.video_url.options()}
-
-
-class VideoPart(_VideoOptions):
-    """qwen-vl-utils style: {"type": "video", "video": "<url>" | ["<frame url>", ...], "fps": ...}."""
-    type: Literal["video"]
-    video: NonEmptyStr | FrameList
-
-    def item(self) -> dict:
-        return {"type": "video", "video": self.video, **self.options()}
-
-
-ContentPart = Annotated[Union[TextPart, ImageURLPart, ImagePart, VideoURLPart, VideoPart],
-                        Field(discriminator="type")]
-
-
-class ChatMessage(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: list[ContentPart]
-    name: str | None = None
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _content(cls, v: Any) -> Any:
-        if v is None:
-            return []
-        if isinstance(v, str):
-            return [{"type": "text", "text": v}]
-        if not isinstance(v, list):
-            raise ValueError("content must be a string or a list of content parts")
-        return v
-
-    def to_processor(self) -> dict:
-        """The message in the form PromptProcessor takes: text parts + qwen-vl-utils style items."""
-        role = "system" if self.role == "developer" else self.role
-        parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else p.item()
-                 for p in self.content]
-        return {"role": role, "content": parts}
-
-    def count_media(self) -> tuple[int, int]:
-        images = sum(isinstance(p, (ImageURLPart, ImagePart)) for p in self.content)
-        videos = sum(isinstance(p, (VideoURLPart, VideoPart)) for p in self.content)
-        return images, videos
 
 
 # ---------------------------------------------------------------------------------------------------
 # requests
 
 
-class StreamOptions(_Model):
+class StreamOptions(WireModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class _SamplingRequest(_Model):
+class _SamplingRequest(WireModel):
     model: str | None = None
     temperature: Annotated[float, Field(ge=0, le=100)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
@@ -230,13 +83,24 @@ class _SamplingRequest(_Model):
         return out
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class _ChatTemplateOptions(WireModel):
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_options(self) -> dict:
+        """The keyword arguments of PromptProcessor.plan these fields set."""
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message,
+                "chat_template_kwargs": self.chat_template_kwargs}
+
+
+class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    add_generation_prompt: bool = True
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: Any = None
@@ -251,8 +115,6 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError(f"response_format type {self.response_format.get('type')!r} is not supported; "
                              "only 'text'")
-        if self.messages[-1].role == "assistant" and self.add_generation_prompt:
-            pass    # allowed: the template opens a new assistant turn after it
         return self
 
     @property
@@ -305,12 +167,11 @@ class CompletionRequest(_SamplingRequest):
         return self.logprobs
 
 
-class TokenizeRequest(_Model):
-    """Either chat `messages` (with images/videos) or a text `prompt`."""
+class TokenizeRequest(_ChatTemplateOptions):
+    """Either chat `messages` (with images/videos; the template options apply) or a text `prompt`."""
     model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     prompt: str | None = None
-    add_generation_prompt: bool = True
     return_token_ids: bool = False
 
     @model_validator(mode="after")
@@ -324,18 +185,18 @@ class TokenizeRequest(_Model):
 # responses
 
 
-class PromptTokensDetails(_Model):
+class PromptTokensDetails(WireModel):
     cached_tokens: int = 0
 
 
-class Usage(_Model):
+class Usage(WireModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
-class TopLogprob(_Model):
+class TopLogprob(WireModel):
     token: str
     logprob: float
     bytes: list[int] | None = None
@@ -345,23 +206,23 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = []
 
 
-class ChatLogprobs(_Model):
+class ChatLogprobs(WireModel):
     content: list[TokenLogprob] | None = None
 
 
-class CompletionLogprobs(_Model):
+class CompletionLogprobs(WireModel):
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 
-class AssistantMessage(_Model):
+class AssistantMessage(WireModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
 
 
-class ChatChoice(_Model):
+class ChatChoice(WireModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
@@ -373,7 +234,7 @@ def _now() -> int:
     return int(time.time())
 
 
-class ChatCompletionResponse(_Model):
+class ChatCompletionResponse(WireModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=_now)
@@ -383,19 +244,19 @@ class ChatCompletionResponse(_Model):
     qvl_boxes: list | None = None     # grounding boxes per choice when qvl.grounding is available
 
 
-class DeltaMessage(_Model):
+class DeltaMessage(WireModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
-class ChatChunkChoice(_Model):
+class ChatChunkChoice(WireModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(_Model):
+class ChatCompletionChunk(WireModel):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=_now)
@@ -404,7 +265,7 @@ class ChatCompletionChunk(_Model):
     usage: Usage | None = None
 
 
-class CompletionChoice(_Model):
+class CompletionChoice(WireModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -412,7 +273,7 @@ class CompletionChoice(_Model):
     stop_reason: int | str | None = None
 
 
-class CompletionResponse(_Model):
+class CompletionResponse(WireModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=_now)
@@ -421,12 +282,12 @@ class CompletionResponse(_Model):
     usage: Usage | None = None
 
 
-class ErrorInfo(_Model):
+class ErrorInfo(WireModel):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(_Model):
+class ErrorResponse(WireModel):
     error: ErrorInfo

@@ -1,65 +1,86 @@
-"""From a validated request to engine requests: prompt preparation (limits, context check from header
-dimensions before any pixel is decoded, preprocessing off the event loop), sampling parameters, and
-running one or more engine requests whose deltas responses.py turns into OpenAI bodies / SSE chunks.
+"""Serving state and one HTTP request's engine requests: the context the routes share, and running
+engine requests whose deltas responses.py turns into OpenAI bodies / SSE chunks.
 
-Owns: `ServingContext` (engine, processor, limits, metrics, thread pool) and `RequestRun` (one HTTP
-request's engine requests, timings and counters; it aborts whatever is unfinished when closed, so a
-client that goes away frees its KV blocks). Knows nothing about routes or auth (app.py).
+Owns: `ServingContext` (the AsyncEngine and what the server reads from it, limits, media policy,
+metrics, the preprocessing thread pool) and `RequestRun` (one HTTP request's engine requests, timings
+and counters; it aborts whatever is unfinished when closed, so a client that goes away frees its KV
+blocks). Prompt preparation is prepare.py's; routes and auth are routes.py's and app.py's.
 
-Engine contract used (qvl.engine.async_engine.AsyncEngine): `add_request(request_id, prompt, params)`
--> async iterator of RequestOutput deltas (outputs[i]: index, text, token_ids, finish_reason,
-logprobs as list[dict[token_id, logprob]]); `abort(request_id)`; `stats()`.
+Engine contract (qvl.engine.async_engine.AsyncEngine, typed): `await add_request(request_id,
+ProcessedPrompt, SamplingParams)` -> async iterator of RequestOutput deltas (outputs[i]: index, text,
+token_ids, finish_reason, logprobs as list[dict[token_id, logprob]]); `abort(request_id)`; `stats()`;
+and the facts `processor`, `max_model_len`, `vocab_size`, `generation_defaults`.
 """
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from qvl.config import ServerLimits
 from qvl.server.errors import APIError, media_error
+from qvl.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from qvl.engine.async_engine import AsyncEngine
+    from qvl.engine.outputs import RequestOutput
+    from qvl.multimodal.media import MediaPolicy
+    from qvl.multimodal.prompt import PromptProcessor
 
 logger = logging.getLogger("qvl.server")
 
 
 @dataclass
 class ServingContext:
-    engine: Any
-    processor: Any
+    engine: "AsyncEngine"
     served_model_name: str
-    max_model_len: int
-    media_policy: Any = None
+    media_policy: "MediaPolicy"
     limits: ServerLimits = field(default_factory=ServerLimits)
-    metrics: Any = None
-    default_sampling: dict = field(default_factory=dict)   # from generation_config.json
-    sampling_cls: Any = None
-    vocab_size: int | None = None
-    boxes_fn: Callable | None = None
+    metrics: ServerMetrics | None = None
+    boxes_fn: Callable | None = None                  # grounding: (text, items) -> boxes, or None
     executor: ThreadPoolExecutor | None = None
     active: set = field(default_factory=set)          # RequestRuns with engine requests in flight
     shutting_down: bool = False
 
+    @property
+    def processor(self) -> "PromptProcessor":
+        return self.engine.processor
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    @property
+    def default_sampling(self) -> dict:
+        """SamplingParams fields the checkpoint's generation_config.json sets (requests override them)."""
+        return self.engine.generation_defaults
+
     async def run_blocking(self, fn, *args, **kwargs):
-        """Run CPU-heavy work (media decode, resize, tokenize) in the pool; the event loop never blocks."""
+        """Run CPU-heavy work (media fetch, decode, resize, tokenize) in the pool; the event loop never
+        blocks on it."""
         if self.executor is None:
             self.executor = ThreadPoolExecutor(self.limits.preprocess_workers, thread_name_prefix="qvl-pre")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
 
-    async def guarded(self, fn, *args, **kwargs):
-        """run_blocking, mapping bad-media / bad-input exceptions to a 4xx APIError."""
+    async def guarded(self, fn, *args, param: str | None = None, **kwargs):
+        """run_blocking, mapping bad-media / bad-input / over-limit exceptions to a 4xx APIError (`param`:
+        the request field holding the prompt, for limit errors)."""
         try:
             return await self.run_blocking(fn, *args, **kwargs)
         except APIError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified below; unknown ones stay 500
-            err = media_error(exc)
+            err = media_error(exc, param)
             if err is None:
                 raise
             raise err from exc
@@ -83,155 +104,14 @@ def new_request_id(prefix: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# prompt preparation
-
-
-def check_media_counts(ctx: ServingContext, messages) -> tuple[int, int]:
-    images = videos = 0
-    for m in messages:
-        i, v = m.count_media()
-        images += i
-        videos += v
-    lim = ctx.limits
-    if images > lim.max_images_per_request:
-        raise APIError(f"Too many images in one request: {images} > max_images_per_request "
-                       f"{lim.max_images_per_request}", param="messages", code="too_many_images")
-    if videos > lim.max_videos_per_request:
-        raise APIError(f"Too many videos in one request: {videos} > max_videos_per_request "
-                       f"{lim.max_videos_per_request}", param="messages", code="too_many_videos")
-    return images, videos
-
-
-def _describe_items(items: list[dict]) -> str:
-    """'image 1: 1230 tokens (3000x4000 -> 840x1148); video 1: ...' (sizes as height x width)."""
-    parts, seen = [], {"image": 0, "video": 0}
-    for it in items:
-        kind = it.get("type", "item")
-        seen[kind] = seen.get(kind, 0) + 1
-        desc = f"{kind} {seen[kind]}: {it['tokens']} tokens"
-        if it.get("original_size") and it.get("resized_size"):
-            (oh, ow), (rh, rw) = it["original_size"], it["resized_size"]
-            desc += f" ({oh}x{ow} -> {rh}x{rw}"
-            grid = it.get("grid_thw")
-            if kind == "video" and grid:
-                desc += f", {grid[0]} temporal patches"
-            desc += ")"
-        parts.append(desc)
-    return "; ".join(parts)
-
-
-def check_budget(ctx: ServingContext, counts: dict, max_new_tokens: int | None) -> None:
-    """Refuse (400) before decoding pixels: prompt vs context, visual-token limit, prompt + max_tokens.
-
-    `counts` is PromptProcessor.count_tokens' result: {"prompt_tokens", "items": [{type, original_size,
-    resized_size, grid_thw, tokens}]}.
-    """
-    items = counts.get("items", [])
-    total = int(counts["prompt_tokens"])
-    visual = sum(int(it["tokens"]) for it in items)
-    L = ctx.max_model_len
-    if total >= L:
-        detail = f"text: {total - visual} tokens"
-        if items:
-            detail += "; " + _describe_items(items)
-        raise APIError(f"This model's maximum context length is {L} tokens, but the prompt has {total} "
-                       f"tokens ({detail}). Lower max_pixels / fps / nframes or shorten the prompt.",
-                       param="messages", code="context_length_exceeded")
-    lim = ctx.limits.max_visual_tokens_per_request
-    if lim is not None and visual > lim:
-        raise APIError(f"Too many visual tokens: {visual} > max_visual_tokens_per_request {lim} "
-                       f"({_describe_items(items)}). Lower max_pixels / fps / nframes, or send fewer "
-                       f"images.", param="messages", code="too_many_visual_tokens")
-    if max_new_tokens is not None and total + max_new_tokens > L:
-        raise APIError(f"This model's maximum context length is {L} tokens. However, you requested "
-                       f"{total + max_new_tokens} tokens ({total} in the prompt, {max_new_tokens} for the "
-                       f"completion). Reduce max_tokens or the prompt.", param="max_tokens",
-                       code="context_length_exceeded")
-
-
-def check_processed(ctx: ServingContext, prompt, max_new_tokens: int | None, param: str = "messages") -> None:
-    n = len(prompt.token_ids)
-    if n == 0:
-        raise APIError("The prompt is empty", param=param)
-    if n >= ctx.max_model_len or (max_new_tokens is not None and n + max_new_tokens > ctx.max_model_len):
-        raise APIError(f"This model's maximum context length is {ctx.max_model_len} tokens, but the request "
-                       f"needs {n} prompt tokens + {max_new_tokens or 1} completion tokens.",
-                       param=param, code="context_length_exceeded")
-    if ctx.vocab_size is not None:
-        bad = [t for t in prompt.token_ids if not 0 <= t < ctx.vocab_size]
-        if bad:
-            raise APIError(f"Token id {bad[0]} is out of range [0, {ctx.vocab_size})", param=param)
-
-
-async def prepare_chat(ctx: ServingContext, req) -> tuple[Any, dict]:
-    """Validated chat request -> (ProcessedPrompt, token counts). Raises APIError for bad input."""
-    check_media_counts(ctx, req.messages)
-    messages = [m.to_processor() for m in req.messages]
-    counts = await ctx.guarded(ctx.processor.count_tokens, messages, policy=ctx.media_policy,
-                               max_model_len=ctx.max_model_len)
-    check_budget(ctx, counts, req.max_new_tokens)
-    prompt = await ctx.guarded(ctx.processor.process_messages, messages, policy=ctx.media_policy,
-                               max_model_len=ctx.max_model_len)
-    check_processed(ctx, prompt, req.max_new_tokens)
-    return prompt, counts
-
-
-async def prepare_text(ctx: ServingContext, prompt: str | list[int], max_new_tokens: int | None):
-    if isinstance(prompt, str):
-        processed = await ctx.guarded(ctx.processor.process_prompt, prompt, None, policy=ctx.media_policy,
-                                      max_model_len=ctx.max_model_len)
-    else:
-        pads = {getattr(ctx.processor, "image_token_id", None), getattr(ctx.processor, "video_token_id", None)}
-        bad = sorted({t for t in prompt if t in pads})
-        if bad:
-            raise APIError(f"Prompt token ids contain image/video placeholder id(s) {bad} but /v1/completions "
-                           f"takes no media", param="prompt")
-        processed = _text_prompt(prompt)
-    check_processed(ctx, processed, max_new_tokens, param="prompt")
-    return processed
-
-
-def _text_prompt(token_ids: list[int]):
-    """A ProcessedPrompt for plain token ids (text only: positions are 0..N-1 on all three streams)."""
-    import torch
-    from qvl.multimodal.prompt import ProcessedPrompt
-
-    n = len(token_ids)
-    return ProcessedPrompt(token_ids=list(token_ids), positions=torch.arange(n).expand(3, n).clone(),  # (3, N)
-                           rope_delta=0)
-
-
-def sampling_params(ctx: ServingContext, req, prompt_len: int):
-    """SamplingParams = checkpoint defaults < request fields; max_tokens defaults to the room left."""
-    kwargs = {**ctx.default_sampling, **req.sampling_kwargs()}
-    max_new = req.max_new_tokens
-    if max_new is None:   # the room left, capped by the checkpoint's max_new_tokens when it sets one
-        room = max(1, ctx.max_model_len - prompt_len)
-        max_new = min(room, ctx.default_sampling.get("max_tokens") or room)
-    kwargs["max_tokens"] = max_new
-    if req.num_logprobs is not None:
-        kwargs["logprobs"] = req.num_logprobs
-    try:
-        return ctx.sampling_cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise APIError(str(exc), code="invalid_value") from exc
-
-
-# ---------------------------------------------------------------------------------------------------
 # running
 
 
-async def _maybe_await(x):
-    return await x if inspect.isawaitable(x) else x
-
-
-async def _aclose(it) -> None:
-    close = getattr(it, "aclose", None)
-    if close is not None:
-        try:
-            await close()
-        except Exception:  # noqa: BLE001
-            logger.exception("closing an engine iterator failed")
+async def _aclose(it: AsyncIterator) -> None:
+    try:
+        await it.aclose()
+    except Exception:  # noqa: BLE001
+        logger.exception("closing an engine iterator failed")
 
 
 class RequestRun:
@@ -269,7 +149,7 @@ class RequestRun:
         for j, (prompt, params) in enumerate(jobs):
             rid = self.request_id if len(jobs) == 1 else f"{self.request_id}-{j}"
             try:
-                it = await _maybe_await(self.ctx.engine.add_request(rid, prompt, params))
+                it = await self.ctx.engine.add_request(rid, prompt, params)
             except ValueError as exc:
                 await self.abort_unfinished()
                 raise APIError(str(exc), code="invalid_value") from exc
@@ -324,20 +204,14 @@ class RequestRun:
         finally:
             await _aclose(it)
 
-    def _account(self, rid: str, out) -> None:
-        if getattr(out, "finished", False):
+    def _account(self, rid: str, out: "RequestOutput") -> None:
+        if out.finished:
             self._unfinished.discard(rid)
         now = time.monotonic()
         new = sum(len(o.token_ids) for o in out.outputs)
-        cached = getattr(out, "num_cached_tokens", None)
-        if cached is not None:
-            self.cached_tokens = max(self.cached_tokens, int(cached))
-        m = getattr(out, "metrics", None)
-        if m is not None and self.queue_time is None:
-            q = getattr(m, "time_in_queue", None)
-            if q is None and getattr(m, "first_scheduled_time", None) and getattr(m, "arrival_time", None):
-                q = m.first_scheduled_time - m.arrival_time
-            self.queue_time = q
+        self.cached_tokens = max(self.cached_tokens, int(out.num_cached_tokens))
+        if self.queue_time is None:
+            self.queue_time = out.metrics.time_in_queue
         if new:
             if self.first_token is None:
                 self.first_token = now
@@ -349,13 +223,13 @@ class RequestRun:
         for o in out.outputs:
             if o.finish_reason is not None:
                 self.finish_reasons[o.index] = o.finish_reason
-                self.stop_reasons[o.index] = getattr(o, "stop_reason", None)
+                self.stop_reasons[o.index] = o.stop_reason
 
     async def abort_unfinished(self) -> None:
         for rid in list(self._unfinished):
             self._unfinished.discard(rid)
             try:
-                await _maybe_await(self.ctx.engine.abort(rid))
+                self.ctx.engine.abort(rid)
             except Exception:  # noqa: BLE001 - aborting must never raise into the response path
                 logger.exception("abort of %s failed", rid)
 

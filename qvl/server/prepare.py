@@ -1,0 +1,125 @@
+"""From a validated request to what the engine takes: prompts (plan -> check -> load) and SamplingParams.
+
+Chat, and completions with a text prompt, go through qvl.multimodal's one prompt pass:
+  plan   (thread pool)  render the template, tokenize, fetch remote media once, read headers;
+  check  (arithmetic)   qvl.multimodal.plan.check against max_model_len, max_visual_tokens_per_request
+                        and prompt + max_tokens, before any pixel is decoded;
+  load   (thread pool)  decode pixels from the fetched bytes, expand pads, positions, exact recheck.
+/tokenize is plan alone. A token-id prompt of /v1/completions is `ProcessedPrompt.from_token_ids`.
+Media work never runs on the event-loop thread. Every refusal is an APIError (errors.py) with the
+code the check gave (context_length_exceeded, too_many_visual_tokens) or the media error's.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qvl.multimodal.plan import PromptLimitError, PromptLimits, PromptPlan, check
+from qvl.multimodal.prompt import ProcessedPrompt
+from qvl.sampling_params import SamplingParams
+from qvl.server.errors import APIError, media_error
+from qvl.server.serving import ServingContext
+
+if TYPE_CHECKING:
+    from qvl.server.protocol import ChatCompletionRequest, TokenizeRequest
+
+
+def check_media_counts(ctx: ServingContext, messages) -> tuple[int, int]:
+    """(images, videos) of the request; APIError over max_images / max_videos_per_request."""
+    images = videos = 0
+    for m in messages:
+        i, v = m.count_media()
+        images += i
+        videos += v
+    lim = ctx.limits
+    if images > lim.max_images_per_request:
+        raise APIError(f"Too many images in one request: {images} > max_images_per_request "
+                       f"{lim.max_images_per_request}", param="messages", code="too_many_images")
+    if videos > lim.max_videos_per_request:
+        raise APIError(f"Too many videos in one request: {videos} > max_videos_per_request "
+                       f"{lim.max_videos_per_request}", param="messages", code="too_many_videos")
+    return images, videos
+
+
+def prompt_limits(ctx: ServingContext, max_new_tokens: int | None) -> PromptLimits:
+    """The server's limits for one prompt: the completion needs room for max_tokens (at least one)."""
+    return PromptLimits(ctx.max_model_len, max_new_tokens=max_new_tokens or 1,
+                        max_visual_tokens_per_request=ctx.limits.max_visual_tokens_per_request)
+
+
+def check_prompt(prompt: PromptPlan | ProcessedPrompt, limits: PromptLimits, param: str) -> None:
+    """plan.check, its PromptLimitError as an APIError (param: the request field holding the prompt)."""
+    try:
+        check(prompt, limits)
+    except PromptLimitError as exc:
+        raise media_error(exc, param) from exc
+
+
+async def plan_chat(ctx: ServingContext, req: "ChatCompletionRequest | TokenizeRequest") -> PromptPlan:
+    """The request's messages planned (template options honoured); the media counts checked first."""
+    check_media_counts(ctx, req.messages)
+    messages = [m.to_processor() for m in req.messages]
+    return await ctx.guarded(ctx.processor.plan, messages, policy=ctx.media_policy,
+                             max_model_len=ctx.max_model_len, param="messages", **req.template_options())
+
+
+async def prepare_chat(ctx: ServingContext, req: "ChatCompletionRequest") -> tuple[ProcessedPrompt, PromptPlan]:
+    """Validated chat request -> (ProcessedPrompt, its plan). Raises APIError for bad input."""
+    plan = await plan_chat(ctx, req)
+    limits = prompt_limits(ctx, req.max_new_tokens)
+    check_prompt(plan, limits, "messages")
+    prompt = await ctx.guarded(ctx.processor.load, plan, limits, param="messages")
+    return prompt, plan
+
+
+async def prepare_text(ctx: ServingContext, prompt: str | list[int],
+                       max_new_tokens: int | None) -> tuple[ProcessedPrompt, str]:
+    """One /v1/completions prompt -> (ProcessedPrompt, its text for echo)."""
+    limits = prompt_limits(ctx, max_new_tokens)
+    if isinstance(prompt, str):
+        plan = await ctx.guarded(ctx.processor.plan, prompt=prompt, policy=ctx.media_policy,
+                                 max_model_len=ctx.max_model_len, param="prompt")
+        check_prompt(plan, limits, "prompt")
+        return await ctx.guarded(ctx.processor.load, plan, limits, param="prompt"), prompt
+    pads = {ctx.processor.image_token_id, ctx.processor.video_token_id}
+    bad = sorted({t for t in prompt if t in pads})
+    if bad:
+        raise APIError(f"Prompt token ids contain image/video placeholder id(s) {bad} but /v1/completions "
+                       f"takes no media", param="prompt")
+    out_of_vocab = [t for t in prompt if not 0 <= t < ctx.vocab_size]
+    if out_of_vocab:
+        raise APIError(f"Token id {out_of_vocab[0]} is out of range [0, {ctx.vocab_size})", param="prompt")
+    processed = ProcessedPrompt.from_token_ids(prompt)
+    check_prompt(processed, limits, "prompt")
+    return processed, await ctx.run_blocking(ctx.processor.decode, prompt)
+
+
+async def tokenize(ctx: ServingContext, req: "TokenizeRequest") -> dict:
+    """/tokenize: token counts (and ids with return_token_ids) from the plan; nothing decoded."""
+    if req.messages is not None:
+        plan = await plan_chat(ctx, req)
+    else:
+        plan = await ctx.guarded(ctx.processor.plan, prompt=req.prompt, policy=ctx.media_policy,
+                                 max_model_len=ctx.max_model_len, param="prompt")
+    counts = plan.counts()
+    body = {"count": plan.num_tokens, "max_model_len": ctx.max_model_len, "text_tokens": plan.text_tokens,
+            "visual_tokens": plan.visual_tokens, "items": counts["items"]}
+    if req.return_token_ids:
+        body["tokens"] = ctx.processor.expanded_token_ids(plan)
+    return body
+
+
+def sampling_params(ctx: ServingContext, req, prompt_len: int) -> SamplingParams:
+    """SamplingParams = checkpoint defaults < request fields; max_tokens defaults to the room left."""
+    defaults = ctx.default_sampling
+    kwargs = {**defaults, **req.sampling_kwargs()}
+    max_new = req.max_new_tokens
+    if max_new is None:   # the room left, capped by the checkpoint's max_new_tokens when it sets one
+        room = max(1, ctx.max_model_len - prompt_len)
+        max_new = min(room, defaults.get("max_tokens") or room)
+    kwargs["max_tokens"] = max_new
+    if req.num_logprobs is not None:
+        kwargs["logprobs"] = req.num_logprobs
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise APIError(str(exc), code="invalid_value") from exc
