@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import make_tiny_checkpoint, write_tokenizer  # noqa: E402
+from tiny import make_tiny_checkpoint, write_tiny_qwen2_5_vl, write_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +29,16 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_tok")
     write_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_ckpt(tmp_path_factory) -> Path:
+    """Untied tiny Qwen2.5-VL checkpoint: flat hub config.json, keys as 4.57's save_pretrained writes them."""
+    return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny25_hub"), layout="hub", tied=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_ckpt_nested(tmp_path_factory) -> Path:
+    """Tied tiny Qwen2.5-VL checkpoint (like the 3B): nested config.json, `model.language_model.*` /
+    `model.visual.*` keys."""
+    return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny25_nested"), layout="nested", tied=True, seed=1)
