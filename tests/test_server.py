@@ -5,7 +5,9 @@ Covers: /health without auth, API key refused/accepted, /v1/models, chat with a 
 (non-stream and stream: role first, content deltas, finish_reason last, usage chunk, [DONE]), two images,
 a PyAV video (file and data: URL) and a frame list, usage == /tokenize, n=2, seed reproducibility, stop
 strings, logprobs, /v1/completions, /metrics moving, a disconnect mid-stream freeing its KV blocks,
-concurrent requests, and SIGTERM -> exit 0 (fixture teardown).
+concurrent requests, continue_final_message / chat_template_kwargs, and SIGTERM -> exit 0 (fixture
+teardown). A second, in-process server (create_app over AsyncEngine(engine=LLMEngine)) with a media
+policy opened for loopback shows one download per remote image per request, never on the event loop.
 """
 from __future__ import annotations
 
@@ -431,3 +433,86 @@ def test_media_policy_flags(http, media_dir):
     for url in (f"file://{media_dir}/../outside.png", f"file://{media_dir}/link.png"):
         r = http.post("/v1/chat/completions", json={"messages": image_msg(url), "max_tokens": 2})
         assert r.status_code == 400 and "outside allowed_local_media_path" in r.json()["error"]["message"], url
+
+
+def test_continue_final_message_and_template_kwargs(client, http):
+    """vLLM's chat fields: continue the last assistant message (no new turn), chat_template_kwargs."""
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My answer is"}]
+    cont = {"add_generation_prompt": False, "continue_final_message": True}
+    r = http.post("/tokenize", json={"messages": msgs, "return_token_ids": True, **cont})
+    assert r.status_code == 200, r.text
+    new_turn = http.post("/tokenize", json={"messages": msgs, "return_token_ids": True}).json()
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) < new_turn["count"]       # cut right after "My answer is"
+    assert new_turn["tokens"][:body["count"]] == body["tokens"]
+    c = client.chat.completions.create(model="tiny-qwen2-vl", messages=msgs, max_tokens=3, temperature=0,
+                                       extra_body=cont)
+    assert c.usage.prompt_tokens == body["count"]
+    r = http.post("/v1/chat/completions", json={"messages": msgs, "continue_final_message": True, "max_tokens": 2})
+    assert r.status_code == 400 and "cannot both be true" in r.json()["error"]["message"]
+    r = http.post("/v1/chat/completions", json={"messages": msgs[:1], "max_tokens": 2, **cont})
+    assert r.status_code == 400 and "assistant" in r.json()["error"]["message"]
+    img = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(56, 56)}},
+                                        {"type": "text", "text": "?"}]}]
+    plain = tokenize(http, img)["count"]
+    r = http.post("/tokenize", json={"messages": img, "chat_template_kwargs": {"add_vision_id": True}})
+    assert r.status_code == 200 and r.json()["count"] > plain             # "Picture 1: " rendered
+
+
+# ------------------------------------------------------------------------- one download per image
+
+@pytest.fixture(scope="module")
+def inproc(tiny_ckpt):
+    """create_app(AsyncEngine(engine=LLMEngine)) with a media policy opened for loopback, under uvicorn
+    in a thread of this process (so the test can see which thread fetches), and a counting media server."""
+    import uvicorn
+
+    from test_plan import CountingMediaServer, png_bytes
+
+    from qvl.engine.async_engine import AsyncEngine
+    from qvl.engine.llm_engine import LLMEngine
+    from qvl.multimodal.media import MediaPolicy
+    from qvl.server.app import create_app
+
+    media = CountingMediaServer({"cat.png": png_bytes(84, 56)})
+    engine = AsyncEngine(engine=LLMEngine.from_pretrained(str(tiny_ckpt), device="cpu", dtype="float32",
+                                                          max_model_len=MAX_MODEL_LEN))
+    app = create_app(engine, served_model_name="tiny", media_policy=MediaPolicy(allow_private_addresses=True))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", media, thread
+    server.should_exit = True
+    thread.join(30)
+    media.close()
+
+
+def test_one_download_per_remote_image(inproc, monkeypatch):
+    import qvl.multimodal.plan as plan_mod
+
+    url, media, loop_thread = inproc
+    fetch_threads = []
+    real_fetch = plan_mod.fetch_bytes
+
+    def fetch(*a, **k):
+        fetch_threads.append(threading.current_thread())
+        return real_fetch(*a, **k)
+
+    monkeypatch.setattr(plan_mod, "fetch_bytes", fetch)
+    msgs = image_msg(media.url + "/cat.png")
+    c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0)
+    assert media.hits == {"/cat.png": 1}                                   # plan fetched it; load reused it
+    assert fetch_threads and all(t is not loop_thread for t in fetch_threads)   # never on the event loop
+    with httpx.Client(base_url=url, timeout=60) as h:
+        counts = h.post("/tokenize", json={"messages": msgs}).json()
+        assert media.hits == {"/cat.png": 2}                               # /tokenize is the plan alone
+        assert counts["items"][0]["tokens"] == 6 and r.usage.prompt_tokens == counts["count"]
+        chunks = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, stream=True))
+        assert chunks and media.hits == {"/cat.png": 3}
+        assert h.get("/v1/models").json()["data"][0]["max_model_len"] == MAX_MODEL_LEN
