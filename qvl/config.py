@@ -135,7 +135,9 @@ class EngineConfig:
                                     "changes nothing today)")
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)   # noqa: E731 (frozen)
+        def set_(name: str, value) -> None:          # the normalised value of a frozen field
+            object.__setattr__(self, name, value)
+
         if self.model is not None:
             _require(isinstance(self.model, (str, Path)) and str(self.model) != "", "EngineConfig.model",
                      "a checkpoint directory or hub id (or None for the demo)", self.model)
