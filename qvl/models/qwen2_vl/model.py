@@ -25,10 +25,13 @@ from qvl.models.qwen2_vl.vision import VisionTransformer
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):
+    vision_cls: type[nn.Module] = VisionTransformer   # a family with another tower overrides this only
+    display_name = "Qwen2-VL"
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.visual = VisionTransformer(config.vision)
+        self.visual = self.vision_cls(config.vision)
         self.model = Qwen2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -45,8 +48,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         if self.model.embed_tokens.weight.dtype == torch.float16:
-            warnings.warn("Qwen2-VL in float16 overflows (NaN / '!!!!' outputs, transformers#33294); "
-                          "use bfloat16", stacklevel=3)
+            warnings.warn(f"{self.display_name} in float16 overflows (NaN / '!!!!' outputs, "
+                          f"transformers#33294); use bfloat16", stacklevel=3)
         return out
 
     def attention_modules(self) -> list[Qwen2Attention]:
