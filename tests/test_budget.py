@@ -11,6 +11,7 @@ from PIL import Image
 
 from qvl.multimodal.budget import ItemBudget, check_context, describe, image_num_tokens, video_num_tokens
 from qvl.multimodal.image import process_image
+from qvl.multimodal.spec import PreprocessSpec
 from qvl.multimodal.video import process_video
 
 
@@ -108,3 +109,48 @@ def test_describe(clips, tmp_path):
     json.dumps(describe(clips / "c.mkv"))
     with pytest.raises(ValueError, match="kind must be"):
         describe(image, kind="audio")
+
+
+# -------------------------------------------------------------------------------- PreprocessSpec
+
+QWEN3_LIKE = PreprocessSpec(patch_size=16, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                            min_pixels=65536, max_pixels=16777216)  # factor 32
+
+
+@pytest.mark.parametrize("h,w,opts", [
+    (333, 517, {}), (10, 10, {}), (1080, 1920, {"max_pixels": 1280 * 1024}),
+    (300, 300, {"resized_height": 200, "resized_width": 500}),
+])
+def test_spec_image_budget_equals_processing(h, w, opts):
+    data = _png(h, w)
+    b = image_num_tokens(data, spec=QWEN3_LIKE, **opts)
+    v = process_image(data, spec=QWEN3_LIKE, **opts)
+    assert (b.grid_thw, b.num_tokens, b.original_size) == (v.grid_thw, v.num_tokens, v.original_size)
+    assert b.resized_size == (v.grid_thw[1] * 16, v.grid_thw[2] * 16)
+    assert b.resized_size[0] % 32 == 0 and b.resized_size[1] % 32 == 0
+    assert b.num_tokens == QWEN3_LIKE.num_tokens(b.grid_thw)
+
+
+@pytest.mark.parametrize("spec", [QWEN3_LIKE, PreprocessSpec(temporal_patch_size=3)], ids=["f32", "t3"])
+@pytest.mark.parametrize("opts", [{}, {"fps": 1.0}, {"nframes": 6}, {"total_pixels": 300 * 1024,
+                                                                      "min_pixels": 8 * 1024}])
+def test_spec_video_budget_equals_processing(clips, spec, opts):
+    for name in ("a.mp4", "c.mkv"):
+        b = video_num_tokens(clips / name, spec=spec, **opts)
+        v = process_video(clips / name, spec=spec, **opts)
+        assert (b.grid_thw, b.num_tokens, b.original_size) == (v.grid_thw, v.num_tokens, v.original_size)
+        assert b.nframes == spec.temporal_patch_size * v.grid_thw[0]
+        assert b.resized_size[0] % spec.factor == 0 and b.resized_size[1] % spec.factor == 0
+
+
+def test_spec_frame_list_budget_and_describe(clips, tmp_path):
+    frames = [_png(90, 120, seed=i) for i in range(7)]
+    b, v = video_num_tokens(frames, spec=QWEN3_LIKE), process_video(frames, spec=QWEN3_LIKE)
+    assert (b.grid_thw, b.num_tokens, b.nframes) == (v.grid_thw, v.num_tokens, 8)
+    image = tmp_path / "x.png"
+    image.write_bytes(_png(333, 517))
+    d = describe(image, spec=QWEN3_LIKE)
+    assert d["grid_thw"] == [1, 20, 32] and d["num_tokens"] == 160 and d["resized_size"] == [320, 512]
+    assert describe(image)["num_tokens"] == 216  # the default spec: unchanged
+    d = describe(clips / "a.mp4", spec=QWEN3_LIKE)
+    assert d["num_tokens"] == process_video(clips / "a.mp4", spec=QWEN3_LIKE).num_tokens
