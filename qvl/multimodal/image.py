@@ -78,11 +78,17 @@ class VisionInput:
     original_size: tuple[int, int]  # (height, width) of the source (first frame for video)
     sample_fps: float | None = None  # video: frames sampled per second of the source (None for images)
     merge_size: int = QWEN2_VL.merge_size  # the spec's spatial merge: merge**2 patches per token
+    patch_size: int = QWEN2_VL.patch_size  # the spec's patch side in pixels
 
     @property
     def num_tokens(self) -> int:
         t, h, w = self.grid_thw
         return t * h * w // (self.merge_size * self.merge_size)
+
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the image (frames) as resized for the vision tower."""
+        return self.grid_thw[1] * self.patch_size, self.grid_thw[2] * self.patch_size
 
 
 def smart_resize(height: int, width: int, factor: int | None = None, min_pixels: int | None = None,
@@ -275,4 +281,5 @@ def process_image(image: Any, *, min_pixels: int | None = None, max_pixels: int 
     grid = (1, th // spec.patch_size, tw // spec.patch_size)
     return VisionInput(kind="image", pixel_values=torch.from_numpy(patchify(pixels, spec=spec)),
                        grid_thw=grid, content_hash=content_hash("image", grid, pixels, spec=spec),
-                       original_size=(height, width), merge_size=spec.merge_size)
+                       original_size=(height, width), merge_size=spec.merge_size,
+                       patch_size=spec.patch_size)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence, TypeVar
 
 from qvl.multimodal.budget import ItemBudget
-from qvl.multimodal.image import PATCH_SIZE
 from qvl.multimodal.media import fetch_bytes
 from qvl.multimodal.messages import MediaSpec
 
@@ -143,8 +142,7 @@ def describe_items(budgets: Sequence[ItemBudget]) -> str:
 
 def exact_budget(item, label: str) -> ItemBudget:
     """The ItemBudget of a loaded VisionInput (exact: from the pixels that were made)."""
-    t, h, w = item.grid_thw
-    return ItemBudget(item.kind, tuple(item.original_size), (h * PATCH_SIZE, w * PATCH_SIZE), (t, h, w),
+    return ItemBudget(item.kind, tuple(item.original_size), item.resized_size, tuple(item.grid_thw),
                       item.num_tokens, label=label)
 
 

@@ -36,14 +36,13 @@ from qvl.multimodal.image import process_image
 from qvl.multimodal.messages import MediaSpec, parse_messages, parse_multi_modal_data
 from qvl.multimodal.plan import (PlannedItem, PromptLimits, PromptPlan, check, exact_budget, labelled,
                                  map_items, match_placeholders, prefetch)
+from qvl.multimodal.spec import PreprocessSpec
 from qvl.multimodal.template import compile_template, pick_template
 from qvl.multimodal.template import render as render_template
 from qvl.multimodal.video import process_video
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-DEFAULT_MIN_PIXELS = 3136          # 4 * 28 * 28
-DEFAULT_MAX_PIXELS = 12845056      # 16384 * 28 * 28
 _BUILTIN_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
 
 
@@ -76,24 +75,19 @@ class ProcessedPrompt:
 
 
 class PromptProcessor:
-    def __init__(self, tokenizer, chat_template: str | None = None, *, min_pixels: int = DEFAULT_MIN_PIXELS,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, special_tokens: dict[str, Any] | None = None,
-                 model_config=None, spatial_merge_size: int = 2):
+    def __init__(self, tokenizer, chat_template: str | None = None, *, spec: PreprocessSpec | None = None,
+                 special_tokens: dict[str, Any] | None = None, model_config=None):
         """`tokenizer` is a `tokenizers.Tokenizer`; `special_tokens` are template variables (eos_token, ...).
 
-        `model_config` (a family's Config) picks the family whose rope index and pad expansion apply;
-        without one (tokenizer-only use), Qwen2-VL's rules with the tokenizer's pad ids and
-        `spatial_merge_size`."""
-        if min_pixels <= 0 or max_pixels < min_pixels:
-            raise ValueError(f"pixel limits must satisfy 0 < min_pixels <= max_pixels, got "
-                             f"min_pixels={min_pixels}, max_pixels={max_pixels}")
+        `model_config` (a family's Config) picks the family whose rope index, pad expansion and
+        preprocessing apply; without one (tokenizer-only use), Qwen2-VL's rules with the tokenizer's pad
+        ids. `spec` is the checkpoint's PreprocessSpec (default: the family's defaults)."""
         self.tokenizer = tokenizer
         self.chat_template = chat_template if chat_template is not None else _BUILTIN_TEMPLATE.read_text()
-        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self.special_tokens = dict(special_tokens or {})
         self.model_config = model_config
-        self.spatial_merge_size = spatial_merge_size
         self.processing = family_for(getattr(model_config, "model_type", DEFAULT_MODEL_TYPE)).processing
+        self.spec = spec if spec is not None else self.processing.preprocess_spec(model_config)
         ids = {}
         for tok in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END):
             ids[tok] = tokenizer.token_to_id(tok)
@@ -144,14 +138,17 @@ class PromptProcessor:
             special["additional_special_tokens"] = [
                 t.get("content") if isinstance(t, dict) else t for t in tok_cfg["additional_special_tokens"]]
         pre = _read_json(d / "preprocessor_config.json")
-        size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
-        min_pixels = pre.get("min_pixels") or size.get("shortest_edge") or DEFAULT_MIN_PIXELS
-        max_pixels = pre.get("max_pixels") or size.get("longest_edge") or DEFAULT_MAX_PIXELS
-        merge = pre.get("merge_size") or 2
-        if model_config is not None:
-            merge = model_config.vision.spatial_merge_size
-        return cls(tokenizer, chat_template, min_pixels=min_pixels, max_pixels=max_pixels,
-                   special_tokens=special, model_config=model_config, spatial_merge_size=merge)
+        family = family_for(getattr(model_config, "model_type", DEFAULT_MODEL_TYPE))
+        return cls(tokenizer, chat_template, spec=family.processing.preprocess_spec(model_config, pre),
+                   special_tokens=special, model_config=model_config)
+
+    @property
+    def min_pixels(self) -> int:
+        return self.spec.min_pixels
+
+    @property
+    def max_pixels(self) -> int:
+        return self.spec.max_pixels
 
     def _check_model_config(self, cfg) -> None:
         pairs = [(IMAGE_PAD, self.image_token_id, "image_token_id"),
@@ -299,7 +296,7 @@ class PromptProcessor:
         from types import SimpleNamespace
 
         return SimpleNamespace(image_token_id=self.image_token_id, video_token_id=self.video_token_id,
-                               vision=SimpleNamespace(spatial_merge_size=self.spatial_merge_size))
+                               vision=SimpleNamespace(spatial_merge_size=self.spec.merge_size))
 
     def _pad_tokens(self, item) -> list[int]:
         """The family's pad tokens for one item (a VisionInput, or an ItemBudget: kind + grid_thw)."""
@@ -317,12 +314,14 @@ class PromptProcessor:
     def _header_count(self, spec: MediaSpec, policy, max_model_len: int | None) -> ItemBudget:
         count = image_num_tokens if spec.kind == "image" else video_num_tokens
         with labelled(spec.label):
-            return count(spec.source, policy=policy, label=spec.label, **self._options(spec, max_model_len))
+            return count(spec.source, policy=policy, label=spec.label, spec=self.spec,
+                         **self._options(spec, max_model_len))
 
     def _load_one(self, spec: MediaSpec, policy, max_model_len: int | None):
         load = process_image if spec.kind == "image" else process_video
         with labelled(spec.label):
-            return load(spec.source, policy=policy, label=spec.label, **self._options(spec, max_model_len))
+            return load(spec.source, policy=policy, label=spec.label, spec=self.spec,
+                        **self._options(spec, max_model_len))
 
 
 def _read_json(path: Path) -> dict:

@@ -385,4 +385,5 @@ def process_video(video: Any, *, fps: float | None = None, nframes: int | None =
     grid = plan.grid_thw
     return VisionInput(kind="video", pixel_values=torch.from_numpy(patchify(frames, spec=spec)),
                        grid_thw=grid, content_hash=content_hash("video", grid, frames, spec=spec),
-                       original_size=original, sample_fps=plan.sample_fps, merge_size=spec.merge_size)
+                       original_size=original, sample_fps=plan.sample_fps, merge_size=spec.merge_size,
+                       patch_size=spec.patch_size)

@@ -23,13 +23,20 @@ BOX_COORDINATES = "relative_1000"
 BOX_SCALE = 1000
 
 
-def preprocess_spec(config, preprocessor_config: dict | None = None) -> PreprocessSpec:
+def preprocess_spec(config=None, preprocessor_config: dict | None = None) -> PreprocessSpec:
+    """The checkpoint's spec: sizes from the vision config (or preprocessor_config.json when there is no
+    model config, e.g. a tokenizer-only directory), the rest from preprocessor_config.json or defaults."""
     pre = preprocessor_config or {}
     size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
     default = PreprocessSpec()
-    v = config.vision
+    if config is not None:
+        v = config.vision
+        sizes = (v.patch_size, v.spatial_merge_size, v.temporal_patch_size)
+    else:
+        sizes = (int(pre.get("patch_size") or default.patch_size), int(pre.get("merge_size") or default.merge_size),
+                 int(pre.get("temporal_patch_size") or default.temporal_patch_size))
     return PreprocessSpec(
-        patch_size=v.patch_size, merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+        patch_size=sizes[0], merge_size=sizes[1], temporal_patch_size=sizes[2],
         image_mean=tuple(pre.get("image_mean") or default.image_mean),
         image_std=tuple(pre.get("image_std") or default.image_std),
         min_pixels=int(pre.get("min_pixels") or size.get("shortest_edge") or default.min_pixels),
