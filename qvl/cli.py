@@ -118,17 +118,9 @@ def _media_part(kind: str, source: str, args) -> dict:
     return part
 
 
-def _boxes(text: str, images: list[str]) -> list[dict]:
-    """Grounding boxes in the reply, mapped to the first image's pixels when there is one."""
-    from qvl import grounding
-
-    size = None
-    if images and "://" not in images[0]:
-        from PIL import Image
-
-        with Image.open(images[0]) as im:
-            size = im.size                              # (width, height)
-    return grounding.to_json(grounding.parse(text), size)
+def _first_image(prompt):
+    """The prompt's first image (a VisionInput) or None: grounding boxes refer to it."""
+    return next((it for it in prompt.items if it.kind == "image"), None)
 
 
 # --------------------------------------------------------------------------------------- commands
@@ -169,7 +161,8 @@ def cmd_run(args) -> int:
     first = None
     text = ""
     final = None
-    for delta, out in llm.stream_chat(messages, params):
+    prompt = llm.process_chat(messages)
+    for delta, out in llm.stream(prompt, params):
         if delta and first is None:
             first = time.perf_counter() - start
         text += delta
@@ -178,13 +171,16 @@ def cmd_run(args) -> int:
             sys.stdout.write(delta)
             sys.stdout.flush()
     total = time.perf_counter() - start
-    boxes = _boxes(text, args.image)
-    if args.draw:
-        if not args.image:
-            raise CLIError("--draw needs an --image to draw on")
-        from qvl import grounding
+    from qvl import grounding
 
-        grounding.draw(args.image[0], grounding.parse(text), args.draw)
+    image = _first_image(prompt)
+    parsed, to_original = grounding.read_boxes(text, llm.engine.processor.processing,
+                                              image and image.original_size, image and image.resized_size)
+    boxes = grounding.to_json(parsed, to_original=to_original)
+    if args.draw:
+        if image is None:
+            raise CLIError("--draw needs an --image to draw on")
+        grounding.draw(args.image[0], parsed, args.draw, to_original=to_original)
     if args.json:
         comp = final.outputs[0]
         print(json.dumps({

@@ -19,7 +19,9 @@ Contract:
     y1 <= y2. Other modes keep the coordinates as written.
   * `Box.to_pixels(width, height)` maps 0..1000 to pixels of the *original* image (relative mode only).
   * `pixel_mapper(box_to_original, original_size, resized_size)` binds a family's rule to one image: a
-    callable coords -> original pixels, which `to_json` and `draw` take as `to_original=`.
+    callable coords -> original pixels, which `to_json` and `draw` take as `to_original=`;
+    `read_boxes(text, processing, original_size, resized_size)` is parse + pixel_mapper by the family's
+    processing module (what the CLI and the server call).
   * `to_json(boxes, size=None, *, to_original=None)` is the plain-dict form used by the CLI's `--json` and
     the server's extra field; `draw(image, boxes, out=None, *, to_original=None)` returns a copy of the
     image with labelled outlines (and saves it). Without `to_original` both use the 0..1000 rule.
@@ -136,6 +138,18 @@ def pixel_mapper(box_to_original: Callable, original_size: tuple[int, int],
     resized_size)`; both sizes are (height, width), resized_size as fed to the vision tower."""
     original_size, resized_size = tuple(original_size), resized_size and tuple(resized_size)
     return lambda coords: tuple(box_to_original(coords, original_size, resized_size))
+
+
+def read_boxes(text: str, processing, original_size: tuple[int, int] | None = None,
+               resized_size: tuple[int, int] | None = None) -> tuple[list[Box], ToOriginal | None]:
+    """The boxes of a reply by a family's rule, and the mapper to the original image's pixels.
+
+    `processing` is the family's processing module (its `BOX_COORDINATES` and `box_to_original`); sizes
+    are (height, width) of the image the reply is about, None when there is none (then no mapper)."""
+    boxes = parse(text, processing.BOX_COORDINATES)
+    if original_size is None:
+        return boxes, None
+    return boxes, pixel_mapper(processing.box_to_original, original_size, resized_size)
 
 
 def to_json(boxes: list[Box], size: tuple[int, int] | None = None, *,

@@ -11,6 +11,7 @@ LLM(model=None, **options): options are EngineConfig's fields (dtype, device, ma
   chat(messages | list of conversations, sampling_params=None, ...) -> list[RequestOutput]
   stream(prompt, params) / stream_chat(messages, params) -> iterator of (new text of completion 0,
      RequestOutput so far); leaving the loop early aborts the request.
+  process(prompt) / process_chat(messages) -> ProcessedPrompt (what stream / generate also accept).
   default_sampling_params(**overrides), stats() -> dict (see LLMEngine.stats).
 
 Prompts are turned into ProcessedPrompts here (through the engine's PromptProcessor: template, media
@@ -68,7 +69,7 @@ class LLM:
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
              ) -> list[RequestOutput]:
         convs = [messages] if _is_conversation(messages) else list(messages)
-        processed = [self._process_chat(c, add_generation_prompt, chat_template_kwargs) for c in convs]
+        processed = [self.process_chat(c, add_generation_prompt, chat_template_kwargs) for c in convs]
         return self._run(processed, sampling_params, use_tqdm)
 
     def stream(self, prompt, sampling_params=None) -> Iterator[tuple[str, RequestOutput]]:
@@ -76,7 +77,7 @@ class LLM:
 
     def stream_chat(self, messages, sampling_params=None, *, add_generation_prompt: bool = True,
                     chat_template_kwargs: dict | None = None) -> Iterator[tuple[str, RequestOutput]]:
-        return self._stream(self._process_chat(messages, add_generation_prompt, chat_template_kwargs),
+        return self._stream(self.process_chat(messages, add_generation_prompt, chat_template_kwargs),
                             sampling_params)
 
     def process(self, prompt, policy=None) -> ProcessedPrompt:
@@ -98,14 +99,16 @@ class LLM:
         return self.engine.processor.process_prompt(prompt["prompt"], prompt.get("multi_modal_data"),
                                                     policy=policy, max_model_len=self.engine.max_model_len)
 
-    # --- internals -----------------------------------------------------------------------------
-    def _process_chat(self, conv, add_generation_prompt, chat_template_kwargs) -> ProcessedPrompt:
+    def process_chat(self, conv, add_generation_prompt: bool = True,
+                     chat_template_kwargs: dict | None = None) -> ProcessedPrompt:
+        """One conversation -> ProcessedPrompt (template, media loaded, pads expanded, positions)."""
         if self.engine.processor is None:
             raise ValueError("this engine has no tokenizer/chat template")
         return self.engine.processor.process_messages(
             conv, max_model_len=self.engine.max_model_len, add_generation_prompt=add_generation_prompt,
             chat_template_kwargs=chat_template_kwargs)
 
+    # --- internals -----------------------------------------------------------------------------
     def _params(self, sampling_params, n: int) -> list[SamplingParams]:
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != n:

@@ -44,7 +44,7 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, api_key: str | No
     ctx = ServingContext(engine=engine, served_model_name=served_model_name,
                          media_policy=media_policy or MediaPolicy(), limits=limits,
                          metrics=ServerMetrics(served_model_name, engine.stats, engine.max_model_len),
-                         boxes_fn=_grounding_fn())
+                         boxes_fn=_grounding_fn(engine.processor.processing))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -139,19 +139,18 @@ class _CatchAllMiddleware:
                 await resp(scope, receive, send)
 
 
-def _grounding_fn():
-    """(text, count items) -> boxes as dicts, mapped to the first image's original pixels. Boxes go into
-    an extra `qvl_boxes` field (the openai client ignores it)."""
+def _grounding_fn(processing):
+    """(text, plan items) -> boxes as dicts, mapped to the first image's original pixels by the family's
+    rule (`processing`: BOX_COORDINATES, box_to_original). Boxes go into an extra `qvl_boxes` field (the
+    openai client ignores it)."""
     from qvl import grounding
 
     def boxes(text: str, items: list[dict]) -> list[dict]:
         if "<|box_start|>" not in text and "<|quad_start|>" not in text:
             return []
         first = next((it for it in items if it.get("type") == "image"), None)
-        size = None
-        if first is not None and first.get("original_size"):
-            h, w = first["original_size"]
-            size = (w, h)                            # (width, height), as grounding.to_json takes it
-        return grounding.to_json(grounding.parse(text), size)
+        sizes = (first["original_size"], first["resized_size"]) if first is not None else (None, None)
+        parsed, to_original = grounding.read_boxes(text, processing, *sizes)
+        return grounding.to_json(parsed, to_original=to_original)
 
     return boxes
