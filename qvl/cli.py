@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = sub.add_parser("tokens", help="visual token count of images/videos, from their headers (no model)")
     tokens.add_argument("files", nargs="+")
     tokens.add_argument("--json", action="store_true")
+    tokens.add_argument("--model", default=None,
+                        help="checkpoint dir or hub id whose preprocessing to count with (reads its config "
+                             "files only; default: Qwen2-VL's hub preprocessing)")
     _add_media_args(tokens)
     bench = sub.add_parser("bench", help="latency and throughput of a checkpoint on this machine (qvl.benchmark)")
     bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 8],
@@ -128,12 +131,18 @@ def _first_image(prompt):
 def cmd_tokens(args) -> int:
     from qvl.multimodal.budget import describe
 
+    spec = None              # without --model: Qwen2-VL's hub preprocessing
+    if args.model is not None:
+        from qvl.build import resolve_model_path
+        from qvl.models import load_preprocess_spec
+
+        spec = load_preprocess_spec(resolve_model_path(args.model))
     rows = []
     for f in args.files:
         if "://" not in f and not Path(f).exists():
             raise CLIError(f"file not found: {f}")
         options = {k: getattr(args, k) for k in ("min_pixels", "max_pixels", "fps") if getattr(args, k) is not None}
-        rows.append({"source": f, **describe(f, **options)})
+        rows.append({"source": f, **describe(f, spec=spec, **options)})
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
         return 0

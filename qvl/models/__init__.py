@@ -36,12 +36,14 @@ def family_for(model_type: str | None) -> ModuleType:
     return import_module(FAMILIES[model_type])
 
 
-def read_config_dict(path: str | Path) -> dict:
-    """`path`/config.json as a dict (ValueError when missing or not JSON)."""
+def read_config_dict(path: str | Path, name: str = "config.json", *, required: bool = True) -> dict:
+    """`path`/`name` as a dict: ValueError when it is not JSON, or missing and `required` ({} if not)."""
     path = Path(path)
-    cfg_file = path / "config.json"
+    cfg_file = path / name
     if not cfg_file.is_file():
-        raise ValueError(f"{path} has no config.json; it is not a Hugging Face checkpoint directory")
+        if not required:
+            return {}
+        raise ValueError(f"{path} has no {name}; it is not a Hugging Face checkpoint directory")
     try:
         d = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -55,3 +57,10 @@ def load_config(path: str | Path):
     """(family package, its Config) for the checkpoint directory `path`."""
     family = family_for(read_config_dict(path).get("model_type"))
     return family, family.Config.from_pretrained(path)
+
+
+def load_preprocess_spec(path: str | Path):
+    """The checkpoint's PreprocessSpec (config.json + preprocessor_config.json; no weights read)."""
+    family, config = load_config(path)
+    return family.processing.preprocess_spec(config, read_config_dict(path, "preprocessor_config.json",
+                                                                      required=False))
