@@ -2,7 +2,7 @@
 
 Contract: every subcommand defaults to the demo checkpoint shipped in the package (`qvl/demo`), takes
 `--model DIR_OR_HUB_ID` for real weights, and turns a user mistake (missing file, unsupported format, a
-checkpoint that is not Qwen2-VL, a prompt over the context) into one line on stderr and exit code 2 —
+checkpoint of an unsupported model type, a prompt over the context) into one line on stderr and exit code 2 —
 never a traceback. The CLI only parses flags and prints; the work is done by qvl.LLM, the server and
 qvl.multimodal. The engine flags of run, chat, serve and bench are EngineConfig's fields
 (qvl.config.add_dataclass_args); each command builds one EngineConfig from them.
@@ -45,7 +45,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qvl", description="Qwen2-VL on your own machine.")
+    parser = argparse.ArgumentParser(prog="qvl", description="The Qwen-VL family on your own machine.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -175,7 +175,7 @@ class ModelRunner:
         return mask.to(self.device)
 
     def _encode(self, items: list[tuple[str, object]]) -> dict[str, torch.Tensor]:
-        pixels = torch.cat([vi.pixel_values for _, vi in items]).to(self.device, self.dtype)  # (np, 1176)
+        pixels = torch.cat([vi.pixel_values for _, vi in items]).to(self.device, self.dtype)  # (np, C*T*P*P)
         grid = torch.tensor([list(vi.grid_thw) for _, vi in items], device=self.device)      # (ni, 3)
         feats = self.model.encode_vision(pixels, grid)                                       # (np/4, H)
         out = {}

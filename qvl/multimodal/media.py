@@ -21,14 +21,13 @@ default timeout / byte / redirect limits still apply). With a policy:
     metadata addresses are refused, on the first hop and after every redirect. The request is then sent
     to the checked address (Host header and TLS SNI keep the name), so DNS cannot change in between;
     environment proxies are ignored. `allow_private_addresses=True` turns the address check off.
-  * `allowed_media_domains` (optional) is an allow-list of host names: exact, or `*.example.com` for
-    subdomains.
+  * `allowed_media_domains` (optional): an allow-list of host names, exact or `*.example.com`.
   * local paths and `file://` are allowed only when `allowed_local_media_path` is set, and only for
     regular files whose real path (symlinks resolved) lies under it.
 
-Images are opened with a safe list of Pillow formats (no EPS/Ghostscript) and a decompression-bomb guard
-(`PIL.Image.MAX_IMAGE_PIXELS`). Videos are opened with an allow-list of FFmpeg demuxers and only the
-`file` protocol, so a crafted playlist cannot make FFmpeg read other files or the network.
+Images open with a safe list of Pillow formats (no EPS/Ghostscript) and a decompression-bomb guard
+(`PIL.Image.MAX_IMAGE_PIXELS`); videos with an allow-list of FFmpeg demuxers and only the `file`
+protocol, so a crafted playlist cannot make FFmpeg read other files or the network.
 
 Errors: every failure is a ValueError whose message starts with the item's label ("image 2: ...").
 """
@@ -72,15 +71,13 @@ class MediaPolicy:
     allowed_media_domains: list[str] | None = field(default=None, metadata={
         "help": "only fetch http(s) media from these hosts: exact, or *.example.com (default: any public host)",
         "metavar": "DOMAIN[,DOMAIN]"})
-    allow_private_addresses: bool = field(default=False, metadata={
-        "flag": "--allow-private-media-addresses",
+    allow_private_addresses: bool = field(default=False, metadata={"flag": "--allow-private-media-addresses",
         "help": "allow http(s) media on loopback/private/link-local addresses (unsafe)"})
-    timeout_s: float = field(default=10.0, metadata={
-        "flag": "--media-timeout", "help": "seconds per media download"})
-    max_bytes: int = field(default=64 * 1024 * 1024, metadata={
-        "flag": "--media-max-bytes", "help": "bytes per media download"})
-    max_redirects: int = field(default=5, metadata={
-        "flag": "--media-max-redirects", "help": "redirects followed per media download"})
+    timeout_s: float = field(default=10.0, metadata={"flag": "--media-timeout", "help": "seconds per download"})
+    max_bytes: int = field(default=64 * 1024 * 1024, metadata={"flag": "--media-max-bytes",
+                                                               "help": "bytes per media download"})
+    max_redirects: int = field(default=5, metadata={"flag": "--media-max-redirects",
+                                                    "help": "redirects followed per media download"})
 
     def __post_init__(self):
         if not self.timeout_s > 0:
