@@ -151,19 +151,7 @@ def make_tiny_checkpoint(path: str | Path, *, tied: bool = False, seed: int = 0,
     model.save_pretrained(path, safe_serialization=True)
     # save_pretrained writes a nested config in 4.57; ship the flat hub layout like the real checkpoints.
     (path / "config.json").write_text(json.dumps(cfg_dict, indent=1))
-    (path / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
-        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-    }, indent=1))
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
-        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
-        "rescale_factor": 1 / 255, "resample": 3,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "min_pixels": 3136, "max_pixels": max_pixels,
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-    }, indent=1))
+    _write_side_files(path, ids, max_pixels, "Qwen2VLProcessor")
     return path
 
 
@@ -272,17 +260,17 @@ def write_tiny_qwen2_5_vl(path: str | Path, *, tied: bool = False, seed: int = 0
                 k = "model.language_model." + k[len("model."):]
             renamed[k] = v
         save_file(renamed, f, metadata={"format": "pt"})
-    _write_side_files(path, ids, max_pixels)
+    _write_side_files(path, ids, max_pixels, "Qwen2_5_VLProcessor")
     return path
 
 
-def _write_side_files(path: Path, ids: dict[str, int], max_pixels: int) -> None:
+def _write_side_files(path: Path, ids: dict[str, int], max_pixels: int, processor_class: str) -> None:
     (path / "generation_config.json").write_text(json.dumps({
         "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
     }, indent=1))
     (path / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
         "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
         "rescale_factor": 1 / 255, "resample": 3,
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
