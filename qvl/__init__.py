@@ -1,7 +1,7 @@
 """qvl: Qwen2-VL inference — library, offline engine, OpenAI-compatible server and CLI.
 
 Public API (imported lazily so `import qvl` stays cheap and `qvl tokens` needs no model):
-  LLM, EngineConfig, SamplingParams, process_image, process_video, smart_resize, VisionInput
+  LLM, EngineConfig, SamplingParams, StructuredOutputsParams, process_image, process_video, smart_resize, VisionInput
 """
 from importlib import import_module
 
@@ -11,6 +11,7 @@ _EXPORTS = {
     "LLM": "qvl.llm",
     "EngineConfig": "qvl.config",
     "SamplingParams": "qvl.sampling_params",
+    "StructuredOutputsParams": "qvl.sampling_params",
     "process_image": "qvl.multimodal.image",
     "process_video": "qvl.multimodal.video",
     "smart_resize": "qvl.multimodal.image",

@@ -218,6 +218,8 @@ class ServeOptions:
     log_level: str = _f("info", "server log level", choices=LOG_LEVELS)
     graceful_shutdown_timeout: float = _f(30.0, "on SIGTERM, seconds in-flight requests may take "
                                                 "before they are aborted")
+    ui: bool = _f(True, "serve the web page (chat with images and video, token counts, boxes) at / "
+                        "(--no-ui turns it off)")
 
     def __post_init__(self):
         _require(_is_int(self.port) and 0 <= self.port <= 65535, "ServeOptions.port", "in [0, 65535]",

@@ -15,7 +15,9 @@ LLM(model=None, **options): options are EngineConfig's fields (dtype, device, ma
   default_sampling_params(**overrides), stats() -> dict (see LLMEngine.stats).
 
 Prompts are turned into ProcessedPrompts here (through the engine's PromptProcessor: template, media
-loaded, pads expanded) before they reach LLMEngine.add_request.
+loaded, pads expanded) before they reach LLMEngine.add_request. A request's grammar
+(`SamplingParams(structured_outputs=StructuredOutputsParams(json=...))`) is compiled first, so a bad one
+is a ValueError before anything runs.
 """
 from __future__ import annotations
 
@@ -121,8 +123,11 @@ class LLM:
 
         eng = self.engine
         ids = []
+        params = self._params(sampling_params, len(prompts))
+        for sp in params:
+            eng.check_structured_outputs(sp)
         try:
-            for p, sp in zip(prompts, self._params(sampling_params, len(prompts))):
+            for p, sp in zip(prompts, params):
                 ids.append(f"offline-{next(self._ids)}")
                 eng.add_request(ids[-1], p, sp)
             done: dict[str, RequestOutput] = {}
@@ -140,7 +145,9 @@ class LLM:
     def _stream(self, prompt, sampling_params) -> Iterator[tuple[str, RequestOutput]]:
         eng = self.engine
         rid = f"stream-{next(self._ids)}"
-        eng.add_request(rid, prompt, self._params(sampling_params, 1)[0])
+        params = self._params(sampling_params, 1)[0]
+        eng.check_structured_outputs(params)
+        eng.add_request(rid, prompt, params)
         sent = 0
         try:
             while True:

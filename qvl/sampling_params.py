@@ -14,6 +14,9 @@ Contract:
     generation_config.json (do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
     max_new_tokens) and lays the caller's overrides on top. `generation_defaults()` returns only the
     overlay dict. eos ids are the engine's business (it stops on them unless `ignore_eos`).
+  * `structured_outputs=StructuredOutputsParams(json=... | regex=... | choice=[...] | grammar=... |
+    json_object=True)` constrains decoding to a grammar (vLLM's names; exactly one constraint). The
+    grammar itself is compiled by qvl.structured; here only the shape of the request is checked.
 Knows nothing about tokenizers or tensors.
 """
 from __future__ import annotations
@@ -30,6 +33,61 @@ _GEN_KEYS = {  # generation_config.json key -> SamplingParams field
     "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """One decoding constraint: a JSON schema (dict or JSON text), any JSON object, a regex, one of
+    a list of strings, or a Lark grammar (llguidance's dialect)."""
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"StructuredOutputsParams takes exactly one of json, regex, choice, grammar, "
+                             f"json_object; got {given or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError(f"StructuredOutputsParams.json must be a JSON schema (dict or JSON text), "
+                             f"got {type(self.json).__name__}")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not self.choice or not all(
+                    isinstance(c, str) and c for c in self.choice):
+                raise ValueError("StructuredOutputsParams.choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for k in ("regex", "grammar"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"StructuredOutputsParams.{k} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): equal constraints have equal keys (the compile cache's key)."""
+        kind = self.kind
+        if kind == "json":
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"the JSON schema is not valid JSON: {exc}") from None
+            return kind, json.dumps(schema, separators=(",", ":"))   # key order is output order
+        if kind == "choice":
+            return kind, json.dumps(list(self.choice))
+        if kind == "json_object":
+            return kind, ""
+        return kind, getattr(self, kind)
+
+    def __hash__(self) -> int:
+        return hash(self.key())
 
 
 @dataclass
@@ -51,6 +109,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +153,10 @@ class SamplingParams:
             if not _is_int(t) or t < 0:
                 raise ValueError(f"SamplingParams.stop_token_ids entries must be ints >= 0, got {t!r}")
         self.stop_token_ids = ids
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputsParams):
+            raise ValueError(f"SamplingParams.structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:

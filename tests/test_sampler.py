@@ -8,11 +8,16 @@ from transformers.generation.logits_process import (MinPLogitsWarper,
                                                     TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from qvl.layers.sampler import (Sampler, apply_min_p, apply_repetition_penalty, apply_top_k,
-                                apply_top_p)
+from qvl.layers.sampler import (Sampler, SamplingBatch, apply_min_p, apply_repetition_penalty,
+                                apply_top_k, apply_top_p, apply_token_bitmask)
 from qvl.sampling_params import SamplingParams, generation_defaults
 
 V = 300
+
+
+def sample(logits, *batch, **kw):
+    """The sampler's one input is a SamplingBatch (params, token ids, prompt lengths, generators, mask)."""
+    return Sampler()(logits, SamplingBatch(*batch, **kw))
 
 
 def rand_logits(b=6, seed=0):
@@ -62,7 +67,7 @@ def test_greedy_and_penalized_greedy():
     logits = rand_logits(b=2, seed=5)
     top = logits.argmax(-1)
     hist = [[int(top[0])], [int(top[1])]]
-    out = Sampler()(logits, [SamplingParams(temperature=0), SamplingParams(temperature=0,
+    out = sample(logits, [SamplingParams(temperature=0), SamplingParams(temperature=0,
                     repetition_penalty=100.0)], hist, [1, 1])
     assert out.token_ids[0] == int(top[0])
     ref = RepetitionPenaltyLogitsProcessor(100.0)(torch.tensor(hist[1:]), logits[1:].clone())
@@ -75,24 +80,43 @@ def test_presence_frequency_penalties_output_only():
     logits[0, 6] = 0.9
     sp = SamplingParams(temperature=0, frequency_penalty=0.1)
     # token 5 in the prompt only: not penalized; in the output twice: 1.0 - 0.2 < 0.9
-    assert Sampler()(logits, [sp], [[5, 5, 5]], [3]).token_ids == [5]
-    assert Sampler()(logits, [sp], [[1, 5, 5]], [1]).token_ids == [6]
+    assert sample(logits, [sp], [[5, 5, 5]], [3]).token_ids == [5]
+    assert sample(logits, [sp], [[1, 5, 5]], [1]).token_ids == [6]
     sp = SamplingParams(temperature=0, presence_penalty=0.2)
-    assert Sampler()(logits, [sp], [[1, 5]], [1]).token_ids == [6]
+    assert sample(logits, [sp], [[1, 5]], [1]).token_ids == [6]
 
 
 def test_banned_tokens_for_min_tokens():
     logits = rand_logits(b=1, seed=6)
     top = int(logits.argmax())
-    out = Sampler()(logits, [SamplingParams(temperature=0)], [[1]], [1], banned_token_ids=[[top]])
+    out = sample(logits, [SamplingParams(temperature=0)], [[1]], [1], banned_token_ids=[[top]])
     assert out.token_ids[0] != top
+
+
+def test_allowed_bitmask_masks_each_row():
+    logits = rand_logits(b=3, seed=11)
+    words = (V + 31) // 32
+    mask = torch.zeros(3, words, dtype=torch.int32)
+    mask[0, 7 // 32] |= 1 << 7                        # row 0: only token 7
+    mask[1, 299 // 32] |= 1 << (299 % 32)             # row 1: only the last token
+    mask[1, 0] |= 1 << 31                              # and token 31 (the sign bit)
+    mask[2] = -1                                       # row 2: everything
+    sp = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0)]
+    gens = [None, torch.Generator().manual_seed(1), None]
+    out = sample(logits, sp, [[1]] * 3, [1] * 3, gens, allowed_bitmask=mask)
+    assert out.token_ids[0] == 7 and out.token_ids[1] in (31, 299)
+    assert out.token_ids[2] == int(logits[2].argmax())
+    masked = logits.clone()
+    apply_token_bitmask(masked, mask)
+    assert torch.isfinite(masked[0]).sum() == 1 and torch.isfinite(masked[1]).sum() == 2
+    assert torch.equal(masked[2], logits[2])
 
 
 def test_sampling_distribution_follows_softmax():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1e9]]).repeat(4000, 1)
     sp = [SamplingParams(temperature=1.0)] * 4000
     torch.manual_seed(0)
-    toks = torch.tensor(Sampler()(logits, sp, [[0]] * 4000, [1] * 4000).token_ids)
+    toks = torch.tensor(sample(logits, sp, [[0]] * 4000, [1] * 4000).token_ids)
     freq = torch.bincount(toks, minlength=4).float() / 4000
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.03)
     assert freq[3] == 0
@@ -106,7 +130,7 @@ def test_seeded_rows_independent_of_batch_mates():
         gens = [torch.Generator().manual_seed(s) if s is not None else None for _, s in rows]
         toks = []
         for _ in range(steps):
-            out = Sampler()(logits[[r for r, _ in rows]], [mk(s) for _, s in rows],
+            out = sample(logits[[r for r, _ in rows]], [mk(s) for _, s in rows],
                             [[1]] * len(rows), [1] * len(rows), gens)
             toks.append(out.token_ids)
         return list(zip(*toks))
@@ -121,7 +145,7 @@ def test_seeded_rows_independent_of_batch_mates():
 def test_logprobs_are_raw_and_top_n():
     logits = rand_logits(b=2, seed=8)
     sp = [SamplingParams(temperature=0, logprobs=3, repetition_penalty=2.0), SamplingParams()]
-    out = Sampler()(logits, sp, [[0], [0]], [1, 1])
+    out = sample(logits, sp, [[0], [0]], [1, 1])
     raw = torch.log_softmax(logits[0], -1)
     top = dict(zip(*[t.tolist() for t in reversed(raw.topk(3))]))
     assert all(math.isclose(out.top_logprobs[0][t], v, abs_tol=1e-6) for t, v in top.items())

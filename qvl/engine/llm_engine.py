@@ -23,6 +23,13 @@ stop_reason = the string); then "length" at `max_tokens` or `max_model_len`. A r
 n sequences; siblings share the prompt's full blocks through the prefix cache and seed `seed + i`.
 A step that raises aborts the requests it was running (blocks freed) and re-raises; their ids are in
 `last_failed_request_ids`.
+
+Structured output (`params.structured_outputs`, qvl.structured): add_request starts the grammar's
+compile on a worker thread; the sequence waits in the queue until it is ready (the scheduler's
+`is_ready`); a grammar that fails to compile finishes its request with finish_reason "abort" and
+stop_reason "structured_output_error: ..." (callers that want a ValueError first call
+`check_structured_outputs`). Each step the sampling rows get the grammar's allowed-token bitmask (with
+min_tokens' ban folded in); a sequence whose grammar is complete finishes with "stop".
 """
 from __future__ import annotations
 
@@ -90,9 +97,10 @@ class LLMEngine:
                                      kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                                      max_model_len=self.max_model_len)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self._structured = None                 # qvl.structured.StructuredOutputs, built on first use
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                   max_model_len=self.max_model_len)
+                                   max_model_len=self.max_model_len, is_ready=self._grammar_ready)
         self.runner = ModelRunner(model, config, num_blocks=num_blocks, block_size=cfg.block_size,
                                   encoder_cache=EncoderCache(cfg.encoder_cache_bytes(device.type)))
         self.requests: dict[str, RequestState] = {}
@@ -126,6 +134,28 @@ class LLMEngine:
         """`from_config(EngineConfig(model=model, **options))`."""
         return cls.from_config(EngineConfig(model=model, **options))
 
+    # --- structured output ---------------------------------------------------------------------
+    @property
+    def structured(self):
+        """The grammar manager (qvl.structured), built on first use; needs the tokenizer."""
+        if self._structured is None:
+            if self.processor is None:
+                raise ValueError("structured output needs the checkpoint's tokenizer (this engine has none)")
+            from qvl.structured import StructuredOutputs
+            from qvl.structured.llguidance_backend import LLGuidanceBackend
+
+            tok_json, vocab, eos = self.processor.tokenizer.to_str(), self.config.vocab_size, sorted(self.eos_token_ids)
+            self._structured = StructuredOutputs(lambda: LLGuidanceBackend(tok_json, vocab, eos), vocab)
+        return self._structured
+
+    def check_structured_outputs(self, params: SamplingParams | None) -> None:
+        """Compile (or find cached) the request's grammar and wait: ValueError naming the problem."""
+        if params is not None and params.structured_outputs is not None:
+            self.structured.check(params.structured_outputs)
+
+    def _grammar_ready(self, seq: Sequence) -> bool:
+        return seq.params.structured_outputs is None or self._structured.is_ready(seq)
+
     # --- requests ------------------------------------------------------------------------------
     def default_sampling_params(self, **overrides) -> SamplingParams:
         return SamplingParams.from_generation_config(self.generation_config, **overrides)
@@ -141,6 +171,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         params = params if params is not None else self.default_sampling_params()
+        if params.structured_outputs is not None:
+            grammar = self.structured.compile(params.structured_outputs)   # starts the compile
+            if grammar.done() and grammar.exception() is not None:
+                raise ValueError(str(grammar.exception()))
         ids, positions, delta, text = prompt.token_ids, prompt.positions, prompt.rope_delta, prompt.text or None
         media = [MediaSpan(i, off, vi.num_tokens, vi.content_hash, vi.kind, vi)
                  for i, (vi, off) in enumerate(zip(prompt.items, prompt.item_offsets))]
@@ -153,6 +187,8 @@ class LLMEngine:
                                  parent=seqs[0] if i else None))
         for s in seqs:                          # all the same length: the first add decides
             self.scheduler.add(s)
+            if params.structured_outputs is not None:
+                self.structured.add(s)
         decode = self._decode_fn()
         detoks = [IncrementalDetokenizer(decode, skip_special_tokens=params.skip_special_tokens,
                                          stop=params.stop_strings,
@@ -208,18 +244,44 @@ class LLMEngine:
 
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._fail_bad_grammars()
         out = self.scheduler.schedule()
         results = {}
+        if not out.seqs and self._structured is not None:
+            self._structured.wait(0.05)          # only grammars still compiling: wait, do not spin
         if out.seqs:
+            banned = self._banned_ids(out)
+            mask = None
+            if self._structured is not None:
+                structured = self._structured
+
+                def mask(seqs):
+                    grammar_ban = {s.seq_id: banned.pop(s.seq_id) for s in seqs
+                                   if s.params.structured_outputs is not None and s.seq_id in banned}
+                    return structured.bitmask(seqs, grammar_ban)
             try:
-                results = self.runner.execute(out, self._banned_ids(out))
+                results = self.runner.execute(out, banned, mask)
             except Exception:
                 failed = sorted({s.request_id for s in out.seqs})
                 self.abort_request(failed)
                 self.last_failed_request_ids = failed
                 raise
         self.scheduler.postprocess(out)
-        return self._update(out, results)
+        return failed + self._update(out, results)
+
+    def _fail_bad_grammars(self) -> list[RequestOutput]:
+        """Requests whose grammar failed to compile: finished ("abort", stop_reason the error)."""
+        if self._structured is None:
+            return []
+        outs = []
+        for state in list(self.requests.values()):
+            errors = [self._structured.failed(s) for s in state.seqs if not s.is_finished]
+            if any(errors):
+                for s in state.seqs:
+                    s.stop_reason = f"structured_output_error: {next(e for e in errors if e)}"
+                    self._finish(s, "abort")
+                outs.append(self._pop(state))
+        return outs
 
     def _banned_ids(self, out: SchedulerOutput) -> dict[int, list[int]]:
         banned = {}
@@ -237,6 +299,8 @@ class LLMEngine:
         for s in out.finished:              # the scheduler finished it: it outgrew the KV pool
             state, detok = self._seq_state[s.seq_id]
             self.runner.release(s, finished=True)
+            if self._structured is not None:
+                self._structured.release(s)
             detok.finish()
             touched[s.request_id] = state
         now = time.time()
@@ -247,7 +311,15 @@ class LLMEngine:
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
             self.num_generation_tokens_total += 1
+            grammar_ok, grammar_done = True, False
+            if self._structured is not None and seq.params.structured_outputs is not None:
+                grammar_ok, grammar_done = self._structured.accept(seq)
             self._check_stop(seq, detok)
+            if not grammar_ok and not seq.is_finished:      # never hand out text the grammar refused
+                seq.stop_reason = "structured_output_error: token refused by the grammar"
+                self._finish(seq, "abort")
+            elif grammar_done and not seq.is_finished:
+                self._finish(seq, "stop")
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
@@ -279,6 +351,8 @@ class LLMEngine:
             return
         self.scheduler.finish(seq, reason)
         self.runner.release(seq, finished=True)
+        if self._structured is not None:
+            self._structured.release(seq)
         self._seq_state[seq.seq_id][1].finish()
 
     def _pop(self, state: RequestState) -> RequestOutput:

@@ -29,6 +29,7 @@ never more blocks than max_num_seqs sequences of max_model_len tokens can use.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -38,7 +39,7 @@ from qvl.engine.scheduler import SchedulerOutput
 from qvl.engine.sequence import Sequence
 from qvl.layers.attention import AttentionMetadata
 from qvl.layers.packed_linear import pack_linears, packing_supported
-from qvl.layers.sampler import Sampler, SamplerOutput
+from qvl.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 
 
 def available_memory(device: torch.device) -> int:
@@ -186,11 +187,14 @@ class ModelRunner:
 
     # --- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, stop_ids: dict[int, list[int]] | None = None
+    def execute(self, out: SchedulerOutput, stop_ids: dict[int, list[int]] | None = None,
+                token_mask: Callable[[list[Sequence]], torch.Tensor | None] | None = None
                 ) -> dict[int, tuple[int, float | None, dict[int, float] | None]]:
         """Run one step. Returns {seq_id: (token, logprob, top_logprobs)} for sequences that sample.
 
         stop_ids: per seq_id the ids to ban this step (eos / stop tokens while under min_tokens).
+        token_mask: called with the sampling sequences (batch order) once the forward has run; returns
+        their allowed-token bitmask (B, ceil(V/32)) int32 (CPU) or None (grammars: qvl.structured).
         """
         bs = self.block_size
         ids, slots = [], []
@@ -223,15 +227,17 @@ class ModelRunner:
             return {}
         rows = torch.tensor(sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden[rows])                                   # (B, V)
-        banned = None
-        if stop_ids:
-            banned = [stop_ids.get(s.seq_id, []) for s in sample_seqs]
-        res: SamplerOutput = self.sampler(
-            logits, [s.params for s in sample_seqs], [s.token_ids for s in sample_seqs],
-            [s.num_prompt_tokens for s in sample_seqs], [self._generator(s) for s in sample_seqs],
-            banned)
+        res: SamplerOutput = self.sampler(logits, self._sampling_batch(sample_seqs, stop_ids, token_mask))
         return {s.seq_id: (t, lp, top) for s, t, lp, top in
                 zip(sample_seqs, res.token_ids, res.logprobs, res.top_logprobs)}
+
+    def _sampling_batch(self, seqs: list[Sequence], stop_ids, token_mask) -> SamplingBatch:
+        bitmask = token_mask(seqs) if token_mask is not None else None      # may take over some bans
+        banned = [stop_ids.get(s.seq_id, []) for s in seqs] if stop_ids else None
+        return SamplingBatch([s.params for s in seqs], [s.token_ids for s in seqs],
+                             [s.num_prompt_tokens for s in seqs], [self._generator(s) for s in seqs],
+                             allowed_bitmask=None if bitmask is None else bitmask.to(self.device),
+                             banned_token_ids=banned)
 
     @staticmethod
     def _positions(seq: Sequence, start: int, end: int, out: list[list[int]]) -> None:

@@ -14,7 +14,8 @@ long prompts are prefilled in chunks alongside other sequences' decode tokens.
   2. If nothing was preempted: waiting sequences in order, while a sequence slot, budget and blocks
      remain. A new sequence first takes its longest cached prefix (BlockManager.find_cached).
      Siblings of an n > 1 request wait until the first sibling's prompt is computed, then share its
-     full prompt blocks through the prefix cache.
+     full prompt blocks through the prefix cache. A sequence for which `is_ready(seq)` is False (its
+     grammar still compiling) stays in the queue and is passed over, like a waiting sibling.
 Vision items and chunk boundaries: a chunk may end inside an item's pad tokens. The rule the runner
 keeps is that an item's features are computed whole, in the step where any of its pad tokens is
 first scheduled (or taken from the encoder cache), and held by the sequence until its last pad token
@@ -29,6 +30,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from qvl.engine.block_manager import BlockManager
 from qvl.engine.sequence import Sequence, SequenceStatus
@@ -52,7 +54,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, max_model_len: int = 32768):
+                 max_num_batched_tokens: int = 8192, max_model_len: int = 32768,
+                 is_ready: Callable[[Sequence], bool] | None = None):
         for name, v in (("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens),
                         ("max_model_len", max_model_len)):
@@ -62,6 +65,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.is_ready = is_ready
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -120,6 +124,9 @@ class Scheduler:
                 seq = self.waiting[0]
                 if seq.parent is not None and not _prompt_done(seq.parent):
                     skipped.append(self.waiting.popleft())     # its sibling's prefill comes first
+                    continue
+                if self.is_ready is not None and not self.is_ready(seq):
+                    skipped.append(self.waiting.popleft())     # its grammar is still compiling
                     continue
                 cached = bm.find_cached(seq, count=seq.num_preemptions == 0)
                 num_cached = len(cached) * bm.block_size

@@ -1,6 +1,11 @@
 """Sampler: one next token per row of a (B, V) logits batch, each row with its own SamplingParams.
 
-Order (transformers' for the shared parts): banned ids (min_tokens) -> repetition penalty (HF: over
+Input: the logits and one `SamplingBatch` (params, token ids, prompt lengths, generators, and the token
+mask: an allowed-token bitmask (B, ceil(V/32)) int32 — bit j of word w allows token 32*w + j, a row of
+-1 allows everything — and/or per-row banned ids). The mask's producers are the engine's: min_tokens'
+ban on eos / stop ids, and grammars (qvl.structured); the sampler only applies it.
+
+Order (transformers' for the shared parts): token mask (bitmask, then banned ids) -> repetition penalty (HF: over
 prompt + output, positive logits divided, negative multiplied) -> presence / frequency penalties
 (vLLM: over output ids, subtracted) -> greedy rows take the argmax here; the rest: temperature ->
 top-k -> top-p -> min-p -> draw.
@@ -24,6 +29,33 @@ import torch
 from qvl.sampling_params import SamplingParams
 
 _EPS_TEMPERATURE = 1e-5   # below this a temperature would overflow fp32 logits: treat as greedy
+
+
+@dataclass
+class SamplingBatch:
+    """Everything the sampler reads for B rows (row b = one sequence that samples this step)."""
+    params: list[SamplingParams]
+    token_ids: list[list[int]]                       # prompt + output so far, per row
+    num_prompt_tokens: list[int]
+    generators: list[torch.Generator | None] | None = None
+    allowed_bitmask: torch.Tensor | None = None      # (B, ceil(V/32)) int32; None: no row is masked
+    banned_token_ids: list[list[int]] | None = None  # per row; [] bans nothing
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: logits[b, i] = -inf where bit i of row b is 0. bitmask (B, ceil(V/32)) int32."""
+    B, V = logits.shape
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = (bitmask.to(logits.device)[:, :, None] >> bits) & 1          # (B, W, 32)
+    allowed = allowed.view(B, -1)[:, :V]                                   # (B, V)
+    logits.masked_fill_(allowed == 0, float("-inf"))
 
 
 @dataclass
@@ -89,24 +121,26 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 token_ids: list[list[int]], num_prompt_tokens: list[int],
-                 generators: list[torch.Generator | None] | None = None,
-                 banned_token_ids: list[list[int]] | None = None) -> SamplerOutput:
-        """logits (B, V) float32 at each row's last position; token_ids[b] = prompt + output so far."""
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits (B, V) at each row's last position; `batch` describes the B rows."""
         B, V = logits.shape
         dev = logits.device
         logits = logits.float()
-        generators = generators or [None] * B
+        params, token_ids, num_prompt_tokens = batch.params, batch.token_ids, batch.num_prompt_tokens
+        generators = batch.generators or [None] * B
+        banned_token_ids = batch.banned_token_ids
+        bitmask = batch.allowed_bitmask
 
         want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None   # (b, V)
         banned = banned_token_ids is not None and any(banned_token_ids)
         rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         pf = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
-        if banned or rep or pf:
+        if banned or rep or pf or bitmask is not None:
             logits = logits.clone()                # edited in place below; the caller's stays
 
+        if bitmask is not None:
+            apply_token_bitmask(logits, bitmask)
         if banned:
             r = [i for i, ids in enumerate(banned_token_ids) for _ in ids]
             c = [t for ids in banned_token_ids for t in ids]

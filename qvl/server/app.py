@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qvl.config import ServerLimits
 from qvl.engine.async_engine import AsyncEngine
 from qvl.multimodal.media import MediaPolicy
+from qvl.server import web
 from qvl.server.errors import APIError, validation_error
 from qvl.server.metrics import ServerMetrics
 from qvl.server.routes import router
@@ -35,9 +36,11 @@ logger = logging.getLogger("qvl.server")
 
 
 def create_app(engine: AsyncEngine, *, served_model_name: str, api_key: str | None = None,
-               media_policy: MediaPolicy | None = None, limits: ServerLimits | None = None) -> FastAPI:
+               media_policy: MediaPolicy | None = None, limits: ServerLimits | None = None,
+               ui: bool = True) -> FastAPI:
     """The app around `engine`. `media_policy=None` means the strict MediaPolicy(): public http(s) hosts
-    only, no local files (the server never uses the library's permissive default)."""
+    only, no local files (the server never uses the library's permissive default). `ui`: serve the web
+    page (web.py) at `/`."""
     if engine.processor is None:
         raise ValueError("the server needs an engine with a tokenizer (AsyncEngine.processor is None)")
     limits = limits or ServerLimits()
@@ -61,9 +64,11 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, api_key: str | No
     app.state.ctx = ctx
     app.state.begin_shutdown = lambda grace_s: asyncio.ensure_future(drain(ctx, grace_s))
     app.include_router(router)
+    if ui:
+        web.install(app)
     install_error_handlers(app)
     if api_key:
-        app.add_middleware(_AuthMiddleware, api_key=api_key)
+        app.add_middleware(_AuthMiddleware, api_key=api_key, ui=ui)
     return app
 
 
@@ -94,14 +99,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class _AuthMiddleware:
-    """Pure ASGI (streams pass through untouched): Bearer key on every path but /health."""
+    """Pure ASGI (streams pass through untouched): Bearer key on every path but /health and the web page
+    (GET / and /static/*, web.is_public)."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: str, ui: bool = False):
         self.app = app
         self.key = api_key.encode()
+        self.ui = ui
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] == "/health" or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or scope["path"] == "/health" or scope["method"] == "OPTIONS" \
+                or (self.ui and web.is_public(scope["method"], scope["path"])):
             return await self.app(scope, receive, send)
         auth = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, token = auth.partition(b" ")
