@@ -132,8 +132,10 @@ def test_page_public_api_protected_csp(server):
     assert httpx.get(server.url + "/static/style.css").status_code == 200
     assert httpx.get(server.url + "/static/nope.js").status_code == 404
     assert httpx.get(server.url + "/static/..%2Fapp.py").status_code == 404
+    assert httpx.head(server.url + "/").status_code in (200, 405)                  # not 401
     for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/tokenize"),
-                         ("POST", "/v1/chat/completions"), ("POST", "/")):
+                         ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/"),
+                         ("POST", "/static/app.js"), ("GET", "/docs"), ("GET", "/openapi.json")):
         assert httpx.request(method, server.url + path).status_code == 401, (method, path)
 
 
@@ -286,6 +288,9 @@ def test_xss_reply_rendered_as_text_and_dropped_stream(browser):
         assert reply.find_element("css selector", ".box-label").text == label
         assert not browser.find_elements("css selector", "#chat img[src='x'], #chat img[src='y'], #chat b")
         assert browser.execute_script("return window.__xss") is None
+        inline = ("const s = document.createElement('script'); s.textContent = 'window.__inline = 1';"
+                  "document.body.appendChild(s); return window.__inline === undefined")
+        assert browser.execute_script(inline)                              # the CSP blocks inline scripts
         browser.execute_script(FAKE_FETCH, [_chunk({"content": "half a rep"})], True)
         reply = ask(browser, "Again.")
         assert "half a rep" in reply.text and "failed" in reply.text
