@@ -15,6 +15,7 @@ chromedriver cannot be started.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import time
@@ -183,6 +184,14 @@ def test_grounding_box_drawn_over_image(browser, http):
     body = http.post("/v1/chat/completions", json={"model": MODEL, "messages": history[:-1],
                                                    "temperature": 0, "max_tokens": 256}).json()
     ref = body["qvl_boxes"][0][0]
+    streamed = []                      # the page reads them from the streamed finish chunk: same boxes
+    with http.stream("POST", "/v1/chat/completions", json={"model": MODEL, "messages": history[:-1],
+                                                          "temperature": 0, "max_tokens": 256,
+                                                          "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                streamed += [c["qvl_boxes"] for c in json.loads(line[6:])["choices"] if "qvl_boxes" in c]
+    assert streamed == [body["qvl_boxes"][0]]
     assert boxes[0].get_attribute("data-pixels") == ",".join(str(v) for v in ref["pixels"])
     assert boxes[0].find_element("css selector", ".box-label").text == (ref["label"] or "box")
     ir, br = img.rect, boxes[0].rect
@@ -264,8 +273,6 @@ window.fetch = (url, init) => {
 
 
 def _chunk(delta: dict | None = None, finish: str | None = None, boxes=None) -> str:
-    import json
-
     c = {"index": 0, "delta": delta or {}, "finish_reason": finish}
     if boxes is not None:
         c["qvl_boxes"] = boxes
