@@ -115,7 +115,8 @@ def ask(drv, question: str, timeout: float = 60):
 
 
 def error_text(drv) -> str:
-    return drv.execute_script("const e = document.getElementById('error'); return e.hidden ? '' : document.getElementById('error-text').textContent")
+    return drv.execute_script("return document.getElementById('error').hidden ? ''"
+                              " : document.getElementById('error-text').textContent")
 
 
 # ------------------------------------------------------------------------------------------ tests

@@ -61,9 +61,9 @@ function describe(err) {
 }
 
 async function api(path, body) {
-  let resp;
-  const init = body === undefined ? { headers: headers() } : { method: "POST", headers: headers(), body: JSON.stringify(body) };
-  resp = await fetch(path, init);
+  const init = body === undefined ? { headers: headers() }
+                                  : { method: "POST", headers: headers(), body: JSON.stringify(body) };
+  const resp = await fetch(path, init);
   if (!resp.ok) throw await httpError(resp);
   return resp.json();
 }
@@ -112,7 +112,10 @@ function contentPart(att) {
 async function addFiles(files) {
   for (const file of files) {
     const kind = file.type.startsWith("video/") ? "video" : file.type.startsWith("image/") ? "image" : null;
-    if (!kind) { showError(`Not an image or video: ${file.name || "(pasted item)"} (${file.type || "unknown type"})`); continue; }
+    if (!kind) {
+      showError(`Not an image or video: ${file.name || "(pasted item)"} (${file.type || "unknown type"})`);
+      continue;
+    }
     const att = { kind, name: file.name || (kind + " (pasted)"), url: await readAsDataURL(file), info: null };
     att.el = thumb(att);
     $("attachments").appendChild(att.el);
