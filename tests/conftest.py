@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import make_tiny_checkpoint, write_tiny_qwen2_5_vl, write_tokenizer  # noqa: E402
+from tiny import make_tiny_checkpoint, write_tiny_qwen2_5_vl, write_tiny_qwen3_vl, write_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +42,15 @@ def tiny_qwen2_5_vl_ckpt_nested(tmp_path_factory) -> Path:
     """Tied tiny Qwen2.5-VL checkpoint (like the 3B): nested config.json, `model.language_model.*` /
     `model.visual.*` keys."""
     return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny25_nested"), layout="nested", tied=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_ckpt(tmp_path_factory) -> Path:
+    """Untied tiny Qwen3-VL checkpoint: nested config.json, `model.visual.*` / `model.language_model.*` keys."""
+    return write_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny3"), tied=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_ckpt_tied(tmp_path_factory) -> Path:
+    """Tied tiny Qwen3-VL checkpoint (like the 2B / 4B)."""
+    return write_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny3_tied"), tied=True, seed=1)

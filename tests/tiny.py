@@ -264,7 +264,68 @@ def write_tiny_qwen2_5_vl(path: str | Path, *, tied: bool = False, seed: int = 0
     return path
 
 
-def _write_side_files(path: Path, ids: dict[str, int], max_pixels: int, processor_class: str) -> None:
+# -------------------------------------------------------------------------------------------- Qwen3-VL
+
+def tiny_qwen3_vl_config_dict(ids: dict[str, int], *, tied: bool = False, vocab_size: int = 448) -> dict:
+    """A nested (hub-layout) Qwen3-VL config.json: a 3-layer Qwen3 decoder with head_dim 32 != 64 / 4
+    (decoupled), interleaved M-RoPE [6, 5, 5], and a 3-block 16-px tower with an 8x8 learned position grid
+    and DeepStack mergers after blocks 0 and 2 (added after decoder layers 0 and 1)."""
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "tie_word_embeddings": tied,
+        "text_config": {
+            "model_type": "qwen3_vl_text", "vocab_size": vocab_size, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 32, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "max_position_embeddings": 4096, "attention_bias": False,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "dtype": "float32",
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl", "depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+            "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2,
+            "temporal_patch_size": 2, "out_hidden_size": 64, "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0, 2],
+        },
+    }
+
+
+def write_tiny_qwen3_vl(path: str | Path, *, tied: bool = False, seed: int = 0, max_pixels: int = 262144) -> Path:
+    """Write a random tiny Qwen3-VL checkpoint with transformers' save_pretrained (keys as 4.57 and the hub
+    store them: `model.visual.*`, `model.language_model.*`), the nested config.json, and a Qwen3-VL
+    preprocessor_config.json (patch 16, mean = std = 0.5)."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    path = Path(path)
+    ids = write_tokenizer(path)
+    cfg_dict = tiny_qwen3_vl_config_dict(ids, tied=tied)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**cfg_dict)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "pos_embed" in name:
+                p.normal_(0.0, 0.5)
+            elif p.ndim >= 2:
+                p.normal_(0.0, 0.15)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+            elif "norm" in name:
+                p.normal_(1.0, 0.1)     # norm weights away from 1, so a missed norm shows
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "config.json").write_text(json.dumps(cfg_dict, indent=1))
+    _write_side_files(path, ids, max_pixels, "Qwen3VLProcessor", patch_size=16,
+                      mean_std=([0.5] * 3, [0.5] * 3), min_pixels=4096)
+    return path
+
+
+def _write_side_files(path: Path, ids: dict[str, int], max_pixels: int, processor_class: str, *,
+                      patch_size: int = 14, mean_std: tuple | None = None, min_pixels: int = 3136) -> None:
     (path / "generation_config.json").write_text(json.dumps({
         "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
@@ -273,8 +334,8 @@ def _write_side_files(path: Path, ids: dict[str, int], max_pixels: int, processo
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
         "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
         "rescale_factor": 1 / 255, "resample": 3,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "min_pixels": 3136, "max_pixels": max_pixels,
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": list(mean_std[0]) if mean_std else [0.48145466, 0.4578275, 0.40821073],
+        "image_std": list(mean_std[1]) if mean_std else [0.26862954, 0.26130258, 0.27577711],
+        "min_pixels": min_pixels, "max_pixels": max_pixels,
+        "patch_size": patch_size, "temporal_patch_size": 2, "merge_size": 2,
     }, indent=1))

@@ -1,7 +1,8 @@
 """EncoderCache: merged vision features by media content hash, LRU, bounded in bytes.
 
 Owns: a map content_hash -> features (any object with `.numel()` and `.element_size()`, i.e. a
-tensor of shape (num_tokens, H)), its byte total, and counters (in items).
+tensor of shape (num_tokens, H), or a tuple of them: all of an item's feature sets, e.g. Qwen3-VL's main
+features and its DeepStack sets, stored and evicted together), its byte total, and counters (in items).
 Does not know: the vision tower, sequences, scheduling. No torch import.
 
 The content hash (VisionInput.content_hash) covers kind, grid and pixel bytes, so the resize
@@ -16,6 +17,8 @@ from typing import Any
 
 
 def _nbytes(x: Any) -> int:
+    if isinstance(x, tuple):
+        return sum(_nbytes(t) for t in x)
     return x.numel() * x.element_size()
 
 

@@ -46,7 +46,7 @@ from qvl.engine.encoder_cache import EncoderCache
 from qvl.engine.outputs import RequestOutput, RequestState
 from qvl.engine.runner import ModelRunner, plan_num_blocks
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
-from qvl.engine.sequence import MediaSpan, Sequence
+from qvl.engine.sequence import MediaSpan, Sequence, media_spans
 from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams, eos_token_ids
 
@@ -176,8 +176,7 @@ class LLMEngine:
             if grammar.done() and grammar.exception() is not None:
                 raise ValueError(str(grammar.exception()))
         ids, positions, delta, text = prompt.token_ids, prompt.positions, prompt.rope_delta, prompt.text or None
-        media = [MediaSpan(i, off, vi.num_tokens, vi.content_hash, vi.kind, vi)
-                 for i, (vi, off) in enumerate(zip(prompt.items, prompt.item_offsets))]
+        media = media_spans(prompt.items, prompt.item_offsets, ids)
         self._check_prompt(request_id, ids, media)
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = []

@@ -134,8 +134,11 @@ class ModelRunner:
         return g
 
     # --- vision --------------------------------------------------------------------------------
-    def _vision_rows(self, batch: list[tuple[Sequence, int, int]]) -> torch.Tensor | None:
-        """Feature rows for every pad token of the batch, in token order: (M, H) or None."""
+    # An item's features are one tensor (T, H), or a tuple of them (main, DeepStack sets...) when the
+    # model's encode_vision returns several (Qwen3-VL); every set is sliced with the same token range.
+    def _vision_rows(self, batch: list[tuple[Sequence, int, int]]
+                     ) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
+        """Feature rows for every pad token of the batch, in token order: (M, H), a tuple of (M, H), or None."""
         wanted = []                                   # (seq, item, row_start, row_end)
         to_encode: dict[str, object] = {}
         for seq, start, end in batch:
@@ -156,9 +159,12 @@ class ModelRunner:
             held = self.held[seq.seq_id]
             if m.index not in held:
                 held[m.index] = encoded[m.content_hash]
-            rows.append(held[m.index][a:b])
+            f = held[m.index]
+            rows.append(tuple(s[a:b] for s in f) if isinstance(f, tuple) else f[a:b])
             if b == m.num_tokens:                      # its last pad token is in this step
                 del held[m.index]
+        if isinstance(rows[0], tuple):
+            return tuple(torch.cat(s) if len(s) > 1 else s[0] for s in zip(*rows))   # each (M, H)
         return torch.cat(rows) if len(rows) > 1 else rows[0]          # (M, H)
 
     def _vision_mask(self, batch, n_total: int) -> torch.Tensor:
@@ -178,9 +184,12 @@ class ModelRunner:
     def _encode(self, items: list[tuple[str, object]]) -> dict[str, torch.Tensor]:
         pixels = torch.cat([vi.pixel_values for _, vi in items]).to(self.device, self.dtype)  # (np, C*T*P*P)
         grid = torch.tensor([list(vi.grid_thw) for _, vi in items], device=self.device)      # (ni, 3)
-        feats = self.model.encode_vision(pixels, grid)                                       # (np/4, H)
+        feats = self.model.encode_vision(pixels, grid)                    # (np/4, H) or a tuple of them
+        sizes = [vi.num_tokens for _, vi in items]
+        per_item = (zip(*(s.split(sizes) for s in feats)) if isinstance(feats, tuple)
+                    else feats.split(sizes))
         out = {}
-        for (h, vi), f in zip(items, feats.split([vi.num_tokens for _, vi in items])):
+        for (h, vi), f in zip(items, per_item):
             out[h] = f
             self.encoder_cache.put(h, f)
         return out
@@ -220,9 +229,11 @@ class ModelRunner:
             seq_lens_q=[e - s for _, s, e in batch], context_lens=[e for _, _, e in batch],
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=[seq.block_table for seq, _, _ in batch])
-        vision = self._vision_rows(batch)
-        embeds = self.model.embed(input_ids, vision, self._vision_mask(batch, n_total))   # (N, H)
-        hidden = self.model(input_ids, positions, md, inputs_embeds=embeds)                # (N, H)
+        vision, mask, extra = self._vision_rows(batch), self._vision_mask(batch, n_total), {}
+        if isinstance(vision, tuple):         # DeepStack: the extra sets go to forward with their rows
+            vision, extra = vision[0], {"deepstack_embeds": vision[1:], "vision_mask": mask}
+        embeds = self.model.embed(input_ids, vision, mask)                                 # (N, H)
+        hidden = self.model(input_ids, positions, md, inputs_embeds=embeds, **extra)       # (N, H)
         if not sample_seqs:
             return {}
         rows = torch.tensor(sample_rows, device=self.device)

@@ -12,6 +12,7 @@ A decode token's position is `index + rope_delta` on all three M-RoPE streams.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -40,6 +41,32 @@ class MediaSpan:
     @property
     def end(self) -> int:
         return self.offset + self.num_tokens
+
+
+def media_spans(items: list, offsets: list[int], token_ids: list[int]) -> list[MediaSpan]:
+    """The prompt's media as spans: one per item whose `num_tokens` pad tokens follow each other from its
+    offset, else one per temporal group (Qwen3-VL puts a text timestamp between a video's groups).
+
+    A group span carries a view of its item (pixel rows of that group, grid (1, h, w), content hash
+    + "#k"): the vision towers attend within one temporal group, so its features are the whole item's
+    rows for that group. Spans are numbered in prompt order."""
+    out: list[MediaSpan] = []
+    for vi, off in zip(items, offsets):
+        pad = token_ids[off] if off < len(token_ids) else None
+        if all(t == pad for t in token_ids[off:off + vi.num_tokens]) and off + vi.num_tokens <= len(token_ids):
+            out.append(MediaSpan(len(out), off, vi.num_tokens, vi.content_hash, vi.kind, vi))
+            continue
+        t, h, w = vi.grid_thw
+        per, rows = vi.num_tokens // t, h * w
+        at = off
+        for k in range(t):
+            while at < len(token_ids) and token_ids[at] != pad:
+                at += 1                                    # the text between two groups
+            part = dataclasses.replace(vi, pixel_values=vi.pixel_values[k * rows:(k + 1) * rows],
+                                       grid_thw=(1, h, w), content_hash=f"{vi.content_hash}#{k}")
+            out.append(MediaSpan(len(out), at, per, part.content_hash, vi.kind, part))
+            at += per
+    return out
 
 
 @dataclass

@@ -6,7 +6,10 @@ A family is a package `qvl.models.<family>` that exposes (see qvl/models/qwen2_v
   Model                     the nn.Module (math only; built on the meta device by qvl.build)
   weights                   module: `canonical_key(stored key) -> module name`, `sanitize(name, tensor)`
   processing                module: `preprocess_spec(config, preprocessor_config)`, `rope_index(...)`,
-                            `pad_tokens(item, config)`, `box_to_original(...)`, `BOX_COORDINATES`
+                            `pad_tokens(item, config, encode)` (encode: text -> token ids, for
+                            expansions that hold text), `box_to_original(...)`, `BOX_COORDINATES`;
+                            optional `WRAPPED_KINDS`: item kinds whose pad_tokens replace the whole
+                            `<|vision_start|>pad<|vision_end|>` (Qwen3-VL video timestamps)
 Engine, runner, scheduler, server and CLI reach model facts only through these names. Families are
 imported on first use, so `import qvl.models` costs nothing (`qvl tokens` needs no torch).
 """
@@ -20,6 +23,7 @@ from types import ModuleType
 FAMILIES: dict[str, str] = {
     "qwen2_vl": "qvl.models.qwen2_vl",
     "qwen2_5_vl": "qvl.models.qwen2_5_vl",
+    "qwen3_vl": "qvl.models.qwen3_vl",
 }
 DEFAULT_MODEL_TYPE = "qwen2_vl"
 

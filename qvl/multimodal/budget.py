@@ -17,8 +17,8 @@ from typing import Any
 from qvl.multimodal.image import image_target_size
 from qvl.multimodal.media import MediaPolicy, open_image, video_source
 from qvl.multimodal.spec import QWEN2_VL, PreprocessSpec
-from qvl.multimodal.video import (DEFAULT_MAX_MODEL_LEN, VideoOptions, check_frame_size, plan_frame_list,
-                                  plan_video, probe_video)
+from qvl.multimodal.video import (DEFAULT_MAX_MODEL_LEN, VideoOptions, check_frame_size, frame_times,
+                                  plan_frame_list, plan_video, probe_video)
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv",
                     ".ogv", ".wmv", ".3gp", ".y4m", ".ivf"}
@@ -37,6 +37,7 @@ class ItemBudget:
     video_fps: float | None = None
     sample_fps: float | None = None
     label: str | None = None
+    frame_times: tuple[float, ...] | None = None   # video: seconds of each sampled frame (None: fps unknown)
 
 
 def header_size(source: Any, *, policy: MediaPolicy | None = None, label: str = "image") -> tuple[int, int]:
@@ -87,13 +88,15 @@ def video_num_tokens(source: Any, *, fps: float | None = None, nframes: int | No
         for i, size in enumerate(sizes[1:], 1):
             check_frame_size(i, size, sizes[0], step1, opts, label=label, spec=spec)
         original, video_fps = sizes[0], None
+        times = frame_times(plan.indices, opts.fps)
     else:
         meta = probe_video(src, label=label)
         plan = plan_video(meta, opts, label=label, spec=spec)
         original, video_fps = (meta.height, meta.width), meta.fps
+        times = frame_times(plan.indices, meta.fps)
     return ItemBudget("video", original, (plan.height, plan.width), plan.grid_thw, plan.num_tokens,
                       nframes=len(plan.indices), total_frames=plan.total_frames, video_fps=video_fps,
-                      sample_fps=plan.sample_fps, label=label)
+                      sample_fps=plan.sample_fps, label=label, frame_times=times)
 
 
 def check_context(items: list[ItemBudget], text_tokens: int, max_model_len: int) -> int:

@@ -79,6 +79,7 @@ class VisionInput:
     sample_fps: float | None = None  # video: frames sampled per second of the source (None for images)
     merge_size: int = QWEN2_VL.merge_size  # the spec's spatial merge: merge**2 patches per token
     patch_size: int = QWEN2_VL.patch_size  # the spec's patch side in pixels
+    frame_times: tuple[float, ...] | None = None  # video: seconds of each sampled frame (None: fps unknown)
 
     @property
     def num_tokens(self) -> int:

@@ -37,6 +37,7 @@ class PlannedItem:
     spec: MediaSpec      # what load() opens: remote / data: sources already replaced by their bytes
     budget: ItemBudget   # from the header: sizes, grid, tokens
     pad_index: int       # index of the item's single pad token in PromptPlan.token_ids
+    extra_tokens: int = 0  # text tokens its expansion adds beyond the visual ones (Qwen3-VL timestamps)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class PromptPlan:
 
     @property
     def text_tokens(self) -> int:
-        return len(self.token_ids) - len(self.items)
+        return len(self.token_ids) - len(self.items) + sum(it.extra_tokens for it in self.items)
 
     @property
     def num_tokens(self) -> int:

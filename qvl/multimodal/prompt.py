@@ -218,7 +218,11 @@ class PromptProcessor:
         def one(slot: tuple[int, MediaSpec]) -> PlannedItem:
             at, spec = slot
             spec = prefetch(spec, policy)                      # the only download of this item
-            return PlannedItem(spec, self._header_count(spec, policy, max_model_len), at)
+            item = PlannedItem(spec, self._header_count(spec, policy, max_model_len), at)
+            # the expansion's own text (timestamps) counts from the header too; a replaced wrapper is not new
+            item.extra_tokens = (len(self._pad_tokens(item.budget)) - item.budget.num_tokens
+                                 - 2 * self._wrapped(ids, item))
+            return item
 
         return PromptPlan(text, ids, map_items(one, slots), policy=policy, max_model_len=max_model_len)
 
@@ -240,16 +244,25 @@ class PromptProcessor:
         """The ids load() will produce, from the headers alone (for /tokenize)."""
         return self._expand(plan, [self._pad_tokens(it.budget) for it in plan.items])[0]
 
+    def _wrapped(self, ids: list[int], item) -> bool:
+        """Whether the family's expansion of `item` replaces its <|vision_start|>pad<|vision_end|>
+        (Qwen3-VL video timestamps) rather than the pad alone (a bare pad keeps its neighbours)."""
+        i = item.pad_index
+        return (item.spec.kind in getattr(self.processing, "WRAPPED_KINDS", ()) and 0 < i < len(ids) - 1
+                and ids[i - 1] == self.vision_start_token_id and ids[i + 1] == self.vision_end_token_id)
+
     def _expand(self, plan: PromptPlan, pads: list[list[int]]) -> tuple[list[int], list[int]]:
-        """Token ids with each item's single pad replaced by `pads[i]`, and each item's first index."""
+        """Token ids with each item's single pad replaced by `pads[i]`, and each item's first pad index."""
         out: list[int] = []
         offsets: list[int] = []
         prev = 0
+        pad_ids = (self.image_token_id, self.video_token_id)
         for item, pad in zip(plan.items, pads):
-            out.extend(plan.token_ids[prev:item.pad_index])
-            offsets.append(len(out))
+            wrapped = self._wrapped(plan.token_ids, item)
+            out.extend(plan.token_ids[prev:item.pad_index - wrapped])
+            offsets.append(len(out) + next((j for j, t in enumerate(pad) if t in pad_ids), 0))
             out.extend(pad)
-            prev = item.pad_index + 1
+            prev = item.pad_index + 1 + wrapped
         out.extend(plan.token_ids[prev:])
         return out, offsets
 
@@ -300,7 +313,7 @@ class PromptProcessor:
 
     def _pad_tokens(self, item) -> list[int]:
         """The family's pad tokens for one item (a VisionInput, or an ItemBudget: kind + grid_thw)."""
-        return self.processing.pad_tokens(item, self._rope_config())
+        return self.processing.pad_tokens(item, self._rope_config(), self.encode)
 
     def _options(self, spec: MediaSpec, max_model_len: int | None) -> dict:
         opts = dict(spec.options)

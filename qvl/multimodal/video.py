@@ -245,6 +245,12 @@ def plan_frame_list(first_size: tuple[int, int], count: int, opts: VideoOptions,
     return step1, VideoPlan(indices, height, width, count, sample_fps, spec)
 
 
+def frame_times(indices: list[int], fps: float | None) -> tuple[float, ...] | None:
+    """Seconds of each sampled frame (source index / source fps; a frame list: its index / the fps it was
+    given), or None when the fps is unknown (Qwen3-VL's timestamps then use the processor default)."""
+    return None if not fps else tuple(i / fps for i in indices)
+
+
 def check_frame_size(i: int, size: tuple[int, int], first_size: tuple[int, int], step1: tuple[int, int],
                      opts: VideoOptions, *, label: str = "video", spec: PreprocessSpec | None = None) -> None:
     """Frame i of a list must size (image rules) like frame 0, or qwen-vl-utils could not stack them."""
@@ -377,13 +383,15 @@ def process_video(video: Any, *, fps: float | None = None, nframes: int | None =
     src = video_source(video, policy=policy, label=label)
     if isinstance(src, list):
         frames, plan, original = _frames_from_list(src, opts, policy, label, spec)
+        times = frame_times(plan.indices, opts.fps)
     else:
         meta = probe_video(src, label=label)
         plan = plan_video(meta, opts, label=label, spec=spec)
         frames = decode_frames(src, plan, label=label)
         original = (meta.height, meta.width)
+        times = frame_times(plan.indices, meta.fps)
     grid = plan.grid_thw
     return VisionInput(kind="video", pixel_values=torch.from_numpy(patchify(frames, spec=spec)),
                        grid_thw=grid, content_hash=content_hash("video", grid, frames, spec=spec),
                        original_size=original, sample_fps=plan.sample_fps, merge_size=spec.merge_size,
-                       patch_size=spec.patch_size)
+                       patch_size=spec.patch_size, frame_times=times)

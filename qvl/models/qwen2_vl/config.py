@@ -131,6 +131,7 @@ class ModelConfig:
 
     model_type: ClassVar[str] = "qwen2_vl"
     vision_cls: ClassVar[type] = VisionConfig
+    head_dim_decoupled: ClassVar[bool] = False   # Qwen3: head_dim * heads need not equal hidden_size
 
     def __post_init__(self) -> None:
         _positive("config", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
@@ -142,7 +143,7 @@ class ModelConfig:
                 raise ValueError(f"hidden_size={self.hidden_size} must be divisible by "
                                  f"num_attention_heads={self.num_attention_heads}")
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.head_dim * self.num_attention_heads != self.hidden_size:
+        if not self.head_dim_decoupled and self.head_dim * self.num_attention_heads != self.hidden_size:
             raise ValueError(f"head_dim * num_attention_heads = {self.head_dim} * {self.num_attention_heads} = "
                              f"{self.head_dim * self.num_attention_heads} must equal hidden_size={self.hidden_size}")
         if self.head_dim % 2:

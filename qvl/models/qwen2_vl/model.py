@@ -26,13 +26,14 @@ from qvl.models.qwen2_vl.vision import VisionTransformer
 
 class Qwen2VLForConditionalGeneration(nn.Module):
     vision_cls: type[nn.Module] = VisionTransformer   # a family with another tower overrides this only
+    text_cls: type[nn.Module] = Qwen2Model            # ... and one with another decoder this
     display_name = "Qwen2-VL"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.visual = self.vision_cls(config.vision)
-        self.model = Qwen2Model(config)
+        self.model = self.text_cls(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -3,8 +3,9 @@
   preprocess_spec(config, preprocessor_config) -> PreprocessSpec   patch 14, merge 2, temporal 2, CLIP
       mean/std, pixel limits from preprocessor_config.json (`min_pixels`/`max_pixels`, or `size`'s
       `shortest_edge`/`longest_edge`), sizes from the vision config;
-  pad_tokens(item, config) -> list[int]    the tokens one item's single placeholder expands to: its
-      `<|image_pad|>` / `<|video_pad|>` id, t*h*w/merge**2 times;
+  pad_tokens(item, config, encode) -> list[int]    the tokens one item's single placeholder expands to:
+      its `<|image_pad|>` / `<|video_pad|>` id, t*h*w/merge**2 times (`encode`, text -> ids, is the
+      tokenizer for families whose expansion holds text, e.g. Qwen3-VL's timestamps; unused here);
   rope_index(token_ids, items, config) -> (positions (3, N) int64, rope_delta)   max+1 rule (rope.py);
   BOX_COORDINATES = "relative_1000" and box_to_original(coords, original_size, resized_size): grounding
       boxes are 0..1000 fractions of the image, so the original image's pixels are x * W / 1000.
@@ -43,7 +44,7 @@ def preprocess_spec(config=None, preprocessor_config: dict | None = None) -> Pre
         max_pixels=int(pre.get("max_pixels") or size.get("longest_edge") or default.max_pixels))
 
 
-def pad_tokens(item, config) -> list[int]:
+def pad_tokens(item, config, encode=None) -> list[int]:
     pad = config.image_token_id if item.kind == "image" else config.video_token_id
     t, h, w = item.grid_thw
     return [pad] * (t * h * w // config.vision.spatial_merge_size ** 2)

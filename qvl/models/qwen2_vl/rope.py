@@ -8,9 +8,9 @@ Owns three things and nothing else (no modules, no weights, no engine knowledge)
   Temporal grid k of an item sits at k (Qwen2-VL), or, when the item has a `second_per_grid` (Qwen2.5-VL
   absolute time, QWEN2VL_SPEC 8.4), at floor(k * second_per_grid * tokens_per_second) multiplied in fp32.
 * Text rotary: frequencies in fp32, each of the head_dim/2 frequencies takes its position from the stream
-  its `mrope_section` says (t for the first section, h for the second, w for the third; not interleaved),
-  duplicated to head_dim, cos/sin computed in fp32 then cast to the activation dtype; rotation is the
-  half-split ("rotate_half", pairs (j, j + d/2)) convention.
+  its `mrope_section` says (t for the first section, h for the second, w for the third; or, for Qwen3-VL,
+  interleaved t h w t h w ...), duplicated to head_dim, cos/sin computed in fp32 then cast to the
+  activation dtype; rotation is the half-split ("rotate_half", pairs (j, j + d/2)) convention.
 * Vision 2-D rotary: (row, col) of every patch in merge-block-major order, fp32 cos/sin, and q/k rotated in
   fp32 then cast back (QWEN2VL_SPEC 3.3).
 """
@@ -135,9 +135,16 @@ def _inv_freq(dim: int, theta: float, device: str) -> torch.Tensor:
 
 
 @lru_cache(maxsize=32)
-def _stream_ids(mrope_section: tuple[int, ...], device: str) -> torch.Tensor:
-    """Stream (0 = t, 1 = h, 2 = w) each rotary frequency takes its position from."""
-    return torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section)).to(device)  # (D/2,)
+def _stream_ids(mrope_section: tuple[int, ...], device: str, interleaved: bool = False) -> torch.Tensor:
+    """Stream (0 = t, 1 = h, 2 = w) each rotary frequency takes its position from: sections in a row
+    (Qwen2-VL: t t .. h h .. w w ..), or interleaved (Qwen3-VL `apply_interleaved_mrope`: slot j < 3 * h
+    with j % 3 == 1 is h, j < 3 * w with j % 3 == 2 is w, every other slot t: t h w t h w .. t t)."""
+    if not interleaved:
+        return torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section)).to(device)  # (D/2,)
+    stream = torch.zeros(sum(mrope_section), dtype=torch.long)
+    stream[1:3 * mrope_section[1]:3] = 1
+    stream[2:3 * mrope_section[2]:3] = 2
+    return stream.to(device)  # (D/2,)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -147,16 +154,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def mrope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, mrope_section: Sequence[int], dtype: torch.dtype
+    positions: torch.Tensor, head_dim: int, theta: float, mrope_section: Sequence[int], dtype: torch.dtype,
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Text rotary tables for positions (3, N): cos and a half-negated sin, each (N, head_dim) in `dtype`.
+    `interleaved` picks the frequencies' streams as Qwen3-VL does (see _stream_ids).
 
     The sin table's first half is negated (exact: only the sign flips) so that `apply_rotary` needs no
     negation per call: rotate_half(x) * sin == swap_halves(x) * sin_signed, bit for bit."""
     if sum(mrope_section) != head_dim // 2:
         raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
     inv = _inv_freq(head_dim, float(theta), str(positions.device))  # (D/2,)
-    stream = _stream_ids(tuple(int(s) for s in mrope_section), str(positions.device))  # (D/2,)
+    stream = _stream_ids(tuple(int(s) for s in mrope_section), str(positions.device), interleaved)  # (D/2,)
     pos = positions.float()  # (3, N)
     # Pick each frequency's stream first; the product is elementwise so this equals select-after.
     freqs = pos[stream].t() * inv  # (N, D/2)

@@ -34,6 +34,8 @@ class RMSNorm(nn.Module):
 
 
 class Qwen2Attention(nn.Module):
+    qkv_bias = True     # Qwen3 has no bias (and sets its own)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, d = config.hidden_size, config.head_dim
@@ -41,19 +43,25 @@ class Qwen2Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = d
         self.scale = d ** -0.5
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=True)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=self.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=self.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=self.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_metadata: AttentionMetadata | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (N, nH, D), k and v (N, nKV, D) before rotary (Qwen3 norms q and k here)."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, nH, D)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, nKV, D)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_metadata: AttentionMetadata | None) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.project(x)
         qk = apply_rotary(torch.cat((q, k), 1), cos, sin)  # (N, nH + nKV, D): one rotation for both
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         o = attention(q, k, v, scale=self.scale, metadata=attn_metadata, k_cache=self.k_cache,
@@ -77,9 +85,11 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
+    attn_cls = Qwen2Attention
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.self_attn = Qwen2Attention(config)
+        self.self_attn = self.attn_cls(config)
         self.mlp = Qwen2MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -90,23 +100,31 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
+    layer_cls = Qwen2DecoderLayer
+    interleaved_mrope = False   # Qwen3-VL: True (rope.mrope_cos_sin)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_cls(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
+    def rope_tables(self, inputs_embeds: torch.Tensor, positions: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (N, D) for positions (3, N) (or (N,): text-only), in the activations' dtype."""
         c = self.config
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(3, -1)  # (3, N): text-only, all streams equal
         if positions.shape != (3, inputs_embeds.shape[0]):
             raise ValueError(f"positions must have shape (3, {inputs_embeds.shape[0]}), got "
                              f"{tuple(positions.shape)}")
-        cos, sin = mrope_cos_sin(positions.to(inputs_embeds.device), c.head_dim, c.rope_theta,
-                                 c.mrope_section, inputs_embeds.dtype)  # (N, D) each
+        return mrope_cos_sin(positions.to(inputs_embeds.device), c.head_dim, c.rope_theta,
+                             c.mrope_section, inputs_embeds.dtype, self.interleaved_mrope)  # (N, D) each
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
+        cos, sin = self.rope_tables(inputs_embeds, positions)  # (N, D) each
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, attn_metadata)

@@ -1,0 +1,337 @@
+"""Qwen3-VL (dense) family: parity with transformers 4.57 `Qwen3VLForConditionalGeneration` on tiny random
+checkpoints (fp32, CPU): DeepStack, interleaved M-RoPE, the QK-norm decoder, timestamped video prompts,
+and the engine's DeepStack path (encoder cache, chunked prefill through an image, preemption).
+
+Pixels come from qvl's preprocessing; the same pixel_values and grids are fed to transformers.
+Preprocessing: transformers' Qwen3-VL image processor is `Qwen2VLImageProcessorFast`, which needs
+torchvision (not importable here), so qvl's pixels are compared with the slow `Qwen2VLImageProcessor`
+configured as the Qwen3-VL checkpoints are (patch 16, merge 2, mean = std = 0.5). Video prompt ids:
+`Qwen3VLProcessor.__call__` itself expands the text (timestamps from its `_calculate_timestamps`), with its
+video processor (torchvision) replaced by a stand-in returning qvl's grid and the frames' metadata.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qvl.models.qwen3_vl import processing
+
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+VID = "<|vision_start|><|video_pad|><|vision_end|>"
+N_NEW = 16
+
+
+def chat(body: str) -> str:
+    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def image(seed: int, h: int, w: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def video(seed: int, fps: float | None, frames: int = 6, h: int = 128, w: int = 160) -> dict:
+    v = {"video": [image(seed + i, h, w) for i in range(frames)], "resized_height": h, "resized_width": w}
+    if fps is not None:
+        v["fps"] = fps
+    return v
+
+
+# 256x392 -> grid (1, 16, 24) (merged 8x12); 140x84 -> (1, 8, 6) after the 32-px snap; videos: 6 frames of
+# 128x160 -> grid (3, 8, 10): three timestamped groups of 20 tokens.
+CASES = {
+    "text_only": ("Describe the weather in words.", {}),
+    "one_image": (IMG + "Describe this image.", {"image": [image(0, 256, 392)]}),
+    "two_images": (IMG + "and" + IMG + "How many shapes are there?",
+                   {"image": [image(1, 256, 392), image(2, 140, 84)]}),
+    "video": (VID + "What happens?", {"video": [video(3, fps=2)]}),
+    "image_video": (IMG + "then" + VID + "Compare.", {"image": [image(5, 140, 84)], "video": [video(7, fps=1)]}),
+}
+
+
+def _hf_inputs(p) -> dict:
+    kw: dict = {}
+    for kind, pv, grid in (("image", "pixel_values", "image_grid_thw"),
+                           ("video", "pixel_values_videos", "video_grid_thw")):
+        items = [it for it in p.items if it.kind == kind]
+        if items:
+            kw[pv] = torch.cat([it.pixel_values for it in items])
+            kw[grid] = torch.tensor([list(it.grid_thw) for it in items])
+    return kw
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_qwen3_vl_ckpt):
+    from transformers import Qwen3VLForConditionalGeneration as HFModel
+
+    from qvl.build import load_model
+    from qvl.multimodal.prompt import PromptProcessor
+
+    model, config = load_model(tiny_qwen3_vl_ckpt)
+    hf = HFModel.from_pretrained(tiny_qwen3_vl_ckpt, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return model, config, hf, PromptProcessor.from_pretrained(tiny_qwen3_vl_ckpt, config)
+
+
+# ----------------------------------------------------------------------------------- config, weights
+
+def test_config_and_weights(pair, tiny_qwen3_vl_ckpt_tied):
+    from qvl.build import load_model
+    from qvl.models import load_config
+    from qvl.models.qwen3_vl.config import VisionConfig
+
+    model, c, _, proc = pair
+    v = c.vision
+    assert (c.hidden_size, c.head_dim, c.num_attention_heads, c.mrope_section) == (64, 32, 4, [6, 5, 5])
+    assert (c.attention_bias, c.tie_word_embeddings) == (False, False)
+    assert (v.patch_size, v.patch_dim, v.num_grid_per_side, v.deepstack_visual_indexes) == (16, 1536, 8, [0, 2])
+    assert (proc.spec.patch_size, proc.spec.factor, proc.spec.image_mean) == (16, 32, (0.5, 0.5, 0.5))
+    names = dict(model.named_parameters())
+    for k in ("visual.pos_embed.weight", "visual.patch_embed.proj.bias", "visual.merger.norm.weight",
+              "visual.deepstack_merger_list.1.linear_fc2.bias", "model.layers.2.self_attn.q_norm.weight"):
+        assert k in names
+    assert "model.layers.0.self_attn.q_proj.bias" not in names
+    family, tied_cfg = load_config(tiny_qwen3_vl_ckpt_tied)
+    assert family.DISPLAY_NAME == "Qwen3-VL" and tied_cfg.tie_word_embeddings
+    tied, _ = load_model(tiny_qwen3_vl_ckpt_tied)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="deepstack_visual_indexes \\[5\\]"):
+        VisionConfig(depth=4, hidden_size=32, num_heads=2, deepstack_visual_indexes=[1, 5])
+    with pytest.raises(ValueError, match="must be a square"):
+        VisionConfig(num_position_embeddings=50)
+    # hub defaults where preprocessor_config.json is silent
+    spec = processing.preprocess_spec(c, {})
+    assert (spec.image_std, spec.min_pixels, spec.max_pixels) == ((0.5,) * 3, 65536, 16777216)
+
+
+def test_interleaved_mrope_streams():
+    from qvl.models.qwen2_vl.rope import _stream_ids
+
+    s = _stream_ids((24, 20, 20), "cpu", True).tolist()
+    assert s[:6] == [0, 1, 2, 0, 1, 2] and s[57:60] == [0, 1, 2] and s[60:] == [0, 0, 0, 0]
+    assert s.count(1) == 20 and s.count(2) == 20
+    assert _stream_ids((16, 24, 24), "cpu").tolist() == [0] * 16 + [1] * 24 + [2] * 24   # Qwen2-VL unchanged
+
+
+# ---------------------------------------------------------------------------------------- preprocessing
+
+def test_image_preprocessing_bit_identical_on_many_sizes(tiny_qwen3_vl_ckpt, pair):
+    from transformers import Qwen2VLImageProcessor
+
+    _, _, _, proc = pair
+    ref = Qwen2VLImageProcessor.from_pretrained(tiny_qwen3_vl_ckpt)
+    assert (ref.patch_size, ref.merge_size, ref.image_mean) == (16, 2, [0.5, 0.5, 0.5])
+    from qvl.multimodal.image import process_image
+
+    sizes = [(32, 32), (33, 47), (64, 64), (100, 30), (30, 100), (127, 255), (256, 392), (140, 84), (500, 375),
+             (375, 500), (48, 640), (640, 48), (200, 201), (90, 60), (57, 113), (320, 240), (12, 400),
+             (700, 700), (81, 333), (1000, 90), (31, 31), (129, 65)]
+    for i, (h, w) in enumerate(sizes):
+        img = image(100 + i, h, w)
+        ours = process_image(img, spec=proc.spec)
+        r = ref(images=[img], return_tensors="pt")
+        assert tuple(r["image_grid_thw"][0].tolist()) == ours.grid_thw, (h, w)
+        assert torch.equal(ours.pixel_values, r["pixel_values"]), (h, w)
+
+
+# ------------------------------------------------------------------------------- model parity (fp32)
+
+def test_vision_features_match_transformers(pair):
+    model, config, hf, _ = pair
+    grids = torch.tensor([[1, 16, 24], [3, 8, 10], [1, 10, 6], [1, 50, 4]])   # 50 > the 8-wide learned grid
+    pv = torch.randn(int(grids.prod(-1).sum()), 1536, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.encode_vision(pv, grids)
+        main, deep = hf.model.visual(pv, grid_thw=grids)
+    assert len(ours) == 1 + len(deep) == 3
+    for a, b in zip(ours, (main, *deep)):
+        assert a.shape == (int(grids.prod(-1).sum()) // 4, config.hidden_size)
+        assert (a - b).abs().max().item() <= 1e-4 and b.std().item() > 0.1
+
+
+@torch.no_grad()
+def _qvl_logits(model, config, p):
+    ids = torch.tensor(p.token_ids)
+    feats, extra = None, {}
+    if p.items:
+        sets = model.encode_vision(torch.cat([it.pixel_values for it in p.items]),
+                                   torch.tensor([list(it.grid_thw) for it in p.items]))
+        mask = (ids == config.image_token_id) | (ids == config.video_token_id)
+        feats, extra = sets[0], {"deepstack_embeds": sets[1:], "vision_mask": mask}
+    return model.compute_logits(model(ids, p.positions, inputs_embeds=model.embed(ids, feats), **extra))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_and_positions_match_transformers(pair, case):
+    model, config, hf, proc = pair
+    text, mm = CASES[case]
+    p = proc.process_prompt(chat(text), mm or None)
+    kw = _hf_inputs(p)
+    ids = torch.tensor([p.token_ids])
+    pos, delta = hf.model.get_rope_index(ids, kw.get("image_grid_thw"), kw.get("video_grid_thw"))
+    assert torch.equal(p.positions, pos[:, 0]) and p.rope_delta == int(delta)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, **kw).logits[0].float()
+    ours = _qvl_logits(model, config, p)
+    diff = (ours - ref).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert ref.std().item() > 0.1
+
+
+# ------------------------------------------------------------------------------ video timestamps
+
+def _hf_processor_ids(path, text: str, p) -> list[int]:
+    """transformers' Qwen3VLProcessor expansion of `text` for p's videos (its video processor stubbed to
+    report qvl's grids and the frames' metadata: indices 0..n-1 at the given fps, or fps None)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.video_utils import VideoMetadata
+
+    videos = [it for it in p.items if it.kind == "video"]
+    metas = []
+    for it in videos:
+        n = it.grid_thw[0] * 2
+        fps = None if it.frame_times is None else (1 / it.frame_times[1])
+        metas.append(VideoMetadata(total_num_frames=n, fps=fps, frames_indices=list(range(n))))
+
+    base = Qwen3VLProcessor.get_possibly_dynamic_module("BaseVideoProcessor")
+
+    class StubVideoProcessor(base):
+        def __call__(self, videos=None, **kw):
+            return {"video_grid_thw": torch.tensor([list(it.grid_thw) for it in videos_]),
+                    "video_metadata": metas}
+
+    videos_ = videos
+    stub = object.__new__(StubVideoProcessor)
+    stub.merge_size = 2
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor.from_pretrained(path), tokenizer=tok,
+                            video_processor=stub, chat_template=tok.chat_template)
+    images = [Image.new("RGB", (it.resized_size[1], it.resized_size[0])) for it in p.items if it.kind == "image"]
+    out = proc(text=[text], images=images or None, videos=[[0]] * len(videos), return_tensors="pt")
+    return out["input_ids"][0].tolist()
+
+
+@pytest.mark.parametrize("case", ["video", "image_video"])
+def test_video_prompt_ids_match_transformers_processor(pair, tiny_qwen3_vl_ckpt, case):
+    _, _, _, proc = pair
+    text, mm = CASES[case]
+    p = proc.process_prompt(chat(text), mm)
+    assert p.token_ids == _hf_processor_ids(tiny_qwen3_vl_ckpt, chat(text), p)
+    decoded = proc.decode(p.token_ids)
+    fps = mm["video"][0]["fps"]
+    stamps = [f"<{(2 * k + 2 * k + 1) / 2 / fps:.1f} seconds>" for k in range(3)]   # frames 2k, 2k+1
+    assert all(s in decoded for s in stamps), decoded
+    # the header count (plan) is the loaded prompt's length, timestamps included
+    plan = proc.plan(prompt=chat(text), multi_modal_data=mm)
+    assert plan.num_tokens == len(p.token_ids) == len(proc.expanded_token_ids(plan))
+    assert proc.count_tokens([{"role": "user", "content": [{"type": "video", **mm["video"][0]},
+                                                           {"type": "text", "text": "x"}]}])["prompt_tokens"] > 60
+
+
+def test_frame_list_without_fps_counts_at_24_with_a_warning(pair, tiny_qwen3_vl_ckpt):
+    _, _, _, proc = pair
+    mm = {"video": [video(9, fps=None)]}
+    with pytest.warns(UserWarning, match="24 fps"):
+        p = proc.process_prompt(chat(VID + "What happens?"), mm)
+    assert "<0.0 seconds>" in proc.decode(p.token_ids) and "<0.1 seconds>" in proc.decode(p.token_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert p.token_ids == _hf_processor_ids(tiny_qwen3_vl_ckpt, chat(VID + "What happens?"), p)
+
+
+# -------------------------------------------------------------------------------------------- engine
+
+def _engine(path, **kw):
+    from qvl.config import EngineConfig
+    from qvl.engine.llm_engine import LLMEngine
+
+    kw.setdefault("max_model_len", 1024)
+    kw.setdefault("kv_cache_memory", 8 << 20)
+    return LLMEngine.from_config(EngineConfig(model=str(path), dtype="float32", device="cpu", **kw))
+
+
+def _run(eng, prompts, num=N_NEW) -> list[list[int]]:
+    from qvl.llm import LLM
+    from qvl.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=num, min_tokens=num)
+    return [o.outputs[0].token_ids for o in LLM.from_engine(eng).generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def engine_reference(tiny_qwen3_vl_ckpt):
+    """Every case alone: no prefix or encoder cache, whole prefill."""
+    eng = _engine(tiny_qwen3_vl_ckpt, enable_prefix_caching=False, encoder_cache_memory=0)
+    prompts = [eng.processor.process_prompt(chat(t), mm or None) for t, mm in CASES.values()]
+    return prompts, [_run(eng, [p])[0] for p in prompts]
+
+
+def test_greedy_engine_matches_transformers(pair, engine_reference):
+    """>= 16 greedy tokens of every case through the engine (paged KV, DeepStack rows) == transformers'."""
+    _, _, hf, _ = pair
+    prompts, got = engine_reference
+    for case, p, toks in zip(CASES, prompts, got):
+        ids = torch.tensor([p.token_ids])
+        with torch.no_grad():
+            ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=N_NEW, eos_token_id=None, pad_token_id=0, **_hf_inputs(p))
+        assert toks == ref[0, ids.shape[1]:].tolist(), case
+    assert len({tuple(t) for t in got}) == len(got)
+
+
+def test_engine_batched_chunked_and_preempted_equal_alone(tiny_qwen3_vl_ckpt, engine_reference):
+    prompts, ref = engine_reference
+    assert _run(_engine(tiny_qwen3_vl_ckpt), prompts) == ref
+    # 7-token chunks: every image and video group is split across steps (DeepStack rows sliced alike)
+    assert _run(_engine(tiny_qwen3_vl_ckpt, max_num_batched_tokens=7), prompts) == ref
+    # a KV pool too small for all at once: requests are preempted and recomputed
+    small = _engine(tiny_qwen3_vl_ckpt, kv_cache_memory=_pool_bytes(tiny_qwen3_vl_ckpt, 20))
+    assert _run(small, prompts) == ref
+    assert small.stats()["num_preemptions"] >= 1
+
+
+def _pool_bytes(path, blocks: int) -> int:
+    from qvl.engine.runner import kv_bytes_per_block
+    from qvl.models import load_config
+
+    _, c = load_config(path)
+    return blocks * kv_bytes_per_block(c, 16, torch.float32)
+
+
+def test_encoder_cache_hit_equals_miss(tiny_qwen3_vl_ckpt, engine_reference):
+    prompts, ref = engine_reference
+    eng = _engine(tiny_qwen3_vl_ckpt)
+    assert _run(eng, prompts) == ref
+    text, mm = CASES["image_video"]
+    q = eng.processor.process_prompt(chat("Other words first. " + text), mm)
+    before = eng.stats()["encoder_cache_hits"]
+    hit = _run(eng, [q])
+    assert eng.stats()["encoder_cache_hits"] >= before + 4      # the image and the video's 3 groups
+    entry = eng.runner.encoder_cache.get(q.items[0].content_hash)
+    assert isinstance(entry, tuple) and len(entry) == 3         # main + both DeepStack sets
+    cold = _engine(tiny_qwen3_vl_ckpt, enable_prefix_caching=False, encoder_cache_memory=0)
+    assert _run(cold, [q]) == hit
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def test_cli_run_and_tokens(tiny_qwen3_vl_ckpt, tmp_path):
+    from test_cli import qvl
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (640, 480), (200, 30, 30)).save(path)
+    r = qvl("run", "--model", str(tiny_qwen3_vl_ckpt), "--image", str(path), "Describe this image.",
+            "--json", "--max-tokens", "6", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert 1 <= out["completion_tokens"] <= 6 and out["prompt_tokens"] > 100
+    r = qvl("tokens", "--model", str(tiny_qwen3_vl_ckpt), str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    ckpt = json.loads(r.stdout)
+    # max_pixels 262144 with factor 32: 448 x 576 -> (14 x 18) merged tokens
+    assert ckpt["resized_size"][0] % 32 == 0 and ckpt["num_tokens"] == (ckpt["resized_size"][0] // 32) * (
+        ckpt["resized_size"][1] // 32)
