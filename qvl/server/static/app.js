@@ -341,6 +341,8 @@ function newChat() {
   if (state.controller) state.controller.abort();
   state.history = [];
   state.firstImage = null;
+  state.pending = [];
+  $("attachments").replaceChildren();
   $("chat").replaceChildren();
   clearError();
   updateTokens();
