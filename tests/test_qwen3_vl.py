@@ -183,7 +183,7 @@ def test_logits_and_positions_match_transformers(pair, case):
 
 # ------------------------------------------------------------------------------ video timestamps
 
-def _hf_processor_ids(path, text: str, p) -> list[int]:
+def _hf_processor_ids(path, text: str, p, source_fps: list | None = None) -> list[int]:
     """transformers' Qwen3VLProcessor expansion of `text` for p's videos (its video processor stubbed to
     report qvl's grids and the frames' metadata: indices 0..n-1 at the given fps, or fps None)."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessor
@@ -192,10 +192,14 @@ def _hf_processor_ids(path, text: str, p) -> list[int]:
 
     videos = [it for it in p.items if it.kind == "video"]
     metas = []
-    for it in videos:
+    for it, fps in zip(videos, source_fps or [None] * len(videos)):
         n = it.grid_thw[0] * 2
-        fps = None if it.frame_times is None else (1 / it.frame_times[1])
-        metas.append(VideoMetadata(total_num_frames=n, fps=fps, frames_indices=list(range(n))))
+        if it.frame_times is None or fps is None:      # frame lists: indices 0..n-1 at the given fps
+            fps = None if it.frame_times is None else (1 / it.frame_times[1])
+            indices = list(range(n))
+        else:                                           # a file: the sampled source frames
+            indices = [round(t * fps) for t in it.frame_times]
+        metas.append(VideoMetadata(total_num_frames=n, fps=fps, frames_indices=indices))
 
     base = Qwen3VLProcessor.get_possibly_dynamic_module("BaseVideoProcessor")
 
@@ -241,6 +245,37 @@ def test_frame_list_without_fps_counts_at_24_with_a_warning(pair, tiny_qwen3_vl_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert p.token_ids == _hf_processor_ids(tiny_qwen3_vl_ckpt, chat(VID + "What happens?"), p)
+
+
+def _write_clip(path) -> None:
+    """3 s of 96x64 at 10 fps (mpeg4)."""
+    av = pytest.importorskip("av")
+    container = av.open(str(path), "w", format="mp4")
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+    for i in range(30):
+        a = np.full((64, 96, 3), (i * 8) % 256, np.uint8)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+def test_video_file_timestamps_use_the_containers_fps(pair, tiny_qwen3_vl_ckpt, tmp_path):
+    """A 3 s clip at 10 fps sampled at 2 fps: 6 frames (qwen-vl-utils' rule), each group at the mean of
+    its two source frames' times; ids as transformers' processor makes them from that metadata."""
+    path = tmp_path / "clip.mp4"
+    _write_clip(path)
+    _, _, _, proc = pair
+    text = chat(VID + "What happens?")
+    p = proc.process_prompt(text, {"video": [{"video": str(path), "fps": 2}]})
+    times = p.items[0].frame_times
+    assert times is not None and len(times) == 2 * p.items[0].grid_thw[0]
+    stamps = processing.frame_timestamps(times, 2)
+    decoded = proc.decode(p.token_ids)
+    assert all(f"<{t:.1f} seconds>" in decoded for t in stamps) and stamps[-1] > 2.0, decoded
+    assert p.token_ids == _hf_processor_ids(tiny_qwen3_vl_ckpt, text, p, source_fps=[10.0])
 
 
 # -------------------------------------------------------------------------------------------- engine
@@ -335,3 +370,34 @@ def test_cli_run_and_tokens(tiny_qwen3_vl_ckpt, tmp_path):
     # max_pixels 262144 with factor 32: 448 x 576 -> (14 x 18) merged tokens
     assert ckpt["resized_size"][0] % 32 == 0 and ckpt["num_tokens"] == (ckpt["resized_size"][0] // 32) * (
         ckpt["resized_size"][1] // 32)
+
+
+def test_serve_usage_equals_tokenize_with_timestamps(tiny_qwen3_vl_ckpt, tmp_path):
+    """`qvl serve` on a Qwen3-VL checkpoint with the openai client: an image and a video (data: URL); the
+    reply's prompt_tokens equal /tokenize's header count, timestamps included."""
+    import base64
+
+    import httpx
+
+    openai = pytest.importorskip("openai")
+    from test_server import ServerProcess, png_data_url
+
+    clip = tmp_path / "clip.mp4"
+    _write_clip(clip)
+    msgs = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url(90, 60)}},
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(
+            clip.read_bytes()).decode(), "fps": 2}},
+        {"type": "text", "text": "Compare."}]}]
+    server = ServerProcess(tiny_qwen3_vl_ckpt, ["--max-model-len", "1024"], tmp_path / "serve.log")
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model=str(tiny_qwen3_vl_ckpt), messages=msgs, max_tokens=5,
+                                      temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 5
+        tok = httpx.post(server.url + "/tokenize", json={"messages": msgs}, timeout=60).json()
+        assert r.usage.prompt_tokens == tok["count"]
+        if "tokens" in tok:
+            assert len(tok["tokens"]) == tok["count"]
+    finally:
+        assert server.stop() == 0, server.log()
