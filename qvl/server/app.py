@@ -1,12 +1,12 @@
 """The OpenAI-compatible HTTP server app: `create_app(engine, ...)`, auth, error handlers, lifecycle.
 
-`create_app(engine, *, served_model_name, api_key=None, media_policy=None, limits=None)` builds the
+`create_app(engine, *, served_model_name, api_key=None, media_policy=None, limits=None, ui=True)` builds the
 FastAPI app around a `qvl.engine.async_engine.AsyncEngine`: everything the server needs from the engine
 comes from its typed properties (processor, max_model_len, vocab_size, model_path, generation_defaults,
-stats). The routes are routes.py's APIRouter; qvl.server.launch defines the `qvl serve` flags and runs
-the app under uvicorn.
+stats). The routes are routes.py's APIRouter, the web page at / is web.py's; qvl.server.launch defines
+the `qvl serve` flags and runs the app under uvicorn.
 
-Owns: the Bearer-key middleware (every route but /health), the handlers that turn APIError (errors.py,
+Owns: the Bearer-key middleware (every route but /health and the page), the handlers that turn APIError (errors.py,
 framework-free), validation errors, 404/405 and anything unexpected into OpenAI error bodies (the
 traceback goes to the log, never to the client), and the lifespan (start the engine; on shutdown stop
 it off the event loop and drop the preprocessing pool).
