@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--video", action="append", default=[], help="video path or URL (repeatable)")
     run.add_argument("--json", action="store_true", help="print text, token counts, timings and boxes as JSON")
     run.add_argument("--draw", default=None, metavar="OUT.png", help="draw grounding boxes on the first image")
+    run.add_argument("--json-schema", default=None, metavar="FILE",
+                     help="constrain the answer to this JSON schema (enforced while decoding)")
     _add_engine_args(run)
     _add_media_args(run)
     _add_sampling_args(run)
@@ -121,6 +123,19 @@ def _media_part(kind: str, source: str, args) -> dict:
     return part
 
 
+def _read_schema(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--json-schema: file not found: {path}")
+    try:
+        schema = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CLIError(f"--json-schema: {path} is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise CLIError(f"--json-schema: {path} must hold a JSON object (a schema)")
+    return schema
+
+
 def _first_image(prompt):
     """The prompt's first image (a VisionInput) or None: grounding boxes refer to it."""
     return next((it for it in prompt.items if it.kind == "image"), None)
@@ -164,8 +179,13 @@ def cmd_run(args) -> int:
     content += [_media_part("video", s, args) for s in args.video]
     content.append({"type": "text", "text": args.question})
     messages = [{"role": "user", "content": content}]
+    schema = _read_schema(args.json_schema) if args.json_schema else None
     llm = _make_llm(args)
     params = _sampling(args, llm)
+    if schema is not None:
+        from qvl.sampling_params import StructuredOutputsParams
+
+        params = params.clone(structured_outputs=StructuredOutputsParams(json=schema))
     start = time.perf_counter()
     first = None
     text = ""

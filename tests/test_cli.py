@@ -88,3 +88,25 @@ def test_bench_reports_every_concurrency():
         assert row["output_tok_s"] == pytest.approx(n * 4 / row["wall_s"], rel=0.05)
         assert 0 < row["ttft_ms_median"] <= row["ttft_ms_p90"] <= 1000 * row["wall_s"]
         assert row["tpot_ms_median"] > 0
+
+
+def test_run_json_schema_constrains_the_demo_answer(tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {
+        "color": {"enum": ["red", "green", "blue", "yellow", "purple", "orange"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 4}},
+        "required": ["color", "count"], "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    r = qvl("run", "--image", str(EXAMPLES / "shapes.png"), "What color is the circle?", "--json",
+            "--json-schema", str(path))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(out["text"]), schema)
+    path.write_text('{"type": "strin"}')
+    r = qvl("run", "x", "--json-schema", str(path))
+    assert r.returncode == 2 and "strin" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = qvl("run", "x", "--json-schema", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and "not found" in r.stderr

@@ -516,3 +516,120 @@ def test_one_download_per_remote_image(inproc, monkeypatch):
         chunks = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, stream=True))
         assert chunks and media.hits == {"/cat.png": 3}
         assert h.get("/v1/models").json()["data"][0]["max_model_len"] == MAX_MODEL_LEN
+
+
+# ------------------------------------------------------------------------------- structured output
+
+INVOICE = {"type": "object", "properties": {
+    "vendor": {"type": "string", "maxLength": 10},
+    "total": {"type": "number", "minimum": 0, "maximum": 10000},
+    "currency": {"enum": ["EUR", "USD"]},
+    "lines": {"type": "array", "maxItems": 2, "items": {
+        "type": "object", "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
+                                         "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["sku", "qty"], "additionalProperties": False}}},
+    "required": ["vendor", "total", "currency", "lines"], "additionalProperties": False}
+
+
+def test_structured_output_json_schema_streamed_and_not(client):
+    import jsonschema
+
+    msgs = [{"role": "user", "content": "Extract the invoice."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "invoice", "schema": INVOICE, "strict": True}}
+    r = client.chat.completions.create(model="tiny-qwen2-vl", messages=msgs, response_format=fmt, n=2,
+                                       temperature=1.0, seed=5, max_tokens=200)
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(__import__("json").loads(c.message.content), INVOICE)
+    texts = ["", ""]
+    for chunk in client.chat.completions.create(model="tiny-qwen2-vl", messages=msgs, response_format=fmt,
+                                                n=2, temperature=1.0, seed=6, max_tokens=200, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    for t in texts:
+        jsonschema.validate(__import__("json").loads(t), INVOICE)
+    r = client.chat.completions.create(model="tiny-qwen2-vl", messages=msgs, max_tokens=60, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith("{")
+
+
+def test_structured_outputs_extra_body_and_guided_aliases(client):
+    msgs = [{"role": "user", "content": "Pick."}]
+    rx = r"[a-z]{3}-[0-9]{2}"
+    for body in ({"structured_outputs": {"regex": rx}}, {"guided_regex": rx}):
+        r = client.chat.completions.create(model="tiny-qwen2-vl", messages=msgs, max_tokens=20, temperature=1.0,
+                                           seed=1, extra_body=body)
+        assert re.fullmatch(rx, r.choices[0].message.content)
+    for body in ({"structured_outputs": {"choice": ["cat", "dog"]}}, {"guided_choice": ["cat", "dog"]}):
+        r = client.chat.completions.create(model="tiny-qwen2-vl", messages=msgs, max_tokens=20, n=3,
+                                           temperature=1.0, seed=2, extra_body=body)
+        assert {c.message.content for c in r.choices} <= {"cat", "dog"}
+    schema = {"type": "object", "properties": {"k": {"type": "integer"}}, "required": ["k"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(model="tiny-qwen2-vl", messages=msgs, max_tokens=30, temperature=0,
+                                       extra_body={"guided_json": schema})
+    assert list(__import__("json").loads(r.choices[0].message.content)) == ["k"]
+    r = client.completions.create(model="tiny-qwen2-vl", prompt="x", max_tokens=20, temperature=1.0, seed=3,
+                                  extra_body={"structured_outputs": {"regex": rx}})
+    assert re.fullmatch(rx, r.choices[0].text)
+
+
+def test_structured_output_errors_are_400(client, http):
+    msgs = [{"role": "user", "content": "x"}]
+    cases = [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "strin"}}}},
+         "strin"),
+        ({"response_format": {"type": "json_schema",
+                              "json_schema": {"name": "b", "schema": {"$ref": "#/$defs/none"}}}}, "none"),
+        ({"response_format": {"type": "grammar"}}, "not supported"),
+        ({"structured_outputs": {"regex": "[a-"}}, "regex"),
+        ({"guided_regex": "a+", "guided_choice": ["a"]}, "one structured-output constraint"),
+        ({"structured_outputs": {"structural_tag": "x"}}, "structural_tag"),
+    ]
+    for extra, words in cases:
+        r = http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 5, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        assert words in r.json()["error"]["message"], r.text
+    with pytest.raises(openai.BadRequestError, match="strin"):
+        client.chat.completions.create(model="tiny-qwen2-vl", messages=msgs, stream=True, extra_body={
+            "guided_json": {"type": "object", "properties": {"a": {"type": "strin"}}}})
+    wait_kv_free(http)
+
+
+def test_demo_model_parse_with_pydantic(tmp_path):
+    """The shipped demo checkpoint behind create_app, the official client's `parse` with a pydantic model."""
+    from typing import Literal
+
+    import pydantic
+    import uvicorn
+
+    from qvl.engine.async_engine import AsyncEngine
+    from qvl.engine.llm_engine import LLMEngine
+    from qvl.server.app import create_app
+
+    class Answer(pydantic.BaseModel):
+        color: Literal["red", "green", "blue", "yellow", "purple", "orange"]
+        count: int = pydantic.Field(ge=0, le=4)
+
+    engine = AsyncEngine(engine=LLMEngine.from_pretrained(None, device="cpu", dtype="float32", max_model_len=1024))
+    app = create_app(engine, served_model_name="demo")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="test-uvicorn-demo", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
+            time.sleep(0.05)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        shapes = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+        url = "data:image/png;base64," + base64.b64encode(shapes.read_bytes()).decode()
+        r = c.chat.completions.parse(model="demo", messages=image_msg(url, text="What color is the circle?"),
+                                     response_format=Answer, max_tokens=60, temperature=0)
+        assert r.choices[0].finish_reason == "stop"
+        parsed = r.choices[0].message.parsed
+        assert isinstance(parsed, Answer), r.choices[0].message.content
+    finally:
+        server.should_exit = True
+        thread.join(30)

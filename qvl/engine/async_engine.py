@@ -21,6 +21,7 @@ API (all that the server needs):
       generation_config    dict, the checkpoint's generation_config.json ({} when it has none)
       generation_defaults  dict, the SamplingParams fields that file sets (requests override them)
       default_sampling_params(**overrides) -> SamplingParams, those defaults + overrides
+      check_structured_outputs(params)  compiles the request's grammar (cached), from any thread
 
 Threading: only the loop thread touches the LLMEngine. Other threads hand it closures through a
 queue; outputs go back with loop.call_soon_threadsafe onto each request's asyncio.Queue. When a step
@@ -95,6 +96,10 @@ class AsyncEngine:
 
     def default_sampling_params(self, **overrides) -> SamplingParams:
         return self.engine.default_sampling_params(**overrides)
+
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile the request's grammar and wait (any thread; ValueError naming the problem)."""
+        self.engine.check_structured_outputs(params)
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:

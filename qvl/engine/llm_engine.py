@@ -34,6 +34,7 @@ min_tokens' ban folded in); a sequence whose grammar is complete finishes with "
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from qvl.engine.sequence import MediaSpan, Sequence, media_spans
 from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams, eos_token_ids
 
+_STRUCTURED_LOCK = threading.Lock()
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -138,6 +140,10 @@ class LLMEngine:
     @property
     def structured(self):
         """The grammar manager (qvl.structured), built on first use; needs the tokenizer."""
+        with _STRUCTURED_LOCK:                  # the server's pool threads may ask first
+            return self._structured_outputs()
+
+    def _structured_outputs(self):
         if self._structured is None:
             if self.processor is None:
                 raise ValueError("structured output needs the checkpoint's tokenizer (this engine has none)")

@@ -5,7 +5,8 @@ Chat, and completions with a text prompt, go through qvl.multimodal's one prompt
   check  (arithmetic)   qvl.multimodal.plan.check against max_model_len, max_visual_tokens_per_request
                         and prompt + max_tokens, before any pixel is decoded;
   load   (thread pool)  decode pixels from the fetched bytes, expand pads, positions, exact recheck.
-/tokenize is plan alone. A token-id prompt of /v1/completions is `ProcessedPrompt.from_token_ids`.
+A request's constraint (response_format / structured_outputs / guided_*) becomes
+SamplingParams.structured_outputs here; RequestRun compiles it before the engine gets it. /tokenize is plan alone. A token-id prompt of /v1/completions is `ProcessedPrompt.from_token_ids`.
 Media work never runs on the event-loop thread. Every refusal is an APIError (errors.py) with the
 code the check gave (context_length_exceeded, too_many_visual_tokens) or the media error's.
 """
@@ -120,6 +121,11 @@ def sampling_params(ctx: ServingContext, req, prompt_len: int) -> SamplingParams
     if req.num_logprobs is not None:
         kwargs["logprobs"] = req.num_logprobs
     try:
+        kwargs["structured_outputs"] = req.structured_spec()
+    except ValueError as exc:
+        raise APIError(f"Invalid structured output request: {exc}", code="invalid_structured_output") from exc
+    try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as exc:
         raise APIError(str(exc), code="invalid_value") from exc
+

@@ -11,7 +11,14 @@ survive); for chat and /tokenize `add_generation_prompt`, `continue_final_messag
 assistant message instead of opening a new turn; the two exclude each other, checked where the template
 is rendered) and `chat_template_kwargs` (extra chat-template variables). Unknown top-level keys are
 ignored (as vLLM does); keys that would silently change the meaning of a request (`tools`, `logit_bias`,
-non-text `response_format`, `suffix`, `best_of` != n) are refused instead.
+`suffix`, `best_of` != n) are refused instead.
+
+Structured output (chat and completions): OpenAI `response_format` ({"type": "json_object"} or
+{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}), vLLM's `structured_outputs`
+({"json" | "regex" | "choice" | "grammar" | "json_object"}, sent in the openai client's extra_body) and
+the older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`, honoured as aliases — a
+request that asks for a constraint never gets unconstrained text: an unknown kind, or two constraints
+at once, is a 400. `structured_spec()` is the one StructuredOutputsParams the request asks for.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from qvl.sampling_params import StructuredOutputsParams
 from qvl.server.content import ChatMessage, NonEmptyStr, WireModel
 
 MAX_N = 16
@@ -57,6 +65,12 @@ class _SamplingRequest(WireModel):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     request_id: str | None = None
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop", mode="after")
     @classmethod
@@ -72,6 +86,49 @@ class _SamplingRequest(WireModel):
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
         return self
+
+    def structured_spec(self) -> StructuredOutputsParams | None:
+        """The decoding constraint the request asks for (None: free text); ValueError when unclear."""
+        asked: dict[str, dict] = {}
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type", "text")
+            if kind == "json_object":
+                asked["response_format"] = {"json_object": True}
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict):
+                    raise ValueError("response_format.json_schema must be an object with name and schema")
+                schema = js.get("schema")
+                if schema is None:
+                    asked["response_format"] = {"json_object": True}
+                elif not isinstance(schema, dict):
+                    raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+                else:
+                    asked["response_format"] = {"json": schema}
+            elif kind != "text":
+                raise ValueError(f"response_format type {kind!r} is not supported; use 'text', 'json_object' "
+                                 "or 'json_schema'")
+        if self.structured_outputs is not None:
+            known = {"json", "regex", "choice", "grammar", "json_object"}
+            given = {k: v for k, v in self.structured_outputs.items() if k in known and v not in (None, False)}
+            unsupported = sorted(k for k in ("structural_tag",) if self.structured_outputs.get(k))
+            if unsupported:
+                raise ValueError(f"structured_outputs.{unsupported[0]} is not supported; use json, regex, "
+                                 "choice or grammar")
+            if not given:
+                raise ValueError("structured_outputs must set one of json, regex, choice, grammar, json_object")
+            asked["structured_outputs"] = given
+        for alias, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, alias) is not None:
+                asked[alias] = {key: getattr(self, alias)}
+        if not asked:
+            return None
+        if len(asked) > 1 or len(next(iter(asked.values()))) > 1:
+            raise ValueError(f"give one structured-output constraint, got {sorted(asked)}"
+                             + ("" if len(asked) > 1 else f" with {sorted(next(iter(asked.values())))}"))
+        return StructuredOutputsParams(**next(iter(asked.values())))
 
     def sampling_kwargs(self) -> dict:
         """The SamplingParams keyword arguments this request sets (unset ones keep the engine's defaults)."""
@@ -101,7 +158,6 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    response_format: dict | None = None
     tools: list | None = None
     tool_choice: Any = None
     functions: list | None = None
@@ -112,9 +168,6 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.tools or self.functions:
             raise ValueError("tools / function calling is not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format type {self.response_format.get('type')!r} is not supported; "
-                             "only 'text'")
         return self
 
     @property

@@ -149,6 +149,8 @@ class RequestRun:
         for j, (prompt, params) in enumerate(jobs):
             rid = self.request_id if len(jobs) == 1 else f"{self.request_id}-{j}"
             try:
+                if params.structured_outputs is not None:       # its grammar compiles off the loop first
+                    await self._check_grammar(params)
                 it = await self.ctx.engine.add_request(rid, prompt, params)
             except ValueError as exc:
                 await self.abort_unfinished()
@@ -159,6 +161,14 @@ class RequestRun:
             self._unfinished.add(rid)
             self.prompt_tokens += len(prompt.token_ids)
             self._iters.append((rid, j * n, it))
+
+    async def _check_grammar(self, params) -> None:
+        """Compile the request's grammar (cached) in the pool, never on the event loop: a grammar that does
+        not compile is a 400 naming the problem before the engine sees the request."""
+        try:
+            await self.ctx.run_blocking(self.ctx.engine.check_structured_outputs, params)
+        except ValueError as exc:
+            raise APIError(f"Invalid structured output request: {exc}", code="invalid_structured_output") from exc
 
     async def stream(self) -> AsyncIterator[tuple[int, Any]]:
         """Yield (choice index, CompletionOutput delta) from the started requests, merged as they come."""
