@@ -143,21 +143,35 @@ def _first_image(prompt):
 
 # --------------------------------------------------------------------------------------- commands
 
+def _prompt_tokens_of(path):
+    """ItemBudget -> the tokens the item takes in a chat prompt with this checkpoint's tokenizer (its
+    <|vision_start|>..<|vision_end|> and the family's expansion text, e.g. Qwen3-VL video timestamps);
+    None when the checkpoint has no tokenizer.json."""
+    from qvl.models import load_config
+    from qvl.multimodal.prompt import PromptProcessor
+
+    if not (Path(path) / "tokenizer.json").is_file():
+        return None
+    _, config = load_config(path)
+    return PromptProcessor.from_pretrained(path, config).item_prompt_tokens
+
+
 def cmd_tokens(args) -> int:
     from qvl.multimodal.budget import describe
 
-    spec = None              # without --model: Qwen2-VL's hub preprocessing
+    spec = in_prompt = None  # without --model: Qwen2-VL's hub preprocessing, visual tokens only
     if args.model is not None:
         from qvl.build import resolve_model_path
         from qvl.models import load_preprocess_spec
 
-        spec = load_preprocess_spec(resolve_model_path(args.model))
+        path = resolve_model_path(args.model)
+        spec, in_prompt = load_preprocess_spec(path), _prompt_tokens_of(path)
     rows = []
     for f in args.files:
         if "://" not in f and not Path(f).exists():
             raise CLIError(f"file not found: {f}")
         options = {k: getattr(args, k) for k in ("min_pixels", "max_pixels", "fps") if getattr(args, k) is not None}
-        rows.append({"source": f, **describe(f, spec=spec, **options)})
+        rows.append({"source": f, **describe(f, spec=spec, prompt_tokens=in_prompt, **options)})
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
         return 0
@@ -166,8 +180,9 @@ def cmd_tokens(args) -> int:
         (h0, w0), (h1, w1) = r["original_size"], r["resized_size"]
         t, gh, gw = r["grid_thw"]
         extra = f"  frames {r['nframes']}" if r.get("nframes") else ""
+        in_prompt_note = f" ({r['prompt_tokens']} in a prompt)" if "prompt_tokens" in r else ""
         print(f"{r['source']}: {r['kind']} {w0}x{h0} -> {w1}x{h1}  grid {t}x{gh}x{gw}{extra}  "
-              f"{r['num_tokens']} tokens")
+              f"{r['num_tokens']} tokens{in_prompt_note}")
         total += r["num_tokens"]
     if len(rows) > 1:
         print(f"total: {total} tokens")

@@ -370,6 +370,19 @@ def test_cli_run_and_tokens(tiny_qwen3_vl_ckpt, tmp_path):
     # max_pixels 262144 with factor 32: 448 x 576 -> (14 x 18) merged tokens
     assert ckpt["resized_size"][0] % 32 == 0 and ckpt["num_tokens"] == (ckpt["resized_size"][0] // 32) * (
         ckpt["resized_size"][1] // 32)
+    assert ckpt["prompt_tokens"] == ckpt["num_tokens"] + 2
+    clip = tmp_path / "clip.mp4"
+    _write_clip(clip)
+    r = qvl("tokens", "--model", str(tiny_qwen3_vl_ckpt), str(clip), "--fps", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    vid = json.loads(r.stdout)
+    from qvl.multimodal.prompt import PromptProcessor
+    from qvl.models import load_config
+
+    proc = PromptProcessor.from_pretrained(tiny_qwen3_vl_ckpt, load_config(tiny_qwen3_vl_ckpt)[1])
+    p = proc.process_prompt(VID, {"video": [{"video": str(clip), "fps": 2}]})
+    # the timestamps and per-group vision start/end counted from the header, as the loaded prompt has them
+    assert vid["prompt_tokens"] == len(p.token_ids) > vid["num_tokens"] + 2
 
 
 def test_serve_usage_equals_tokenize_with_timestamps(tiny_qwen3_vl_ckpt, tmp_path):

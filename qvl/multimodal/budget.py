@@ -126,13 +126,15 @@ def _looks_like_video(source: Any) -> bool:
 
 def describe(path: Any, *, kind: str | None = None, max_model_len: int | None = DEFAULT_MAX_MODEL_LEN,
              text_tokens: int = 0, policy: MediaPolicy | None = None, spec: PreprocessSpec | None = None,
-             **options: Any) -> dict:
+             prompt_tokens: Any = None, **options: Any) -> dict:
     """One item's token budget as a JSON-ready dict (for `qvl tokens`).
 
     kind: "image", "video", or None to guess (video extension / data:video / frame list -> video; else
     image, falling back to video when the header is not an image). `options` are the image or video
     options (min_pixels, max_pixels, fps, nframes, ...). `fits` compares text_tokens + num_tokens with
-    max_model_len. `spec`: the family's PreprocessSpec (None = Qwen2-VL's).
+    max_model_len. `spec`: the family's PreprocessSpec (None = Qwen2-VL's). `prompt_tokens` (ItemBudget ->
+    int), when given, adds what the item takes in a prompt: its vision start/end and any text of the
+    family's expansion (Qwen3-VL's video timestamps); `fits` then uses it.
     """
     if kind not in (None, "image", "video"):
         raise ValueError(f"kind must be 'image', 'video' or None, got {kind!r}")
@@ -155,8 +157,12 @@ def describe(path: Any, *, kind: str | None = None, max_model_len: int | None = 
     elif item is None:
         item = video_num_tokens(path, policy=policy, label=label, max_model_len=max_model_len, spec=spec,
                                 **options)
-    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(item).items() if v is not None}
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(item).items()
+           if v is not None and k != "frame_times"}
+    used = item.num_tokens
+    if prompt_tokens is not None:
+        out["prompt_tokens"] = used = int(prompt_tokens(item))
     out["max_model_len"] = max_model_len
     if max_model_len is not None:
-        out["fits"] = text_tokens + item.num_tokens <= max_model_len
+        out["fits"] = text_tokens + used <= max_model_len
     return out

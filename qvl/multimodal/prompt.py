@@ -244,6 +244,12 @@ class PromptProcessor:
         """The ids load() will produce, from the headers alone (for /tokenize)."""
         return self._expand(plan, [self._pad_tokens(it.budget) for it in plan.items])[0]
 
+    def item_prompt_tokens(self, item) -> int:
+        """Tokens one item (a VisionInput, or an ItemBudget) takes in a prompt where it is written as
+        <|vision_start|>pad<|vision_end|>: the wrapper plus the family's expansion (timestamps included)."""
+        wrapped = item.kind in getattr(self.processing, "WRAPPED_KINDS", ())
+        return len(self._pad_tokens(item)) + (0 if wrapped else 2)
+
     def _wrapped(self, ids: list[int], item) -> bool:
         """Whether the family's expansion of `item` replaces its <|vision_start|>pad<|vision_end|>
         (Qwen3-VL video timestamps) rather than the pad alone (a bare pad keeps its neighbours)."""
