@@ -256,14 +256,7 @@ class LLMEngine:
             self._structured.wait(0.05)          # only grammars still compiling: wait, do not spin
         if out.seqs:
             banned = self._banned_ids(out)
-            mask = None
-            if self._structured is not None:
-                structured = self._structured
-
-                def mask(seqs):
-                    grammar_ban = {s.seq_id: banned.pop(s.seq_id) for s in seqs
-                                   if s.params.structured_outputs is not None and s.seq_id in banned}
-                    return structured.bitmask(seqs, grammar_ban)
+            mask = self._start_mask(out, banned) if self._structured is not None else None
             try:
                 results = self.runner.execute(out, banned, mask)
             except Exception:
@@ -273,6 +266,22 @@ class LLMEngine:
                 raise
         self.scheduler.postprocess(out)
         return failed + self._update(out, results)
+
+    def _start_mask(self, out: SchedulerOutput, banned: dict[int, list[int]]):
+        """Start filling the grammar bitmask of this step's sampling rows (it overlaps the forward); the
+        runner's token_mask hook waits for it. Constrained rows' min_tokens bans move into the mask."""
+        sampling = [s for s in out.seqs if s.num_computed_tokens + out.num_scheduled_tokens[s.seq_id] == len(s)]
+        if not any(s.params.structured_outputs is not None for s in sampling):
+            return None
+        grammar_ban = {s.seq_id: banned.pop(s.seq_id) for s in sampling
+                       if s.params.structured_outputs is not None and s.seq_id in banned}
+        fut = self._structured.bitmask_async(sampling, grammar_ban)
+        order = [s.seq_id for s in sampling]
+
+        def mask(seqs):
+            assert [s.seq_id for s in seqs] == order, "the runner samples other rows than the engine masked"
+            return fut.result()
+        return mask
 
     def _fail_bad_grammars(self) -> list[RequestOutput]:
         """Requests whose grammar failed to compile: finished ("abort", stop_reason the error)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qvl.sampling_params import SamplingParams
@@ -50,12 +51,24 @@ def bitmask_words(vocab_size: int) -> int:
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """In place: logits[b, i] = -inf where bit i of row b is 0. bitmask (B, ceil(V/32)) int32."""
+    """In place: logits[b, i] = -inf where bit i of row b is 0. bitmask (B, ceil(V/32)) int32.
+    Rows that allow everything (all words -1: unconstrained batch-mates) are not touched."""
     B, V = logits.shape
-    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = (bitmask.to(logits.device)[:, :, None] >> bits) & 1          # (B, W, 32)
-    allowed = allowed.view(B, -1)[:, :V]                                   # (B, V)
-    logits.masked_fill_(allowed == 0, float("-inf"))
+    bitmask = bitmask.to(logits.device)
+    rows = (bitmask != -1).any(dim=1).nonzero()[:, 0]                      # (b,)
+    if rows.numel() == 0:
+        return
+    words = bitmask if len(rows) == B else bitmask[rows]                   # (b, W)
+    if logits.device.type == "cpu":        # numpy unpacks bits without int32 temporaries
+        bits = np.unpackbits((~words).contiguous().numpy().view(np.uint8), axis=1, bitorder="little")
+        blocked = torch.from_numpy(bits).view(torch.bool)[:, :V]           # (b, V), True = not allowed
+    else:
+        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+        blocked = (((words[:, :, None] >> shifts) & 1) == 0).view(len(rows), -1)[:, :V]   # (b, V)
+    if len(rows) == B:
+        logits.masked_fill_(blocked, float("-inf"))
+    else:
+        logits[rows] = logits[rows].masked_fill_(blocked, float("-inf"))
 
 
 @dataclass

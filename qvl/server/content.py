@@ -135,9 +135,11 @@ ContentPart = Annotated[Union[TextPart, ImageURLPart, ImagePart, VideoURLPart, V
 
 
 class ChatMessage(WireModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: list[ContentPart]
     name: str | None = None
+    tool_calls: list[dict] | None = None          # assistant: earlier calls (OpenAI form)
+    tool_call_id: str | None = None               # tool: the call this result answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -155,9 +157,26 @@ class ChatMessage(WireModel):
         role = "system" if self.role == "developer" else self.role
         parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else p.item()
                  for p in self.content]
-        return {"role": role, "content": parts}
+        out = {"role": role, "content": parts}
+        if self.tool_calls:   # templates read arguments as an object; OpenAI sends them as JSON text
+            out["tool_calls"] = [_tool_call_for_template(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def count_media(self) -> tuple[int, int]:
         images = sum(isinstance(p, (ImageURLPart, ImagePart)) for p in self.content)
         videos = sum(isinstance(p, (VideoURLPart, VideoPart)) for p in self.content)
         return images, videos
+
+
+def _tool_call_for_template(call: dict) -> dict:
+    import json
+
+    f = dict(call.get("function") or {})
+    if isinstance(f.get("arguments"), str):
+        try:
+            f["arguments"] = json.loads(f["arguments"])
+        except json.JSONDecodeError:
+            pass
+    return {**call, "function": f, **f}     # Qwen templates read tool_call.function or tool_call itself

@@ -19,6 +19,7 @@ from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams
 from qvl.server.errors import APIError, media_error
 from qvl.server.serving import ServingContext
+from qvl.server.tools import template_renders_tools
 
 if TYPE_CHECKING:
     from qvl.server.protocol import ChatCompletionRequest, TokenizeRequest
@@ -65,6 +66,10 @@ async def plan_chat(ctx: ServingContext, req: "ChatCompletionRequest | TokenizeR
 
 async def prepare_chat(ctx: ServingContext, req: "ChatCompletionRequest") -> tuple[ProcessedPrompt, PromptPlan]:
     """Validated chat request -> (ProcessedPrompt, its plan). Raises APIError for bad input."""
+    if req.tools_active and not template_renders_tools(ctx.processor.chat_template):
+        raise APIError("This model's chat template does not render tools, so tool calls cannot be offered to "
+                       "it; start the server with --chat-template FILE (a template that uses the `tools` "
+                       "variable, e.g. Qwen2.5-VL's)", param="tools", code="tools_unsupported")
     plan = await plan_chat(ctx, req)
     limits = prompt_limits(ctx, req.max_new_tokens)
     check_prompt(plan, limits, "messages")

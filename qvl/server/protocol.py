@@ -10,8 +10,14 @@ Extensions over OpenAI (vLLM names where vLLM has one): `top_k`, `min_p`, `repet
 survive); for chat and /tokenize `add_generation_prompt`, `continue_final_message` (continue the last
 assistant message instead of opening a new turn; the two exclude each other, checked where the template
 is rendered) and `chat_template_kwargs` (extra chat-template variables). Unknown top-level keys are
-ignored (as vLLM does); keys that would silently change the meaning of a request (`tools`, `logit_bias`,
-`suffix`, `best_of` != n) are refused instead.
+ignored (as vLLM does); keys that would silently change the meaning of a request (`functions`,
+`logit_bias`, `suffix`, `best_of` != n) are refused instead.
+
+Tools (chat): `tools` (type "function": name, description, parameters) and `tool_choice` ("none",
+"auto" — the default with tools —, "required", or {"type": "function", "function": {"name"}}) go to the
+chat template as its `tools` variable; "required" and a named choice are enforced with a grammar
+(qvl.server.tools). "none" leaves the tools out of the prompt. Messages may carry `tool_calls`
+(assistant) and the `tool` role with `tool_call_id`.
 
 Structured output (chat and completions): OpenAI `response_format` ({"type": "json_object"} or
 {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}), vLLM's `structured_outputs`
@@ -22,6 +28,7 @@ at once, is a 400. `structured_spec()` is the one StructuredOutputsParams the re
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -29,6 +36,7 @@ from pydantic import Field, field_validator, model_validator
 
 from qvl.sampling_params import StructuredOutputsParams
 from qvl.server.content import ChatMessage, NonEmptyStr, WireModel
+from qvl.server.tools import tool_grammar
 
 MAX_N = 16
 MAX_STOP = 16
@@ -158,17 +166,62 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    tools: list | None = None
-    tool_choice: Any = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     functions: list | None = None
 
     @model_validator(mode="after")
     def _check_chat(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.tools or self.functions:
-            raise ValueError("tools / function calling is not supported by this server")
+        if self.functions:
+            raise ValueError("functions (the deprecated form) is not supported; use tools")
+        names = []
+        for i, t in enumerate(self.tools or []):
+            f = t.get("function") if isinstance(t, dict) else None
+            if t.get("type", "function") != "function" or not isinstance(f, dict):
+                raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name', 'parameters'}}}}")
+            if not isinstance(f.get("name"), str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", f["name"]):
+                raise ValueError(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-'")
+            if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
+                raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+            names.append(f["name"])
+        choice = self.tool_choice
+        if choice is not None:
+            if isinstance(choice, str):
+                if choice not in ("none", "auto", "required"):
+                    raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a named function, "
+                                     f"got {choice!r}")
+            else:
+                name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+                if not isinstance(name, str):
+                    raise ValueError("tool_choice as an object must be {'type': 'function', 'function': {'name'}}")
+                if name not in names:
+                    raise ValueError(f"tool_choice names function {name!r}, which is not among the tools")
+            if choice in ("required",) or isinstance(choice, dict):
+                if not names:
+                    raise ValueError("tool_choice requires tools")
         return self
+
+    @property
+    def tools_active(self) -> bool:
+        """Tools go into the prompt and replies are parsed for tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def structured_spec(self) -> StructuredOutputsParams | None:
+        spec = super().structured_spec()
+        grammar = tool_grammar(self.tools, self.tool_choice) if self.tools_active else None
+        if grammar is not None and spec is not None:
+            raise ValueError("tool_choice 'required' or a named function cannot be combined with "
+                             "response_format / structured_outputs")
+        return grammar or spec
+
+    def template_options(self) -> dict:
+        opts = super().template_options()
+        if self.tools_active:
+            opts["chat_template_kwargs"] = {**(opts["chat_template_kwargs"] or {}), "tools": self.tools}
+        return opts
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -273,6 +326,7 @@ class CompletionLogprobs(WireModel):
 class AssistantMessage(WireModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 class ChatChoice(WireModel):

@@ -1,7 +1,8 @@
 """Engine deltas -> OpenAI bodies: whole responses (non-streaming) and SSE chunk streams.
 
 Streams follow OpenAI: chat sends, per choice, a role chunk first, then content deltas, then a chunk with
-an empty delta and the finish_reason; with `stream_options.include_usage` every chunk carries
+an empty delta and the finish_reason (with tools, replies are parsed for Hermes tool calls: each call is
+one `tool_calls` delta, finish_reason "tool_calls"); with `stream_options.include_usage` every chunk carries
 `"usage": null` and a last chunk with `choices: []` carries the usage; then `data: [DONE]`. An engine
 failure after the first byte becomes an error chunk (the status line is already sent), then [DONE].
 """
@@ -15,6 +16,7 @@ from typing import Any, AsyncIterator
 from qvl.server.errors import APIError, error_body
 from qvl.server.protocol import ChatCompletionResponse, CompletionResponse
 from qvl.server.serving import RequestRun, ServingContext, sse
+from qvl.server.tools import ToolCallStream, parse_tool_calls
 
 logger = logging.getLogger("qvl.server")
 
@@ -85,6 +87,12 @@ async def chat_full(ctx: ServingContext, run: RequestRun, req, grounding_sizes=N
     for i, text in enumerate(texts):
         c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
              "finish_reason": run.finish_reasons.get(i, "abort"), "stop_reason": run.stop_reasons.get(i)}
+        if getattr(req, "tools_active", False):
+            content, calls = parse_tool_calls(text)
+            if calls:
+                c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                if c["finish_reason"] == "stop":
+                    c["finish_reason"] = "tool_calls"
         if req.logprobs:
             c["logprobs"] = {"content": chat_logprobs(ctx, tokens[i], lps[i], req.top_logprobs or 0)}
         choices.append(c)
@@ -124,17 +132,24 @@ def chat_stream(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None)
                           "finish_reason": None}])
         texts: dict[int, str] = {}
         grounding = ctx.boxes_fn is not None and grounding_sizes is not None
+        tools = {i: ToolCallStream() for i in range(req.n)} if getattr(req, "tools_active", False) else None
         async for idx, o in run.stream():
             if grounding:
                 texts[idx] = texts.get(idx, "") + o.text
-            if o.text or o.token_ids:
+            if tools is not None:
+                for c in _tool_deltas(tools[idx], idx, o.text, o.finish_reason is not None):
+                    yield chunk([c])
+            elif o.text or o.token_ids:
                 c = {"index": idx, "delta": {"content": o.text}, "logprobs": None, "finish_reason": None}
                 if req.logprobs:
                     c["logprobs"] = {"content": chat_logprobs(ctx, list(o.token_ids), o.logprobs,
                                                               req.top_logprobs or 0)}
                 yield chunk([c])
             if o.finish_reason is not None:
-                c = {"index": idx, "delta": {}, "logprobs": None, "finish_reason": o.finish_reason}
+                reason = o.finish_reason
+                if tools is not None and tools[idx].num_calls and reason == "stop":
+                    reason = "tool_calls"
+                c = {"index": idx, "delta": {}, "logprobs": None, "finish_reason": reason}
                 if grounding and (boxes := _boxes(ctx, texts.get(idx, ""), grounding_sizes)):
                     c["qvl_boxes"] = boxes
                 yield chunk([c])
@@ -142,6 +157,21 @@ def chat_stream(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None)
             yield chunk([], usage=run.usage())
 
     return guarded(run, events())
+
+
+def _tool_deltas(parser: ToolCallStream, idx: int, text: str, last: bool) -> list[dict]:
+    """Chunk choices for one delta of a reply parsed for tool calls: content as it comes, each call whole."""
+    events = parser.feed(text) + (parser.finish() if last else [])
+    k = parser.num_calls - sum(kind == "tool_call" for kind, _ in events)     # index of the next call
+    out = []
+    for kind, value in events:
+        if kind == "content":
+            delta = {"content": value}
+        else:
+            delta = {"tool_calls": [{"index": k, **value}]}
+            k += 1
+        out.append({"index": idx, "delta": delta, "logprobs": None, "finish_reason": None})
+    return out
 
 
 async def guarded(run: RequestRun, events: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -10,6 +10,7 @@
                                      constrained; unconstrained rows allow everything; `banned` ids
                                      (min_tokens' eos ban) are cleared in a constrained row unless that
                                      would leave the row empty (the grammar then only allows eos: it wins)
+  bitmask_async(seqs, banned)        the same on the mask thread: the engine starts it before the forward
   accept(seq) -> (ok, complete)      advance its matcher over the token just appended
 
 Preemption / recompute: a matcher follows the sequence's *output tokens*, which a recompute keeps, so
@@ -39,6 +40,7 @@ class StructuredOutputs:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="qvl-grammar")
+        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="qvl-mask")
         self._lock = threading.Lock()
         self._grammar: dict[int, Future] = {}              # seq_id -> its grammar
         self._matchers: dict[int, tuple[Matcher, int, bool]] = {}  # seq_id -> (matcher, tokens seen, ok)
@@ -123,6 +125,10 @@ class StructuredOutputs:
                     mask[b] = kept
         return mask
 
+    def bitmask_async(self, seqs: list, banned: dict[int, list[int]] | None = None) -> Future:
+        """bitmask() on the mask thread, so it overlaps the model's forward (llguidance drops the GIL)."""
+        return self._mask_pool.submit(self.bitmask, seqs, banned)
+
     def accept(self, seq) -> tuple[bool, bool]:
         """After a token was appended to `seq`: (every output token allowed, grammar complete)."""
         if seq.seq_id not in self._grammar:
@@ -132,3 +138,4 @@ class StructuredOutputs:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._mask_pool.shutdown(wait=False, cancel_futures=True)
