@@ -7,7 +7,8 @@ Preprocessing: transformers' Qwen3-VL image processor is `Qwen2VLImageProcessorF
 torchvision (not importable here), so qvl's pixels are compared with the slow `Qwen2VLImageProcessor`
 configured as the Qwen3-VL checkpoints are (patch 16, merge 2, mean = std = 0.5). Video prompt ids:
 `Qwen3VLProcessor.__call__` itself expands the text (timestamps from its `_calculate_timestamps`), with its
-video processor (torchvision) replaced by a stand-in returning qvl's grid and the frames' metadata.
+video processor (its resize needs torchvision) replaced by a stand-in returning qvl's grid and the frames'
+metadata. Frame sampling and sizing are compared with Qwen3VLVideoProcessor itself in tests/test_video.py.
 """
 from __future__ import annotations
 
@@ -263,8 +264,12 @@ def _write_clip(path) -> None:
 
 
 def test_video_file_timestamps_use_the_containers_fps(pair, tiny_qwen3_vl_ckpt, tmp_path):
-    """A 3 s clip at 10 fps sampled at 2 fps: 6 frames (qwen-vl-utils' rule), each group at the mean of
-    its two source frames' times; ids as transformers' processor makes them from that metadata."""
+    """A 3 s clip at 10 fps sampled at 2 fps: 6 frames, the ones Qwen3VLVideoProcessor.sample_frames picks
+    (0, 6, 12, 17, 23, 29), each group at the mean of its two source frames' times; ids as transformers'
+    processor makes them from that metadata."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
     path = tmp_path / "clip.mp4"
     _write_clip(path)
     _, _, _, proc = pair
@@ -272,10 +277,38 @@ def test_video_file_timestamps_use_the_containers_fps(pair, tiny_qwen3_vl_ckpt, 
     p = proc.process_prompt(text, {"video": [{"video": str(path), "fps": 2}]})
     times = p.items[0].frame_times
     assert times is not None and len(times) == 2 * p.items[0].grid_thw[0]
+    hf = Qwen3VLVideoProcessor.from_pretrained(tiny_qwen3_vl_ckpt).sample_frames(
+        VideoMetadata(total_num_frames=30, fps=10.0), fps=2)
+    assert [round(t * 10) for t in times] == hf.tolist() == [0, 6, 12, 17, 23, 29]
     stamps = processing.frame_timestamps(times, 2)
     decoded = proc.decode(p.token_ids)
     assert all(f"<{t:.1f} seconds>" in decoded for t in stamps) and stamps[-1] > 2.0, decoded
     assert p.token_ids == _hf_processor_ids(tiny_qwen3_vl_ckpt, text, p, source_fps=[10.0])
+
+
+@pytest.mark.parametrize("video_config", [None, {"size": {"shortest_edge": 4096, "longest_edge": 25165824},
+                                                  "fps": 2, "min_frames": 4, "max_frames": 768},
+                                          {"size": {"shortest_edge": 8192, "longest_edge": 1 << 20}, "fps": 1.5,
+                                           "min_frames": 6, "max_frames": 100}])
+def test_spec_video_numbers_are_the_checkpoints_video_processors(tiny_qwen3_vl_ckpt, tmp_path, video_config):
+    """The spec's video numbers are what Qwen3VLVideoProcessor.from_pretrained loads: video_preprocessor_config
+    .json, else (as its loader falls back) preprocessor_config.json."""
+    import shutil
+
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from qvl.models import load_preprocess_spec
+
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_qwen3_vl_ckpt / name, tmp_path / name)
+    if video_config is not None:
+        (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(video_config))
+    hf = Qwen3VLVideoProcessor.from_pretrained(tmp_path)
+    spec = load_preprocess_spec(tmp_path)
+    assert spec.video_sampling == "qwen3_vl"
+    assert (spec.video_fps, spec.video_min_frames, spec.video_max_frames, spec.video_min_pixels,
+            spec.video_max_pixels) == (hf.fps, hf.min_frames, hf.max_frames, hf.size["shortest_edge"],
+                                       hf.size["longest_edge"])
 
 
 # -------------------------------------------------------------------------------------------- engine

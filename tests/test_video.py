@@ -307,3 +307,106 @@ def test_default_spec_video_unchanged(video_file):
     same = process_video(str(video_file), spec=QWEN2_VL)
     assert same.grid_thw == base.grid_thw and same.content_hash == base.content_hash
     assert torch.equal(same.pixel_values, base.pixel_values)
+
+
+# ------------------------------------------------ Qwen3-VL policy vs transformers' Qwen3VLVideoProcessor
+
+def _qwen3_spec(video_config=None):
+    from qvl.models.qwen3_vl import processing
+
+    return processing.preprocess_spec(None, video_config)
+
+
+def _hf_video_processor(**kw):
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    return Qwen3VLVideoProcessor(**kw)   # imports and samples without torchvision (4.57)
+
+
+def _hf_plan(proc, total, video_fps, h, w, fps=None, nframes=None):
+    """transformers' sample_frames + module-level smart_resize + _preprocess's grid (frames padded to T)."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as hf_smart_resize
+    from transformers.video_utils import VideoMetadata
+
+    idx = proc.sample_frames(VideoMetadata(total_num_frames=total, fps=video_fps), num_frames=nframes, fps=fps)
+    size = hf_smart_resize(num_frames=len(idx), height=h, width=w, temporal_factor=proc.temporal_patch_size,
+                           factor=proc.patch_size * proc.merge_size, min_pixels=proc.size["shortest_edge"],
+                           max_pixels=proc.size["longest_edge"])
+    out = proc._preprocess([torch.zeros(len(idx), 3, 32, 32)], do_resize=False, do_rescale=False,
+                           do_normalize=False, patch_size=16, temporal_patch_size=2, merge_size=2)
+    return idx.tolist(), size, int(out["video_grid_thw"][0][0])
+
+
+# (total frames, video fps, requested fps, nframes, height, width)
+QWEN3_CASES = [
+    (30, 10.0, None, None, 48, 64), (300, 30.0, None, None, 480, 640), (301, 29.97, None, None, 720, 1280),
+    (25, 10.0, None, None, 64, 96), (7, 25.0, None, None, 240, 320), (3, 1.0, None, None, 100, 100),
+    (100000, 30.0, None, None, 1080, 1920), (9000, 25.0, None, None, 360, 640), (61, 24.0, 1.0, None, 90, 160),
+    (61, 24.0, 0.5, None, 1080, 1920), (500, 30.0, 4.0, None, 2160, 3840), (45, 15.0, 3.3, None, 33, 1000),
+    (120, 60.0, 0.1, None, 500, 40), (10, 2.0, 8.0, None, 256, 256), (1000, 23.976, 2.0, None, 405, 720),
+    (30, 10.0, None, 5, 48, 64), (30, 10.0, None, 8, 480, 640), (300, 30.0, None, 16, 1080, 1920),
+    (10, 10.0, None, 25, 64, 64), (2000, 30.0, None, 768, 720, 1280), (50, 12.5, None, 3, 111, 777),
+    (77, 7.0, None, None, 1000, 33), (1, 1.0, None, 2, 64, 64), (300, 30.0, 2.0, None, 6000, 32),
+]
+
+
+@pytest.mark.parametrize("config", [None, {"size": {"shortest_edge": 4096, "longest_edge": 25165824}},
+                                    {"fps": 1, "min_frames": 2, "max_frames": 64,
+                                     "size": {"shortest_edge": 65536, "longest_edge": 16777216}}])
+def test_qwen3_vl_plan_matches_transformers_sample_frames_and_smart_resize(config):
+    spec = _qwen3_spec(config)
+    assert spec.video_sampling == "qwen3_vl" and spec.factor == 32
+    proc = _hf_video_processor(**(config or {}))
+    assert (spec.video_fps, spec.video_min_frames, spec.video_max_frames, spec.video_min_pixels,
+            spec.video_max_pixels) == (proc.fps, proc.min_frames, proc.max_frames, proc.size["shortest_edge"],
+                                       proc.size["longest_edge"])
+    for total, vfps, fps, nframes, h, w in QWEN3_CASES:
+        idx, size, grid_t = _hf_plan(proc, total, vfps, h, w, fps=fps, nframes=nframes)
+        plan = plan_video(VideoMeta(total, vfps, h, w), VideoOptions(fps=fps, nframes=nframes), spec=spec)
+        case = (total, vfps, fps, nframes, h, w)
+        assert plan.indices[:len(idx)] == idx and set(plan.indices[len(idx):]) <= {idx[-1]}, case
+        assert (plan.height, plan.width) == size and plan.grid_thw[0] == grid_t, case
+        assert plan.grid_thw == (grid_t, size[0] // 16, size[1] // 16), case
+
+
+def test_qwen3_vl_request_options_map_onto_the_processors():
+    """min/max_frames are the processor's attributes, min/max_pixels its size (the t*h*w volume)."""
+    spec = _qwen3_spec()
+    for kw, hf in [({"min_frames": 8}, {"min_frames": 8}), ({"max_frames": 10}, {"max_frames": 10}),
+                   ({"min_pixels": 1 << 20}, {"size": {"shortest_edge": 1 << 20, "longest_edge": 786432 * 4}}),
+                   ({"max_pixels": 200000}, {"size": {"shortest_edge": 131072, "longest_edge": 200000}})]:
+        proc = _hf_video_processor(**hf)
+        opts = dict(kw)
+        if "min_pixels" in kw:
+            opts["max_pixels"] = 786432 * 4
+        for total, vfps, fps, nframes, h, w in QWEN3_CASES[:12]:
+            idx, size, _ = _hf_plan(proc, total, vfps, h, w, fps=fps, nframes=nframes)
+            plan = plan_video(VideoMeta(total, vfps, h, w), VideoOptions(fps=fps, nframes=nframes, **opts),
+                              spec=spec)
+            assert plan.indices[:len(idx)] == idx and (plan.height, plan.width) == size, (kw, total)
+    with pytest.raises(ValueError, match="video: give either fps"):
+        plan_video(VideoMeta(30, 10.0, 64, 64), VideoOptions(fps=1, nframes=4), spec=spec)
+    with pytest.raises(ValueError, match="smaller than the 32-px"):
+        plan_video(VideoMeta(30, 10.0, 20, 64), VideoOptions(), spec=spec)
+
+
+def test_qwen3_vl_real_video_grid_equals_the_header_count(tmp_path):
+    """25 frames at 10 fps, 70x100: transformers samples int(2.5 s * 2) = 5 frames (padded to 6 by the last),
+    sized by the volume rule; process_video decodes exactly those and the header count gives its grid."""
+    from qvl.multimodal.budget import video_num_tokens
+
+    path = tmp_path / "q3.mp4"
+    _write_video(str(path), n=25, fps=10, w=100, h=70)
+    spec = _qwen3_spec()
+    idx, size, grid_t = _hf_plan(_hf_video_processor(), 25, 10.0, 70, 100)
+    assert len(idx) == 5
+    v = process_video(str(path), spec=spec)
+    count = video_num_tokens(str(path), spec=spec)
+    assert v.grid_thw == count.grid_thw == (grid_t, size[0] // 16, size[1] // 16)
+    assert v.num_tokens == count.num_tokens and count.resized_size == size
+    assert v.frame_times == count.frame_times == tuple(i / 10 for i in idx + idx[-1:])
+    ref = patchify(_reference(path, idx + idx[-1:], *size), spec=spec)
+    assert np.abs(v.pixel_values.numpy() - ref).max() == 0
+    opts = {"fps": 4.0, "max_pixels": 300000}
+    assert process_video(str(path), spec=spec, **opts).grid_thw == video_num_tokens(str(path), spec=spec,
+                                                                                    **opts).grid_thw

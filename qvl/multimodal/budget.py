@@ -14,11 +14,12 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from qvl.multimodal.frames import (DEFAULT_MAX_MODEL_LEN, VideoOptions, check_frame_size, frame_times,
+                                   plan_frame_list, plan_video)
 from qvl.multimodal.image import image_target_size
 from qvl.multimodal.media import MediaPolicy, open_image, video_source
 from qvl.multimodal.spec import QWEN2_VL, PreprocessSpec
-from qvl.multimodal.video import (DEFAULT_MAX_MODEL_LEN, VideoOptions, check_frame_size, frame_times,
-                                  plan_frame_list, plan_video, probe_video)
+from qvl.multimodal.video import probe_video
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv",
                     ".ogv", ".wmv", ".3gp", ".y4m", ".ivf"}

@@ -15,8 +15,10 @@ Knows nothing about torch or weights.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from qvl.models.qwen2_vl.config import _positive
@@ -106,6 +108,7 @@ class ModelConfig(Qwen2VLModelConfig):
     max_position_embeddings: int = 128000
     attention_bias: bool = False
     vision: VisionConfig = field(default_factory=VisionConfig)
+    video_preprocessor: dict | None = field(default=None, repr=False, compare=False)   # from_pretrained
 
     model_type: ClassVar[str] = "qwen3_vl"
     vision_cls: ClassVar[type] = VisionConfig
@@ -114,3 +117,19 @@ class ModelConfig(Qwen2VLModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.attention_bias = bool(self.attention_bias)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        """Qwen2-VL's reader, plus `video_preprocessor`: video_preprocessor_config.json as a dict (None when
+        absent), which processing.preprocess_spec reads the video sampling numbers from."""
+        config = super().from_pretrained(path)
+        f = Path(path) / "video_preprocessor_config.json"
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f} is not valid JSON: {e}") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{f} must hold a JSON object, got {type(d).__name__}")
+            config.video_preprocessor = d
+        return config

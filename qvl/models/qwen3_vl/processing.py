@@ -4,7 +4,10 @@ index over it, and grounding (0..1000 relative, Qwen2-VL's rule).
   preprocess_spec(config, preprocessor_config) -> PreprocessSpec   Qwen2-VL's reader with Qwen3-VL's
       defaults where preprocessor_config.json is silent: image_mean = image_std = 0.5, size
       shortest_edge 65536 (= 64 * 32**2) / longest_edge 16777216 (= 16384 * 32**2); sizes from the
-      vision config (patch 16, merge 2: factor 32);
+      vision config (patch 16, merge 2: factor 32); video_sampling "qwen3_vl" with the video processor's
+      fps / min_frames / max_frames / size from video_preprocessor_config.json (read by Config.from_pretrained
+      into config.video_preprocessor), else preprocessor_config.json as transformers' loader falls back,
+      else Qwen3VLVideoProcessor's class defaults (`video_options`);
   pad_tokens(item, config, encode) -> list[int]
       image: `<|image_pad|>` x t*h*w/merge**2 (replaces the pad, like Qwen2-VL);
       video: the tokens that replace the whole `<|vision_start|><|video_pad|><|vision_end|>`
@@ -21,6 +24,7 @@ Knows nothing about tokenizers (it gets `encode`), files or the engine.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable, Sequence
 
@@ -40,7 +44,25 @@ def preprocess_spec(config=None, preprocessor_config: dict | None = None) -> Pre
     pre.update({k: v for k, v in (preprocessor_config or {}).items() if v is not None})
     if config is None:
         pre.setdefault("patch_size", 16)
-    return qwen2_vl.preprocess_spec(config, pre)
+    spec = qwen2_vl.preprocess_spec(config, pre)
+    video = getattr(config, "video_preprocessor", None)
+    return dataclasses.replace(spec, video_sampling="qwen3_vl",
+                               **video_options(preprocessor_config if video is None else video))
+
+
+def video_options(video_config: dict | None) -> dict:
+    """PreprocessSpec video fields from the dict transformers builds Qwen3VLVideoProcessor from:
+    video_preprocessor_config.json, else preprocessor_config.json (its loader's fallback); keys it lacks keep
+    the class defaults (fps 2, 4..768 frames, size 128*32*32 / 768*32*32 of the t*h*w volume)."""
+    d = video_config or {}
+    size = d.get("size") if isinstance(d.get("size"), dict) else {}
+    out = {"video_fps": d.get("fps"), "video_min_frames": d.get("min_frames"),
+           "video_max_frames": d.get("max_frames"), "video_min_pixels": size.get("shortest_edge"),
+           "video_max_pixels": size.get("longest_edge")}
+    out = {k: v for k, v in out.items() if v is not None}
+    if "video_fps" in out:
+        out["video_fps"] = float(out["video_fps"])
+    return {k: (v if k == "video_fps" else int(v)) for k, v in out.items()}
 
 
 def frame_timestamps(frame_times: Sequence[float], merge: int) -> list[float]:
