@@ -20,10 +20,11 @@ from typing import ClassVar
 from qvl.models.qwen2_vl.config import _VISION_ACTS, _positive
 from qvl.models.qwen2_vl.config import ModelConfig as Qwen2VLModelConfig
 from qvl.models.qwen2_vl.config import VisionConfig as Qwen2VLVisionConfig
+from qvl.models.qwen2_vl.config import VisionSizes
 
 
 @dataclass
-class VisionConfig:
+class VisionConfig(VisionSizes):
     """Qwen2.5-VL ViT. `hidden_size` is the ViT width (`embed_dim`), `out_hidden_size` the merger output."""
 
     depth: int = 32
@@ -74,15 +75,6 @@ class VisionConfig:
     def embed_dim(self) -> int:
         """The ViT width (Qwen2-VL's name for it)."""
         return self.hidden_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one flattened patch row: C * T * P * P (1176 for the hub checkpoints)."""
-        return self.in_chans * self.temporal_patch_size * self.patch_size ** 2
 
     @property
     def merged_window(self) -> int:

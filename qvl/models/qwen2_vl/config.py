@@ -38,8 +38,22 @@ def _positive(owner: str, **values: Any) -> None:
             raise ValueError(f"{owner}.{name} must be a positive integer, got {v!r}")
 
 
+class VisionSizes:
+    """Sizes every Qwen-VL vision config derives the same way from `embed_dim` (the ViT width),
+    `num_heads`, `in_chans`, `temporal_patch_size` and `patch_size`."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch row: C * T * P * P (1176 for Qwen2-VL's 14-px patches)."""
+        return self.in_chans * self.temporal_patch_size * self.patch_size ** 2
+
+
 @dataclass
-class VisionConfig:
+class VisionConfig(VisionSizes):
     """Qwen2-VL ViT. `hidden_size` is the merger output (= LLM width); `embed_dim` is the ViT width."""
 
     depth: int = 32
@@ -70,10 +84,6 @@ class VisionConfig:
                              f"{list(_VISION_ACTS)}")
 
     @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
     def out_hidden_size(self) -> int:
         """Width of the merger output (= the text model's hidden size)."""
         return self.hidden_size
@@ -82,10 +92,6 @@ class VisionConfig:
     def mlp_hidden_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
-    @property
-    def patch_dim(self) -> int:
-        """Length of one flattened patch row: C * T * P * P (1176 for the hub checkpoints)."""
-        return self.in_chans * self.temporal_patch_size * self.patch_size ** 2
 
     model_types: ClassVar[tuple] = (None, "qwen2_vl", "qwen2_vl_vision")  # accepted vision_config.model_type
     out_field: ClassVar[str] = "hidden_size"    # the config.json field that holds the merger's output width

@@ -15,21 +15,22 @@ Knows nothing about torch or weights.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from qvl.models import read_config_dict
 from qvl.models.qwen2_vl.config import _positive
 from qvl.models.qwen2_vl.config import ModelConfig as Qwen2VLModelConfig
 from qvl.models.qwen2_vl.config import VisionConfig as Qwen2VLVisionConfig
+from qvl.models.qwen2_vl.config import VisionSizes
 
 _VISION_ACTS = ("gelu_pytorch_tanh", "gelu")
 
 
 @dataclass
-class VisionConfig:
+class VisionConfig(VisionSizes):
     """Qwen3-VL ViT. `hidden_size` is the ViT width (`embed_dim`), `out_hidden_size` the merger output."""
 
     depth: int = 27
@@ -78,15 +79,6 @@ class VisionConfig:
         return self.hidden_size
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one flattened patch row: C * T * P * P (1536 for the hub checkpoints)."""
-        return self.in_chans * self.temporal_patch_size * self.patch_size ** 2
-
-    @property
     def num_grid_per_side(self) -> int:
         return math.isqrt(self.num_position_embeddings)
 
@@ -123,13 +115,6 @@ class ModelConfig(Qwen2VLModelConfig):
         """Qwen2-VL's reader, plus `video_preprocessor`: video_preprocessor_config.json as a dict (None when
         absent), which processing.preprocess_spec reads the video sampling numbers from."""
         config = super().from_pretrained(path)
-        f = Path(path) / "video_preprocessor_config.json"
-        if f.is_file():
-            try:
-                d = json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f} is not valid JSON: {e}") from None
-            if not isinstance(d, dict):
-                raise ValueError(f"{f} must hold a JSON object, got {type(d).__name__}")
-            config.video_preprocessor = d
+        video = read_config_dict(path, "video_preprocessor_config.json", required=False)
+        config.video_preprocessor = video or None
         return config
