@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from qvl.models.qwen2_vl.config import _VISION_ACTS, _positive
+from qvl.models.qwen2_vl.config import _positive
 from qvl.models.qwen2_vl.config import ModelConfig as Qwen2VLModelConfig
 from qvl.models.qwen2_vl.config import VisionConfig as Qwen2VLVisionConfig
 from qvl.models.qwen2_vl.config import VisionSizes
@@ -52,15 +52,7 @@ class VisionConfig(VisionSizes):
                   patch_size=self.patch_size, spatial_merge_size=self.spatial_merge_size,
                   temporal_patch_size=self.temporal_patch_size, window_size=self.window_size,
                   out_hidden_size=self.out_hidden_size)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"vision_config.hidden_size={self.hidden_size} must be divisible by "
-                             f"num_heads={self.num_heads}")
-        if self.head_dim % 4:
-            raise ValueError(f"vision head_dim = hidden_size/num_heads = {self.head_dim} must be a multiple of 4 "
-                             f"(2-D rotary splits it into row and column halves)")
-        if self.hidden_act not in _VISION_ACTS:
-            raise ValueError(f"vision_config.hidden_act={self.hidden_act!r} is not supported; use one of "
-                             f"{list(_VISION_ACTS)}")
+        self.check_heads_and_act("hidden_size")
         if self.merged_window < 1:
             raise ValueError(f"vision_config.window_size={self.window_size} must be at least patch_size * "
                              f"spatial_merge_size = {self.patch_size * self.spatial_merge_size}")

@@ -40,7 +40,10 @@ def _positive(owner: str, **values: Any) -> None:
 
 class VisionSizes:
     """Sizes every Qwen-VL vision config derives the same way from `embed_dim` (the ViT width),
-    `num_heads`, `in_chans`, `temporal_patch_size` and `patch_size`."""
+    `num_heads`, `in_chans`, `temporal_patch_size` and `patch_size`; `acts` are the activations its tower
+    implements."""
+
+    acts = _VISION_ACTS
 
     @property
     def head_dim(self) -> int:
@@ -50,6 +53,19 @@ class VisionSizes:
     def patch_dim(self) -> int:
         """Length of one flattened patch row: C * T * P * P (1176 for Qwen2-VL's 14-px patches)."""
         return self.in_chans * self.temporal_patch_size * self.patch_size ** 2
+
+    def check_heads_and_act(self, width_field: str) -> None:
+        """The checks every tower shares: its width (config field `width_field`) splits into heads whose
+        size is a multiple of 4, and the activation is one qvl implements."""
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"vision_config.{width_field}={self.embed_dim} must be divisible by "
+                             f"num_heads={self.num_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"vision head_dim = {width_field}/num_heads = {self.head_dim} must be a multiple of 4 "
+                             f"(2-D rotary splits it into row and column halves)")
+        if self.hidden_act not in self.acts:
+            raise ValueError(f"vision_config.hidden_act={self.hidden_act!r} is not supported; use one of "
+                             f"{list(self.acts)}")
 
 
 @dataclass
@@ -71,17 +87,9 @@ class VisionConfig(VisionSizes):
         _positive("vision_config", depth=self.depth, embed_dim=self.embed_dim, hidden_size=self.hidden_size,
                   num_heads=self.num_heads, in_chans=self.in_chans, patch_size=self.patch_size,
                   spatial_merge_size=self.spatial_merge_size, temporal_patch_size=self.temporal_patch_size)
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"vision_config.embed_dim={self.embed_dim} must be divisible by "
-                             f"num_heads={self.num_heads}")
-        if self.head_dim % 4:
-            raise ValueError(f"vision head_dim = embed_dim/num_heads = {self.head_dim} must be a multiple of 4 "
-                             f"(2-D rotary splits it into row and column halves)")
+        self.check_heads_and_act("embed_dim")
         if not self.mlp_ratio > 0 or int(self.embed_dim * self.mlp_ratio) <= 0:
             raise ValueError(f"vision_config.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
-        if self.hidden_act not in _VISION_ACTS:
-            raise ValueError(f"vision_config.hidden_act={self.hidden_act!r} is not supported; use one of "
-                             f"{list(_VISION_ACTS)}")
 
     @property
     def out_hidden_size(self) -> int:

@@ -47,6 +47,7 @@ class VisionConfig(VisionSizes):
     deepstack_visual_indexes: list[int] = field(default_factory=lambda: [8, 16, 24])
 
     model_types: ClassVar[tuple] = (None, "qwen3_vl", "qwen3_vl_vision")
+    acts = _VISION_ACTS
     out_field: ClassVar[str] = "out_hidden_size"
     from_dict = classmethod(Qwen2VLVisionConfig.from_dict.__func__)
 
@@ -56,15 +57,7 @@ class VisionConfig(VisionSizes):
                   patch_size=self.patch_size, spatial_merge_size=self.spatial_merge_size,
                   temporal_patch_size=self.temporal_patch_size, out_hidden_size=self.out_hidden_size,
                   num_position_embeddings=self.num_position_embeddings)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"vision_config.hidden_size={self.hidden_size} must be divisible by "
-                             f"num_heads={self.num_heads}")
-        if self.head_dim % 4:
-            raise ValueError(f"vision head_dim = hidden_size/num_heads = {self.head_dim} must be a multiple of 4 "
-                             f"(2-D rotary splits it into row and column halves)")
-        if self.hidden_act not in _VISION_ACTS:
-            raise ValueError(f"vision_config.hidden_act={self.hidden_act!r} is not supported; use one of "
-                             f"{list(_VISION_ACTS)}")
+        self.check_heads_and_act("hidden_size")
         side = math.isqrt(self.num_position_embeddings)
         if side * side != self.num_position_embeddings:
             raise ValueError(f"vision_config.num_position_embeddings={self.num_position_embeddings} must be a "
