@@ -13,8 +13,8 @@ The model's vocabulary (embedding rows) is the config's (151,936 for mid and 2b)
 Decode: B requests of --prompt-len random tokens; each step's wall time is taken from the engine's
 step() while all B sequences decode, unconstrained (greedy, eos banned) and constrained by the invoice
 schema (greedy; the grammar decides when to stop, so only full-batch steps count); overhead = constrained /
-unconstrained - 1. `fill ms` is the time llguidance takes to fill the step's bitmask (on the mask thread,
-overlapping the forward); `apply ms` the sampler's masking of the logits with it. On a machine shared
+unconstrained - 1. `fill ms` is the time llguidance takes to fill the step's bitmask (inline on a CPU, on the
+mask thread overlapping the forward on CUDA); `apply ms` the sampler's masking of the logits with it. On a machine shared
 with other jobs the step medians are noisy; fill + apply is the cost itself.
 Compile: the grammar of the 30-field invoice schema, cold (first compile, tokenizer already built) and
 cached (a second request with the same schema text); also the one-time tokenizer build. Medians.

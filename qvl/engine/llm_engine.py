@@ -268,14 +268,14 @@ class LLMEngine:
         return failed + self._update(out, results)
 
     def _start_mask(self, out: SchedulerOutput, banned: dict[int, list[int]]):
-        """Start filling the grammar bitmask of this step's sampling rows (it overlaps the forward); the
+        """Start filling the grammar bitmask of this step's sampling rows (overlapping the forward on CUDA); the
         runner's token_mask hook waits for it. Constrained rows' min_tokens bans move into the mask."""
         sampling = [s for s in out.seqs if s.num_computed_tokens + out.num_scheduled_tokens[s.seq_id] == len(s)]
         if not any(s.params.structured_outputs is not None for s in sampling):
             return None
         grammar_ban = {s.seq_id: banned.pop(s.seq_id) for s in sampling
                        if s.params.structured_outputs is not None and s.seq_id in banned}
-        fut = self._structured.bitmask_async(sampling, grammar_ban)
+        fut = self._structured.bitmask_async(sampling, grammar_ban, overlap=self.runner.device.type == "cuda")
         order = [s.seq_id for s in sampling]
 
         def mask(seqs):
