@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import greedy_tokens, tiny_engine
 
 from qvl.models.qwen2_5_vl import processing
 from qvl.models.qwen2_5_vl.vision import window_order
@@ -299,20 +300,11 @@ def _hf_greedy(hf, p) -> list[int]:
 
 
 def _engine(path, **kw):
-    from qvl.config import EngineConfig
-    from qvl.engine.llm_engine import LLMEngine
-
-    kw.setdefault("max_model_len", 1024)
-    kw.setdefault("kv_cache_memory", 8 << 20)
-    return LLMEngine.from_config(EngineConfig(model=str(path), dtype="float32", device="cpu", **kw))
+    return tiny_engine(path, **kw)
 
 
 def _run(eng, prompts, num=N_NEW) -> list[list[int]]:
-    from qvl.llm import LLM
-    from qvl.sampling_params import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=num, min_tokens=num)
-    return [o.outputs[0].token_ids for o in LLM.from_engine(eng).generate(prompts, params, use_tqdm=False)]
+    return greedy_tokens(eng, prompts, num)
 
 
 def test_greedy_engine_matches_transformers(pair):

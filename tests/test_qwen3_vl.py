@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import greedy_tokens, tiny_engine
 
 from qvl.models.qwen3_vl import processing
 
@@ -314,20 +315,11 @@ def test_spec_video_numbers_are_the_checkpoints_video_processors(tiny_qwen3_vl_c
 # -------------------------------------------------------------------------------------------- engine
 
 def _engine(path, **kw):
-    from qvl.config import EngineConfig
-    from qvl.engine.llm_engine import LLMEngine
-
-    kw.setdefault("max_model_len", 1024)
-    kw.setdefault("kv_cache_memory", 8 << 20)
-    return LLMEngine.from_config(EngineConfig(model=str(path), dtype="float32", device="cpu", **kw))
+    return tiny_engine(path, **kw)
 
 
 def _run(eng, prompts, num=N_NEW) -> list[list[int]]:
-    from qvl.llm import LLM
-    from qvl.sampling_params import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=num, min_tokens=num)
-    return [o.outputs[0].token_ids for o in LLM.from_engine(eng).generate(prompts, params, use_tqdm=False)]
+    return greedy_tokens(eng, prompts, num)
 
 
 @pytest.fixture(scope="module")

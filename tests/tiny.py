@@ -339,3 +339,22 @@ def _write_side_files(path: Path, ids: dict[str, int], max_pixels: int, processo
         "min_pixels": min_pixels, "max_pixels": max_pixels,
         "patch_size": patch_size, "temporal_patch_size": 2, "merge_size": 2,
     }, indent=1))
+
+
+def tiny_engine(path, **kw):
+    """An fp32 CPU LLMEngine on a tiny checkpoint (max_model_len 1024, an 8 MiB KV pool unless given)."""
+    from qvl.config import EngineConfig
+    from qvl.engine.llm_engine import LLMEngine
+
+    kw.setdefault("max_model_len", 1024)
+    kw.setdefault("kv_cache_memory", 8 << 20)
+    return LLMEngine.from_config(EngineConfig(model=str(path), dtype="float32", device="cpu", **kw))
+
+
+def greedy_tokens(eng, prompts, num: int) -> list[list[int]]:
+    """Exactly `num` greedy tokens per prompt through qvl.LLM over `eng`."""
+    from qvl.llm import LLM
+    from qvl.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=num, min_tokens=num)
+    return [o.outputs[0].token_ids for o in LLM.from_engine(eng).generate(prompts, params, use_tqdm=False)]
