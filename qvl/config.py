@@ -3,6 +3,7 @@
   EngineConfig   how an engine is loaded and sized (qvl.LLM, LLMEngine.from_config, every CLI command)
   ServerLimits   per-request limits of the HTTP server (qvl serve)
   ServeOptions   where and how qvl serve listens
+  BatchOptions   how qvl batch runs a JSONL job
   DEMO_MODEL     the demo checkpoint shipped in the package (EngineConfig.model=None loads it)
 
 Each dataclass validates itself in __post_init__ (a ValueError naming the field, the limit and the
@@ -228,6 +229,22 @@ class ServeOptions:
                  self.log_level)
         _require(isinstance(self.graceful_shutdown_timeout, (int, float)) and self.graceful_shutdown_timeout >= 0,
                  "ServeOptions.graceful_shutdown_timeout", ">= 0 seconds", self.graceful_shutdown_timeout)
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How `qvl batch INPUT.jsonl -o OUTPUT.jsonl` runs a job (qvl.batch)."""
+
+    error_file: str | None = _f(None, "where failed lines go (default: OUTPUT with .jsonl -> .errors.jsonl)",
+                                metavar="FILE")
+    max_in_flight: int | None = _f(None, "lines being prepared or generated at once (default: 2 x "
+                                         "max_num_seqs)")
+    served_model_name: str | None = _f(None, "the model name request bodies may give (default: the model "
+                                             "argument)")
+    progress: bool = _f(True, "progress bar with ETA and tok/s on stderr (--no-progress turns it off)")
+
+    def __post_init__(self):
+        _check_ints(self, {"max_in_flight": 1}, optional=("max_in_flight",))
 
 
 # ------------------------------------------------------------------------------------- flags <-> fields
