@@ -13,7 +13,9 @@ a relative path) and a question; eos is banned (min_tokens = max_tokens) so each
   transformers Qwen2VLForConditionalGeneration.generate per request, inputs from transformers'
                Qwen2VLProcessor on the same image file, on the first --hf-requests requests (its
                per-request cost does not depend on how many there are).
-qvl runs are repeated (--repeats) and the median is printed with the ratios. Not a test.
+Each side first runs once untimed (warm-up); transformers runs before and after the qvl runs (the mean
+of the two is used, as a shared machine's load drifts); qvl runs are repeated (--repeats) and the median
+is printed with the ratios. Not a test.
 """
 from __future__ import annotations
 
@@ -71,11 +73,12 @@ def bench_batch(args, job: Path, folder: Path) -> list[float]:
     ctx = serving_context(engine, cfg.model_path, job)
     rates = []
     try:
-        for k in range(args.repeats):
+        for k in range(args.repeats + 1):          # run 0 warms up (allocator, kernels) and is not counted
             res = asyncio.run(run_job(ctx, job, folder / f"out{k}.jsonl", BatchOptions(progress=False),
                                       max_num_seqs=cfg.max_num_seqs))
             assert res.ok and res.succeeded == args.requests, res
-            rates.append(res.generation_tokens / res.elapsed_s)
+            if k:
+                rates.append(res.generation_tokens / res.elapsed_s)
             print(f"  batch run {k}: {res.generation_tokens} tokens in {res.elapsed_s:.2f} s", file=sys.stderr)
     finally:
         engine.shutdown()
@@ -114,7 +117,7 @@ def bench_server(args, job: Path, folder: Path) -> list[float]:
             except httpx.HTTPError:
                 time.sleep(0.3)
         rates = []
-        for k in range(args.repeats):
+        for k in range(args.repeats + 1):          # run 0 warms up and is not counted
             todo = list(range(len(bodies)))
             lock = threading.Lock()
             tokens = [0]
@@ -139,7 +142,8 @@ def bench_server(args, job: Path, folder: Path) -> list[float]:
                 t.join()
             dt = time.perf_counter() - t0
             assert tokens[0] == args.requests * args.new_tokens, tokens[0]
-            rates.append(tokens[0] / dt)
+            if k:
+                rates.append(tokens[0] / dt)
             print(f"  server run {k}: {tokens[0]} tokens in {dt:.2f} s", file=sys.stderr)
         return rates
     finally:
@@ -174,7 +178,10 @@ def bench_hf(args, folder: Path) -> float:
     n, tokens = min(args.hf_requests, args.requests), 0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for i in range(n):
+        for i in range(-1, n):                     # request -1 (image 0 again) warms up and is not counted
+            if i == 0:
+                t0, tokens = time.perf_counter(), 0
+            i = max(i, 0)
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
             text = proc.apply_chat_template(messages, add_generation_prompt=True)
             inputs = proc(text=[text], images=[Image.open(folder / "img" / f"{i}.png")], return_tensors="pt")
@@ -205,13 +212,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qvl-bench-batch-") as tmp:
         folder = Path(tmp)
         job = write_job(folder, args.requests, args.image_size, args.new_tokens)
+        hf_runs = [bench_hf(args, folder)]       # before and after the qvl runs: a shared machine's load drifts
         batch = bench_batch(args, job, folder)
         server = bench_server(args, job, folder)
-        hf = bench_hf(args, folder)
+        hf_runs.append(bench_hf(args, folder))
+        hf = statistics.mean(hf_runs)
     row = {"model": args.model or "demo", "device": args.device, "threads": args.threads, "requests": args.requests,
            "new_tokens": args.new_tokens, "image_size": args.image_size, "clients": args.clients,
            "batch_tok_s": statistics.median(batch), "server_tok_s": statistics.median(server), "hf_tok_s": hf,
-           "batch_runs": batch, "server_runs": server}
+           "batch_runs": batch, "server_runs": server, "hf_runs": hf_runs}
     if args.json:
         print(json.dumps(row, indent=1))
         return

@@ -334,6 +334,9 @@ def _dispatch(job: _Job, lineno: int, raw: bytes, tasks: set) -> bool:
     """Start the line's request (True: it holds a window slot), or settle it right here (False)."""
     done = lineno in job.done_lines
     try:
+        limit = job.ctx.limits.max_request_bytes
+        if len(raw) > limit:                       # the server's body limit, per line
+            raise LineError("request_too_large", f"the line is {len(raw)} bytes > max_request_bytes {limit}")
         cid, url, body = parse_line(raw)
     except LineError as exc:
         if not done:

@@ -105,6 +105,9 @@ def test_all_good_exits_zero_and_missing_input_is_a_usage_error(tiny_ckpt, tmp_p
     args = ["--no-progress", *ENGINE, "--model", str(tiny_ckpt)]
     assert cli.main(["batch", str(src), "-o", str(tmp_path / "o.jsonl"), *args]) == 0
     assert not (tmp_path / "o.errors.jsonl").read_bytes()
+    assert cli.main(["batch", str(src), "-o", str(tmp_path / "small.jsonl"), "--max-request-bytes", "50", *args]) == 1
+    err = _read(tmp_path / "small.errors.jsonl")[0]
+    assert err["error"]["code"] == "request_too_large" and "max_request_bytes 50" in err["error"]["message"]
     assert cli.main(["batch", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl"), *args]) == 2
     assert "batch input not found" in capsys.readouterr().err
 

@@ -176,3 +176,24 @@ def test_trace_with_child_spans_and_traceparent(traced_server):
     rec = next(x for x in lines if x["request_id"] == r.json()["id"])
     assert rec["trace_id"] == trace_id
     assert "describe" in rec["prompt"] and "base64" not in rec["prompt"] and "client" not in rec
+
+
+def test_engine_busy_time_is_split_over_requests(tiny_ckpt):
+    """Each step's seconds go to its sequences by tokens scheduled: the requests' engine_time adds up to the
+    engine's busy seconds, and a long prompt is charged more than a short one run alongside it."""
+    from qvl.engine.llm_engine import LLMEngine
+    from qvl.multimodal.prompt import ProcessedPrompt
+    from qvl.sampling_params import SamplingParams
+
+    eng = LLMEngine.from_pretrained(str(tiny_ckpt), device="cpu", dtype="float32", max_model_len=512)
+    sp = SamplingParams(temperature=0, max_tokens=4, min_tokens=4)
+    eng.add_request("long", ProcessedPrompt.from_token_ids(list(range(3, 203))), sp)
+    eng.add_request("short", ProcessedPrompt.from_token_ids([5, 6, 7]), sp)
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.metrics.engine_time
+    busy = eng.stats()["busy_time_s"]
+    assert busy > 0 and sum(done.values()) == pytest.approx(busy, rel=1e-9)
+    assert done["long"] > done["short"] > 0
