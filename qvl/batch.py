@@ -75,11 +75,11 @@ class BatchResult:
 
 
 class LineError(Exception):
-    """A line that becomes an error line: (code, message)."""
+    """A line that becomes an error line: code, message and the line's custom_id when it has one."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, custom_id: str | None = None):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.custom_id = code, message, custom_id
 
 
 # ----------------------------------------------------------------------------------------- the files
@@ -165,18 +165,12 @@ def parse_line(raw: bytes | str) -> tuple[str | None, str, dict]:
         raise LineError("invalid_request", "the line has no custom_id (a non-empty string)")
     url, method, body = obj.get("url"), obj.get("method", "POST"), obj.get("body")
     if url not in SUPPORTED_URLS:
-        raise _with_id(cid, "invalid_url", f"unsupported url {url!r}; supported: {', '.join(SUPPORTED_URLS)}")
+        raise LineError("invalid_url", f"unsupported url {url!r}; supported: {', '.join(SUPPORTED_URLS)}", cid)
     if method != "POST":
-        raise _with_id(cid, "invalid_method", f"method must be \"POST\", got {method!r}")
+        raise LineError("invalid_method", f"method must be \"POST\", got {method!r}", cid)
     if not isinstance(body, dict):
-        raise _with_id(cid, "invalid_request", f"body must be a JSON object, got {type(body).__name__}")
+        raise LineError("invalid_request", f"body must be a JSON object, got {type(body).__name__}", cid)
     return cid, url, body
-
-
-def _with_id(cid: str, code: str, message: str) -> LineError:
-    err = LineError(code, message)
-    err.custom_id = cid
-    return err
 
 
 # ------------------------------------------------------------------------------------- one request
@@ -340,7 +334,7 @@ def _dispatch(job: _Job, lineno: int, raw: bytes, tasks: set) -> bool:
         cid, url, body = parse_line(raw)
     except LineError as exc:
         if not done:
-            job.error(lineno, getattr(exc, "custom_id", None), exc.code, exc.message)
+            job.error(lineno, exc.custom_id, exc.code, exc.message)
         return _skip(job) if done else False
     if cid in job.seen:              # decided by the input alone, so a resumed run decides the same
         if not done:
