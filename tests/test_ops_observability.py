@@ -197,3 +197,20 @@ def test_engine_busy_time_is_split_over_requests(tiny_ckpt):
     busy = eng.stats()["busy_time_s"]
     assert busy > 0 and sum(done.values()) == pytest.approx(busy, rel=1e-9)
     assert done["long"] > done["short"] > 0
+
+
+def test_otlp_endpoint_picks_the_exporter():
+    """--otlp-traces-endpoint: a /v1/traces URL is OTLP/HTTP, anything else OTLP/gRPC; nothing is sent until a
+    request finishes, so building and shutting down a tracer needs no collector."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")   # qvl[otel], not [test]
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GRPC
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTP
+
+    from qvl.config import ServeOptions
+    from qvl.server.tracing import _exporter
+
+    assert isinstance(_exporter("http://127.0.0.1:4318/v1/traces"), HTTP)
+    assert isinstance(_exporter("http://127.0.0.1:4317"), GRPC)
+    with pytest.raises(ValueError, match="otlp_traces_endpoint"):
+        ServeOptions(otlp_traces_endpoint="collector:4317")
