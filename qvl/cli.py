@@ -1,4 +1,4 @@
-"""The `qvl` command: run | chat | serve | tokens | bench.
+"""The `qvl` command: run | chat | serve | batch | tokens | bench.
 
 Contract: every subcommand defaults to the demo checkpoint shipped in the package (`qvl/demo`), takes
 `--model DIR_OR_HUB_ID` for real weights, and turns a user mistake (missing file, unsupported format, a
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_args(serve)
 
+    _add_batch_parser(sub)
+
     tokens = sub.add_parser("tokens", help="visual token count of images/videos, from their headers (no model)")
     tokens.add_argument("files", nargs="+")
     tokens.add_argument("--json", action="store_true")
@@ -90,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     _add_engine_args(bench)
     return parser
+
+
+def _add_batch_parser(sub) -> None:
+    from qvl.config import BatchOptions, ServerLimits
+    from qvl.multimodal.media import MediaPolicy
+
+    batch = sub.add_parser("batch", help="run an OpenAI Batch-format JSONL file through the engine (resumable)")
+    batch.add_argument("input", metavar="INPUT.jsonl")
+    batch.add_argument("-o", "--output", required=True, metavar="OUTPUT.jsonl",
+                       help="successful lines go here; re-running skips the custom_ids already in it")
+    add_dataclass_args(batch, BatchOptions, title="batch")
+    add_dataclass_args(batch, ServerLimits, title="request limits (as qvl serve)")
+    add_dataclass_args(batch, MediaPolicy, title="media fetching (local media: under INPUT's folder by default)")
+    _add_engine_args(batch)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -303,6 +319,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    """Exit 0 when every line succeeded, 1 when any line is in the error file, 2 for a bad invocation."""
+    from qvl.batch import run_batch
+    from qvl.config import BatchOptions, ServerLimits
+    from qvl.multimodal.media import MediaPolicy
+
+    res = run_batch(args.input, args.output, dataclass_from_args(EngineConfig, args),
+                    dataclass_from_args(BatchOptions, args), media_policy=dataclass_from_args(MediaPolicy, args),
+                    limits=dataclass_from_args(ServerLimits, args))
+    print(f"qvl batch: {res.succeeded} succeeded, {res.failed} failed, {res.skipped} already done "
+          f"({res.total} lines) in {res.elapsed_s:.1f} s, {res.generation_tokens} tokens generated; "
+          f"output {args.output}" + (f", {res.failed_total} failed line(s) in {res.error_file}" if res.failed_total
+                                     else ""), file=sys.stderr)
+    return 0 if res.ok else 1
+
+
 def cmd_bench(args) -> int:
     from qvl import benchmark
 
@@ -330,7 +362,7 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "tokens": cmd_tokens,
-               "bench": cmd_bench}[args.command]
+               "bench": cmd_bench, "batch": cmd_batch}[args.command]
     try:
         return handler(args)
     except (CLIError, ValueError, FileNotFoundError) as e:

@@ -3,6 +3,7 @@
   EngineConfig   how an engine is loaded and sized (qvl.LLM, LLMEngine.from_config, every CLI command)
   ServerLimits   per-request limits of the HTTP server (qvl serve)
   ServeOptions   where and how qvl serve listens
+  BatchOptions   how qvl batch runs a JSONL job
   DEMO_MODEL     the demo checkpoint shipped in the package (EngineConfig.model=None loads it)
 
 Each dataclass validates itself in __post_init__ (a ValueError naming the field, the limit and the
@@ -204,6 +205,8 @@ class ServerLimits:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+METRICS_COMPAT = ("vllm",)
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,19 @@ class ServeOptions:
                                                 "before they are aborted")
     ui: bool = _f(True, "serve the web page (chat with images and video, token counts, boxes) at / "
                         "(--no-ui turns it off)")
+    log_format: str = _f("text", "request log: one text line, or one JSON object, per finished request "
+                                 "(logger qvl.requests, on stderr)", choices=LOG_FORMATS)
+    log_prompts: bool = _f(False, "put the prompt text in the request log (never image or video bytes)")
+    log_client_addr: bool = _f(False, "put the client's address in the request log")
+    cost_per_hour: float | None = _f(None, "instance price in USD per hour: exports qvl:cost_usd_total and "
+                                           "logs each request's cost_usd (its share of engine-busy time)",
+                                     metavar="USD")
+    metrics_compat: str | None = _f(None, "also export the vLLM-named series (vllm:num_requests_waiting, "
+                                          "vllm:kv_cache_usage_perc, ...) that vLLM dashboards and "
+                                          "autoscalers read", choices=METRICS_COMPAT)
+    otlp_traces_endpoint: str | None = _f(None, "send one OpenTelemetry trace per request (child spans: media "
+                                                "fetch, preprocessing, queue, prefill, decode) to this OTLP "
+                                                "endpoint; needs the qvl[otel] extra", metavar="URL")
 
     def __post_init__(self):
         _require(_is_int(self.port) and 0 <= self.port <= 65535, "ServeOptions.port", "in [0, 65535]",
@@ -228,6 +244,33 @@ class ServeOptions:
                  self.log_level)
         _require(isinstance(self.graceful_shutdown_timeout, (int, float)) and self.graceful_shutdown_timeout >= 0,
                  "ServeOptions.graceful_shutdown_timeout", ">= 0 seconds", self.graceful_shutdown_timeout)
+        _require(self.log_format in LOG_FORMATS, "ServeOptions.log_format", f"one of {', '.join(LOG_FORMATS)}",
+                 self.log_format)
+        _require(self.cost_per_hour is None or (isinstance(self.cost_per_hour, (int, float))
+                                                and not isinstance(self.cost_per_hour, bool)
+                                                and self.cost_per_hour >= 0),
+                 "ServeOptions.cost_per_hour", ">= 0 USD", self.cost_per_hour)
+        _require(self.metrics_compat is None or self.metrics_compat in METRICS_COMPAT,
+                 "ServeOptions.metrics_compat", f"None or one of {', '.join(METRICS_COMPAT)}", self.metrics_compat)
+        _require(self.otlp_traces_endpoint is None or "://" in str(self.otlp_traces_endpoint),
+                 "ServeOptions.otlp_traces_endpoint", "a URL such as http://collector:4317",
+                 self.otlp_traces_endpoint)
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How `qvl batch INPUT.jsonl -o OUTPUT.jsonl` runs a job (qvl.batch)."""
+
+    error_file: str | None = _f(None, "where failed lines go (default: OUTPUT with .jsonl -> .errors.jsonl)",
+                                metavar="FILE")
+    max_in_flight: int | None = _f(None, "lines being prepared or generated at once (default: 2 x "
+                                         "max_num_seqs)")
+    served_model_name: str | None = _f(None, "the model name request bodies may give (default: the model "
+                                             "argument)")
+    progress: bool = _f(True, "progress bar with ETA and tok/s on stderr (--no-progress turns it off)")
+
+    def __post_init__(self):
+        _check_ints(self, {"max_in_flight": 1}, optional=("max_in_flight",))
 
 
 # ------------------------------------------------------------------------------------- flags <-> fields

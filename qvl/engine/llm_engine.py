@@ -249,6 +249,7 @@ class LLMEngine:
 
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         failed = self._fail_bad_grammars()
         out = self.scheduler.schedule()
         results = {}
@@ -265,6 +266,7 @@ class LLMEngine:
                 self.last_failed_request_ids = failed
                 raise
         self.scheduler.postprocess(out)
+        self.scheduler.attribute_time(out, time.perf_counter() - t0)     # per-request cost shares
         return failed + self._update(out, results)
 
     def _start_mask(self, out: SchedulerOutput, banned: dict[int, list[int]]):
@@ -393,4 +395,5 @@ class LLMEngine:
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
             "num_requests_finished": self.num_requests_finished,
+            "busy_time_s": self.scheduler.busy_time_s,
         }

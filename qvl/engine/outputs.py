@@ -8,7 +8,8 @@
      "kv_cache_full" when the sequence alone outgrew the KV pool) or "abort".
      logprobs: per output token {token_id: logprob} (top-n plus the sampled token), when asked.
   RequestMetrics: arrival_time, first_scheduled_time, first_token_time, finished_time (time.time()
-     seconds) and derived time_in_queue / ttft / e2e.
+     seconds) and derived time_in_queue / ttft / e2e; engine_time: the request's share of the seconds
+     the engine spent in steps (each step's time split over its sequences by tokens scheduled).
 
 `RequestState` is the engine's per-request record (the n sequences and their detokenizers) and
 builds outputs in two kinds: "cumulative" (everything so far; offline generate) or "delta" (only
@@ -42,6 +43,7 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    engine_time: float = 0.0                 # engine-busy seconds attributed to the request (cost share)
 
     @property
     def time_in_queue(self) -> float | None:
@@ -95,7 +97,8 @@ class RequestState:
             arrival_time=ms[0].arrival_time,
             first_scheduled_time=min(sched) if sched else None,
             first_token_time=min(first) if first else None,
-            finished_time=max(m.finish_time for m in ms) if self.finished else None)
+            finished_time=max(m.finish_time for m in ms) if self.finished else None,
+            engine_time=sum(m.engine_time for m in ms))
 
     def make_output(self) -> RequestOutput | None:
         """The output to hand out now (None for a delta request with nothing new)."""

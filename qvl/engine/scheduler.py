@@ -69,6 +69,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.busy_time_s = 0.0          # seconds of steps that ran sequences (attribute_time)
 
     # --- queue ---------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -170,6 +171,16 @@ class Scheduler:
         for seq in out.seqs:
             seq.num_computed_tokens += out.num_scheduled_tokens[seq.seq_id]
             self.block_manager.commit(seq)
+
+    def attribute_time(self, out: SchedulerOutput, seconds: float) -> None:
+        """Split a step's seconds over its sequences by tokens scheduled (a prefill chunk costs more than a
+        decode token): each request's share of engine-busy time, what its cost is reckoned from."""
+        if not out.seqs:
+            return
+        self.busy_time_s += seconds
+        total = out.total_tokens or 1
+        for seq in out.seqs:
+            seq.metrics.engine_time += seconds * out.num_scheduled_tokens[seq.seq_id] / total
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Finish a sequence (stop / length / abort) and free its blocks. Idempotent."""

@@ -75,6 +75,7 @@ class SequenceMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    engine_time: float = 0.0          # its share of engine-step seconds (by tokens scheduled in each step)
 
 
 _seq_counter = itertools.count()

@@ -74,11 +74,15 @@ def serve(args) -> None:
     engine = build_engine(cfg)
     app = create_app(engine, served_model_name=opts.served_model_name or cfg.model_path, api_key=api_key,
                      media_policy=policy, limits=limits, ui=opts.ui)
+    from qvl.server import observe
+
+    observer = observe.install(app, app.state.ctx, opts)     # request log, cost, vllm names, traces
     logger.info("serving %s on http://%s:%d (auth %s, web page %s)", cfg.model_path, opts.host, opts.port,
                 "on" if api_key else "off", f"http://{opts.host}:{opts.port}/" if opts.ui else "off")
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, access_log=False,
                             timeout_graceful_shutdown=opts.graceful_shutdown_timeout)
     _uvicorn_server_cls(app, opts.graceful_shutdown_timeout)(config).run()
+    observer.shutdown()                                          # flush queued spans
 
 
 def _uvicorn_server_cls(app: "FastAPI", grace_s: float):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from qvl.config import ServerLimits
+from qvl.server import observe
 from qvl.server.errors import APIError, media_error
 from qvl.server.metrics import ServerMetrics
 
@@ -46,6 +47,7 @@ class ServingContext:
     executor: ThreadPoolExecutor | None = None
     active: set = field(default_factory=set)          # RequestRuns with engine requests in flight
     shutting_down: bool = False
+    observer: Any = None                              # observe.Observer: JSON log, cost, traces (or None)
 
     @property
     def processor(self) -> "PromptProcessor":
@@ -70,7 +72,8 @@ class ServingContext:
         if self.executor is None:
             self.executor = ThreadPoolExecutor(self.limits.preprocess_workers, thread_name_prefix="qvl-pre")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+        with observe.phase(fn):
+            return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
 
     async def guarded(self, fn, *args, param: str | None = None, **kwargs):
         """run_blocking, mapping bad-media / bad-input / over-limit exceptions to a 4xx APIError (`param`:
@@ -137,6 +140,7 @@ class RequestRun:
         self.error: str | None = None
         self._unfinished: set[str] = set()
         self._iters: list[tuple[str, int, Any]] = []
+        self.obs = observe.begin()
 
     async def start(self, jobs: list[tuple[Any, Any]], n: int) -> None:
         """Add one engine request per (prompt, params). The engine refuses a bad request (ValueError)
@@ -160,6 +164,7 @@ class RequestRun:
                 raise
             self._unfinished.add(rid)
             self.prompt_tokens += len(prompt.token_ids)
+            self.obs.add_prompt(prompt)
             self._iters.append((rid, j * n, it))
 
     async def _check_grammar(self, params) -> None:
@@ -217,6 +222,7 @@ class RequestRun:
     def _account(self, rid: str, out: "RequestOutput") -> None:
         if out.finished:
             self._unfinished.discard(rid)
+        self.obs.observe_output(rid, out)
         now = time.monotonic()
         new = sum(len(o.token_ids) for o in out.outputs)
         self.cached_tokens = max(self.cached_tokens, int(out.num_cached_tokens))
@@ -271,6 +277,8 @@ class RequestRun:
                                          e2e=end - self.arrival, itls=self.itls, queue_time=self.queue_time)
             else:
                 metrics.observe_failure(status)
+        if self.ctx.observer is not None and self.ctx.observer.finished(self, end):
+            return                                    # it wrote the log line (--log-format json)
         fr = ",".join(self.finish_reasons.get(i, "abort") for i in range(self.num_choices)) or "-"
         line = (f"{self.request_id} {self.kind} status={status} prompt_tokens={self.prompt_tokens} "
                 f"cached={self.cached_tokens} completion_tokens={self.completion_tokens} "
