@@ -44,12 +44,16 @@ CONFIGS = {
                                      mlp_ratio=2, in_chans=3, patch_size=14, spatial_merge_size=2,
                                      temporal_patch_size=2)),
 }
+# Between the two: Qwen2's vocabulary, 1024 wide, 8 layers, a 2-block vision tower (also bench/structured.py's).
+CONFIGS["mid"] = dict(CONFIGS["2b"], hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=2,
+                      vision_config=dict(CONFIGS["2b"]["vision_config"], depth=2, hidden_size=1024))
 
 
 def config_dict(name: str) -> dict:
     d = dict(CONFIGS[name], model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"],
              hidden_act="silu", use_sliding_window=False, attention_dropout=0.0)
-    mrope = [16, 24, 24] if name == "2b" else [8, 12, 12]
+    mrope = [16, 24, 24] if name == "2b" else [8, 12, 12]     # head_dim 128 (2b), 64 (mid, small)
     d["rope_scaling"] = {"type": "mrope", "mrope_section": mrope}
     return d
 

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qvl.engine.llm_engine import LLMEngine
+from qvl.layers.cpu_runtime import probe_cpu
 from qvl.layers.packed_linear import pack_linears, packing_supported, unpack_linears
 from qvl.llm import LLM
 from qvl.sampling_params import SamplingParams
@@ -44,10 +45,11 @@ def test_budget_too_small_packs_nothing():
     assert "forward" not in mods[0].__dict__
 
 
+@pytest.mark.skipif(not probe_cpu().native_bf16, reason="the engine packs only where bf16 is native")
 def test_engine_bf16_greedy_unchanged_by_packing(tiny_ckpt):
     eng = LLMEngine.from_pretrained(str(tiny_ckpt), dtype="bfloat16", device="cpu", max_model_len=256,
                                     kv_cache_memory=4 << 20, enable_prefix_caching=False)
-    assert eng.runner.num_packed > 0
+    assert eng.cpu_runtime.mode == "onednn-packed" and eng.cpu_runtime.num_linears > 0
     chats = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
              for q in ("Describe this image.", "How many shapes are there? 1 2 3")]
     params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
