@@ -70,10 +70,10 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 
 
 def setup(args) -> tuple[str, torch.dtype]:
-    """Apply --threads; the device and dtype of the run (bf16 for the 2b config, else fp32)."""
+    """Apply --threads; the device and dtype of the run (fp32 for the small config, else bf16)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return default_device(args.device), (torch.bfloat16 if args.config == "2b" else torch.float32)
+    return default_device(args.device), (torch.float32 if args.config == "small" else torch.bfloat16)
 
 
 def build_pair(name: str, device: str, dtype: torch.dtype):
@@ -226,7 +226,8 @@ def main() -> None:
     wbytes = decode_weight_bytes(ours)
     roof = bw / wbytes
     res = dict(bench="decode", config=args.config, device=device, dtype=str(dtype).split(".")[-1],
-               threads=torch.get_num_threads(), packed_linears=eng.runner.num_packed,
+               threads=torch.get_num_threads(), cpu_kernels=eng.cpu_runtime.mode,
+               kernel_linears=eng.cpu_runtime.num_linears,
                prompt_len=args.prompt_len, new_tokens=new, qvl_tok_s=round(ours_tps, 2),
                hf_tok_s=round(hf_tps, 2), qvl_over_hf=round(ours_tps / hf_tps, 3),
                weight_gb_per_token=round(wbytes / 1e9, 3), copy_bw_gb_s=round(bw / 1e9, 1),

@@ -2,6 +2,7 @@
 qvl's continuous batching vs transformers serving them one by one.
 
     python bench/throughput.py --config small               # tiny dims, CPU fp32, under a minute
+    python bench/throughput.py --config mid --threads 1     # 1024 wide, 8 layers, Qwen2 vocab, CPU bf16
     python bench/throughput.py --config 2b --device cuda    # Qwen2-VL-2B dims, random bf16 weights
 
 Every request has its own random image (--image-size px square; 224 -> 64 visual tokens) after a
@@ -66,15 +67,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(ap)
     ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="default: 16 32")
-    ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 (2b), 32 (small)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 (2b, mid), 32 (small)")
     ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--hf-requests", type=int, default=None, help="default: 3 (2b), 2 (small)")
+    ap.add_argument("--hf-requests", type=int, default=None, help="default: 3 (2b, mid), 2 (small)")
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
     device, dtype = setup(args)
-    new = args.new_tokens or (128 if args.config == "2b" else 32)
+    new = args.new_tokens or (32 if args.config == "small" else 128)
     conc = args.concurrency or [16, 32]
-    n_hf = args.hf_requests or (3 if args.config == "2b" else 2)
+    n_hf = args.hf_requests or (2 if args.config == "small" else 3)
 
     hf, ours, config = build_pair(args.config, device, dtype)
     eng = make_engine(ours, config, max_num_seqs=max(conc))

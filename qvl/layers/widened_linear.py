@@ -41,14 +41,20 @@ class _WidenedForward:
         rows = x.numel() // x.shape[-1] if x.dim() else 0
         if rows < self.min_rows or x.dtype != w.dtype or torch.is_grad_enabled():
             return F.linear(x, w, self.bias)
-        out_f = w.shape[0]
-        x32 = x.reshape(rows, x.shape[-1]).float()                               # (M, in)
-        acc = torch.empty(out_f, rows, dtype=torch.float32, device=x.device)     # (out, M)
-        for s in range(0, out_f, self.block):
-            torch.mm(w[s:s + self.block].float(), x32.t(), out=acc[s:s + self.block])   # (b, M)
-        if self.bias is not None:
-            acc += self.bias.float()[:, None]
-        y = torch.empty(rows, out_f, dtype=x.dtype, device=x.device).copy_(acc.t())     # (M, out)
+        out_f, in_f = w.shape
+        n = min(self.block, out_f)
+        x32 = x.reshape(rows, in_f).float()                                      # (M, in)
+        y = torch.empty(rows, out_f, dtype=x.dtype, device=x.device)             # (M, out)
+        # Scratch reused by every block: fresh 4 MiB allocations would page-fault on each block.
+        w32 = torch.empty(n, in_f, dtype=torch.float32, device=x.device)         # (b, in)
+        acc = torch.empty(rows * n, dtype=torch.float32, device=x.device)
+        for s in range(0, out_f, n):
+            b = min(n, out_f - s)
+            blk = w32[:b].copy_(w[s:s + b])                                      # (b, in) fp32
+            out = torch.mm(x32, blk.t(), out=acc[:rows * b].view(rows, b))       # (M, b)
+            if self.bias is not None:
+                out += self.bias[s:s + b]
+            y[:, s:s + b] = out
         return y.view(*x.shape[:-1], out_f)
 
 
