@@ -118,3 +118,17 @@ def test_engine_forced_avx2_path_meets_bf16_criterion(tiny_ckpt, monkeypatch):
     widened = _generate(eng, chats, 12)
     assert_bf16_criterion(ref, widened)
     assert all(len(t) == 12 for t, _ in widened)
+
+
+@pytest.mark.skipif(not probe_cpu().native_bf16, reason="the engine packs only where bf16 is native")
+def test_engine_packed_path_meets_bf16_criterion_alone_and_batched(tiny_ckpt):
+    kw = dict(device="cpu", max_model_len=256, kv_cache_memory=4 << 20, enable_prefix_caching=False)
+    eng = LLMEngine.from_pretrained(str(tiny_ckpt), dtype="bfloat16", **kw)
+    decoder = [m for m in eng.model.model.modules() if isinstance(m, nn.Linear)] + [eng.model.lm_head]
+    assert eng.cpu_runtime.mode == "onednn-packed" and eng.cpu_runtime.num_linears == len(decoder)
+    chats = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+             for q in ("Describe this image.", "How many shapes are there? 1 2 3")]
+    ref = _generate(LLMEngine.from_pretrained(str(tiny_ckpt), dtype="float32", **kw), chats, 16)
+    alone = [_generate(eng, [c], 16)[0] for c in chats]            # one-row decode steps
+    assert_bf16_criterion(ref, alone)
+    assert_bf16_criterion(ref, _generate(eng, chats, 16))          # two rows
