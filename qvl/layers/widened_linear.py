@@ -1,14 +1,14 @@
 """bf16 weights, fp32 arithmetic: nn.Linear for CPUs without native bf16 dot products (AVX2, AVX-512F).
 
 There torch's bf16 GEMM is a generic loop: on this project's machine with the ISA capped at AVX2
-(`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`), 256 rows through a 2816x1024 bf16 linear ran at
-43 GFLOP/s where the same matmul in fp32 ran at 100. `widen_linears(linears)` keeps each weight in
+(`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, bench/cpu_linear.py, 1 thread), 256 rows through a
+2816x1024 bf16 linear ran at 21 GFLOP/s where the same matmul in fp32 ran at 87. `widen_linears(linears)` keeps each weight in
 bf16 (no second copy: memory stays that of the checkpoint) and computes inputs of `min_rows` rows or
 more in fp32: the weight is converted block by block (`block_elems` elements, 4 MiB of fp32 by
 default, so a block stays in cache while the fp32 GEMM reads it) and multiplied by the fp32 input;
 the result is rounded to bf16 once. Fewer rows (decode) keep F.linear: bf16 matrix-vector products
-are memory-bound and read half the bytes of fp32 (measured there: 1 row, 42 vs 13 GFLOP/s; from about
-16 rows the fp32 blocks are faster). Inputs that need grad and other dtypes keep F.linear too.
+are memory-bound and read half the bytes of fp32 (measured there: 1 row through 8960x1536, 21.8 vs 8.7
+GFLOP/s; at 16 rows the fp32 blocks ran 2.5x faster than bf16). Inputs that need grad and other dtypes keep F.linear too.
 
 Numerics: products of bf16 values are exact in fp32 and the sums accumulate in fp32, as oneDNN's bf16
 kernels do, so results differ from F.linear's only by rounding order (held to the bf16 criterion:
