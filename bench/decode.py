@@ -44,12 +44,16 @@ CONFIGS = {
                                      mlp_ratio=2, in_chans=3, patch_size=14, spatial_merge_size=2,
                                      temporal_patch_size=2)),
 }
+# Between the two: Qwen2's vocabulary, 1024 wide, 8 layers, a 2-block vision tower (also bench/structured.py's).
+CONFIGS["mid"] = dict(CONFIGS["2b"], hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=2,
+                      vision_config=dict(CONFIGS["2b"]["vision_config"], depth=2, hidden_size=1024))
 
 
 def config_dict(name: str) -> dict:
     d = dict(CONFIGS[name], model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"],
              hidden_act="silu", use_sliding_window=False, attention_dropout=0.0)
-    mrope = [16, 24, 24] if name == "2b" else [8, 12, 12]
+    mrope = [16, 24, 24] if name == "2b" else [8, 12, 12]     # head_dim 128 (2b), 64 (mid, small)
     d["rope_scaling"] = {"type": "mrope", "mrope_section": mrope}
     return d
 
@@ -66,10 +70,10 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 
 
 def setup(args) -> tuple[str, torch.dtype]:
-    """Apply --threads; the device and dtype of the run (bf16 for the 2b config, else fp32)."""
+    """Apply --threads; the device and dtype of the run (fp32 for the small config, else bf16)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return default_device(args.device), (torch.bfloat16 if args.config == "2b" else torch.float32)
+    return default_device(args.device), (torch.float32 if args.config == "small" else torch.bfloat16)
 
 
 def build_pair(name: str, device: str, dtype: torch.dtype):
@@ -222,7 +226,8 @@ def main() -> None:
     wbytes = decode_weight_bytes(ours)
     roof = bw / wbytes
     res = dict(bench="decode", config=args.config, device=device, dtype=str(dtype).split(".")[-1],
-               threads=torch.get_num_threads(), packed_linears=eng.runner.num_packed,
+               threads=torch.get_num_threads(), cpu_kernels=eng.cpu_runtime.mode,
+               kernel_linears=eng.cpu_runtime.num_linears,
                prompt_len=args.prompt_len, new_tokens=new, qvl_tok_s=round(ours_tps, 2),
                hf_tok_s=round(hf_tps, 2), qvl_over_hf=round(ours_tps / hf_tps, 3),
                weight_gb_per_token=round(wbytes / 1e9, 3), copy_bw_gb_s=round(bw / 1e9, 1),

@@ -45,9 +45,10 @@ from qvl.engine.block_manager import BlockManager
 from qvl.engine.detokenizer import IncrementalDetokenizer
 from qvl.engine.encoder_cache import EncoderCache
 from qvl.engine.outputs import RequestOutput, RequestState
-from qvl.engine.runner import ModelRunner, plan_num_blocks
+from qvl.engine.runner import ModelRunner, available_memory, kv_bytes_per_block, plan_num_blocks
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
 from qvl.engine.sequence import MediaSpan, Sequence, media_spans
+from qvl.layers.cpu_runtime import prepare_cpu_model
 from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams, eos_token_ids
 
@@ -103,6 +104,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, is_ready=self._grammar_ready)
+        kv_bytes = num_blocks * kv_bytes_per_block(config, cfg.block_size, model.dtype)  # not touched yet
+        self.cpu_runtime = prepare_cpu_model(model, max_bytes=(available_memory(device) - kv_bytes) // 2)
         self.runner = ModelRunner(model, config, num_blocks=num_blocks, block_size=cfg.block_size,
                                   encoder_cache=EncoderCache(cfg.encoder_cache_bytes(device.type)))
         self.requests: dict[str, RequestState] = {}

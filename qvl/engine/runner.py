@@ -17,9 +17,8 @@ packed call, each whole, deduplicated by hash. A sequence holds an item's featur
 pad token is prefilled, so a chunk boundary inside an item never re-encodes it. Logits are computed
 only at the last position of sequences whose chunk reaches their end (they sample).
 
-CPU bf16: the decoder's and the LM head's linears get prepacked oneDNN weights for inputs of up to 32
-rows (decode steps), where probed bit-identical to F.linear (qvl.layers.packed_linear); the copies are
-a snapshot of the weights taken here, so a model whose weights change later needs a new runner.
+CPU kernels (prepacked / widened linears) are a runtime transform of the model applied by the engine
+before the runner is built (qvl.layers.cpu_runtime); the runner only runs the model it is given.
 
 KV pool size: `kv_cache_memory` as bytes (int) or as a fraction (float in (0, 1]) of free device
 memory after the weights are loaded (CUDA: torch.cuda.mem_get_info; CPU: MemAvailable). Default (None):
@@ -38,7 +37,6 @@ from qvl.engine.encoder_cache import EncoderCache
 from qvl.engine.scheduler import SchedulerOutput
 from qvl.engine.sequence import Sequence
 from qvl.layers.attention import AttentionMetadata
-from qvl.layers.packed_linear import pack_linears, packing_supported
 from qvl.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 
 
@@ -106,15 +104,6 @@ class ModelRunner:
             attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
             attn.k_cache[-1].zero_()
             attn.v_cache[-1].zero_()
-        self.num_packed = self._pack_decode_weights() if packing_supported(self.dtype, self.device) else 0
-
-    def _pack_decode_weights(self) -> int:
-        """CPU bf16: prepacked weights for the decoder's and the LM head's single-row matmuls
-        (qvl.layers.packed_linear), if the copies fit in half the RAM the KV pool leaves."""
-        linears = [m for m in self.model.model.modules() if isinstance(m, torch.nn.Linear)]
-        kv_bytes = 2 * sum(a.k_cache.numel() * a.k_cache.element_size() for a in self.model.attention_modules())
-        spare = available_memory(self.device) - kv_bytes     # the pool is not touched yet: not counted
-        return pack_linears(linears + [self.model.lm_head], max_bytes=max(0, spare // 2))
 
     # --- per-sequence state --------------------------------------------------------------------
     def release(self, seq: Sequence, finished: bool) -> None:

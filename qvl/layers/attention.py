@@ -16,8 +16,8 @@ Contract (INTERFACES.md):
         read its first slot at their padded positions (masked to weight 0), so no unwritten slot,
         which may hold NaN from recycled memory (0 * NaN = NaN), is ever read.
     Decode sequences (one new token) are gathered into one padded batch (one index_select per cache)
-    and attend in a single SDPA call, masked only when their context lengths differ; prefill chunks
-    attend one sequence at a time (a padded batch mask would be quadratic in the batch).
+    and attend in one call (qvl.layers.decode_attention), masked only when their context lengths
+    differ; prefill chunks attend one sequence at a time (a padded batch mask would be quadratic).
   * The index tensors of a step (slots of every context, padding mask, token rows) are derived once per
     forward, on the first layer that asks, and cached on the metadata object (`CachePlan`): every
     layer reuses them. So one metadata object describes one step; build a new one for the next step.
@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from qvl.layers.decode_attention import decode_attention
 
 _HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -184,8 +186,7 @@ def attention(
         kb = flat_k.index_select(0, plan.decode_slots).view(b, length, *k.shape[1:])  # (Bd, L, nKV, D)
         vb = flat_v.index_select(0, plan.decode_slots).view(b, length, *v.shape[1:])
         qb = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)   # (Bd, nH, D)
-        decode_out = _sdpa(qb.unsqueeze(2), kb.transpose(1, 2).to(q.dtype), vb.transpose(1, 2).to(q.dtype),
-                           scale=scale, mask=plan.decode_mask).squeeze(2)             # (Bd, nH, D)
+        decode_out = decode_attention(qb, kb, vb, scale=scale, mask=plan.decode_mask)  # (Bd, nH, D)
         if plan.decode_rows is None:
             return decode_out
     out = torch.empty_like(q)

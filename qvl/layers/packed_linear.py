@@ -1,4 +1,4 @@
-"""Prepacked oneDNN weights for few-row (decode) matmuls on CPU, used only where bit-identical.
+"""Prepacked oneDNN weights for few-row (decode) matmuls on CPU bf16.
 
 On CPUs with AMX / AVX512-BF16, `F.linear` on a few bf16 rows re-lays the plain (out, in) weight into
 the kernel's blocked layout on every call; that copy, not the memory read, bounds decode.
@@ -7,14 +7,19 @@ the kernel's blocked layout on every call; that copy, not the memory read, bound
 (`torch.ops.mkldnn._linear_pointwise`). More rows (prefill), inputs that need grad, another thread
 count and other dtypes keep `F.linear` on the plain weight.
 
-Numerics: the packed kernel must give the *same bits* as F.linear, or greedy tokens would drift from
-transformers'. Whether it does depends on the shape, the number of rows and the thread count (the
-kernels split the reduction over in_features differently for some sizes), so each distinct
-(out, in, bias) is probed once when packing, for 1, 2, ... rows up to MAX_ROWS: random inputs through
-both paths, compared bit for bit, enough calls for ~2^17 outputs per row count (a different reduction
-order changes ~1e-4 of the outputs, so it is caught with near certainty). `max_rows` is the last row
-count before the first mismatch; a shape that differs already at one row stays on F.linear (on
-Qwen2-VL-2B: down_proj, in_features 8960; the other shapes match up to 32 rows).
+Numerics, two contracts (`exact`). exact=True: the packed kernel gives the *same bits* as F.linear.
+Whether it does depends on the shape, the number of rows and the thread count (the kernels split the
+reduction over in_features differently for some sizes), so each distinct (out, in, bias) is probed
+once when packing, for 1, 2, ... rows up to MAX_ROWS: random inputs through both paths, compared bit
+for bit, enough calls for ~2^17 outputs per row count (a different reduction order changes ~1e-4 of
+the outputs, so it is caught with near certainty). `max_rows` is the last row count before the first
+mismatch; a shape that differs already at one row stays on F.linear (on Qwen2-VL-2B with 2 threads:
+down_proj, in_features 8960, whose packed kernel is 2x faster at 1 row and 1.7x at 16).
+exact=False, what the engine uses (bf16 is held to the bf16 criterion, not to F.linear's bits): no
+probe, every shape packed for up to MAX_ROWS rows. That also saves the probe's start-up time (the
+LM head's alone took 5 to 11 s on the shared 2-core machine). Neither path is batch-invariant for
+every shape: F.linear itself gives one row other bits alone than beside another row for some shapes
+(1024x2816, 1536x1536 here), so bf16 batched == alone holds within the bf16 criterion, as on CUDA.
 
 Memory: the packed copy lives beside the plain weight (prefill needs the plain one, and a tied LM head
 shares it with the embedding). `pack_linears` packs nothing when the copies would exceed `max_bytes`.
@@ -81,8 +86,9 @@ def _is_packed(m: nn.Linear) -> bool:
     return isinstance(m.__dict__.get("forward"), _PackedForward)
 
 
-def pack_linears(linears: Iterable[nn.Linear], *, max_bytes: int | None = None) -> int:
-    """Give each linear whose shape passes the bit-identity probe a packed few-row path.
+def pack_linears(linears: Iterable[nn.Linear], *, max_bytes: int | None = None, exact: bool = True) -> int:
+    """Give each linear a packed path for up to MAX_ROWS rows; exact: only where, and for as many rows
+    as, the probe finds F.linear's bits.
 
     Returns how many of `linears` are packed afterwards (already packed ones count and are left as
     they are). Packs nothing when the dtype/device is unsupported or the new copies would exceed
@@ -101,7 +107,7 @@ def pack_linears(linears: Iterable[nn.Linear], *, max_bytes: int | None = None) 
                 continue
             packed = _pack(m.weight)
             if key not in max_rows:
-                max_rows[key] = _max_identical_rows(m, packed, threads)
+                max_rows[key] = _max_identical_rows(m, packed, threads) if exact else MAX_ROWS
             if max_rows[key]:
                 m.forward = _PackedForward(m, packed, threads, max_rows[key])
     return sum(_is_packed(m) for m in linears)

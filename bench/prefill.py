@@ -1,0 +1,92 @@
+"""Prefill speed on the CPU: bf16 (with the kernels qvl.layers.cpu_runtime picks, and without) vs float32.
+
+    python bench/prefill.py --config 2b --threads 2                  # this CPU as it is
+    python bench/prefill.py --config 2b --threads 2 --emulate-avx2   # the same, ISA capped at AVX2
+
+The issue's target: bf16 prefill no slower than float32 prefill on any machine. --emulate-avx2 reruns
+this script in a fresh process with ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2, so torch and
+oneDNN use no AVX-512 and no bf16 instruction, and the probe sees an AVX2 CPU (as on a machine
+without native bf16). Per dtype: the qvl model with random weights (decode.build_pair), an engine,
+one text prompt of --prompt-len random tokens, max_tokens 1; prefill tok/s = prompt_len / time to
+the first token, median of --repeats. The bf16 model is timed with the runtime kernels and again with
+them removed (restore_cpu_model: plain F.linear everywhere), in the same process. Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import add_common_args, build_pair, make_engine, timer  # noqa: E402
+
+
+def prefill_tok_s(eng, ids: list[int], repeats: int) -> float:
+    from qvl.multimodal.prompt import ProcessedPrompt
+    from qvl.sampling_params import SamplingParams
+
+    def once(tag: str) -> float:
+        t0 = timer("cpu")
+        eng.add_request(tag, ProcessedPrompt.from_token_ids(ids), SamplingParams(temperature=0, max_tokens=1))
+        while eng.has_unfinished_requests():
+            eng.step()
+        return len(ids) / (timer("cpu") - t0)
+
+    once("warm-up")
+    return statistics.median(once(f"p{r}") for r in range(repeats))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(ap)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--emulate-avx2", action="store_true", help="rerun with the ISA capped at AVX2")
+    args = ap.parse_args()
+    if args.emulate_avx2:
+        env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+        argv = [a for a in sys.argv[1:] if a != "--emulate-avx2"]
+        sys.exit(subprocess.run([sys.executable, __file__, *argv], env=env).returncode)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from qvl.layers.cpu_runtime import restore_cpu_model
+
+    rows = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hf, ours, config = build_pair(args.config, "cpu", dtype)
+        del hf
+        eng = make_engine(ours, config, max_num_seqs=1, enable_prefix_caching=False,
+                          max_model_len=max(2048, args.prompt_len + 1))
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, min(config.vocab_size, 150000), (args.prompt_len,), generator=g).tolist()
+        name = str(dtype).split(".")[-1]
+        rows[name] = dict(tok_s=prefill_tok_s(eng, ids, args.repeats), kernels=eng.cpu_runtime.mode,
+                          features=None if eng.cpu_runtime.features is None else
+                          dict(capability=eng.cpu_runtime.features.capability,
+                               onednn_bf16=eng.cpu_runtime.features.onednn_bf16,
+                               native_bf16=eng.cpu_runtime.features.native_bf16))
+        if dtype == torch.bfloat16 and eng.cpu_runtime.mode != "plain":
+            restore_cpu_model(ours)
+            rows["bfloat16 plain"] = dict(tok_s=prefill_tok_s(eng, ids, args.repeats), kernels="plain")
+        del eng, ours
+        gc.collect()
+    fp32 = rows["float32"]["tok_s"]
+    cap = torch.backends.cpu.get_cpu_capability()
+    for name, r in rows.items():
+        r["tok_s"] = round(r["tok_s"], 2)
+        r["over_fp32"] = round(r["tok_s"] / fp32, 3)
+        print(f"prefill [{args.config}, cpu {cap}, {torch.get_num_threads()} threads] {args.prompt_len} tokens, "
+              f"{name} ({r['kernels']}): {r['tok_s']:.1f} tok/s, x{r['over_fp32']:.2f} of float32")
+    print(json.dumps(dict(bench="prefill", config=args.config, capability=cap, threads=torch.get_num_threads(),
+                          prompt_len=args.prompt_len, rows=rows)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The CPU runtime transform: after load, give a model's linears the kernels this CPU runs fast.
+
+DESIGN.md's build pipeline ends with runtime transforms of the built model; this is the CPU one.
+`prepare_cpu_model(model, max_bytes=...)` is applied once, by the engine, after the weights are
+loaded; it reads the CPU (`probe_cpu()`, or the `features` a caller passes: tests force the AVX2 path
+on any machine) and returns a `CpuRuntime` saying what it chose:
+
+  * float32, float16, or a model not on the CPU: nothing changes ("plain": F.linear everywhere;
+    float32 stays the exact reference).
+  * bf16 on a CPU with native bf16 dot products (AVX512-BF16 or AMX, and torch's oneDNN has bf16
+    kernels): "onednn-packed": the text decoder's and the LM head's linears get prepacked oneDNN
+    weights for decode-sized inputs (up to 32 rows; qvl.layers.packed_linear, exact=False: held to
+    the bf16 criterion, not to F.linear's bits), if the copies fit in `max_bytes` (the engine passes
+    half the RAM its KV pool leaves). Prefill and the
+    vision tower keep F.linear: oneDNN's own bf16 GEMM is already near the machine's bf16 rate there.
+  * bf16 on a CPU without them (AVX2; AVX-512F without BF16, where oneDNN would emulate bf16):
+    "fp32-from-bf16": every linear of the model, vision tower included, computes inputs of 16 rows or
+    more in fp32 from its bf16 weight, block by block (qvl.layers.widened_linear); weights stay bf16.
+
+The decision reads what the CPU has, never assumes it: torch's dispatch capability
+(`torch.backends.cpu.get_cpu_capability()`), whether oneDNN has bf16 kernels
+(`torch.ops.mkldnn._is_mkldnn_bf16_supported()`) and, where /proc/cpuinfo exists, its flags.
+Capping the ISA (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` in the environment of a fresh
+process) makes a native-bf16 machine probe as an AVX2 one, which is how bench/prefill.py measures the
+fallback here. Knows nothing about the engine; of the model only `model.model` (text decoder),
+`model.lm_head`, `model.dtype` and `model.device`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from qvl.layers.packed_linear import pack_linears, packing_supported, unpack_linears
+from qvl.layers.widened_linear import unwiden_linears, widen_linears
+
+_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    capability: str                  # torch's dispatch level: "AVX2", "AVX512", "DEFAULT", ...
+    onednn_bf16: bool                # oneDNN has bf16 kernels for this CPU
+    flags: frozenset[str] | None     # /proc/cpuinfo flags; None where unknown (not Linux)
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 dot products in hardware, usable through oneDNN."""
+        return (self.onednn_bf16 and self.capability.startswith("AVX512")
+                and (self.flags is None or bool(self.flags & _NATIVE_BF16_FLAGS)))
+
+
+def probe_cpu() -> CpuFeatures:
+    """What this process's CPU offers (as capped by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)."""
+    flags = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    onednn = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+              and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    return CpuFeatures(torch.backends.cpu.get_cpu_capability(), onednn, flags)
+
+
+@dataclass(frozen=True)
+class CpuRuntime:
+    mode: str                        # "plain" | "onednn-packed" | "fp32-from-bf16"
+    num_linears: int                 # linears whose forward was replaced
+    features: CpuFeatures | None     # None when the model is not on the CPU
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def prepare_cpu_model(model: nn.Module, *, max_bytes: int | None = None,
+                      features: CpuFeatures | None = None) -> CpuRuntime:
+    """Apply the CPU runtime transform to `model` (see the module docstring); returns what was done.
+
+    max_bytes: bound on the memory of new weight copies (None: no bound). features: default probe_cpu().
+    """
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+        return CpuRuntime("plain", 0, None)
+    features = features or probe_cpu()
+    if not features.native_bf16:
+        return CpuRuntime("fp32-from-bf16", widen_linears(_linears(model)), features)
+    if not packing_supported(model.dtype, model.device):
+        return CpuRuntime("plain", 0, features)
+    n = pack_linears(_linears(model.model) + [model.lm_head],
+                     max_bytes=None if max_bytes is None else max(0, max_bytes), exact=False)
+    return CpuRuntime("onednn-packed" if n else "plain", n, features)
+
+
+def restore_cpu_model(model: nn.Module) -> None:
+    """Undo prepare_cpu_model: every linear back to F.linear."""
+    linears = _linears(model)
+    unpack_linears(linears)
+    unwiden_linears(linears)
