@@ -1,0 +1,95 @@
+"""Connection-level defences under uvicorn: a header read timeout, and a rate limit on accept-error logs.
+
+uvicorn bounds an idle keep-alive connection (`timeout_keep_alive`) and the number of connections
+(`limit_concurrency`, a 503 beyond it), and h11 bounds the header size; it has no timeout for a client
+that opens a connection and trickles its request headers, which is how a few hundred slow sockets lock
+real clients out. `HeaderTimeoutH11Protocol` closes a connection whose request headers are not complete
+`header_read_timeout` seconds after it opened (or after its previous response); the body has its own
+timeout (body.py). The HTTP protocol class is passed to uvicorn as `http=`.
+
+When the process runs out of file descriptors, asyncio logs every failed accept() with a traceback
+(once a second per listening socket, more under load); `AcceptErrorLogFilter` lets one such record through
+per `interval_s` and counts the rest into the next one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+def header_timeout_protocol(header_read_timeout: float) -> type[H11Protocol]:
+    """An H11Protocol class closing connections that do not send complete headers in time."""
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _header_timer = None
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(header_read_timeout, self._headers_overdue)
+
+        def _headers_overdue(self) -> None:
+            self._header_timer = None
+            # IDLE: no complete request line + headers since the connection opened or the last response
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.logger.debug("closing a connection: no request headers within %.1f s", header_read_timeout)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11Protocol
+
+
+class AcceptErrorLogFilter(logging.Filter):
+    """On the "asyncio" logger: at most one 'socket.accept() out of system resource' record per
+    `interval_s`; the next one says how many were dropped."""
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self, interval_s: float = 30.0):
+        super().__init__()
+        self.interval_s = interval_s
+        self._last = float("-inf")
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.MESSAGE):
+            return True
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._dropped += 1
+            return False
+        self._last = now
+        if self._dropped:
+            record.msg = f"{record.msg} ({self._dropped} more in the last {self.interval_s:g} s not logged)"
+            self._dropped = 0
+        record.exc_info = None        # the traceback is the same every time; the message says it all
+        record.exc_text = None
+        return True
+
+
+def install_accept_error_filter(interval_s: float = 30.0) -> AcceptErrorLogFilter:
+    """Attach the filter to the "asyncio" logger (once; returns the one attached)."""
+    log = logging.getLogger("asyncio")
+    for f in log.filters:
+        if isinstance(f, AcceptErrorLogFilter):
+            return f
+    f = AcceptErrorLogFilter(interval_s)
+    log.addFilter(f)
+    return f
