@@ -356,3 +356,46 @@ def test_strict_request_fields():
     with pytest.raises(APIError, match="frobnicate") as e:
         validate(data, ChatCompletionRequest, ServerLimits(strict_request_fields=True))
     assert e.value.status == 400 and e.value.param == "frobnicate"
+
+
+def test_shutdown_deadline_aborts_cleanly(tiny_ckpt, tmp_path):
+    """SIGTERM with a stream and a non-streamed request still running past a 3 s grace: the stream ends with
+    finish_reason "abort" and [DONE], the other gets a 503 OpenAI error body, the process exits 0 in time."""
+    import signal
+
+    grace = 3.0
+    srv = ServerProcess(tiny_ckpt, ["--max-model-len", "4096", "--graceful-shutdown-timeout", str(grace)],
+                        tmp_path / "server.log")
+    body = {"messages": [{"role": "user", "content": "Talk."}], "max_tokens": 4000, "ignore_eos": True}
+    lines, started, full = [], threading.Event(), {}
+
+    def streamer():
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                started.set()
+
+    def waiter():
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
+        full["status"], full["body"] = r.status_code, r.json()
+
+    threads = [threading.Thread(target=streamer), threading.Thread(target=waiter)]
+    for t in threads:
+        t.start()
+    try:
+        assert started.wait(60)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        rc = srv.proc.wait(60)
+        elapsed = time.monotonic() - t0
+    finally:
+        for t in threads:
+            t.join(30)
+        srv.stop()
+    assert rc == 0 and elapsed < grace + 2.5, (rc, elapsed)
+    chunks = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: {")]
+    lines = [ln for ln in lines if ln]
+    assert lines[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "abort", lines[-3:]
+    assert full["status"] == 503 and full["body"]["error"]["code"] == "shutting_down", full
+    assert "Traceback" not in srv.log_path.read_text()

@@ -105,7 +105,9 @@ def parse_object(raw: bytes) -> dict:
 def _path(parts: tuple) -> str:
     out = ""
     for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else ("." if out else "") + str(p)
+        # a key may hold the very surrogate being reported: escape what UTF-8 cannot carry
+        out += f"[{p}]" if isinstance(p, int) else ("." if out else "") + p.encode(
+            "utf-8", "backslashreplace").decode("utf-8")
     return out or "(body)"
 
 

@@ -38,6 +38,7 @@ from qvl.server.request_options import MMProcessorKwargs, structured_spec
 from qvl.server.tools import tool_grammar
 
 MAX_N = 16
+MAX_PROMPTS = 256             # prompts in one /v1/completions request (each is an engine request, times n)
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 
@@ -210,6 +211,8 @@ class CompletionRequest(_SamplingRequest):
         if is_ids(v):
             return [v]
         if isinstance(v, list) and v and all((isinstance(x, str) and x) or is_ids(x) for x in v):
+            if len(v) > MAX_PROMPTS:
+                raise ValueError(f"a prompt list holds at most {MAX_PROMPTS} prompts, got {len(v)}")
             return v
         raise ValueError("prompt must be a non-empty string, a list of strings, a list of token ids "
                          "(non-negative ints) or a list of such lists")
