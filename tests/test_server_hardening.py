@@ -177,6 +177,8 @@ def test_x_request_id(http):
     for t in threads:
         t.join()
     assert results == [200, 200]
+    r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1, "request_id": "from-body"})
+    assert r.headers["x-request-id"] == "from-body" and r.json()["id"] == "cmpl-from-body"
     r = http.post("/v1/chat/completions", json=body, headers={"X-Request-Id": "<<>>"})
     assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"].removeprefix("chatcmpl-"))
 

@@ -12,7 +12,7 @@ APIError (a 4xx with an OpenAI error body, never a 500):
   holding a lone UTF-16 surrogate (`"\\ud800"` parses in Python but cannot be encoded, tokenized or
   echoed), reported with its path, e.g. `messages[0].content`;
 - the top-level object: vLLM options qvl refuses (request_options.refused_field) are a 400 naming the
-  field; keys no field reads are logged, or refused with `strict_request_fields`.
+  field; keys no field reads are logged (once per set of names), or refused with `strict_request_fields`.
 
 Parsing, the structure walk and pydantic validation of a body over INLINE_BYTES run in a worker thread,
 so a large body never stalls the event loop (and with it every other client's stream).
@@ -35,6 +35,7 @@ logger = logging.getLogger("qvl.server")
 
 MAX_DEPTH = 64              # JSON objects/arrays inside each other; OpenAI bodies need < 20 (schemas included)
 INLINE_BYTES = 256 * 1024   # smaller bodies parse on the event loop (a thread hop costs more than they do)
+_logged_unknown: set[str] = set()
 _CLOSE = {"Connection": "close"}   # the rest of a refused body is never read: do not keep the connection
 
 
@@ -155,7 +156,11 @@ def validate(data: dict, model_cls, limits: ServerLimits):
         if limits.strict_request_fields:
             raise APIError(f"Unknown request field(s) {unknown} (the server runs with --strict-request-fields)",
                            param=unknown[0], code="unknown_parameter")
-        logger.warning("request fields ignored (not read by qvl): %s", ", ".join(repr(k[:64]) for k in unknown[:16]))
+        names = ", ".join(repr(k[:64]) for k in unknown[:16])
+        if names not in _logged_unknown:           # once per set of names: a client repeats itself
+            if len(_logged_unknown) < 1024:
+                _logged_unknown.add(names)
+            logger.warning("request fields ignored (not read by qvl): %s", names)
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:

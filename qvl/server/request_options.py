@@ -14,8 +14,8 @@ Owns three decisions about a request body, made before (or right after) pydantic
   server logs them (as vLLM does) and refuses them with `--strict-request-fields`.
 
 Also `mm_processor_kwargs` (vLLM's per-request media options): `MMProcessorKwargs` validates it and
-`apply_mm_defaults` gives its values to every image / video item that does not set them itself (the
-server-wide caps of qvl.multimodal still bound the result).
+`apply_mm_defaults` gives its values to every image / video item that does not set them itself, where
+qvl.multimodal's limits apply to them exactly as to an item's own options.
 """
 from __future__ import annotations
 

@@ -46,12 +46,13 @@ _CLIENT_ID = re.compile(r"[^A-Za-z0-9._:~-]")
 MAX_CLIENT_ID = 128
 
 
-def request_ids(request: Request, prefix: str) -> tuple[str, str, str]:
-    """(response id, engine id, X-Request-Id to answer with). An incoming X-Request-Id is kept (characters
-    outside [A-Za-z0-9._:~-] dropped, at most MAX_CLIENT_ID) so logs and the client's traces line up; the
-    engine id gets a random suffix because two clients may send the same one."""
+def request_ids(request: Request, prefix: str, body_id: str | None = None) -> tuple[str, str, str]:
+    """(response id, engine id, X-Request-Id to answer with). An incoming X-Request-Id (else the body's
+    vLLM `request_id`) is kept (characters outside [A-Za-z0-9._:~-] dropped, at most MAX_CLIENT_ID) so logs
+    and the client's traces line up; the engine id gets a random suffix because two clients may send the
+    same one."""
     own = uuid.uuid4().hex
-    given = _CLIENT_ID.sub("", request.headers.get("x-request-id", ""))[:MAX_CLIENT_ID]
+    given = _CLIENT_ID.sub("", request.headers.get("x-request-id") or body_id or "")[:MAX_CLIENT_ID]
     if not given:
         return f"{prefix}-{own}", f"{prefix}-{own}", f"{prefix}-{own}"
     return f"{prefix}-{given}", f"{prefix}-{given}-{own[:12]}", given
@@ -163,6 +164,8 @@ async def chat(request: Request):
     run = RequestRun(ctx, request_id, "chat", engine_id=engine_id)
     try:
         req = await read_json(request, ctx.limits, ChatCompletionRequest)
+        if req.request_id and "x-request-id" not in request.headers:
+            run.request_id, run.engine_id, header_id = request_ids(request, "chatcmpl", req.request_id)
         _check_model(ctx, req.model)
         run.images, run.videos = prepare.check_media_counts(ctx, req.messages)
         prompt, plan = await until_disconnect(request, prepare.prepare_chat(ctx, req))
@@ -185,6 +188,8 @@ async def completions(request: Request):
     run = RequestRun(ctx, request_id, "completion", engine_id=engine_id)
     try:
         req = await read_json(request, ctx.limits, CompletionRequest)
+        if req.request_id and "x-request-id" not in request.headers:
+            run.request_id, run.engine_id, header_id = request_ids(request, "cmpl", req.request_id)
         _check_model(ctx, req.model)
         jobs, texts = [], []
         for p in req.prompt:
