@@ -2,8 +2,8 @@
 
 Starts `python -m qvl.server.launch` (the demo checkpoint unless --model) from the tree in PYTHONPATH, runs
 one long greedy stream, and meanwhile sends chat requests whose one text message is SIZE megabytes. For
-each it prints the time to the refusal and the longest gap between the stream's chunks while it was
-being refused, next to the stream's median gap.
+each it prints the time to the refusal, the longest gap between the stream's chunks while it was
+being refused next to the stream's median gap, and the server's RSS before and 0.5 s after (Linux).
 
   PYTHONPATH=$PWD python bench/server_bodies.py --sizes 4,50 [--model DIR] [--timeout 200]
 """
@@ -27,6 +27,12 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return round(kb / 1024, 1)
 
 
 def main() -> None:
@@ -68,6 +74,7 @@ def main() -> None:
         for size in [float(s) for s in args.sizes.split(",")]:
             text = "word " * int(size * 1e6 / 5)
             raw = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 4}).encode()
+            rss0 = _rss_mb(proc.pid)
             t0 = time.monotonic()
             try:
                 r = httpx.post(url + "/v1/chat/completions", content=raw, timeout=args.timeout,
@@ -83,6 +90,7 @@ def main() -> None:
             print(json.dumps({"body_mb": round(len(raw) / 1e6, 1), "status": status, "refused_in_s": round(t1 - t0, 2),
                               "stream_max_gap_s": round(max(window, default=t1 - t0), 3),
                               "stream_median_gap_s": round(statistics.median(before), 4) if before else None,
+                              "server_rss_mb": [rss0, _rss_mb(proc.pid)],
                               "message": msg}), flush=True)
             time.sleep(1.0)
         stop.set()

@@ -1,6 +1,8 @@
 """Bad input never hurts the server: a table of malformed / hostile requests, each answered with the
-right 4xx and an OpenAI error body ({"error": {"message", "type", "param", "code"}}) naming the problem;
-afterwards a normal request still succeeds and every KV block is free again.
+right 4xx and an OpenAI error body ({"error": {"message", "type", "param", "code"}}) naming the problem —
+malformed media and limits, malformed JSON, lone surrogates, over-long text, refused vLLM options; the
+whole table again while another client streams, which completes untouched; afterwards a normal request
+still succeeds and every KV block is free again.
 
 One real server process (tiny checkpoint, small limits) for the whole module.
 """
