@@ -7,7 +7,9 @@ differs), the served name = folder name with the path accepted too and /v1/model
 OPTIONS needing the key, CORS preflight, /version, /detokenize, null fields, OpenAPI request bodies, per-
 prompt finish reasons of a non-streamed multi-prompt completion (body, log line, metrics), X-Request-Id,
 vLLM options (honoured or a 400 naming them; unknown fields logged), header/body read timeouts and the
-connection cap. Unit tests: the accept-error log filter, the text-length pre-check, strict fields.
+connection cap. Own servers: SIGTERM past the grace period (streams end "abort", others get a 503 body,
+exit 0 in time) and running out of file descriptors (one log line, not megabytes). Unit tests: the
+accept-error log filter, the text-length pre-check, strict fields.
 """
 from __future__ import annotations
 
@@ -401,3 +403,54 @@ def test_shutdown_deadline_aborts_cleanly(tiny_ckpt, tmp_path):
     assert lines[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "abort", lines[-3:]
     assert full["status"] == 503 and full["body"]["error"]["code"] == "shutting_down", full
     assert "Traceback" not in srv.log_path.read_text()
+
+
+def test_out_of_file_descriptors_logs_one_line(tiny_ckpt, tmp_path):
+    """More connections than the process may open: asyncio's accept-error records (thousands a second,
+    each with a traceback, plus one per pending retry at shutdown) come out as one line, and the server
+    serves again once the sockets close."""
+    import resource
+
+    from test_server import free_port
+
+    port, limit = free_port(), 256
+    log_path = tmp_path / "server.log"
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "qvl.server.launch", str(tiny_ckpt), "--port", str(port),
+                                 "--device", "cpu", "--threads", "1", "--header-read-timeout", "30"],
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_limit)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        flood = []
+        for _ in range(limit + 50):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            flood.append(s)
+        time.sleep(3)
+        for s in flood:
+            s.close()
+        time.sleep(0.5)
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        rc = proc.wait(60)
+    text = log_path.read_text()
+    assert rc == 0, text[-3000:]
+    assert 1 <= text.count("socket.accept() out of system resource") <= 2, text[-3000:]
+    assert "Traceback" not in text and len(text) < 20_000, (len(text), text[-3000:])

@@ -7,9 +7,12 @@ real clients out. `HeaderTimeoutH11Protocol` closes a connection whose request h
 `header_read_timeout` seconds after it opened (or after its previous response); the body has its own
 timeout (body.py). The HTTP protocol class is passed to uvicorn as `http=`.
 
-When the process runs out of file descriptors, asyncio logs every failed accept() with a traceback
-(once a second per listening socket, more under load); `AcceptErrorLogFilter` lets one such record through
-per `interval_s` and counts the rest into the next one.
+When the process runs out of file descriptors, asyncio (3.11) logs every failed accept() with a traceback
+— up to `backlog` (2048) records per readiness event, each scheduling a retry, and at shutdown each pending
+retry logs "Exception in callback BaseSelectorEventLoop._start_serving" with its own traceback: megabytes of
+log per second. `AcceptErrorLogFilter` lets one such record through per `interval_s`, without its
+traceback, and counts the rest into the next one. `raise_open_file_limit()` lifts the soft descriptor limit
+to the hard one (at most 65536) at startup, as vLLM does, so the cap is rarely met at all.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ class AcceptErrorLogFilter(logging.Filter):
     `interval_s`; the next one says how many were dropped."""
 
     MESSAGE = "socket.accept() out of system resource"
+    RETRY = "Exception in callback BaseSelectorEventLoop._start_serving"     # a retry firing after close
 
     def __init__(self, interval_s: float = 30.0):
         super().__init__()
@@ -69,7 +73,7 @@ class AcceptErrorLogFilter(logging.Filter):
         self._dropped = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.MESSAGE):
+        if not str(record.msg).startswith((self.MESSAGE, self.RETRY)):
             return True
         now = time.monotonic()
         if now - self._last < self.interval_s:
@@ -93,3 +97,18 @@ def install_accept_error_filter(interval_s: float = 30.0) -> AcceptErrorLogFilte
     f = AcceptErrorLogFilter(interval_s)
     log.addFilter(f)
     return f
+
+
+def raise_open_file_limit(target: int = 65536) -> int:
+    """Raise RLIMIT_NOFILE's soft limit towards min(hard, target); returns the soft limit in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = target if hard == resource.RLIM_INFINITY else min(hard, target)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want
+        except (ValueError, OSError):
+            return soft
+    return soft

@@ -67,7 +67,7 @@ def serve(args) -> None:
 
     from qvl.multimodal.media import MediaPolicy
     from qvl.server.app import create_app
-    from qvl.server.connections import header_timeout_protocol, install_accept_error_filter
+    from qvl.server.connections import header_timeout_protocol, install_accept_error_filter, raise_open_file_limit
 
     opts = dataclass_from_args(ServeOptions, args)
     limits = dataclass_from_args(ServerLimits, args)
@@ -77,6 +77,7 @@ def serve(args) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = opts.api_key or os.environ.get("QVL_API_KEY") or None
     install_accept_error_filter()
+    raise_open_file_limit()
     engine = build_engine(cfg)
     name, aliases = served_names(opts.served_model_name, cfg.model_path)
     app = create_app(engine, served_model_name=name, model_aliases=aliases, api_key=api_key,
