@@ -201,6 +201,8 @@ CASES = [
      ["maximum context length is 512"], "prompt"),
     ("tokenize_text_over_context", "/tokenize", {"prompt": "y" * 2_000_000}, 400, ["characters"], "prompt"),
     ("too_many_prompts", "/v1/completions", {"prompt": ["a"] * 300}, 400, ["at most 256 prompts"], "prompt"),
+    ("too_many_choices", "/v1/completions", {"prompt": ["a"] * 100, "n": 3}, 400, ["300 choices", "at most 256"],
+     None),
     # vLLM options qvl does not implement: refused by name rather than silently ignored
     ("chat_template_per_request", "/v1/chat/completions", chat(chat_template="{{ 1 }}"), 400,
      ["--chat-template"], "chat_template"),

@@ -38,7 +38,7 @@ from qvl.server.request_options import MMProcessorKwargs, structured_spec
 from qvl.server.tools import tool_grammar
 
 MAX_N = 16
-MAX_PROMPTS = 256             # prompts in one /v1/completions request (each is an engine request, times n)
+MAX_PROMPTS = 256             # prompts (and prompts x n choices) in one /v1/completions request
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 
@@ -229,6 +229,9 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(f"best_of ({self.best_of}) different from n ({self.n}) is not supported")
+        if len(self.prompt) * self.n > MAX_PROMPTS:
+            raise ValueError(f"{len(self.prompt)} prompts x n {self.n} = {len(self.prompt) * self.n} choices; "
+                             f"at most {MAX_PROMPTS} in one request")
         return self
 
     @property
