@@ -264,6 +264,15 @@ def test_slow_clients(server, http):
     assert reply.startswith("HTTP/1.1 408") and time.monotonic() - t0 < 6, reply
     assert "body_read_timeout" in json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["message"]
 
+    for raw in (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20_000,     # headers past h11's 16 KiB
+                b"NOT HTTP AT ALL\r\n\r\n"):
+        s = _raw(server)
+        s.sendall(raw)
+        reply = _read_all(s).decode()
+        s.close()
+        assert reply.startswith("HTTP/1.1 400"), reply
+        assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "invalid_http_request"
+
     idle = [_raw(server) for _ in range(14)]                              # over --limit-concurrency 12
     try:
         time.sleep(0.2)

@@ -5,7 +5,8 @@ uvicorn bounds an idle keep-alive connection (`timeout_keep_alive`) and the numb
 that opens a connection and trickles its request headers, which is how a few hundred slow sockets lock
 real clients out. `HeaderTimeoutH11Protocol` closes a connection whose request headers are not complete
 `header_read_timeout` seconds after it opened (or after its previous response); the body has its own
-timeout (body.py). The HTTP protocol class is passed to uvicorn as `http=`.
+timeout (body.py). A request h11 cannot parse (headers over its 16 KiB limit, a bad request line) gets an
+OpenAI error body too. The HTTP protocol class is passed to uvicorn as `http=`.
 
 When the process runs out of file descriptors, asyncio (3.11) logs every failed accept() with a traceback
 — up to `backlog` (2048) records per readiness event, each scheduling a retry, and at shutdown each pending
@@ -16,11 +17,14 @@ to the hard one (at most 65536) at startup, as vLLM does, so the cap is rarely m
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from qvl.server.errors import error_body
 
 
 def header_timeout_protocol(header_read_timeout: float) -> type[H11Protocol]:
@@ -49,6 +53,18 @@ def header_timeout_protocol(header_read_timeout: float) -> type[H11Protocol]:
             super().on_response_complete()
             if not self.transport.is_closing():
                 self._arm()
+
+        def send_400_response(self, msg: str) -> None:
+            """A request h11 cannot parse (bad request line, headers over h11's 16 KiB, bad chunking): an
+            OpenAI error body like every other refusal, then close (uvicorn's own sends plain text)."""
+            body = json.dumps(error_body(f"Invalid HTTP request: {msg}", "invalid_request_error", None,
+                                         "invalid_http_request")).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def connection_lost(self, exc) -> None:
             if self._header_timer is not None:
