@@ -197,11 +197,16 @@ class ServerLimits:
         None, "image + video tokens in one request (default: only the context bounds them)")
     max_request_bytes: int = _f(64 * 1024 * 1024, "HTTP body size limit in bytes")
     preprocess_workers: int = _f(4, "threads that fetch, decode and resize media")
+    body_read_timeout: float = _f(30.0, "seconds a client may take to send its whole request body (then 408)")
+    strict_request_fields: bool = _f(False, "refuse request fields the server does not read (400) instead of "
+                                            "logging and ignoring them")
 
     def __post_init__(self):
         _check_ints(self, {"max_images_per_request": 0, "max_videos_per_request": 0,
                            "max_visual_tokens_per_request": 1, "max_request_bytes": 1, "preprocess_workers": 1},
                     optional=("max_visual_tokens_per_request",))
+        _require(isinstance(self.body_read_timeout, (int, float)) and self.body_read_timeout > 0,
+                 "ServerLimits.body_read_timeout", "> 0 seconds", self.body_read_timeout)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -217,7 +222,8 @@ class ServeOptions:
     port: int = _f(8000, "TCP port")
     api_key: str | None = _f(None, "require 'Authorization: Bearer KEY' on every route but /health "
                                    "(default: the QVL_API_KEY environment variable, read at startup)")
-    served_model_name: str | None = _f(None, "the model id in the API (default: the model argument)")
+    served_model_name: str | None = _f(None, "the model id in the API (default: the checkpoint folder's name; "
+                                             "the model argument as given is accepted too)")
     log_level: str = _f("info", "server log level", choices=LOG_LEVELS)
     graceful_shutdown_timeout: float = _f(30.0, "on SIGTERM, seconds in-flight requests may take "
                                                 "before they are aborted")
@@ -236,8 +242,17 @@ class ServeOptions:
     otlp_traces_endpoint: str | None = _f(None, "send one OpenTelemetry trace per request (child spans: media "
                                                 "fetch, preprocessing, queue, prefill, decode) to this OTLP "
                                                 "endpoint; needs the qvl[otel] extra", metavar="URL")
+    allowed_origins: list[str] | None = _f(None, "browser origins allowed to call the API (CORS), e.g. "
+                                                 "https://app.example.com; '*' for any (default: none)")
+    header_read_timeout: float = _f(10.0, "seconds a connection may take to send complete request headers")
+    timeout_keep_alive: float = _f(5.0, "seconds an idle keep-alive connection stays open")
+    limit_concurrency: int = _f(1024, "open connections at once; a request beyond them gets a 503")
 
     def __post_init__(self):
+        for name in ("header_read_timeout", "timeout_keep_alive"):
+            v = getattr(self, name)
+            _require(isinstance(v, (int, float)) and v > 0, f"ServeOptions.{name}", "> 0 seconds", v)
+        _check_ints(self, {"limit_concurrency": 1})
         _require(_is_int(self.port) and 0 <= self.port <= 65535, "ServeOptions.port", "in [0, 65535]",
                  self.port)
         _require(self.log_level in LOG_LEVELS, "ServeOptions.log_level", f"one of {', '.join(LOG_LEVELS)}",

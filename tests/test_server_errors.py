@@ -1,6 +1,8 @@
 """Bad input never hurts the server: a table of malformed / hostile requests, each answered with the
-right 4xx and an OpenAI error body ({"error": {"message", "type", "param", "code"}}) naming the problem;
-afterwards a normal request still succeeds and every KV block is free again.
+right 4xx and an OpenAI error body ({"error": {"message", "type", "param", "code"}}) naming the problem —
+malformed media and limits, malformed JSON, lone surrogates, over-long text, refused vLLM options; the
+whole table again while another client streams, which completes untouched; afterwards a normal request
+still succeeds and every KV block is free again.
 
 One real server process (tiny checkpoint, small limits) for the whole module.
 """
@@ -70,6 +72,11 @@ def img(url: str, **opts) -> dict:
 
 def chat(**kw) -> dict:
     return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **kw}
+
+
+def _raw_chat(extra: bytes) -> bytes:
+    """A chat body with one more raw JSON member (for what json.dumps cannot write)."""
+    return b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, ' + extra + b"}"
 
 
 OK_IMAGE = png_data_url(56, 56)
@@ -169,6 +176,45 @@ CASES = [
     ("completion_suffix", "/v1/completions", {"model": "tiny", "prompt": "a", "suffix": "b"}, 400,
      ["suffix"], None),
     ("tokenize_neither", "/tokenize", {"model": "tiny"}, 400, ["messages or prompt"], None),
+    # malformed JSON that Python's parser takes (or dies on): 400s, never 500s
+    ("json_nested_1001_levels", "/v1/chat/completions", b'{"messages": ' + b"[" * 1001 + b"]" * 1001 + b"}", 400,
+     ["nested deeper than 64"], None),
+    ("json_nested_100_levels", "/v1/chat/completions", b'{"x": ' + b"[" * 100 + b"]" * 100 + b"}", 400,
+     ["nested deeper than 64"], None),
+    ("json_int_5000_digits", "/v1/chat/completions", _raw_chat(b'"seed": ' + b"9" * 5000), 400,
+     ["5000 digits"], None),
+    ("json_nan", "/v1/chat/completions", _raw_chat(b'"temperature": NaN'), 400, ["NaN is not valid JSON"], None),
+    ("json_float_overflow", "/v1/chat/completions", _raw_chat(b'"temperature": 1e999'), 400, ["out of range"],
+     None),
+    ("json_not_utf8", "/v1/chat/completions", b'{"messages": "\xff\xfe"}', 400, ["Invalid JSON"], None),
+    ("surrogate_in_message_text", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}', 400, ["lone UTF-16 surrogate"],
+     "messages[0].content"),
+    ("surrogate_in_model_name", "/v1/chat/completions", _raw_chat(b'"model": "tiny\\udfff"'), 400,
+     ["surrogate"], "model"),
+    ("surrogate_in_tokenize_prompt", "/tokenize", b'{"prompt": "\\ud83d"}', 400, ["surrogate"], "prompt"),
+    ("surrogate_in_key", "/v1/chat/completions", _raw_chat(b'"\\ud800": 1'), 400, ["surrogate"], None),
+    # a text far over the context is refused from its length, before it is tokenized whole
+    ("text_over_context_by_characters", "/v1/chat/completions",
+     chat(messages=[{"role": "user", "content": "x" * 2_000_000}]), 400, ["2000000 characters"], "messages"),
+    ("completion_text_over_context", "/v1/completions", {"prompt": "red green " * 100_000}, 400,
+     ["maximum context length is 512"], "prompt"),
+    ("tokenize_text_over_context", "/tokenize", {"prompt": "y" * 2_000_000}, 400, ["characters"], "prompt"),
+    ("too_many_prompts", "/v1/completions", {"prompt": ["a"] * 300}, 400, ["at most 256 prompts"], "prompt"),
+    ("too_many_choices", "/v1/completions", {"prompt": ["a"] * 100, "n": 3}, 400, ["300 choices", "at most 256"],
+     None),
+    # vLLM options qvl does not implement: refused by name rather than silently ignored
+    ("chat_template_per_request", "/v1/chat/completions", chat(chat_template="{{ 1 }}"), 400,
+     ["--chat-template"], "chat_template"),
+    ("beam_search", "/v1/chat/completions", chat(use_beam_search=True), 400, ["beam search"], "use_beam_search"),
+    ("bad_words", "/v1/chat/completions", chat(bad_words=["x"]), 400, ["not supported"], "bad_words"),
+    ("audio_output", "/v1/chat/completions", chat(modalities=["audio"]), 400, ["text"], "modalities"),
+    ("mm_processor_kwargs_unknown_key", "/v1/chat/completions", chat(mm_processor_kwargs={"do_resize": False}),
+     400, ["not permitted"], "mm_processor_kwargs.do_resize"),
+    ("mm_processor_kwargs_bad_value", "/v1/chat/completions", chat(mm_processor_kwargs={"max_pixels": -1}),
+     400, ["greater than 0"], "mm_processor_kwargs.max_pixels"),
+    ("detokenize_out_of_vocab", "/detokenize", {"tokens": [1, 10**7]}, 400, ["out of range"], "tokens"),
+    ("detokenize_negative", "/detokenize", {"tokens": [-1]}, 400, ["greater than or equal to 0"], "tokens[0]"),
 ]
 
 
@@ -211,6 +257,58 @@ def test_bad_request(http, case):
         assert needle.lower() in err["message"].lower(), (needle, err["message"])
     if param is not None:
         assert err["param"] == param, err
+
+
+def _send(client: httpx.Client, route: str, body) -> httpx.Response:
+    if isinstance(body, bytes):
+        return client.post(route, content=body, headers={"Content-Type": "application/json"})
+    return client.post(route, json=body)
+
+
+def test_table_while_another_client_streams(server, http):
+    """Every case of the table, plus a chunked body over the limit, while another client streams: each gets
+    its 4xx and the stream completes untouched (all its tokens, finish_reason "length", no error chunk)."""
+    import json
+    import threading
+
+    body = chat(messages=[{"role": "user", "content": "Talk."}], max_tokens=400, ignore_eos=True, stream=True,
+                stream_options={"include_usage": True}, temperature=0)
+    events, first = [], threading.Event()
+
+    def reader():
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    first.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert first.wait(60)
+    wrong = []
+    for name, route, case_body, status, _, _ in CASES:
+        r = _send(http, route, case_body)
+        if r.status_code != status:
+            wrong.append((name, r.status_code, r.text[:200]))
+
+    def chunks():
+        yield b'{"pad": "'
+        for _ in range(40):
+            yield b"x" * 100_000
+        yield b'"}'
+
+    r = http.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    if r.status_code != 413:
+        wrong.append(("chunked_too_large", r.status_code, r.text[:200]))
+    still_streaming = t.is_alive()
+    t.join(120)
+    assert not wrong, wrong
+    assert still_streaming, "the stream ended before the table was through: make it longer"
+    assert events[-1] == "[DONE]"
+    payloads = [json.loads(e) for e in events[:-1]]
+    assert not any("error" in p for p in payloads)
+    assert [c["finish_reason"] for p in payloads for c in p["choices"] if c["finish_reason"]] == ["length"]
+    assert payloads[-1]["usage"]["completion_tokens"] == 400
 
 
 def test_routing_errors_have_bodies(http):

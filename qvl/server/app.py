@@ -6,7 +6,8 @@ comes from its typed properties (processor, max_model_len, vocab_size, model_pat
 stats). The routes are routes.py's APIRouter, the web page at / is web.py's; qvl.server.launch defines
 the `qvl serve` flags and runs the app under uvicorn.
 
-Owns: the Bearer-key middleware (every route but /health and the page), the handlers that turn APIError (errors.py,
+Owns: the Bearer-key middleware (every route but /health and the page), CORS (`allowed_origins`), the
+request-body schemas of the OpenAPI document, the handlers that turn APIError (errors.py,
 framework-free), validation errors, 404/405 and anything unexpected into OpenAI error bodies (the
 traceback goes to the log, never to the client), and the lifespan (start the engine; on shutdown stop
 it off the event loop and drop the preprocessing pool).
@@ -20,6 +21,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,25 +31,30 @@ from qvl.multimodal.media import MediaPolicy
 from qvl.server import web
 from qvl.server.errors import APIError, validation_error
 from qvl.server.metrics import ServerMetrics
+from qvl.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from qvl.server.routes import router
 from qvl.server.serving import ServingContext, drain
 
 logger = logging.getLogger("qvl.server")
+ENGINE_STOP_S = 5.0       # at shutdown, how long the engine's running step may take to end
 
 
 def create_app(engine: AsyncEngine, *, served_model_name: str, api_key: str | None = None,
                media_policy: MediaPolicy | None = None, limits: ServerLimits | None = None,
-               ui: bool = True) -> FastAPI:
+               ui: bool = True, model_aliases: tuple[str, ...] = (),
+               allowed_origins: list[str] | None = None) -> FastAPI:
     """The app around `engine`. `media_policy=None` means the strict MediaPolicy(): public http(s) hosts
     only, no local files (the server never uses the library's permissive default). `ui`: serve the web
-    page (web.py) at `/`."""
+    page (web.py) at `/`. `model_aliases`: other names a request may give as `model`. `allowed_origins`:
+    browser origins for CORS (none: no CORS headers, preflights need the key like any request)."""
     if engine.processor is None:
         raise ValueError("the server needs an engine with a tokenizer (AsyncEngine.processor is None)")
     limits = limits or ServerLimits()
     ctx = ServingContext(engine=engine, served_model_name=served_model_name,
                          media_policy=media_policy or MediaPolicy(), limits=limits,
                          metrics=ServerMetrics(served_model_name, engine.stats, engine.max_model_len),
-                         boxes_fn=_grounding_fn(engine.processor.processing))
+                         boxes_fn=_grounding_fn(engine.processor.processing),
+                         model_aliases=tuple(a for a in model_aliases if a and a != served_model_name))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,8 +62,10 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, api_key: str | No
         try:
             yield
         finally:
-            with contextlib.suppress(Exception):   # joins the engine thread: keep the loop free meanwhile
-                await asyncio.to_thread(engine.shutdown)
+            try:       # joins the engine thread (its current step): keep the loop free, and do not wait forever
+                await asyncio.wait_for(asyncio.to_thread(engine.shutdown), ENGINE_STOP_S)
+            except Exception:  # noqa: BLE001 - stopping must not fail; launch.py exits past a stuck step
+                logger.warning("the engine did not stop within %.0f s", ENGINE_STOP_S)
             if ctx.executor is not None:
                 ctx.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -67,13 +76,35 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, api_key: str | No
     if ui:
         web.install(app)
     install_error_handlers(app)
+    _describe_bodies(app, (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest))
     if api_key:
         app.add_middleware(_AuthMiddleware, api_key=api_key, ui=ui)
+    if allowed_origins:     # outside auth: a preflight carries no key, and a 401 still gets CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"], max_age=600)
     return app
 
 
+def _describe_bodies(app: FastAPI, models) -> None:
+    """The OpenAPI document describes the request bodies (routes.py reads them itself, so FastAPI cannot
+    see them): each model's JSON schema, and its nested models, under components/schemas."""
+    base = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = base()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -99,8 +130,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class _AuthMiddleware:
-    """Pure ASGI (streams pass through untouched): Bearer key on every path but /health and the web page
-    (GET / and /static/*, web.is_public)."""
+    """Pure ASGI (streams pass through untouched): Bearer key on every path and method (OPTIONS too, so
+    routes cannot be enumerated) but /health and the web page (GET / and /static/*, web.is_public)."""
 
     def __init__(self, app, api_key: str, ui: bool = False):
         self.app = app
@@ -108,7 +139,7 @@ class _AuthMiddleware:
         self.ui = ui
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] == "/health" or scope["method"] == "OPTIONS" \
+        if scope["type"] != "http" or scope["path"] == "/health" \
                 or (self.ui and web.is_public(scope["method"], scope["path"])):
             return await self.app(scope, receive, send)
         auth = dict(scope.get("headers") or []).get(b"authorization", b"")

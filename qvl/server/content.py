@@ -10,6 +10,8 @@ non-empty string here; fetching and decoding happen later, under the MediaPolicy
 """
 from __future__ import annotations
 
+import functools
+import typing
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -21,9 +23,27 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 class WireModel(BaseModel):
-    """Base of every wire model: unknown keys are ignored (as the OpenAI servers do)."""
+    """Base of every wire model: unknown keys are ignored (as the OpenAI servers do), and `null` for a
+    field that has a non-null default means that default (OpenAI accepts `"n": null`, `"stream": null`)."""
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            fields = _defaulted_non_nullable(cls)
+            if any(data.get(k, 0) is None for k in fields):
+                data = {k: v for k, v in data.items() if not (v is None and k in fields)}
+        return data
+
+
+@functools.cache
+def _defaulted_non_nullable(cls: type[BaseModel]) -> frozenset[str]:
+    """Fields of `cls` that have a default and whose type does not admit None (required fields keep their
+    'missing' / 'wrong type' errors)."""
+    return frozenset(name for name, f in cls.model_fields.items()
+                     if not f.is_required() and f.default is not None
+                     and type(None) not in typing.get_args(f.annotation) and f.annotation is not type(None))
 
 
 class _ImageOptions(WireModel):

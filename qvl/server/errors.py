@@ -21,13 +21,15 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 
 
 class APIError(Exception):
-    """A request the server refuses (or cannot serve); `status` is the HTTP status."""
+    """A request the server refuses (or cannot serve); `status` is the HTTP status, `headers` any extra
+    response headers."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 code: str | None = None, type: str | None = None):
+                 code: str | None = None, type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.headers = headers          # extra response headers, e.g. Connection: close
         self.param = param
         self.code = code
         self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")

@@ -4,7 +4,11 @@
 add_dataclass_args): ServeOptions, ServerLimits, MediaPolicy (qvl.multimodal.media) and EngineConfig;
 `serve(args)` builds `AsyncEngine(engine=LLMEngine.from_config(EngineConfig))` and the app
 (qvl.server.app.create_app) and runs uvicorn until SIGTERM/SIGINT: stop accepting, let in-flight
-requests finish for --graceful-shutdown-timeout seconds, abort the rest, stop the engine, exit 0.
+requests finish for --graceful-shutdown-timeout seconds, abort the rest (streams end with finish_reason
+"abort", other requests get a 503 error body), stop the engine, exit 0 — without waiting for an engine
+step or media decode that outlives the grace period. The API serves the model as the checkpoint
+folder's name unless --served-model-name says otherwise. Connections get a header read timeout, a
+keep-alive timeout and a cap (qvl.server.connections), and the accept-error log line is rate-limited.
 The API key falls back to the QVL_API_KEY environment variable, read when serve() starts.
 Also `python -m qvl.server.launch MODEL [flags]`.
 """
@@ -63,6 +67,7 @@ def serve(args) -> None:
 
     from qvl.multimodal.media import MediaPolicy
     from qvl.server.app import create_app
+    from qvl.server.connections import header_timeout_protocol, install_accept_error_filter, raise_open_file_limit
 
     opts = dataclass_from_args(ServeOptions, args)
     limits = dataclass_from_args(ServerLimits, args)
@@ -71,18 +76,37 @@ def serve(args) -> None:
     logging.basicConfig(level=getattr(logging, opts.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = opts.api_key or os.environ.get("QVL_API_KEY") or None
+    install_accept_error_filter()
+    raise_open_file_limit()
     engine = build_engine(cfg)
-    app = create_app(engine, served_model_name=opts.served_model_name or cfg.model_path, api_key=api_key,
-                     media_policy=policy, limits=limits, ui=opts.ui)
+    name, aliases = served_names(opts.served_model_name, cfg.model_path)
+    app = create_app(engine, served_model_name=name, model_aliases=aliases, api_key=api_key,
+                     media_policy=policy, limits=limits, ui=opts.ui, allowed_origins=opts.allowed_origins)
     from qvl.server import observe
 
     observer = observe.install(app, app.state.ctx, opts)     # request log, cost, vllm names, traces
-    logger.info("serving %s on http://%s:%d (auth %s, web page %s)", cfg.model_path, opts.host, opts.port,
-                "on" if api_key else "off", f"http://{opts.host}:{opts.port}/" if opts.ui else "off")
+    logger.info("serving %s as %r on http://%s:%d (auth %s, web page %s)", cfg.model_path, name, opts.host,
+                opts.port, "on" if api_key else "off", f"http://{opts.host}:{opts.port}/" if opts.ui else "off")
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, access_log=False,
-                            timeout_graceful_shutdown=opts.graceful_shutdown_timeout)
+                            timeout_graceful_shutdown=opts.graceful_shutdown_timeout,
+                            http=header_timeout_protocol(opts.header_read_timeout),
+                            timeout_keep_alive=opts.timeout_keep_alive, limit_concurrency=opts.limit_concurrency)
     _uvicorn_server_cls(app, opts.graceful_shutdown_timeout)(config).run()
     observer.shutdown()                                          # flush queued spans
+    stuck = [t.name for t in threading.enumerate() if t.name.startswith(("qvl-engine", "qvl-pre")) and t.is_alive()]
+    if stuck:   # a step or a media decode still running: waiting for it would overrun the grace period
+        logger.warning("exiting with %s still running", ", ".join(stuck))
+        logging.shutdown()
+        os._exit(0)
+
+
+def served_names(served_model_name: str | None, model_path: str) -> tuple[str, tuple[str, ...]]:
+    """(the model id the API shows, other ids it accepts): --served-model-name, else the checkpoint
+    folder's name (a hub id's last part); the model argument as given is always accepted."""
+    if served_model_name:
+        return served_model_name, (model_path,)
+    name = os.path.basename(os.path.normpath(model_path)) or model_path
+    return name, (model_path,) if model_path != name else ()
 
 
 def _uvicorn_server_cls(app: "FastAPI", grace_s: float):

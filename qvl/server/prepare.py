@@ -7,17 +7,22 @@ Chat, and completions with a text prompt, go through qvl.multimodal's one prompt
   load   (thread pool)  decode pixels from the fetched bytes, expand pads, positions, exact recheck.
 A request's constraint (response_format / structured_outputs / guided_*) becomes
 SamplingParams.structured_outputs here; RequestRun compiles it before the engine gets it. /tokenize is plan alone. A token-id prompt of /v1/completions is `ProcessedPrompt.from_token_ids`.
+Before any of it, a text too long for the context is refused from its length (check_text_length:
+characters, then the tokens of a bounded prefix), so a huge prompt is never tokenized whole.
 Media work never runs on the event-loop thread. Every refusal is an APIError (errors.py) with the
 code the check gave (context_length_exceeded, too_many_visual_tokens) or the media error's.
 """
 from __future__ import annotations
 
+import functools
+import json
 from typing import TYPE_CHECKING
 
 from qvl.multimodal.plan import PromptLimitError, PromptLimits, PromptPlan, check
 from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams
 from qvl.server.errors import APIError, media_error
+from qvl.server.request_options import apply_mm_defaults
 from qvl.server.serving import ServingContext
 from qvl.server.tools import template_renders_tools
 
@@ -59,7 +64,11 @@ def check_prompt(prompt: PromptPlan | ProcessedPrompt, limits: PromptLimits, par
 async def plan_chat(ctx: ServingContext, req: "ChatCompletionRequest | TokenizeRequest") -> PromptPlan:
     """The request's messages planned (template options honoured); the media counts checked first."""
     check_media_counts(ctx, req.messages)
-    messages = [m.to_processor() for m in req.messages]
+    texts = [p.text for m in req.messages for p in m.content if getattr(p, "type", None) == "text"]
+    if getattr(req, "tools", None):
+        texts.append(json.dumps(req.tools))
+    await check_text_length(ctx, texts, "messages")
+    messages = apply_mm_defaults([m.to_processor() for m in req.messages], req.mm_processor_kwargs)
     return await ctx.guarded(ctx.processor.plan, messages, policy=ctx.media_policy,
                              max_model_len=ctx.max_model_len, param="messages", **req.template_options())
 
@@ -82,6 +91,7 @@ async def prepare_text(ctx: ServingContext, prompt: str | list[int],
     """One /v1/completions prompt -> (ProcessedPrompt, its text for echo)."""
     limits = prompt_limits(ctx, max_new_tokens)
     if isinstance(prompt, str):
+        await check_text_length(ctx, [prompt], "prompt")
         plan = await ctx.guarded(ctx.processor.plan, prompt=prompt, policy=ctx.media_policy,
                                  max_model_len=ctx.max_model_len, param="prompt")
         check_prompt(plan, limits, "prompt")
@@ -104,6 +114,7 @@ async def tokenize(ctx: ServingContext, req: "TokenizeRequest") -> dict:
     if req.messages is not None:
         plan = await plan_chat(ctx, req)
     else:
+        await check_text_length(ctx, [req.prompt], "prompt")
         plan = await ctx.guarded(ctx.processor.plan, prompt=req.prompt, policy=ctx.media_policy,
                                  max_model_len=ctx.max_model_len, param="prompt")
     counts = plan.counts()
@@ -134,3 +145,51 @@ def sampling_params(ctx: ServingContext, req, prompt_len: int) -> SamplingParams
     except (ValueError, TypeError) as exc:
         raise APIError(str(exc), code="invalid_value") from exc
 
+
+
+def chat_echo(req: "ChatCompletionRequest") -> str:
+    """vLLM's chat `echo`: the text the reply starts with — the last message's, when it is the assistant's."""
+    last = req.messages[-1]
+    if not req.echo or last.role != "assistant":
+        return ""
+    return "".join(p.text for p in last.content if getattr(p, "type", None) == "text")
+
+
+# ---------------------------------------------------------------------------------------------------
+# text length, before the whole prompt is tokenized
+
+PREFIX_CHARS_PER_TOKEN = 8     # the token pre-check tokenizes at most this many characters per context token
+PREFIX_MARGIN = 16             # tokens a cut or a part boundary can change; the exact check follows anyway
+
+
+@functools.lru_cache(maxsize=8)
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for: the longest vocabulary entry (byte-level tokens are
+    spelled one symbol per byte, and a character is at least one byte)."""
+    return max((len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+
+async def check_text_length(ctx: ServingContext, texts: list[str], param: str) -> None:
+    """Refuse text that cannot fit max_model_len, before the template renders and tokenizes all of it:
+    more characters than max_model_len tokens can spell is refused from the length alone; a text still
+    longer than PREFIX_CHARS_PER_TOKEN characters per context token has only that prefix tokenized (in the
+    pool), refused when it alone is over. What passes gets the exact check after planning."""
+    total = sum(len(t) for t in texts)
+    limit = ctx.max_model_len
+    tokenizer = ctx.processor.tokenizer
+    most = limit * max_token_chars(tokenizer)
+    if total > most:
+        raise APIError(f"This model's maximum context length is {limit} tokens; the text of this request has "
+                       f"{total} characters, more than {limit} tokens can hold (at most {most}).",
+                       param=param, code="context_length_exceeded")
+    budget = limit * PREFIX_CHARS_PER_TOKEN
+    if total <= budget:
+        return
+    head = "\n".join(texts)[:budget]
+    cut = max(head.rfind(" ", budget - 256), head.rfind("\n", budget - 256))
+    head = head[:cut] if cut > 0 else head
+    count = await ctx.run_blocking(lambda: len(tokenizer.encode(head, add_special_tokens=False).ids))
+    if count > limit + PREFIX_MARGIN:
+        raise APIError(f"This model's maximum context length is {limit} tokens; the text of this request has "
+                       f"more than {count - PREFIX_MARGIN} tokens in its first {len(head)} of {total} characters.",
+                       param=param, code="context_length_exceeded")

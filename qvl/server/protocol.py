@@ -1,4 +1,4 @@
-"""OpenAI wire format: pydantic models for /v1/chat/completions, /v1/completions, /tokenize and their
+"""OpenAI wire format: pydantic models for /v1/chat/completions, /v1/completions, /tokenize, /detokenize and their
 responses (including stream chunks, usage, logprobs and the error body).
 
 Owns: what a request may contain and the per-field bounds (a violation is a 400 naming the field, see
@@ -6,12 +6,14 @@ errors.py); message content (text / image / video parts) is content.py's. Does n
 engine or media.
 
 Extensions over OpenAI (vLLM names where vLLM has one): `top_k`, `min_p`, `repetition_penalty`,
-`min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens` (default False so grounding tokens
-survive); for chat and /tokenize `add_generation_prompt`, `continue_final_message` (continue the last
-assistant message instead of opening a new turn; the two exclude each other, checked where the template
-is rendered) and `chat_template_kwargs` (extra chat-template variables). Unknown top-level keys are
-ignored (as vLLM does); keys that would silently change the meaning of a request (`functions`,
-`logit_bias`, `suffix`, `best_of` != n) are refused instead.
+`min_tokens`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens` (default
+False so grounding tokens survive); for chat and /tokenize `add_generation_prompt`, `continue_final_message`
+(continue the last assistant message instead of opening a new turn; the two exclude each other, checked
+where the template is rendered), `chat_template_kwargs` (extra chat-template variables) and
+`mm_processor_kwargs` (min_pixels / max_pixels / fps / total_pixels for every item); chat `echo`. A null
+field takes its default (content.WireModel). Unknown top-level keys are ignored and logged (refused with
+--strict-request-fields); keys that would silently change the meaning of a request are refused instead:
+here `functions`, `logit_bias`, `suffix`, `best_of` != n, and the vLLM options of request_options.py.
 
 Tools (chat): `tools` (type "function": name, description, parameters) and `tool_choice` ("none",
 "auto" — the default with tools —, "required", or {"type": "function", "function": {"name"}}) go to the
@@ -19,12 +21,8 @@ chat template as its `tools` variable; "required" and a named choice are enforce
 (qvl.server.tools). "none" leaves the tools out of the prompt. Messages may carry `tool_calls`
 (assistant) and the `tool` role with `tool_call_id`.
 
-Structured output (chat and completions): OpenAI `response_format` ({"type": "json_object"} or
-{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}), vLLM's `structured_outputs`
-({"json" | "regex" | "choice" | "grammar" | "json_object"}, sent in the openai client's extra_body) and
-the older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`, honoured as aliases — a
-request that asks for a constraint never gets unconstrained text: an unknown kind, or two constraints
-at once, is a 400. `structured_spec()` is the one StructuredOutputsParams the request asks for.
+Structured output (chat and completions): OpenAI `response_format`, vLLM's `structured_outputs` and the
+older `guided_*` aliases, read by request_options.structured_spec into one StructuredOutputsParams.
 """
 from __future__ import annotations
 
@@ -36,9 +34,11 @@ from pydantic import Field, field_validator, model_validator
 
 from qvl.sampling_params import StructuredOutputsParams
 from qvl.server.content import ChatMessage, NonEmptyStr, WireModel
+from qvl.server.request_options import MMProcessorKwargs, structured_spec
 from qvl.server.tools import tool_grammar
 
 MAX_N = 16
+MAX_PROMPTS = 256             # prompts (and prompts x n choices) in one /v1/completions request
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 
@@ -68,6 +68,7 @@ class _SamplingRequest(WireModel):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
     skip_special_tokens: bool = False
+    include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -97,46 +98,7 @@ class _SamplingRequest(WireModel):
 
     def structured_spec(self) -> StructuredOutputsParams | None:
         """The decoding constraint the request asks for (None: free text); ValueError when unclear."""
-        asked: dict[str, dict] = {}
-        rf = self.response_format
-        if rf is not None:
-            kind = rf.get("type", "text")
-            if kind == "json_object":
-                asked["response_format"] = {"json_object": True}
-            elif kind == "json_schema":
-                js = rf.get("json_schema")
-                if not isinstance(js, dict):
-                    raise ValueError("response_format.json_schema must be an object with name and schema")
-                schema = js.get("schema")
-                if schema is None:
-                    asked["response_format"] = {"json_object": True}
-                elif not isinstance(schema, dict):
-                    raise ValueError("response_format.json_schema.schema must be a JSON schema object")
-                else:
-                    asked["response_format"] = {"json": schema}
-            elif kind != "text":
-                raise ValueError(f"response_format type {kind!r} is not supported; use 'text', 'json_object' "
-                                 "or 'json_schema'")
-        if self.structured_outputs is not None:
-            known = {"json", "regex", "choice", "grammar", "json_object"}
-            given = {k: v for k, v in self.structured_outputs.items() if k in known and v not in (None, False)}
-            unsupported = sorted(k for k in ("structural_tag",) if self.structured_outputs.get(k))
-            if unsupported:
-                raise ValueError(f"structured_outputs.{unsupported[0]} is not supported; use json, regex, "
-                                 "choice or grammar")
-            if not given:
-                raise ValueError("structured_outputs must set one of json, regex, choice, grammar, json_object")
-            asked["structured_outputs"] = given
-        for alias, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                           ("guided_grammar", "grammar")):
-            if getattr(self, alias) is not None:
-                asked[alias] = {key: getattr(self, alias)}
-        if not asked:
-            return None
-        if len(asked) > 1 or len(next(iter(asked.values()))) > 1:
-            raise ValueError(f"give one structured-output constraint, got {sorted(asked)}"
-                             + ("" if len(asked) > 1 else f" with {sorted(next(iter(asked.values())))}"))
-        return StructuredOutputsParams(**next(iter(asked.values())))
+        return structured_spec(self)
 
     def sampling_kwargs(self) -> dict:
         """The SamplingParams keyword arguments this request sets (unset ones keep the engine's defaults)."""
@@ -144,7 +106,8 @@ class _SamplingRequest(WireModel):
                 "frequency_penalty", "seed", "stop", "stop_token_ids")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         out.update(n=self.n, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
-                   skip_special_tokens=self.skip_special_tokens)
+                   skip_special_tokens=self.skip_special_tokens,
+                   include_stop_str_in_output=self.include_stop_str_in_output)
         return out
 
 
@@ -152,6 +115,7 @@ class _ChatTemplateOptions(WireModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: MMProcessorKwargs | None = None
 
     def template_options(self) -> dict:
         """The keyword arguments of PromptProcessor.plan these fields set."""
@@ -166,6 +130,7 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    echo: bool = False          # vLLM: the reply repeats the last message when that is the assistant's
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
@@ -246,6 +211,8 @@ class CompletionRequest(_SamplingRequest):
         if is_ids(v):
             return [v]
         if isinstance(v, list) and v and all((isinstance(x, str) and x) or is_ids(x) for x in v):
+            if len(v) > MAX_PROMPTS:
+                raise ValueError(f"a prompt list holds at most {MAX_PROMPTS} prompts, got {len(v)}")
             return v
         raise ValueError("prompt must be a non-empty string, a list of strings, a list of token ids "
                          "(non-negative ints) or a list of such lists")
@@ -262,6 +229,9 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(f"best_of ({self.best_of}) different from n ({self.n}) is not supported")
+        if len(self.prompt) * self.n > MAX_PROMPTS:
+            raise ValueError(f"{len(self.prompt)} prompts x n {self.n} = {len(self.prompt) * self.n} choices; "
+                             f"at most {MAX_PROMPTS} in one request")
         return self
 
     @property
@@ -285,6 +255,11 @@ class TokenizeRequest(_ChatTemplateOptions):
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of messages or prompt")
         return self
+
+
+class DetokenizeRequest(WireModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Streams follow OpenAI: chat sends, per choice, a role chunk first, then content deltas, then a chunk with
 an empty delta and the finish_reason (with tools, replies are parsed for Hermes tool calls: each call is
 one `tool_calls` delta, finish_reason "tool_calls"); with `stream_options.include_usage` every chunk carries
-`"usage": null` and a last chunk with `choices: []` carries the usage; then `data: [DONE]`. An engine
+`"usage": null` and a last chunk with `choices: []` carries the usage; then `data: [DONE]`. With chat
+`echo`, the text the reply continues (prepare.chat_echo) comes first, whole and streamed. An engine
 failure after the first byte becomes an error chunk (the status line is already sent), then [DONE].
 """
 from __future__ import annotations
@@ -81,8 +82,8 @@ async def _collect(run: RequestRun, texts: list[str]) -> tuple[list[str], list[l
     return texts, tokens, lps
 
 
-async def chat_full(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None) -> dict:
-    texts, tokens, lps = await _collect(run, [""] * run.num_choices)
+async def chat_full(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None, echo: str = "") -> dict:
+    texts, tokens, lps = await _collect(run, [echo] * run.num_choices)
     choices = []
     for i, text in enumerate(texts):
         c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -113,7 +114,8 @@ def _boxes(ctx: ServingContext, text: str, sizes) -> list:
         return []
 
 
-def chat_stream(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None) -> AsyncIterator[str]:
+def chat_stream(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None,
+                echo: str = "") -> AsyncIterator[str]:
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -130,7 +132,9 @@ def chat_stream(ctx: ServingContext, run: RequestRun, req, grounding_sizes=None)
         for i in range(req.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
-        texts: dict[int, str] = {}
+            if echo:
+                yield chunk([{"index": i, "delta": {"content": echo}, "logprobs": None, "finish_reason": None}])
+        texts: dict[int, str] = {i: echo for i in range(req.n)} if echo else {}
         grounding = ctx.boxes_fn is not None and grounding_sizes is not None
         tools = {i: ToolCallStream() for i in range(req.n)} if getattr(req, "tools_active", False) else None
         async for idx, o in run.stream():

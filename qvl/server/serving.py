@@ -48,6 +48,8 @@ class ServingContext:
     active: set = field(default_factory=set)          # RequestRuns with engine requests in flight
     shutting_down: bool = False
     observer: Any = None                              # observe.Observer: JSON log, cost, traces (or None)
+    model_aliases: tuple[str, ...] = ()               # other names accepted for served_model_name
+    aborting: asyncio.Event = field(default_factory=asyncio.Event)   # set at the shutdown deadline
 
     @property
     def processor(self) -> "PromptProcessor":
@@ -96,6 +98,7 @@ async def drain(ctx: ServingContext, grace_s: float) -> None:
     deadline = time.monotonic() + max(0.0, grace_s)
     while ctx.active and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    ctx.aborting.set()      # requests still being prepared or collected answer 503 (routes.until_disconnect)
     if ctx.active:
         logger.info("shutdown: aborting %d in-flight request(s)", len(ctx.active))
     for run in list(ctx.active):
@@ -120,9 +123,11 @@ async def _aclose(it: AsyncIterator) -> None:
 class RequestRun:
     """One HTTP request's engine requests (one per prompt), their merged deltas and bookkeeping."""
 
-    def __init__(self, ctx: ServingContext, request_id: str, kind: str, *, images: int = 0, videos: int = 0):
+    def __init__(self, ctx: ServingContext, request_id: str, kind: str, *, images: int = 0, videos: int = 0,
+                 engine_id: str | None = None):
         self.ctx = ctx
         self.request_id = request_id
+        self.engine_id = engine_id or request_id      # unique in the engine even when request_id is a client's
         self.kind = kind
         self.arrival = time.monotonic()
         self.images, self.videos = images, videos
@@ -151,7 +156,7 @@ class RequestRun:
         self._iters = []
         self.ctx.active.add(self)
         for j, (prompt, params) in enumerate(jobs):
-            rid = self.request_id if len(jobs) == 1 else f"{self.request_id}-{j}"
+            rid = self.engine_id if len(jobs) == 1 else f"{self.engine_id}-{j}"
             try:
                 if params.structured_outputs is not None:       # its grammar compiles off the loop first
                     await self._check_grammar(params)
@@ -181,7 +186,7 @@ class RequestRun:
             rid, base, it = self._iters[0]
             try:
                 async for out in it:
-                    self._account(rid, out)
+                    self._account(rid, base, out)
                     for o in out.outputs:
                         yield base + o.index, o
             finally:
@@ -208,7 +213,7 @@ class RequestRun:
     async def _pump(self, rid: str, base: int, it, queue: asyncio.Queue) -> None:
         try:
             async for out in it:
-                self._account(rid, out)
+                self._account(rid, base, out)
                 for o in out.outputs:
                     await queue.put((base + o.index, o))
             await queue.put(None)
@@ -219,7 +224,7 @@ class RequestRun:
         finally:
             await _aclose(it)
 
-    def _account(self, rid: str, out: "RequestOutput") -> None:
+    def _account(self, rid: str, base: int, out: "RequestOutput") -> None:
         if out.finished:
             self._unfinished.discard(rid)
         self.obs.observe_output(rid, out)
@@ -237,9 +242,9 @@ class RequestRun:
             self.last_token = now
             self.completion_tokens += new
         for o in out.outputs:
-            if o.finish_reason is not None:
-                self.finish_reasons[o.index] = o.finish_reason
-                self.stop_reasons[o.index] = o.stop_reason
+            if o.finish_reason is not None:      # keyed by choice: prompt j's outputs start at base j * n
+                self.finish_reasons[base + o.index] = o.finish_reason
+                self.stop_reasons[base + o.index] = o.stop_reason
 
     async def abort_unfinished(self) -> None:
         for rid in list(self._unfinished):
