@@ -112,6 +112,7 @@ def awq(qweight, qzeros, scales, *, group_size: int, shape: tuple[int, int], nam
 
 def dequantize(qz: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W (N, K) = (q − z)·s, computed in float32 (exact for ≤ 8-bit q and fp16 scales), then cast."""
-    z = qz.zeros.t().repeat_interleave(qz.group, dim=1)        # (N, K)
-    s = qz.scales.t().repeat_interleave(qz.group, dim=1)       # (N, K)
-    return ((qz.q.float() - z) * s).to(dtype)
+    n, k = qz.q.shape
+    q = qz.q.view(n, k // qz.group, qz.group).float()                                        # (N, G, g)
+    w = (q - qz.zeros.t()[:, :, None]) * qz.scales.t()[:, :, None]                            # (N, G, g)
+    return w.view(n, k).to(dtype)
