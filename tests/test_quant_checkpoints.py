@@ -166,6 +166,10 @@ def test_asymmetric_zeros_and_act_order_g_idx_refused(ckpts, tmp_path):
 
 
 def test_method_must_match_the_checkpoint(ckpts, tiny_ckpt):
+    from qvl.config import QUANTIZATIONS
+    from qvl.quant import METHODS
+
+    assert QUANTIZATIONS == METHODS                  # EngineConfig's choices are what the loader runs
     with pytest.raises(ValueError, match=r"^quantization='awq' contradicts the checkpoint, which is "
                                          r"gptq-quantized"):
         load_model(ckpts["gptq4"][0], quantization="awq")
