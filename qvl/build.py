@@ -142,8 +142,8 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
 
     sources: dict[str, tuple[int, str]] = {}  # canonical name -> (file index, stored key)
     unexpected: list[str] = []
-    for fi, h in enumerate(handles):
-        for key in h.keys():
+    for fi, keys in enumerate([h.keys() for h in handles]):   # no loop variable keeps a file mapped
+        for key in keys:
             name = weights.canonical_key(key)
             mod_name, _, attr = name.rpartition(".")
             if name in expected or mod_name in quant and quant[mod_name].accepts(attr):
@@ -180,8 +180,10 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
         want = tuple(params[name].shape)
         if tuple(t.shape) != want:
             raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, expected {want} from config.json")
-        loaded[name] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
-    del handles
+        # Quantized: copy the float tensors too, so no view keeps the file's mapping (and every page the
+        # packed tensors were read from) resident after loading.
+        loaded[name] = nn.Parameter(t.to(device=device, dtype=dtype, copy=bool(quant)), requires_grad=False)
+    del handles, t          # the last stored tensor too: any view of a file keeps all of it mapped
 
     for name, p in loaded.items():
         mod_name, _, attr = name.rpartition(".")

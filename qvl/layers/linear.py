@@ -100,7 +100,7 @@ class QuantLinear(nn.Module):
             b = p["bias"]
             if tuple(b.shape) != (self.out_features,):
                 raise ValueError(f"{self.name}.bias has shape {tuple(b.shape)}, expected ({self.out_features},)")
-            self._buffers_set(bias=b.to(device=self.device, dtype=self.dtype))
+            self._buffers_set(bias=b.to(device=self.device, dtype=self.dtype, copy=True))   # no file view
         self._pending = {}
         self._set_kernel_tensors(qz)
         self.loaded = True
