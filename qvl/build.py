@@ -3,13 +3,25 @@
   resolve_model_path(path_or_hub_id) -> local directory (a local dir as is; otherwise
       huggingface_hub.snapshot_download of the weights, configs and tokenizer files; a clear error when
       the download fails or the hub is unreachable).
-  load_model(path_or_hub_id, dtype=torch.float32, device="cpu", progress=None) -> (model, config)
+  load_model(path_or_hub_id, dtype=torch.float32, device="cpu", progress=None, quantization=None)
+      -> (model, config); `model.quantization` is the QuantSpec it was loaded with (or None).
 
-Pipeline: config.json's model_type picks the family; the family's Model is built on the meta device (no
-random init); every stored tensor is renamed by the family's `weights.canonical_key`, passed through its
-`weights.sanitize` (checkpoint quirks), checked for shape, cast to `dtype` and placed on `device` one at a
-time (peak extra memory = one tensor). A missing head (`weights.TIED[0]`, or tie_word_embeddings) shares
-the embedding. Unexpected or missing keys -> ValueError listing them.
+Pipeline:
+  1. config.json's model_type picks the family; its `quantization_config` and the `quantization`
+     argument resolve to one QuantSpec or None (qvl.quant.spec refuses what qvl cannot run); the vision
+     merger's stored width is checked against the config (family.Config.check_merger_width).
+  2. The family's Model is built on the meta device (no random init).
+  3. Structural transforms: quantize replaces the family's `weights.QUANTIZABLE` linears by QuantLinear
+     modules (qvl.quant.transform), which load their own tensors.
+  4. Load by name: every stored tensor is renamed by the family's `weights.canonical_key`, passed through
+     its `weights.sanitize` (checkpoint quirks), and either handed to its QuantLinear (integers keep their
+     dtype; a module converts to its kernel's form once its last tensor arrives; on-the-fly int8/int4
+     quantize each float weight as it is read) or checked for shape, cast to `dtype` and placed on `device`
+     — one tensor at a time (peak extra memory = one tensor). A missing head (`weights.TIED[0]`, or
+     tie_word_embeddings) shares the embedding, with a warning when config.json says the model is untied.
+     Unexpected or missing keys -> ValueError listing them.
+  5. Runtime transforms: the quantized kernels' layouts are made in step 4; the CPU bf16 packing of float
+     linears is the runner's (qvl.layers.packed_linear).
 
 Knows nothing about tokenizers, the engine or the KV cache, and no family fact.
 """
@@ -23,7 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qvl.models import load_config
+from qvl.models import family_for, load_config, read_config_dict
+from qvl.quant import resolve as resolve_quantization
+from qvl.quant.transform import quantize_linears
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
 _PROGRESS_BYTES = 1 << 30  # show a progress bar above 1 GiB of weights
@@ -82,43 +96,72 @@ def _warn_fp16(dtype: torch.dtype, family) -> None:
                       f"use bfloat16", stacklevel=3)
 
 
+def _check_merger(path: Path, raw: dict, family, handles) -> None:
+    """The vision merger's stored output width against config.json (family.weights.MERGER_OUT)."""
+    for h in handles:
+        for key in h.keys():
+            if family.weights.canonical_key(key) == family.weights.MERGER_OUT:
+                family.Config.check_merger_width(raw, h.get_slice(key).get_shape()[0])
+                return
+
+
+def _warn_untied(path: Path, head: str, config) -> None:
+    if not config.tie_word_embeddings:
+        warnings.warn(f"{path}: config.json has tie_word_embeddings=false but the weights have no {head}; "
+                      f"the head shares the embedding", stacklevel=3)
+
+
 def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", progress: bool | None = None,
-               ) -> tuple[nn.Module, object]:
-    """Build the model and load its weights; returns (model in eval mode, its family's config)."""
+               quantization: str | None = None) -> tuple[nn.Module, object]:
+    """Build the model and load its weights; returns (model in eval mode, its family's config).
+
+    quantization: None (a GPTQ/AWQ checkpoint is detected from config.json), "gptq" / "awq" (must match
+    the checkpoint), "int8" / "int4" (a float checkpoint quantized while loading); see qvl.quant."""
     from safetensors import safe_open
 
     path = resolve_model_path(path_or_hub_id)
-    family, config = load_config(path)
+    raw = read_config_dict(path)
+    family = family_for(raw.get("model_type"))
     weights = family.weights
     files = _checkpoint_files(path)
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    _check_merger(path, raw, family, handles)
+    family, config = load_config(path)
+    spec = resolve_quantization(raw.get("quantization_config"), quantization)
     _warn_fp16(dtype, family)
     device = torch.device(device)
 
     with torch.device("meta"):
         model = family.Model(config)
+    quant = quantize_linears(model, spec, weights.QUANTIZABLE, dtype=dtype, device=device) if spec else {}
     head, embedding = weights.TIED
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = set(params)
     tie = config.tie_word_embeddings
 
-    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     sources: dict[str, tuple[int, str]] = {}  # canonical name -> (file index, stored key)
     unexpected: list[str] = []
-    for fi, h in enumerate(handles):
-        for key in h.keys():
+    for fi, keys in enumerate([h.keys() for h in handles]):   # no loop variable keeps a file mapped
+        for key in keys:
             name = weights.canonical_key(key)
-            if name in expected:
+            mod_name, _, attr = name.rpartition(".")
+            if name in expected or mod_name in quant and quant[mod_name].accepts(attr):
                 sources[name] = (fi, key)
             else:
                 unexpected.append(key)
     if unexpected:
-        raise ValueError(f"{path}: unexpected keys for {family.DISPLAY_NAME}: {_name_list(unexpected)}")
+        hint = ""
+        if spec is None and any(k.endswith((".qweight", ".qzeros")) for k in unexpected):
+            hint = " (packed quantized tensors, but config.json has no quantization_config)"
+        raise ValueError(f"{path}: unexpected keys for {family.DISPLAY_NAME}{hint}: {_name_list(unexpected)}")
     if head not in sources:
+        _warn_untied(path, head, config)
         tie = True
     elif tie:
         del sources[head]  # tied: the head is the embedding, like transformers
     missing = [n for n in expected if n not in sources and not (tie and n == head)]
+    missing += [f"{m}.{a}" for m, q in quant.items() for a in q.missing() if f"{m}.{a}" not in sources]
     if missing:
         raise ValueError(f"{path}: missing keys: {_name_list(missing)}")
 
@@ -130,11 +173,17 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
     for name in tqdm(sorted(sources), desc="loading weights", unit="tensor", disable=not show):
         fi, key = sources[name]
         t = weights.sanitize(name, handles[fi].get_tensor(key))
+        mod_name, _, attr = name.rpartition(".")
+        if mod_name in quant:             # a quantized linear loads its own tensors (integers stay integers)
+            quant[mod_name].load(attr, t)
+            continue
         want = tuple(params[name].shape)
         if tuple(t.shape) != want:
             raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, expected {want} from config.json")
-        loaded[name] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
-    del handles
+        # Quantized: copy the float tensors too, so no view keeps the file's mapping (and every page the
+        # packed tensors were read from) resident after loading.
+        loaded[name] = nn.Parameter(t.to(device=device, dtype=dtype, copy=bool(quant)), requires_grad=False)
+    del handles, t          # the last stored tensor too: any view of a file keeps all of it mapped
 
     for name, p in loaded.items():
         mod_name, _, attr = name.rpartition(".")
@@ -143,4 +192,5 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
         mod_name, _, attr = head.rpartition(".")
         setattr(model.get_submodule(mod_name), attr, model.get_parameter(embedding))
     model.config.tie_word_embeddings = tie
+    model.quantization = spec
     return model.eval(), config

@@ -38,6 +38,7 @@ AUTO_KV_CACHE_FRACTION = {"cuda": 0.85, "cpu": 0.25}      # of free memory after
 AUTO_ENCODER_CACHE_BYTES = {"cuda": 512 << 20, "cpu": 256 << 20}
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("gptq", "awq", "int8", "int4")          # = qvl.quant.METHODS (this module imports no torch)
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
@@ -129,8 +130,11 @@ class EngineConfig:
                                    "machine other jobs load)")
     chat_template: str | None = _f(None, "a Jinja chat-template file used instead of the checkpoint's",
                                    metavar="FILE")
-    quantization: str | None = _f(None, "weight quantization method (none is supported yet: the "
-                                        "checkpoint's float weights are used)")
+    quantization: str | None = _f(None, "weight-only quantization: gptq / awq (must match the checkpoint's "
+                                        "quantization_config), int8 (per output channel) or int4 (groups of "
+                                        "128) to quantize a float checkpoint while loading (default: detect a "
+                                        "GPTQ/AWQ checkpoint from config.json, else float)",
+                                  choices=QUANTIZATIONS)
     tensor_parallel_size: int = _f(1, "GPUs the model is split over (only 1 is supported yet)")
     enforce_eager: bool = _f(False, "never capture CUDA graphs (qvl captures none yet, so this "
                                     "changes nothing today)")
@@ -168,8 +172,8 @@ class EngineConfig:
                  "EngineConfig.chat_template", "a template file path or None", self.chat_template)
         if self.chat_template is not None:
             set_("chat_template", str(self.chat_template))
-        _require(self.quantization is None, "EngineConfig.quantization",
-                 "None (quantized checkpoints are not supported yet)", self.quantization)
+        _require(self.quantization is None or self.quantization in QUANTIZATIONS, "EngineConfig.quantization",
+                 f"None or one of {', '.join(QUANTIZATIONS)}", self.quantization)
         _require(self.tensor_parallel_size == 1, "EngineConfig.tensor_parallel_size",
                  "1 (tensor parallelism is not supported yet)", self.tensor_parallel_size)
 

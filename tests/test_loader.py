@@ -90,7 +90,9 @@ def test_tied_head(tiny_ckpt_tied, tiny_ckpt, tmp_path):
     stored = _state(d)
     del stored["lm_head.weight"]
     save_file(stored, str(d / "model.safetensors"))
-    model, config = load_model(d)
+    with pytest.warns(UserWarning, match=r"config.json has tie_word_embeddings=false but the weights have no "
+                                         r"lm_head.weight; the head shares the embedding"):
+        model, config = load_model(d)
     assert config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
 
 

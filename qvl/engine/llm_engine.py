@@ -129,7 +129,8 @@ class LLMEngine:
         template = read_chat_template(cfg.chat_template)     # a missing file fails before the weights load
         device = resolve_device(cfg.device)
         path = resolve_model_path(cfg.model_path)
-        net, config = load_model(path, dtype=resolve_dtype(cfg.dtype, device), device=device)
+        net, config = load_model(path, dtype=resolve_dtype(cfg.dtype, device), device=device,
+                                 quantization=cfg.quantization)
         processor = PromptProcessor.from_pretrained(path, config, chat_template=template)
         return cls(net, config, processor, cfg, generation_config=load_generation_config(path),
                    model_path=str(path))

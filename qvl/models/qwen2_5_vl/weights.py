@@ -2,8 +2,8 @@
 
 Hub keys (`visual.*`, `model.*`, `lm_head.weight`) are the module names; transformers 4.52+ spells them
 `model.visual.*` / `model.language_model.*` (QWEN2VL_SPEC 2; 4.52.x even wrote those to disk, #38403).
-The 3B ties its head to the embedding (`TIED`).
+The 3B ties its head to the embedding (`TIED`); quantizable modules and the merger as Qwen2-VL's.
 """
-from qvl.models.qwen2_vl.weights import RENAMES, TIED, canonical_key, sanitize  # noqa: F401
+from qvl.models.qwen2_vl.weights import MERGER_OUT, QUANTIZABLE, RENAMES, TIED, canonical_key, sanitize  # noqa: F401
 
-__all__ = ["RENAMES", "TIED", "canonical_key", "sanitize"]
+__all__ = ["MERGER_OUT", "QUANTIZABLE", "RENAMES", "TIED", "canonical_key", "sanitize"]

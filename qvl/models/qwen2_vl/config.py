@@ -219,8 +219,30 @@ class ModelConfig:
         # v5 keeps tie_word_embeddings on the outer config; older nested files may carry it in text_config.
         if "tie_word_embeddings" in d:
             kwargs["tie_word_embeddings"] = bool(d["tie_word_embeddings"])
+        # A minimal vision_config (the AWQ repos: in_chans, model_type, spatial_patch_size) takes the class
+        # defaults, like transformers; check_merger_width holds the merger width to the weights.
         kwargs["vision"] = cls.vision_cls.from_dict(d.get("vision_config") or {})
         return cls(**kwargs)
+
+    @classmethod
+    def check_merger_width(cls, d: dict, stored: int) -> None:
+        """config.json `d` against the merger's output width `stored` in the weights (MERGER_OUT rows):
+        ValueError naming the wrong number when vision_config's merger width (stated, or the class default
+        of a minimal vision_config) and the text hidden_size disagree (an early
+        Qwen2-VL-7B-Instruct-AWQ revision said 8192 for 3584)."""
+        nested = d.get("text_config") if isinstance(d.get("text_config"), dict) else {}
+        text = nested.get("hidden_size") or d.get("hidden_size") or cls.hidden_size
+        field_ = cls.vision_cls.out_field
+        vision = d.get("vision_config") or {}
+        stated = vision.get(field_, cls.vision_cls.__dataclass_fields__[field_].default)
+        if stated == text:
+            return
+        if stored == text:
+            said = f"={stated}" if field_ in vision else f" (absent: the default {stated})"
+            raise ValueError(f"config.json vision_config.{field_}{said} is wrong: the checkpoint's merger "
+                             f"outputs {stored} = hidden_size; set vision_config.{field_} to {text}")
+        raise ValueError(f"config.json hidden_size={text} does not fit the checkpoint's vision merger, which "
+                         f"outputs {stored} (vision_config.{field_}={stated}): the decoder or the tower is wrong")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":

@@ -1,0 +1,255 @@
+"""Quantized decode on CPU: bf16 vs int8 / int4 on the fly vs GPTQ / AWQ-format checkpoints, against each
+one's memory-bandwidth roofline.
+
+    python bench/quant.py                                   # Qwen2-VL-2B text dims, all variants, ~25 min
+    python bench/quant.py --variants bf16,int4 --layers 8   # quicker
+    python bench/quant.py --kernels                         # per-linear kernel timings only, ~2 min
+
+The checkpoint is the Qwen2-VL-2B text config (28 layers, hidden 1536, intermediate 8960, vocab 151936,
+tied head) with random bf16 weights, written once under --workdir; the vision tower is cut to one block
+(it is not read while decoding; --layers cuts decoder layers too). GPTQ (v1, sym, group 128) and AWQ (gemm,
+group 128) copies are packed from the same weights by tests/quant_fixtures.py. Each variant runs in its own
+subprocess (load_model in bf16 + an LLMEngine without tokenizer):
+  rss_gb        resident memory after loading and one warm-up request (whole process, torch, the runner's
+                packed bf16 copies and the KV pool pages touched included; the bf16 weights of a bf16
+                checkpoint are mmapped by safetensors, so they count once read)
+  decode_tok_s  batch 1: --prompt-len random tokens, --new-tokens greedy tokens, (new − 1) / (last − first)
+  batch16_tok_s 16 requests at once, generated tokens / wall time (prefill included)
+  roofline      weight bytes one decode step reads (decoder linears in their stored form + norms + LM head)
+                / copy bandwidth (read + write of 512 MiB, measured in the same subprocess)
+--kernels times each CPU bf16 candidate (torch's F.linear, the oneDNN prepacked bf16 weight, int8pack,
+int8group, int4pack, dequantize + F.linear) on the 2B decoder shapes at 1, 16 and 256 rows, interleaved.
+Medians over --repeats. --threads defaults to 1 (on a shared machine oneDNN/OpenMP threads spin-wait on each
+other). Prints one JSON line per variant and a table. Not a test: nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+PACKED = {"gptq8": ("gptq", 8), "gptq4": ("gptq", 4), "awq": ("awq", 4)}   # checkpoint -> (format, bits)
+VARIANTS = {  # name -> (checkpoint, EngineConfig.quantization)
+    "bf16": ("float", None), "int8": ("float", "int8"), "int4": ("float", "int4"),
+    "gptq-int8": ("gptq8", None), "gptq-int4": ("gptq4", None), "awq": ("awq", None),
+}
+
+
+def _config(layers: int) -> dict:
+    from decode import config_dict
+
+    d = config_dict("2b")
+    d["num_hidden_layers"] = layers
+    d["vision_config"] = dict(d["vision_config"], depth=1)
+    d["torch_dtype"] = "bfloat16"
+    return d
+
+
+def write_float(path: Path, layers: int) -> None:
+    from safetensors.torch import save_file
+
+    from qvl.models.qwen2_vl.config import ModelConfig
+    from qvl.models.qwen2_vl.model import Qwen2VLForConditionalGeneration
+
+    d = _config(layers)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(ModelConfig.from_dict(d))
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, p in model.named_parameters():        # the tied head is the embedding: stored once
+        t = torch.empty(p.shape, dtype=torch.float32)
+        if p.ndim == 1:
+            t.fill_(1.0) if "norm" in name else t.normal_(0, 0.02, generator=g)
+        else:
+            t.normal_(0, 0.02, generator=g)
+        state[name] = t.bfloat16()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(d, indent=1))
+
+
+def write_packed(src: Path, path: Path, fmt: str, bits: int) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from quant_fixtures import PROJ, awq_pack, gptq_pack
+
+    state = {}
+    with safe_open(str(src / "model.safetensors"), "pt") as h:
+        for key in h.keys():
+            t = h.get_tensor(key)
+            if PROJ.fullmatch(key):
+                w = t.float()
+                packed, _ = gptq_pack(w, bits, 128) if fmt == "gptq" else awq_pack(w, 128)
+                state.update({f"{key[:-len('.weight')]}.{a}": v for a, v in packed.items()})
+            else:
+                state[key] = t.half()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    d = json.loads((src / "config.json").read_text())
+    d["torch_dtype"] = "float16"
+    d["quantization_config"] = (
+        {"bits": bits, "group_size": 128, "desc_act": False, "sym": True, "quant_method": "gptq"}
+        if fmt == "gptq" else
+        {"bits": 4, "group_size": 128, "modules_to_not_convert": ["visual"], "quant_method": "awq",
+         "version": "gemm", "zero_point": True})
+    (path / "config.json").write_text(json.dumps(d, indent=1))
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _weight_bytes(model) -> int:
+    from qvl.layers.linear import QuantLinear
+
+    seen, total = set(), 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name.startswith("visual.") or name == "model.embed_tokens.weight" or p.data_ptr() in seen:
+            continue                                    # the ViT and the embedding (one row) are not read
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += sum(b.numel() * b.element_size() for b in m.buffers())
+    return total
+
+
+def _throughput(eng, vocab: int, prompt_len: int, new: int, n: int) -> float:
+    from qvl.multimodal.prompt import ProcessedPrompt
+    from qvl.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(1)
+    t0 = time.perf_counter()
+    for i in range(n):
+        ids = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+        eng.add_request(f"t{i}-{t0}", ProcessedPrompt.from_token_ids(ids),
+                        SamplingParams(temperature=0, max_tokens=new, min_tokens=new))
+    while eng.has_unfinished_requests():
+        eng.step()
+    return n * new / (time.perf_counter() - t0)
+
+
+def child(args) -> None:
+    from decode import copy_bandwidth, make_engine, qvl_decode
+
+    from qvl.build import load_model
+
+    torch.set_num_threads(args.threads)
+    ckpt, method = VARIANTS[args.child]
+    before = _rss()
+    model, config = load_model(Path(args.workdir) / ckpt, dtype=torch.bfloat16, quantization=method)
+    eng = make_engine(model, config, max_num_seqs=16, enable_prefix_caching=False, max_model_len=1024)
+    vocab = min(config.vocab_size, 150000)
+    ids = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    qvl_decode(eng, ids, 4, "cpu")                                    # warm-up
+    rss = _rss()               # after a forward: every weight page touched (load_model may mmap bf16)
+    dec = statistics.median(qvl_decode(eng, ids, args.new_tokens, "cpu")[0] for _ in range(args.repeats))
+    thr = statistics.median(_throughput(eng, vocab, args.prompt_len, args.new_tokens, 16)
+                            for _ in range(max(1, args.repeats - 1)))
+    bw = copy_bandwidth("cpu")
+    wbytes = _weight_bytes(model)
+    kernels = sorted({getattr(m, "kernel", None) for m in model.modules()} - {None})
+    print(json.dumps(dict(variant=args.child, kernels=kernels or ["bf16 F.linear / packed"],
+                          threads=torch.get_num_threads(), layers=config.num_hidden_layers,
+                          rss_gb=round(rss / 1e9, 2), load_rss_gb=round((rss - before) / 1e9, 2),
+                          weight_gb_per_token=round(wbytes / 1e9, 3), copy_bw_gb_s=round(bw / 1e9, 1),
+                          decode_tok_s=round(dec, 2), roofline_tok_s=round(bw / wbytes, 2),
+                          of_roofline=round(dec * wbytes / bw, 3), batch16_tok_s=round(thr, 1))))
+
+
+def kernels(args) -> None:
+    """Per-linear time of every CPU bf16 candidate on the 2B decoder shapes, at each of --rows."""
+    import torch.nn.functional as F
+
+    from qvl.layers.linear import QuantLinear
+    from qvl.layers.packed_linear import pack_linears
+    from qvl.quant import onthefly
+    from qvl.quant.spec import QuantSpec
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((1536, 1536), (8960, 1536), (1536, 8960)):
+        w = torch.randn(n, k, generator=g) * 0.02
+        packed = torch.nn.Linear(k, n, bias=False).bfloat16()
+        packed.weight.data = w.bfloat16()
+        pack_linears([packed])
+        cands = {"bf16 F.linear": lambda x: F.linear(x, packed.weight), "bf16 oneDNN packed": packed}
+        for label, method, bits, group, kernel in (
+                ("int8 per-row", "int8", 8, -1, None), ("int8 g128", "gptq", 8, 128, None),
+                ("int4 g128", "int4", 4, 128, None), ("int4 g128", "int4", 4, 128, "dequant")):
+            m = QuantLinear(k, n, False, QuantSpec(method, bits, group), dtype=torch.bfloat16,
+                            device=torch.device("cpu"))
+            m.kernel = kernel or m.kernel
+            m._set_kernel_tensors(onthefly.quantize(w, bits, group))
+            cands[f"{label} {m.kernel}"] = m
+        for rows in args.rows:
+            x = torch.randn(rows, k, generator=g).bfloat16()
+            times = {name: [] for name in cands}
+            with torch.no_grad():
+                for _ in range(args.repeats * 5):            # interleaved: a noisy neighbour hits all alike
+                    for name, f in cands.items():
+                        t0 = time.perf_counter()
+                        f(x)
+                        times[name].append(time.perf_counter() - t0)
+            res = {name: round(statistics.median(t[2:]) * 1e6) for name, t in times.items()}
+            print(json.dumps(dict(bench="quant-kernels", out=n, inp=k, rows=rows, threads=args.threads,
+                                  median_us=res)), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default="/tmp/qvl-bench-quant")
+    ap.add_argument("--kernels", action="store_true", help="only the per-linear kernel timings")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 256], help="--kernels: input rows")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    if args.kernels:
+        return kernels(args)
+    work = Path(args.workdir) / f"L{args.layers}"
+    variants = args.variants.split(",")
+    if not (work / "float" / "model.safetensors").is_file():
+        write_float(work / "float", args.layers)
+    for name in variants:
+        ckpt = VARIANTS[name][0]
+        if ckpt != "float" and not (work / ckpt / "model.safetensors").is_file():
+            write_packed(work / "float", work / ckpt, *PACKED[ckpt])
+    rows = []
+    for name in variants:
+        cmd = [sys.executable, __file__, "--child", name, "--workdir", str(work), "--threads", str(args.threads),
+               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+               "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    base = next((r for r in rows if r["variant"] == "bf16"), rows[0])
+    print(f"\n{'variant':10} {'kernel':12} {'RSS GB':>7} {'GB/tok':>7} {'decode tok/s':>12} {'x bf16':>7} "
+          f"{'roofline':>8} {'of roof':>7} {'16 req tok/s':>12} {'x bf16':>7}")
+    for r in rows:
+        print(f"{r['variant']:10} {r['kernels'][0][:12]:12} {r['rss_gb']:7.2f} {r['weight_gb_per_token']:7.3f} "
+              f"{r['decode_tok_s']:12.2f} {r['decode_tok_s'] / base['decode_tok_s']:7.2f} "
+              f"{r['roofline_tok_s']:8.2f} {r['of_roofline']:7.2f} {r['batch16_tok_s']:12.1f} "
+              f"{r['batch16_tok_s'] / base['batch16_tok_s']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

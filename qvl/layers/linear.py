@@ -1,0 +1,165 @@
+"""QuantLinear: a weight-only quantized linear that loads its own tensors by name.
+
+Built by qvl.quant.transform in place of an nn.Linear (it is *not* an nn.Linear subclass, so the bf16
+weight packing of qvl.layers.packed_linear, which picks nn.Linear modules, never sees it).
+
+Loading (qvl.build routes `<module>.<attr>` here): `accepts(attr)`, `load(attr, tensor)`, `missing()`.
+  gptq    qweight, qzeros, scales (+ g_idx, bias)        awq    qweight, qzeros, scales (+ bias)
+  int8 / int4 (on the fly)  weight (+ bias): quantized the moment it arrives, the float copy dropped
+A module without a bias accepts an all-zero `bias` (older GPTQ revisions carry them) and refuses a
+nonzero one. When the last tensor arrives the integers are converted to the kernel's form at once, so
+loading never holds a whole model of unpacked integers.
+
+Kernels (chosen at construction from dtype, device and shape; `kernel` names it):
+  dequant   W = (q − z)·s in float32, cast to the activation dtype, then F.linear(x, W, b). In float32 this
+            is exactly F.linear with the dequantized weight: the reference the tests hold to transformers.
+            Also the CUDA path (untested on a GPU here) and the fallback for shapes the others refuse.
+  int4pack  CPU bf16, 4 bit, group 32/64/128/256, out % 16 == 0: torch's
+            `_weight_int4pack_mm_for_cpu`, W = (q − 8)·s + (8 − z)·s with s and the zero term in bf16.
+  int8pack  CPU bf16, 8 bit, one scale per row: torch's `_weight_int8pack_mm` on (q − z) int8, s in bf16.
+  int8group CPU bf16, 8 bit with groups (GPTQ-Int8, group 128): the same kernel per group of input
+            columns, scales per group, partial products summed in float32.
+Why these: measured in bench/quant.py (README "Quantized checkpoints").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qvl.quant import formats, onthefly
+from qvl.quant.spec import QuantSpec
+
+_INT4PACK_GROUPS = (32, 64, 128, 256)
+_FORMAT_TENSORS = {"gptq": ("qweight", "qzeros", "scales"), "awq": ("qweight", "qzeros", "scales"),
+                   "int8": ("weight",), "int4": ("weight",)}
+
+
+def choose_kernel(bits: int, group: int, in_features: int, out_features: int, dtype: torch.dtype,
+                  device: torch.device) -> str:
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return "dequant"
+    if bits == 4 and group in _INT4PACK_GROUPS and out_features % 16 == 0:
+        return "int4pack"
+    if bits == 8:
+        return "int8pack" if group == in_features else "int8group"
+    return "dequant"
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, spec: QuantSpec, *,
+                 dtype: torch.dtype, device: torch.device, name: str = "") -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.has_bias = in_features, out_features, has_bias
+        self.spec, self.dtype, self.device, self.name = spec, dtype, torch.device(device), name
+        group = in_features if spec.group_size == -1 else spec.group_size
+        if spec.method == "int4":
+            group = onthefly.int4_group(in_features, spec.group_size)
+        self.kernel = choose_kernel(spec.bits, group, in_features, out_features, dtype, self.device)
+        self.group = group
+        self.register_buffer("bias", None)
+        self._pending: dict[str, torch.Tensor] = {}
+        self._required = set(_FORMAT_TENSORS[spec.method]) | ({"bias"} if has_bias else set())
+        self.loaded = False
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.has_bias}, {self.spec.method} "
+                f"{self.spec.bits}-bit group {self.group}, kernel={self.kernel}")
+
+    # --- loading ---------------------------------------------------------------------------------
+    def accepts(self, attr: str) -> bool:
+        return attr in self._required or attr == "bias" or (self.spec.method == "gptq" and attr == "g_idx")
+
+    def missing(self) -> list[str]:
+        return [] if self.loaded else sorted(self._required - set(self._pending))
+
+    def load(self, attr: str, tensor: torch.Tensor) -> None:
+        if attr == "bias" and not self.has_bias:
+            if bool((tensor != 0).any()):
+                raise ValueError(f"{self.name}.bias is nonzero but {self.name} has no bias in this model")
+            return                                        # an all-zero bias of older GPTQ revisions
+        self._pending[attr] = tensor
+        if not self.missing():
+            self._finish()
+
+    def _finish(self) -> None:
+        p, spec, shape = self._pending, self.spec, (self.out_features, self.in_features)
+        if spec.method == "gptq":
+            qz = formats.gptq(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=spec.bits,
+                              group_size=spec.group_size, zero_offset=spec.zero_offset, shape=shape,
+                              name=self.name)
+        elif spec.method == "awq":
+            qz = formats.awq(p["qweight"], p["qzeros"], p["scales"], group_size=spec.group_size, shape=shape,
+                             name=self.name)
+        else:
+            w = p["weight"]
+            if tuple(w.shape) != shape:
+                raise ValueError(f"{self.name}.weight has shape {tuple(w.shape)}, expected {shape} from config.json")
+            qz = onthefly.quantize(w, spec.bits, spec.group_size)
+        if "bias" in p:
+            b = p["bias"]
+            if tuple(b.shape) != (self.out_features,):
+                raise ValueError(f"{self.name}.bias has shape {tuple(b.shape)}, expected ({self.out_features},)")
+            self._buffers_set(bias=b.to(device=self.device, dtype=self.dtype, copy=True))   # no file view
+        self._pending = {}
+        self._set_kernel_tensors(qz)
+        self.loaded = True
+
+    def _set_kernel_tensors(self, qz: formats.Quantized) -> None:
+        dev = self.device
+        if self.kernel == "int4pack":
+            w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qz.q.to(torch.int32), 1)  # (N, K/2) uint8
+            zero_term = (8 - qz.zeros) * qz.scales                                                # (G, N)
+            self._buffers_set(w4=w4, scale_zeros=torch.stack([qz.scales, zero_term], -1).to(torch.bfloat16))  # (G, N, 2)
+        elif self.kernel in ("int8pack", "int8group"):
+            w8 = qz.q.to(torch.int16) - qz.zeros.t().repeat_interleave(qz.group, 1).to(torch.int16)  # (N, K)
+            if int(w8.min()) < -128 or int(w8.max()) > 127:
+                self.kernel = "dequant"                   # zeros far from the middle: no int8 form
+                return self._set_kernel_tensors(qz)
+            w8 = w8.to(torch.int8)
+            if self.kernel == "int8pack":
+                self._buffers_set(w8=w8, s8=qz.scales[0].to(torch.bfloat16))                       # s8 (N,)
+            else:
+                g = qz.zeros.shape[0]
+                self._buffers_set(w8=w8.view(self.out_features, g, qz.group).transpose(0, 1).contiguous(),  # (G, N, g)
+                                  s8=qz.scales.to(torch.bfloat16))                                    # (G, N)
+        else:
+            q = qz.q
+            if self.spec.bits == 4:
+                q = q[:, 0::2] | (q[:, 1::2] << 4)                      # (N, K/2): two nibbles a byte
+            self._buffers_set(q=q.to(dev), zeros=qz.zeros.to(dev), scales=qz.scales.to(dev))    # (G, N)
+
+    def _buffers_set(self, **tensors: torch.Tensor) -> None:
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+
+    # --- math ------------------------------------------------------------------------------------
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W (N, K) = (q − z)·s (dequant kernel only: the other kernels keep torch's packed layouts)."""
+        if self.kernel != "dequant":
+            raise ValueError(f"{self.name}: dequantized_weight needs the dequant kernel, this one is {self.kernel}")
+        q = self.q
+        if self.spec.bits == 4:
+            q = torch.stack([q & 0xF, q >> 4], -1).view(self.out_features, self.in_features)     # (N, K)
+        return formats.dequantize(formats.Quantized(q, self.zeros, self.scales, self.group), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "dequant":
+            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+            raise ValueError(f"{self.name}: the {self.kernel} kernel runs bf16 on CPU, got {x.dtype} on {x.device}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).contiguous()                                        # (M, K)
+        if self.kernel == "int4pack":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.w4, self.group, self.scale_zeros)
+        elif self.kernel == "int8pack":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.w8, self.s8)
+        else:
+            xg = x2.view(x2.shape[0], -1, self.group).transpose(0, 1)                            # (G, M, g)
+            y = torch.zeros(x2.shape[0], self.out_features, dtype=torch.float32)                 # (M, N)
+            for gi in range(xg.shape[0]):
+                y += torch.ops.aten._weight_int8pack_mm(xg[gi].contiguous(), self.w8[gi], self.s8[gi])
+            y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)                                                  # (..., N)

@@ -1,0 +1,152 @@
+"""Tiny GPTQ / AWQ checkpoints written by the tests themselves, from the format description
+(/work/shared/QUANT_FORMATS.md 1.2-1.6), independently of qvl's readers.
+
+  write_quantized(path, fmt, *, bits=4, group=32, layout="hub", zero_bias=False, seed=0)
+      -> (quantized checkpoint dir, float reference dir)
+
+A random Qwen2-VL with hidden 128 / intermediate 256 (every packing constraint holds with group 32) is
+made with transformers; every decoder projection is quantized by round-to-nearest:
+  gptq  symmetric, zero 2**(bits−1), s = max|W_group| / (2**(bits−1) − 1), q = round(W / s) + zero in
+        [0, 2**bits); qweight packs 32/bits input rows per int32 LSB first; qzeros packs 32/bits output
+        columns and stores zero − 1 (v1); g_idx = i // group; fp16 scales.
+  awq   4 bit with zero points: s = (max − min) / 15, z = round(−min / s), q = round(W / s) + z in [0, 15];
+        qweight (K, N/8) and qzeros (G, N/8) pack column 8c + ORDER[i] at bits [4i, 4i + 4).
+Everything else is stored fp16 (as the official repos); the reference dir holds the same model in float32
+with every value the quantized checkpoint implies: fp16-rounded float tensors and the dequantized
+W = (q − z)·s, written by save_pretrained, so transformers on it is the exact float reference.
+layout "nested" renames keys to transformers 4.52+'s `model.language_model.*` / `model.visual.*`;
+zero_bias adds the all-zero `bias` tensors older GPTQ revisions carry on o_proj and the MLP.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiny import _write_side_files, tiny_config_dict, write_tokenizer
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+PROJ = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+
+
+def quant_config_dict(ids: dict[str, int]) -> dict:
+    d = tiny_config_dict(ids)
+    d.update(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+             rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}, torch_dtype="float16")
+    d["vision_config"] = dict(d["vision_config"], hidden_size=128)
+    return d
+
+
+def _pack_u32(vals: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Pack `vals` (ints < 2**bits) along `axis` (groups of 32/bits consecutive values, LSB first) -> int32."""
+    pf = 32 // bits
+    v = np.moveaxis(vals.astype(np.uint32), axis, -1)
+    v = v.reshape(*v.shape[:-1], v.shape[-1] // pf, pf)
+    word = np.zeros(v.shape[:-1], dtype=np.uint32)
+    for j in range(pf):
+        word |= v[..., j] << np.uint32(bits * j)
+    return np.ascontiguousarray(np.moveaxis(word, -1, axis)).view(np.int32)
+
+
+def gptq_pack(w: torch.Tensor, bits: int, group: int):
+    """W (N, K) fp32 -> (stored tensors, dequantized W)."""
+    n, k = w.shape
+    zero, qmax = 1 << (bits - 1), (1 << bits) - 1
+    wg = w.view(n, k // group, group)
+    s = (wg.abs().amax(-1) / (zero - 1)).half().float()                      # (N, G) fp16 values
+    q = (torch.round(wg / s[..., None]) + zero).clamp(0, qmax).to(torch.int64)  # (N, G, g)
+    deq = (s[..., None] * (q - zero)).view(n, k)
+    q = q.view(n, k).numpy()
+    tensors = {
+        "qweight": torch.from_numpy(_pack_u32(q.T, bits, axis=0)),                       # (K·b/32, N)
+        "qzeros": torch.from_numpy(_pack_u32(np.full((k // group, n), zero - 1), bits, axis=1)),
+        "scales": s.t().contiguous().half(),                                              # (G, N)
+        "g_idx": torch.arange(k, dtype=torch.int32) // group,
+    }
+    return tensors, deq
+
+
+def awq_pack(w: torch.Tensor, group: int):
+    n, k = w.shape
+    wg = w.view(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    s = ((hi - lo).clamp_min(1e-5) / 15).half().float()                      # (N, G)
+    z = torch.round(-lo / s).clamp(0, 15)
+    q = (torch.round(wg / s[..., None]) + z[..., None]).clamp(0, 15)
+    deq = ((q - z[..., None]) * s[..., None]).view(n, k)
+
+    def pack(vals: np.ndarray) -> torch.Tensor:                              # (R, N) -> (R, N/8) int32
+        r = vals.shape[0]
+        v = vals.astype(np.uint32).reshape(r, n // 8, 8)
+        word = np.zeros((r, n // 8), dtype=np.uint32)
+        for i in range(8):
+            word |= v[:, :, AWQ_ORDER[i]] << np.uint32(4 * i)
+        return torch.from_numpy(word.view(np.int32))
+
+    tensors = {"qweight": pack(q.view(n, k).t().numpy()), "qzeros": pack(z.t().numpy()),
+               "scales": s.t().contiguous().half()}
+    return tensors, deq
+
+
+def _nested(key: str) -> str:
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model."):]
+    return key
+
+
+def write_quantized(path, fmt: str, *, bits: int = 4, group: int = 32, layout: str = "hub",
+                    zero_bias: bool = False, seed: int = 0) -> tuple[Path, Path]:
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    path = Path(path)
+    qdir, ref = path / "quant", path / "ref"
+    ids = write_tokenizer(qdir)
+    write_tokenizer(ref)
+    cfg = quant_config_dict(ids)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**dict(cfg, torch_dtype="float32"))).eval()
+    stored: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.15)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+            p.copy_(p.half().float())                    # what an fp16 checkpoint holds
+        state = model.state_dict()
+        for key, t in state.items():
+            hub = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+            if PROJ.fullmatch(hub):
+                prefix = hub[: -len(".weight")]
+                tensors, deq = gptq_pack(t, bits, group) if fmt == "gptq" else awq_pack(t, group)
+                t.copy_(deq)                             # the reference runs the dequantized weight
+                stored.update({f"{prefix}.{a}": v for a, v in tensors.items()})
+                if zero_bias and f"{key[:-len('.weight')]}.bias" not in state:
+                    stored[f"{prefix}.bias"] = torch.zeros(t.shape[0], dtype=torch.float16)
+            else:
+                stored[hub] = t.half()
+    model.save_pretrained(ref, safe_serialization=True)
+    ref_cfg = dict(cfg, torch_dtype="float32")
+    (ref / "config.json").write_text(json.dumps(ref_cfg, indent=1))
+    if layout == "nested":
+        stored = {_nested(k): v for k, v in stored.items()}
+    qdir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(qdir / "model.safetensors"),
+              metadata={"format": "pt"})
+    if fmt == "gptq":
+        qc = {"bits": bits, "damp_percent": 0.1, "dataset": None, "desc_act": False, "group_size": group,
+              "modules_in_block_to_quantize": None, "quant_method": "gptq", "sym": True,
+              "true_sequential": True}
+    else:
+        qc = {"bits": 4, "group_size": group, "modules_to_not_convert": ["visual"], "quant_method": "awq",
+              "version": "gemm", "zero_point": True}
+    (qdir / "config.json").write_text(json.dumps(dict(cfg, quantization_config=qc), indent=1))
+    for d in (qdir, ref):
+        _write_side_files(d, ids, 200704, "Qwen2VLProcessor")
+    return qdir, ref
