@@ -24,8 +24,10 @@ API (all that the server needs):
       check_structured_outputs(params)  compiles the request's grammar (cached), from any thread
 
 Threading: only the loop thread touches the LLMEngine. Other threads hand it closures through a
-queue; outputs go back with loop.call_soon_threadsafe onto each request's asyncio.Queue. When a step
-raises, the requests it ran get the exception (their blocks are already freed) and the loop goes on.
+queue; outputs go back with loop.call_soon_threadsafe onto each request's asyncio.Queue. The requests a
+step blames (LLMEngine.last_step_errors: they fail on their own) get their exception, their batch-mates
+their outputs; when the whole step raises, every request it ran gets the exception (blocks already
+freed) and the loop goes on.
 """
 from __future__ import annotations
 
@@ -191,8 +193,12 @@ class AsyncEngine:
                 for rid in eng.last_failed_request_ids:
                     self._push_error(rid, e)
                 continue
+            errors = eng.last_step_errors       # requests this step blamed; their batch-mates went on
             for o in outs:
-                self._push(o)
+                if o.request_id in errors:
+                    self._push_error(o.request_id, errors[o.request_id])
+                else:
+                    self._push(o)
 
     def _push(self, out: RequestOutput) -> None:
         entry = self._queues.get(out.request_id)

@@ -21,8 +21,11 @@ stop_token_ids are also banned from sampling): eos (from generation_config.json,
 unless `ignore_eos`; `stop_token_ids` (stop_reason = the id); stop strings (text cut before them,
 stop_reason = the string); then "length" at `max_tokens` or `max_model_len`. A request with n > 1 is
 n sequences; siblings share the prompt's full blocks through the prefix cache and seed `seed + i`.
-A step that raises aborts the requests it was running (blocks freed) and re-raises; their ids are in
-`last_failed_request_ids`.
+Request checks (qvl.engine.request_checks) refuse at add_request what would fail inside a step. A step
+whose batch still raises is retried request by request; only the requests that fail alone are blamed:
+aborted (blocks freed; their exceptions in `last_step_errors`, their ids in `last_failed_request_ids`,
+their "abort" outputs returned) while the rest of the batch goes on. When every request of the step
+fails, the step re-raises the exception instead.
 
 Structured output (`params.structured_outputs`, qvl.structured): add_request starts the grammar's
 compile on a worker thread; the sequence waits in the queue until it is ready (the scheduler's
@@ -44,7 +47,9 @@ from qvl.config import EngineConfig
 from qvl.engine.block_manager import BlockManager
 from qvl.engine.detokenizer import IncrementalDetokenizer
 from qvl.engine.encoder_cache import EncoderCache
+from qvl.engine.isolation import execute_isolated
 from qvl.engine.outputs import RequestOutput, RequestState
+from qvl.engine.request_checks import check_params, check_prompt
 from qvl.engine.runner import ModelRunner, plan_num_blocks
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
 from qvl.engine.sequence import MediaSpan, Sequence, media_spans
@@ -108,6 +113,7 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._seq_state: dict[int, tuple[RequestState, IncrementalDetokenizer]] = {}
         self.last_failed_request_ids: list[str] = []
+        self.last_step_errors: dict[str, Exception] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_requests_finished = 0
@@ -177,13 +183,15 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         params = params if params is not None else self.default_sampling_params()
+        check_params(request_id, params, vocab_size=self.config.vocab_size,
+                     max_num_seqs=self.engine_config.max_num_seqs)
         if params.structured_outputs is not None:
             grammar = self.structured.compile(params.structured_outputs)   # starts the compile
             if grammar.done() and grammar.exception() is not None:
                 raise ValueError(str(grammar.exception()))
         ids, positions, delta, text = prompt.token_ids, prompt.positions, prompt.rope_delta, prompt.text or None
         media = media_spans(prompt.items, prompt.item_offsets, ids)
-        self._check_prompt(request_id, ids, media)
+        check_prompt(request_id, ids, media, self.config)
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = []
         for i in range(params.n):
@@ -204,23 +212,6 @@ class LLMEngine:
         for s, d in zip(seqs, detoks):
             self._seq_state[s.seq_id] = (state, d)
         self.num_prompt_tokens_total += len(ids)
-
-    def _check_prompt(self, request_id: str, ids: list[int], media: list[MediaSpan]) -> None:
-        """Refuse here what would otherwise fail inside a step (and take its batch-mates along)."""
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"request {request_id!r}: prompt token ids must be in [0, {vocab})")
-        pads = {self.config.image_token_id, self.config.video_token_id}
-        num_pads = sum(1 for t in ids if t in pads)
-        num_feats = sum(m.num_tokens for m in media)
-        if num_pads != num_feats:
-            raise ValueError(f"request {request_id!r}: the prompt has {num_pads} image/video pad tokens "
-                             f"but its media give {num_feats} features; pass images/videos through "
-                             f"multi_modal_data (or messages), not pad tokens alone")
-        for m in media:
-            if any(t not in pads for t in ids[m.offset:m.end]):
-                raise ValueError(f"request {request_id!r}: media item {m.index} does not sit on pad "
-                                 f"tokens [{m.offset}, {m.end})")
 
     def _decode_fn(self):
         if self.processor is None:
@@ -251,21 +242,24 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         failed = self._fail_bad_grammars()
         out = self.scheduler.schedule()
-        results = {}
+        results, self.last_step_errors = {}, {}
         if not out.seqs and self._structured is not None:
             self._structured.wait(0.05)          # only grammars still compiling: wait, do not spin
         if out.seqs:
-            banned = self._banned_ids(out)
-            mask = self._start_mask(out, banned) if self._structured is not None else None
-            try:
-                results = self.runner.execute(out, banned, mask)
-            except Exception:
-                failed = sorted({s.request_id for s in out.seqs})
-                self.abort_request(failed)
-                self.last_failed_request_ids = failed
-                raise
+            results, errors = execute_isolated(self._execute_part, out)
+            if errors:
+                self.last_step_errors, self.last_failed_request_ids = errors, sorted(errors)
+                failed += self.abort_request(sorted(errors))
+                if all(s.request_id in errors for s in out.seqs):
+                    raise next(iter(errors.values()))             # nobody else was running
+                out.seqs = [s for s in out.seqs if s.request_id not in errors]
         self.scheduler.postprocess(out)
         return failed + self._update(out, results)
+
+    def _execute_part(self, out: SchedulerOutput) -> dict:
+        banned = self._banned_ids(out)
+        mask = self._start_mask(out, banned) if self._structured is not None else None
+        return self.runner.execute(out, banned, mask)
 
     def _start_mask(self, out: SchedulerOutput, banned: dict[int, list[int]]):
         """Start filling the grammar bitmask of this step's sampling rows (overlapping the forward on CUDA); the
