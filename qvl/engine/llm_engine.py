@@ -95,6 +95,8 @@ class LLMEngine:
         cfg = dataclasses.replace(cfg, **options) if options else cfg
         self.engine_config = cfg
         self.model, self.config, self.processor = model, config, processor
+        if processor is not None and cfg.mm_processor_kwargs:
+            processor.apply_mm_processor_kwargs(cfg.mm_processor_kwargs)   # engine-wide media limits
         self.model_path = model_path
         self.max_model_len = cfg.max_model_len or config.max_position_embeddings
         self.generation_config = dict(generation_config or {})

@@ -189,7 +189,10 @@ def _frame_cap(opts: VideoOptions, spec: PreprocessSpec) -> int | None:
 def _video_size(height: int, width: int, nframes: int, opts: VideoOptions,
                 spec: PreprocessSpec) -> tuple[int, int]:
     if opts.resized_height is not None and opts.resized_width is not None:
-        return snap_resized(opts.resized_height, opts.resized_width, spec=spec)
+        h, w = snap_resized(opts.resized_height, opts.resized_width, spec=spec)
+        if opts.max_pixels is not None and h * w > opts.max_pixels:      # resized counts against the limit
+            h, w = smart_resize(h, w, spec.factor, min(video_min_pixels(spec), opts.max_pixels), opts.max_pixels)
+        return h, w
     lo, hi = frame_pixel_limits(nframes, opts, spec=spec)
     return smart_resize(height, width, spec.factor, lo, hi)
 
@@ -247,9 +250,12 @@ def qwen3_vl_pixel_limits(opts: VideoOptions, spec: PreprocessSpec) -> tuple[int
 
 def _qwen3_vl_size(height: int, width: int, nframes: int, opts: VideoOptions,
                    spec: PreprocessSpec) -> tuple[int, int]:
-    if opts.resized_height is not None and opts.resized_width is not None:
-        return snap_resized(opts.resized_height, opts.resized_width, spec=spec)
     lo, hi = qwen3_vl_pixel_limits(opts, spec)
+    if opts.resized_height is not None and opts.resized_width is not None:
+        h, w = snap_resized(opts.resized_height, opts.resized_width, spec=spec)
+        if opts.max_pixels is not None and nframes * h * w > opts.max_pixels:   # the volume's limit
+            h, w = qwen3_vl_smart_resize(nframes, h, w, spec.temporal_patch_size, spec.factor, min(lo, hi), hi)
+        return h, w
     return qwen3_vl_smart_resize(nframes, height, width, spec.temporal_patch_size, spec.factor, lo, hi)
 
 
