@@ -17,9 +17,10 @@ from typing import Any
 from qvl.multimodal.frames import (DEFAULT_MAX_MODEL_LEN, VideoOptions, check_frame_size, frame_times,
                                    plan_frame_list, plan_video)
 from qvl.multimodal.image import image_target_size
-from qvl.multimodal.media import MediaPolicy, open_image, video_source
+from qvl.multimodal.image_file import open_image, upright_size
+from qvl.multimodal.media import MediaPolicy, video_source
 from qvl.multimodal.spec import QWEN2_VL, PreprocessSpec
-from qvl.multimodal.video import probe_video
+from qvl.multimodal.video import check_frame_list_pixels, probe_video
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv",
                     ".ogv", ".wmv", ".3gp", ".y4m", ".ivf"}
@@ -44,7 +45,7 @@ class ItemBudget:
 def header_size(source: Any, *, policy: MediaPolicy | None = None, label: str = "image") -> tuple[int, int]:
     """(width, height) of an image source from its header (PIL's lazy open; pixels not decoded)."""
     img = open_image(source, policy=policy, label=label, load=False)
-    size = img.size
+    size = upright_size(img)                      # EXIF orientation: the size the pixels will have
     if img is not source:
         img.close()
     return size
@@ -85,6 +86,7 @@ def video_num_tokens(source: Any, *, fps: float | None = None, nframes: int | No
         for i, frame in enumerate(src):
             w, h = header_size(frame, policy=policy, label=f"{label} frame {i}")
             sizes.append((h, w))
+        check_frame_list_pixels(sizes, label)
         step1, plan = plan_frame_list(sizes[0], len(sizes), opts, label=label, spec=spec)
         for i, size in enumerate(sizes[1:], 1):
             check_frame_size(i, size, sizes[0], step1, opts, label=label, spec=spec)

@@ -20,6 +20,10 @@ caps the volume at T * total_pixels, the volume qwen-vl-utils would give; resize
 snap to the factor as for the other families; video_start / video_end (not in transformers) select a frame
 range that is then sampled as if it were the whole video. No context-derived frame cap (transformers has
 none); the context check refuses a prompt that does not fit.
+
+Limits (both policies): an explicit resized_height / resized_width is brought within max_pixels when one
+is given (the request path always gives one: limits.py), and a qwen-vl-utils frame never exceeds the
+per-frame ceiling 768 * f^2, even when min_pixels sits at it.
 """
 from __future__ import annotations
 
@@ -117,10 +121,14 @@ def smart_nframes(total_frames: int, video_fps: float, *, fps: float | None = No
                   nframes: int | None = None, min_frames: int | None = None,
                   max_frames: int | None = None, spec: PreprocessSpec | None = None) -> int:
     """Frames to sample (qwen-vl-utils `smart_nframes`): a multiple of T (spec.temporal_patch_size, 2 for
-    Qwen2-VL), in [T, total_frames]."""
+    Qwen2-VL), in [T, total_frames]; a video shorter than T frames samples all of them (qwen-vl-utils
+    refuses it; the temporal patch is then made by repeating the last frame, as transformers' video
+    processors pad any odd count)."""
     t = _spec(spec).temporal_patch_size
     if fps is not None and nframes is not None:
         raise ValueError(f"give either fps ({fps}) or nframes ({nframes}), not both")
+    if 0 < total_frames < t and (nframes is None or nframes >= total_frames):
+        return total_frames          # fewer frames than one temporal patch: plan_video repeats the last
     if nframes is not None:
         n = round(nframes / t) * t
     else:
@@ -194,7 +202,10 @@ def _video_size(height: int, width: int, nframes: int, opts: VideoOptions,
             h, w = smart_resize(h, w, spec.factor, min(video_min_pixels(spec), opts.max_pixels), opts.max_pixels)
         return h, w
     lo, hi = frame_pixel_limits(nframes, opts, spec=spec)
-    return smart_resize(height, width, spec.factor, lo, hi)
+    h, w = smart_resize(height, width, spec.factor, lo, hi)
+    if h * w > video_max_pixels(spec):      # a min_pixels at the ceiling rounds up past it: never above it
+        h, w = smart_resize(h, w, spec.factor, spec.factor ** 2, video_max_pixels(spec))
+    return h, w
 
 
 def qwen3_vl_num_frames(total_frames: int, video_fps: float | None, *, fps: float | None = None,
@@ -292,8 +303,8 @@ def plan_video(meta: VideoMeta, opts: VideoOptions, *, label: str = "video",
         height, width = _video_size(meta.height, meta.width, n, opts, spec)
     except ValueError as e:
         raise ValueError(f"{label}: {e}") from None
-    return VideoPlan(frame_indices(first, last, n), height, width, count, n / max(count, 1e-6) * meta.fps,
-                     spec)
+    return VideoPlan(_pad_t(frame_indices(first, last, n), spec.temporal_patch_size), height, width, count,
+                     n / max(count, 1e-6) * meta.fps, spec)
 
 
 def _list_frame_size(size: tuple[int, int], opts: VideoOptions, label: str,
