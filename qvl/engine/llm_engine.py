@@ -64,7 +64,14 @@ def resolve_device(device: str) -> torch.device:
     """EngineConfig.device -> a torch.device ("auto": cuda when available)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available to this torch {torch.__version__} "
+                         f"(built {'without CUDA' if torch.version.cuda is None else 'with CUDA ' + torch.version.cuda}"
+                         "); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

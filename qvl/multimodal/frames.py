@@ -121,14 +121,11 @@ def smart_nframes(total_frames: int, video_fps: float, *, fps: float | None = No
                   nframes: int | None = None, min_frames: int | None = None,
                   max_frames: int | None = None, spec: PreprocessSpec | None = None) -> int:
     """Frames to sample (qwen-vl-utils `smart_nframes`): a multiple of T (spec.temporal_patch_size, 2 for
-    Qwen2-VL), in [T, total_frames]; a video shorter than T frames samples all of them (qwen-vl-utils
-    refuses it; the temporal patch is then made by repeating the last frame, as transformers' video
-    processors pad any odd count)."""
+    Qwen2-VL), in [T, total_frames] (a video shorter than T frames is refused here, as qwen-vl-utils does;
+    plan_video takes all its frames instead)."""
     t = _spec(spec).temporal_patch_size
     if fps is not None and nframes is not None:
         raise ValueError(f"give either fps ({fps}) or nframes ({nframes}), not both")
-    if 0 < total_frames < t and (nframes is None or nframes >= total_frames):
-        return total_frames          # fewer frames than one temporal patch: plan_video repeats the last
     if nframes is not None:
         n = round(nframes / t) * t
     else:
@@ -298,8 +295,11 @@ def plan_video(meta: VideoMeta, opts: VideoOptions, *, label: str = "video",
         first, last, count = frame_range(meta.total_frames, meta.fps, opts.video_start, opts.video_end)
         cap = _frame_cap(opts, spec)
         max_frames = opts.max_frames if cap is None else min(MAX_FRAMES, cap, count)
-        n = smart_nframes(count, meta.fps, fps=opts.fps, nframes=opts.nframes, min_frames=opts.min_frames,
-                          max_frames=max_frames, spec=spec)
+        if count < spec.temporal_patch_size and opts.nframes is None:
+            n = count    # shorter than one temporal patch: its frames, the last repeated (as for any odd count)
+        else:
+            n = smart_nframes(count, meta.fps, fps=opts.fps, nframes=opts.nframes, min_frames=opts.min_frames,
+                              max_frames=max_frames, spec=spec)
         height, width = _video_size(meta.height, meta.width, n, opts, spec)
     except ValueError as e:
         raise ValueError(f"{label}: {e}") from None
