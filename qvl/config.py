@@ -227,7 +227,8 @@ class ServerLimits:
     max_images_per_request: int = _f(16, "images in one request")
     max_videos_per_request: int = _f(2, "videos in one request")
     max_visual_tokens_per_request: int | None = _f(
-        None, "image + video tokens in one request (default: only the context bounds them)")
+        None, "image + video tokens in one request (default: on CUDA only the context bounds them; on a "
+              "CPU what the vision tower encodes in seconds, 263 for Qwen2-VL's ViT, see qvl.engine.runner)")
     max_request_bytes: int = _f(64 * 1024 * 1024, "HTTP body size limit in bytes")
     preprocess_workers: int = _f(4, "threads that fetch, decode and resize media")
 

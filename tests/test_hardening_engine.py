@@ -138,3 +138,53 @@ def test_async_engine_fails_only_the_blamed_stream(eng, monkeypatch):
     finally:
         aeng.shutdown()
     assert isinstance(bad, RuntimeError) and len(good) == 4
+
+
+def test_aborted_request_vision_stops_within_one_block(eng):
+    """request_cancel (what AsyncEngine.abort calls from the server's thread) stops the encode before the
+    next vision block; the request is aborted, its text batch-mate goes on, every block is freed."""
+    import numpy as np
+    from PIL import Image
+
+    blocks = eng.model.visual.blocks
+    assert len(blocks) >= 2
+    ran = []
+
+    def after_first(module, args, output):
+        ran.append(0)
+        eng.request_cancel("img")                 # as if the client left while block 0 ran
+    hooks = [blocks[0].register_forward_hook(after_first),
+             blocks[1].register_forward_hook(lambda m, a, o: ran.append(1))]
+    try:
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8))
+        chat = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n"
+        total = eng.stats()["kv_blocks_total"]
+        eng.add_request("txt", _prompt(9, 10), SamplingParams(temperature=0, max_tokens=3, min_tokens=3))
+        eng.add_request("img", eng.processor.process_prompt(chat, {"image": [img]}), SamplingParams(max_tokens=3))
+        outs = eng.step()                       # does not raise: only the cancelled request fails
+        assert ran == [0] and eng.last_failed_request_ids == ["img"]
+        assert [o.outputs[0].finish_reason for o in outs if o.request_id == "img"] == ["abort"]
+        rest = _drain(eng)
+        assert len(rest["txt"].outputs[0].token_ids) == 3 and eng.stats()["kv_blocks_free"] == total
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_cpu_default_visual_token_limit():
+    """On a CPU the default per-request limit is what the vision tower encodes in seconds: 263 tokens for
+    Qwen2-VL's 675M-parameter ViT (256 took 54 s on the shared 2-core test machine); none on CUDA."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qvl.engine.runner import ModelRunner
+    from qvl.models.qwen2_vl.config import VisionConfig
+    from qvl.models.qwen2_vl.vision import VisionTransformer
+
+    with torch.device("meta"):
+        vit = VisionTransformer(VisionConfig(hidden_size=1536))
+    cpu = SimpleNamespace(model=SimpleNamespace(visual=vit), device=torch.device("cpu"))
+    assert ModelRunner.default_visual_token_limit(cpu) == 263
+    cuda = SimpleNamespace(model=SimpleNamespace(visual=vit), device=torch.device("cuda"))
+    assert ModelRunner.default_visual_token_limit(cuda) is None

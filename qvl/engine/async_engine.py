@@ -20,6 +20,8 @@ API (all that the server needs):
       model_path           str | None, the checkpoint directory
       generation_config    dict, the checkpoint's generation_config.json ({} when it has none)
       generation_defaults  dict, the SamplingParams fields that file sets (requests override them)
+      default_max_visual_tokens  int | None, visual tokens per request the device encodes in seconds
+                           (CPU; None on CUDA): the server's limit when none is configured
       default_sampling_params(**overrides) -> SamplingParams, those defaults + overrides
       check_structured_outputs(params)  compiles the request's grammar (cached), from any thread
 
@@ -93,6 +95,10 @@ class AsyncEngine:
     def generation_defaults(self) -> dict:
         return generation_defaults(self.engine.generation_config)
 
+    @property
+    def default_max_visual_tokens(self) -> int | None:
+        return self.engine.default_max_visual_tokens
+
     def stats(self) -> dict:
         return self.engine.stats()
 
@@ -161,6 +167,8 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        self.engine.request_cancel(request_id)     # a vision encode in flight stops within one block
+
         def do():
             outs = self.engine.abort_request(request_id)
             for o in outs:

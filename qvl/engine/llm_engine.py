@@ -16,16 +16,17 @@ Requests: `add_request(request_id, ProcessedPrompt, params)` only — text, chat
 into a ProcessedPrompt beforehand (qvl.multimodal.prompt, via `engine.processor`; token ids via
 `ProcessedPrompt.from_token_ids`), never inside the engine or `step()`.
 
-Stop rules, in order, for each new token (none before `min_tokens` output tokens, where eos and
-stop_token_ids are also banned from sampling): eos (from generation_config.json, else config.json)
-unless `ignore_eos`; `stop_token_ids` (stop_reason = the id); stop strings (text cut before them,
-stop_reason = the string); then "length" at `max_tokens` or `max_model_len`. A request with n > 1 is
+Stop rules (qvl.engine.stop_rules), in order, for each new token (none before `min_tokens` output
+tokens, where eos and stop_token_ids are also banned from sampling): eos (from generation_config.json,
+else config.json) unless `ignore_eos`; `stop_token_ids` (stop_reason = the id); stop strings (text cut
+before them, stop_reason = the string); then "length" at `max_tokens` or `max_model_len`. A request with n > 1 is
 n sequences; siblings share the prompt's full blocks through the prefix cache and seed `seed + i`.
 Request checks (qvl.engine.request_checks) refuse at add_request what would fail inside a step. A step
 whose batch still raises is retried request by request; only the requests that fail alone are blamed:
 aborted (blocks freed; their exceptions in `last_step_errors`, their ids in `last_failed_request_ids`,
 their "abort" outputs returned) while the rest of the batch goes on. When every request of the step
-fails, the step re-raises the exception instead.
+fails, the step re-raises the exception instead (unless they were all cancelled: `request_cancel`, from
+any thread, stops a step's vision encode within one block; the request is aborted).
 
 Structured output (`params.structured_outputs`, qvl.structured): add_request starts the grammar's
 compile on a worker thread; the sequence waits in the queue until it is ready (the scheduler's
@@ -50,8 +51,9 @@ from qvl.engine.encoder_cache import EncoderCache
 from qvl.engine.isolation import execute_isolated
 from qvl.engine.outputs import RequestOutput, RequestState
 from qvl.engine.request_checks import check_params, check_prompt
-from qvl.engine.runner import ModelRunner, plan_num_blocks
+from qvl.engine.runner import ModelRunner, VisionCancelled, plan_num_blocks
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
+from qvl.engine.stop_rules import banned_ids, finish_reason
 from qvl.engine.sequence import MediaSpan, Sequence, media_spans
 from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams, eos_token_ids
@@ -123,6 +125,7 @@ class LLMEngine:
         self._seq_state: dict[int, tuple[RequestState, IncrementalDetokenizer]] = {}
         self.last_failed_request_ids: list[str] = []
         self.last_step_errors: dict[str, Exception] = {}
+        self._cancelled: set[str] = set()      # request_cancel: aborts not yet processed (any thread adds)
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_requests_finished = 0
@@ -234,6 +237,7 @@ class LLMEngine:
             request_ids = [request_ids]
         outs = []
         for rid in request_ids:
+            self._cancelled.discard(rid)
             state = self.requests.get(rid)
             if state is None:
                 continue
@@ -243,6 +247,17 @@ class LLMEngine:
         return outs
 
     abort = abort_request
+
+    @property
+    def default_max_visual_tokens(self) -> int | None:
+        """The visual tokens per request this engine encodes in seconds (CPU: runner's
+        default_visual_token_limit; CUDA: None) — the server's limit unless --max-visual-tokens-per-request."""
+        return self.runner.default_visual_token_limit()
+
+    def request_cancel(self, request_id: str) -> None:
+        """From any thread, before abort_request reaches the engine's own thread: a step encoding this
+        request's images stops within one vision block (the request is then aborted)."""
+        self._cancelled.add(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -259,16 +274,18 @@ class LLMEngine:
             if errors:
                 self.last_step_errors, self.last_failed_request_ids = errors, sorted(errors)
                 failed += self.abort_request(sorted(errors))
-                if all(s.request_id in errors for s in out.seqs):
+                if all(s.request_id in errors for s in out.seqs) and not all(
+                        isinstance(e, VisionCancelled) for e in errors.values()):
                     raise next(iter(errors.values()))             # nobody else was running
                 out.seqs = [s for s in out.seqs if s.request_id not in errors]
         self.scheduler.postprocess(out)
         return failed + self._update(out, results)
 
     def _execute_part(self, out: SchedulerOutput) -> dict:
-        banned = self._banned_ids(out)
+        banned = banned_ids(out, self.eos_token_ids)
         mask = self._start_mask(out, banned) if self._structured is not None else None
-        return self.runner.execute(out, banned, mask)
+        rids = {s.request_id for s in out.seqs}
+        return self.runner.execute(out, banned, mask, should_stop=lambda: any(r in self._cancelled for r in rids))
 
     def _start_mask(self, out: SchedulerOutput, banned: dict[int, list[int]]):
         """Start filling the grammar bitmask of this step's sampling rows (overlapping the forward on CUDA); the
@@ -300,15 +317,6 @@ class LLMEngine:
                 outs.append(self._pop(state))
         return outs
 
-    def _banned_ids(self, out: SchedulerOutput) -> dict[int, list[int]]:
-        banned = {}
-        for s in out.seqs:
-            p = s.params
-            if s.num_output_tokens < p.min_tokens:
-                banned[s.seq_id] = sorted(set(p.stop_token_ids) |
-                                          (set() if p.ignore_eos else self.eos_token_ids))
-        return banned
-
     def _update(self, out: SchedulerOutput, results: dict) -> list[RequestOutput]:
         touched: dict[str, RequestState] = {}
         for s in out.preempted:
@@ -331,7 +339,9 @@ class LLMEngine:
             grammar_ok, grammar_done = True, False
             if self._structured is not None and seq.params.structured_outputs is not None:
                 grammar_ok, grammar_done = self._structured.accept(seq)
-            self._check_stop(seq, detok)
+            reason = finish_reason(seq, detok, self.eos_token_ids, self.max_model_len)
+            if reason is not None:
+                self._finish(seq, reason)
             if not grammar_ok and not seq.is_finished:      # never hand out text the grammar refused
                 seq.stop_reason = "structured_output_error: token refused by the grammar"
                 self._finish(seq, "abort")
@@ -347,21 +357,6 @@ class LLMEngine:
                 if o is not None:
                     outputs.append(o)
         return outputs
-
-    def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer) -> None:
-        p, token, n_out = seq.params, seq.last_token_id, seq.num_output_tokens
-        armed = n_out >= p.min_tokens
-        if armed and not p.ignore_eos and token in self.eos_token_ids:
-            return self._finish(seq, "stop")
-        if armed and token in p.stop_token_ids:
-            seq.stop_reason = token
-            return self._finish(seq, "stop")
-        matched = detok.update([token], check_stop=armed)
-        if matched is not None:
-            seq.stop_reason = matched
-            return self._finish(seq, "stop")
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq) >= self.max_model_len:
-            self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.is_finished:
