@@ -265,7 +265,13 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     from qvl.cli_chat import chat
 
-    return chat(args)
+    def attach(kind: str, source: str) -> dict:
+        try:
+            return _media_part(kind, source, args)
+        except CLIError as e:
+            raise ValueError(str(e)) from None
+    llm = _make_llm(args)
+    return chat(llm, _sampling(args, llm), attach)
 
 
 def cmd_serve(args) -> int:

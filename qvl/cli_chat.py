@@ -5,14 +5,14 @@ Commands: /image PATH, /video PATH (attached to the next message), /reset (histo
 attached; a turn that still fails drops its attachments, so it never jams the next turns. In a terminal:
 readline line editing and history (~/.qvl_history), and Ctrl-C at the prompt asks before quitting (Ctrl-C
 while a reply streams stops that reply). Through a pipe: plain lines, no prompt. The flags, the model and
-the sampling are qvl.cli's.
+the sampling are qvl.cli's (it calls `chat`).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from qvl.cli import CLIError, _make_llm, _media_part, _sampling
+from typing import Callable
 
 
 def _enable_line_editing() -> None:
@@ -53,10 +53,9 @@ def _check_attachment(llm, part: dict) -> None:
                                           max_model_len=llm.engine.max_model_len)
 
 
-def chat(args) -> int:
-    """`qvl chat`: the loop (see the module docstring)."""
-    llm = _make_llm(args)
-    params = _sampling(args, llm)
+def chat(llm, params, attach: Callable[[str, str], dict]) -> int:
+    """`qvl chat` over a qvl.LLM with these SamplingParams; attach(kind, source) -> the message part, or
+    ValueError (see the module docstring)."""
     history: list[dict] = []
     pending: list[dict] = []
     interactive = sys.stdin.isatty()
@@ -85,9 +84,9 @@ def chat(args) -> int:
         if line.startswith(("/image ", "/video ")):
             kind, source = line[1:6], line[7:].strip()
             try:
-                part = _media_part(kind, source, args)
+                part = attach(kind, source)
                 _check_attachment(llm, part)
-            except (CLIError, ValueError) as e:
+            except ValueError as e:
                 print(f"qvl: error: {e} (not attached)", file=sys.stderr)
                 continue
             pending.append(part)

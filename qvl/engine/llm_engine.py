@@ -19,8 +19,8 @@ into a ProcessedPrompt beforehand (qvl.multimodal.prompt, via `engine.processor`
 Stop rules (qvl.engine.stop_rules), in order, for each new token (none before `min_tokens` output
 tokens, where eos and stop_token_ids are also banned from sampling): eos (from generation_config.json,
 else config.json) unless `ignore_eos`; `stop_token_ids` (stop_reason = the id); stop strings (text cut
-before them, stop_reason = the string); then "length" at `max_tokens` or `max_model_len`. A request with n > 1 is
-n sequences; siblings share the prompt's full blocks through the prefix cache and seed `seed + i`.
+before them, stop_reason = the string); then "length" at `max_tokens` or `max_model_len`. A request
+with n > 1 is n sequences; siblings share the prompt's full blocks through the prefix cache and seed `seed + i`.
 Request checks (qvl.engine.request_checks) refuse at add_request what would fail inside a step. A step
 whose batch still raises is retried request by request; only the requests that fail alone are blamed:
 aborted (blocks freed; their exceptions in `last_step_errors`, their ids in `last_failed_request_ids`,
@@ -54,7 +54,7 @@ from qvl.engine.request_checks import check_params, check_prompt
 from qvl.engine.runner import ModelRunner, VisionCancelled, plan_num_blocks
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
 from qvl.engine.stop_rules import banned_ids, finish_reason
-from qvl.engine.sequence import MediaSpan, Sequence, media_spans
+from qvl.engine.sequence import Sequence, media_spans
 from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams, eos_token_ids
 
@@ -68,9 +68,9 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda}"
         raise ValueError(f"device {device!r}: no CUDA device is available to this torch {torch.__version__} "
-                         f"(built {'without CUDA' if torch.version.cuda is None else 'with CUDA ' + torch.version.cuda}"
-                         "); use --device cpu")
+                         f"(built {build}); use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return dev

@@ -28,7 +28,8 @@ default timeout / byte / redirect limits still apply). With a policy:
     regular files whose real path (symlinks resolved) lies under it.
 
 Images open (image_file.open_image) with a safe list of Pillow formats (no EPS/Ghostscript), a
-decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) and their EXIF orientation applied; videos with an allow-list of FFmpeg demuxers and only the `file`
+decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) and their EXIF orientation applied; videos
+with an allow-list of FFmpeg demuxers and only the `file`
 protocol (video.open_container), so a crafted playlist cannot make FFmpeg read other files or the network.
 
 Errors: every failure is a ValueError whose message starts with the item's label ("image 2: ...").

@@ -2,8 +2,9 @@
 
 `PromptProcessor` owns the checkpoint's tokenizer (tokenizer.json via `tokenizers`), its chat template
 (rendered as transformers does, template.py) and its media limits (the checkpoint's pixel limits, or the
-engine-wide `apply_mm_processor_kwargs`; a request's options may lower them, never raise them: limits.py). One request goes through three
-steps (DESIGN.md "plan -> check -> load"; the plan types and the check live in plan.py):
+engine-wide `apply_mm_processor_kwargs`; a request's options may lower them, never raise them: limits.py).
+One request goes through three steps (DESIGN.md "plan -> check -> load"; the plan types and the check
+live in plan.py):
 
   plan(messages | prompt=, multi_modal_data=, ...) -> PromptPlan
       parse the messages (messages.py), render the template (add_generation_prompt /

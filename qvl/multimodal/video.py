@@ -36,8 +36,8 @@ sized with the *image* rules and limits (`min_pixels`/`max_pixels` if given, els
 12845056 for Qwen2-VL), the list is padded to a multiple of T by repeating the last frame, then the video
 budget applies. Each frame is resized once, from its original size to the final size. Frames must agree
 in size after the first step. Every frame's header is read before any frame is decoded: each frame within
-the decompression-bomb limit, all of them within FRAME_LIST_MAX_PIXELS. Under "qwen3_vl" every listed frame is kept (no sampling), there is no image
-step (frames must agree as given) and the size is Qwen3-VL's volume smart_resize of the listed count.
+the decompression-bomb limit, all of them within FRAME_LIST_MAX_PIXELS. Under "qwen3_vl" every listed
+frame is kept (no sampling), there is no image step (frames must agree as given) and the size is Qwen3-VL's volume smart_resize of the listed count.
 """
 from __future__ import annotations
 
