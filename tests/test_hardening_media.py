@@ -89,6 +89,7 @@ def test_engine_wide_fps_is_a_limit(tmp_path):
 
 # ------------------------------------------------------------------------------- frame-list budget
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")    # the 9500x9500 frame's header
 def test_frame_list_refused_from_headers_before_decoding():
     from test_server_errors import png_header_only
 

@@ -45,9 +45,9 @@ from qvl.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 
 
 # The default per-request visual-token limit on a CPU (default_visual_token_limit): FLOP of vision work a
-# request may ask for. Qwen2-VL's 675M-parameter ViT (every size, 2B to 72B) gets 263 tokens, measured at
-# 54 s for 256 tokens on this project's shared 2-core CPU (about 14 s of 2 idle cores); tiny towers (the
-# demo's) are not limited below the context.
+# request may ask for. Qwen2-VL's 675M-parameter ViT (every size, 2B to 72B) gets 263 tokens: 256 tokens
+# encoded in 25 / 48 / 54 s (float32, 2 threads, random weights; load 2.6 / 6 / 8 on this project's shared
+# 2-core CPU). Tiny towers (the demo's) are not limited below the context.
 CPU_VISION_FLOP_BUDGET = 1.4e12
 
 
