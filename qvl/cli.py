@@ -75,12 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_batch_parser(sub)
 
-    tokens = sub.add_parser("tokens", help="visual token count of images/videos, from their headers (no model)")
+    tokens = sub.add_parser("tokens", help="visual token count of images/videos, from their headers (no weights)")
     tokens.add_argument("files", nargs="+")
     tokens.add_argument("--json", action="store_true")
     tokens.add_argument("--model", default=None,
-                        help="checkpoint dir or hub id whose preprocessing to count with (reads its config "
-                             "files only; default: Qwen2-VL's hub preprocessing)")
+                        help="checkpoint dir or hub id whose tokenizer, pixel limits and context to count with, "
+                             "as the server plans a request (reads its config files only; default: the demo "
+                             "checkpoint)")
+    tokens.add_argument("--max-model-len", type=int, default=None,
+                        help="context length the counts are planned for (default: the model's)")
     _add_media_args(tokens)
     bench = sub.add_parser("bench", help="latency and throughput of a checkpoint on this machine (qvl.benchmark)")
     bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 8],
@@ -159,38 +162,56 @@ def _first_image(prompt):
 
 # --------------------------------------------------------------------------------------- commands
 
-def _prompt_tokens_of(path):
-    """ItemBudget -> the tokens the item takes in a chat prompt with this checkpoint's tokenizer (its
-    <|vision_start|>..<|vision_end|> and the family's expansion text, e.g. Qwen3-VL video timestamps);
-    None when the checkpoint has no tokenizer.json."""
+def _plan_counter(path, max_model_len: int | None):
+    """(count, prompt_tokens) for budget.describe through the checkpoint's PromptProcessor — the server's
+    plan, with its pixel limits and context — or (None, None) when the checkpoint has no tokenizer.json."""
+    import re
+
     from qvl.models import load_config
     from qvl.multimodal.prompt import PromptProcessor
 
     if not (Path(path) / "tokenizer.json").is_file():
-        return None
+        return None, None
     _, config = load_config(path)
-    return PromptProcessor.from_pretrained(path, config).item_prompt_tokens
+    processor = PromptProcessor.from_pretrained(path, config)
+    context = max_model_len or config.max_position_embeddings
+
+    def count(kind, source, options):
+        part = {"type": kind, kind: str(source), **options}
+        try:
+            plan = processor.plan([{"role": "user", "content": [part]}], max_model_len=context)
+        except ValueError as e:                     # name the file, not the message part
+            raise ValueError(re.sub(r"^(image|video) 1 \(messages\[0\]\.content\[0\]\): ", "", str(e))) from None
+        return plan.items[0].budget
+    return count, processor.item_prompt_tokens
 
 
 def cmd_tokens(args) -> int:
+    from qvl.build import resolve_model_path
+    from qvl.config import DEMO_MODEL
+    from qvl.models import load_config, load_preprocess_spec
     from qvl.multimodal.budget import describe
 
-    spec = in_prompt = None  # without --model: Qwen2-VL's hub preprocessing, visual tokens only
-    if args.model is not None:
-        from qvl.build import resolve_model_path
-        from qvl.models import load_preprocess_spec
-
-        path = resolve_model_path(args.model)
-        spec, in_prompt = load_preprocess_spec(path), _prompt_tokens_of(path)
-    rows = []
+    path = resolve_model_path(args.model if args.model is not None else str(DEMO_MODEL))
+    count, in_prompt = _plan_counter(path, args.max_model_len)
+    spec = load_preprocess_spec(path) if count is None else None
+    context = args.max_model_len or load_config(path)[1].max_position_embeddings
+    options = {k: getattr(args, k) for k in ("min_pixels", "max_pixels", "fps") if getattr(args, k) is not None}
+    rows, failed = [], 0
     for f in args.files:
-        if "://" not in f and not Path(f).exists():
-            raise CLIError(f"file not found: {f}")
-        options = {k: getattr(args, k) for k in ("min_pixels", "max_pixels", "fps") if getattr(args, k) is not None}
-        rows.append({"source": f, **describe(f, spec=spec, prompt_tokens=in_prompt, **options)})
+        try:
+            if "://" not in f and not f.startswith("data:") and not Path(f).exists():
+                raise ValueError(f"{f}: file not found")
+            d = describe(f, spec=spec, count=count, prompt_tokens=in_prompt, max_model_len=context, **options)
+            rows.append({"source": f, **d})
+        except ValueError as e:                     # one line for this file; the others are still listed
+            failed += 1
+            msg = str(e)
+            print(f"qvl: error: {msg if msg.startswith(f) else f'{f}: {msg}'}", file=sys.stderr)
     if args.json:
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
-        return 0
+        if rows:
+            print(json.dumps(rows if len(args.files) > 1 else rows[0], indent=1))
+        return 2 if failed else 0
     total = 0
     for r in rows:
         (h0, w0), (h1, w1) = r["original_size"], r["resized_size"]
@@ -202,10 +223,12 @@ def cmd_tokens(args) -> int:
         total += r["num_tokens"]
     if len(rows) > 1:
         print(f"total: {total} tokens")
-    return 0
+    return 2 if failed else 0
 
 
 def cmd_run(args) -> int:
+    if args.draw and not args.image:
+        raise CLIError("--draw needs an --image to draw on")       # before the model loads, not after
     content = [_media_part("image", s, args) for s in args.image]
     content += [_media_part("video", s, args) for s in args.video]
     content.append({"type": "text", "text": args.question})
@@ -238,8 +261,6 @@ def cmd_run(args) -> int:
                                               image and image.original_size, image and image.resized_size)
     boxes = grounding.to_json(parsed, to_original=to_original)
     if args.draw:
-        if image is None:
-            raise CLIError("--draw needs an --image to draw on")
         grounding.draw(args.image[0], parsed, args.draw, to_original=to_original)
     if args.json:
         comp = final.outputs[0]
@@ -258,58 +279,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from qvl.cli_chat import chat
+
+    def attach(kind: str, source: str) -> dict:
+        try:
+            return _media_part(kind, source, args)
+        except CLIError as e:
+            raise ValueError(str(e)) from None
     llm = _make_llm(args)
-    params = _sampling(args, llm)
-    history: list[dict] = []
-    pending: list[dict] = []
-    interactive = sys.stdin.isatty()
-    print("qvl chat — /image PATH, /video PATH, /reset, /quit", file=sys.stderr)
-    while True:
-        try:
-            line = input("> " if interactive else "")
-        except EOFError:
-            break
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
-            history, pending = [], []
-            print("(history cleared)", file=sys.stderr)
-            continue
-        if line.startswith(("/image ", "/video ")):
-            kind, source = line[1:6], line[7:].strip()
-            try:
-                pending.append(_media_part(kind, source, args))
-            except CLIError as e:
-                print(f"qvl: error: {e}", file=sys.stderr)
-                continue
-            print(f"({kind} attached: {source})", file=sys.stderr)
-            continue
-        if line.startswith("/"):
-            print(f"qvl: unknown command {line.split()[0]} (try /image, /video, /reset, /quit)", file=sys.stderr)
-            continue
-        user = {"role": "user", "content": pending + [{"type": "text", "text": line}]}
-        reply = ""
-        try:
-            for delta, _ in llm.stream_chat(history + [user], params):
-                reply += delta
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        except ValueError as e:
-            print(f"qvl: error: {e}", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history += [user, {"role": "assistant", "content": reply}]
-        pending = []
-    return 0
+    return chat(llm, _sampling(args, llm), attach)
 
 
 def cmd_serve(args) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import types
 import typing
@@ -68,6 +69,34 @@ def parse_memory(value, name: str = "memory", *, fraction: bool = True) -> int |
         raise ValueError(f"{name} must be bytes (e.g. 4GiB, 512MB, 2e9)"
                          f"{' or a fraction in (0, 1]' if fraction else ''}, got {value!r}") from None
     return num if fraction and num <= 1 else int(num)
+
+
+# ------------------------------------------------------------------------------------ media defaults
+
+MM_PROCESSOR_KEYS = {"min_pixels": int, "max_pixels": int, "fps": float}
+
+
+def parse_mm_processor_kwargs(value) -> dict | None:
+    """EngineConfig.mm_processor_kwargs (a dict or its JSON text) -> a checked dict, or None."""
+    where = "EngineConfig.mm_processor_kwargs"
+    if value is None or value == {}:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} must be a JSON object, got {value!r} ({e})") from None
+    _require(isinstance(value, dict), where, "a JSON object", value)
+    unknown = sorted(set(value) - set(MM_PROCESSOR_KEYS))
+    _require(not unknown, where, f"keys among {sorted(MM_PROCESSOR_KEYS)}", unknown)
+    for key, v in value.items():
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (
+            MM_PROCESSOR_KEYS[key] is float or _is_int(v)) and v != float("inf")
+        _require(ok, f"{where}[{key!r}]", f"a positive {MM_PROCESSOR_KEYS[key].__name__}", v)
+    if "min_pixels" in value and "max_pixels" in value:
+        _require(value["min_pixels"] <= value["max_pixels"], f"{where}['min_pixels']",
+                 f"<= max_pixels {value['max_pixels']}", value["min_pixels"])
+    return dict(value)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -138,6 +167,10 @@ class EngineConfig:
     tensor_parallel_size: int = _f(1, "GPUs the model is split over (only 1 is supported yet)")
     enforce_eager: bool = _f(False, "never capture CUDA graphs (qvl captures none yet, so this "
                                     "changes nothing today)")
+    mm_processor_kwargs: dict | str | None = _f(
+        None, 'engine-wide media defaults, JSON: {"min_pixels": N, "max_pixels": N} per image (replacing '
+              'the checkpoint\'s preprocessor_config.json limits), {"fps": F} per video; a request may lower '
+              'them, never raise them (vLLM\'s --mm-processor-kwargs)', metavar="JSON")
 
     def __post_init__(self):
         def set_(name: str, value) -> None:          # the normalised value of a frozen field
@@ -172,6 +205,7 @@ class EngineConfig:
                  "EngineConfig.chat_template", "a template file path or None", self.chat_template)
         if self.chat_template is not None:
             set_("chat_template", str(self.chat_template))
+        set_("mm_processor_kwargs", parse_mm_processor_kwargs(self.mm_processor_kwargs))
         _require(self.quantization is None or self.quantization in QUANTIZATIONS, "EngineConfig.quantization",
                  f"None or one of {', '.join(QUANTIZATIONS)}", self.quantization)
         _require(self.tensor_parallel_size == 1, "EngineConfig.tensor_parallel_size",
@@ -198,7 +232,8 @@ class ServerLimits:
     max_images_per_request: int = _f(16, "images in one request")
     max_videos_per_request: int = _f(2, "videos in one request")
     max_visual_tokens_per_request: int | None = _f(
-        None, "image + video tokens in one request (default: only the context bounds them)")
+        None, "image + video tokens in one request (default: on CUDA only the context bounds them; on a "
+              "CPU what the vision tower encodes in seconds, 263 for Qwen2-VL's ViT, see qvl.engine.runner)")
     max_request_bytes: int = _f(64 * 1024 * 1024, "HTTP body size limit in bytes")
     preprocess_workers: int = _f(4, "threads that fetch, decode and resize media")
     body_read_timeout: float = _f(30.0, "seconds a client may take to send its whole request body (then 408)")

@@ -2,7 +2,10 @@
 
 Contract:
   * Every field is checked in `__post_init__`; a bad value raises ValueError naming the field, the
-    limit and the value given.
+    limit and the value given. Numbers must be finite; `seed` is a 64-bit signed int (OpenAI's and vLLM's
+    range; sibling i of an n > 1 request seeds `seed + i`, still within torch's generator range). What
+    depends on the model (token ids < vocab size, logprobs <= vocab size, n <= max_num_seqs) is checked
+    by the engine when the request is added (qvl.engine.request_checks).
   * `temperature == 0` means greedy (argmax). `top_k == 1` is greedy too (one candidate).
   * `top_k` 0 or -1 and `top_p` 1.0 and `min_p` 0.0 disable those filters.
   * `repetition_penalty` has transformers' semantics (every id seen in prompt + output: positive
@@ -22,6 +25,7 @@ Knows nothing about tokenizers or tensors.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields, replace
 
@@ -132,8 +136,8 @@ class SamplingParams:
             v = getattr(self, name)
             if not _is_num(v) or not -2 <= v <= 2:
                 bad(name, "in [-2, 2]")
-        if self.seed is not None and not _is_int(self.seed):
-            bad("seed", "an int or None")
+        if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed < 2**63):
+            bad("seed", "an int in [-2**63, 2**63 - 1] or None")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             bad("max_tokens", "an int >= 1 or None")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
@@ -223,4 +227,5 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN fails
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (
+        isinstance(v, int) or math.isfinite(v))                                # NaN, inf fail

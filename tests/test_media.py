@@ -15,7 +15,8 @@ from PIL import Image
 
 from qvl.multimodal import media
 from qvl.multimodal.image import process_image
-from qvl.multimodal.media import MediaPolicy, address_problem, fetch_bytes, open_image
+from qvl.multimodal.image_file import open_image
+from qvl.multimodal.media import MediaPolicy, address_problem, fetch_bytes
 
 STRICT = MediaPolicy()
 

@@ -42,12 +42,14 @@ def test_run_json_and_chat(tiny_qwen2_5_vl_ckpt, image_file):
 
 
 def test_tokens_uses_the_checkpoints_preprocessing(tiny_qwen2_5_vl_ckpt, image_file):
-    hub = json.loads(qvl("tokens", str(image_file), "--json").stdout)
+    demo = json.loads(qvl("tokens", str(image_file), "--json").stdout)       # default: the demo checkpoint
     r = qvl("tokens", "--model", str(tiny_qwen2_5_vl_ckpt), str(image_file), "--json")
     assert r.returncode == 0, r.stderr
     ckpt = json.loads(r.stdout)
-    # the tiny checkpoint's preprocessor_config.json caps max_pixels at 200704: 364x504, not the hub's 476x644
-    assert hub["resized_size"] == [476, 644] and ckpt["resized_size"] == [364, 504]
+    # both preprocessor_config.json files cap max_pixels at 200704: 364x504, not the hub's 476x644; the
+    # context is each checkpoint's own
+    assert demo["resized_size"] == [364, 504] and ckpt["resized_size"] == [364, 504]
+    assert demo["max_model_len"] == 32768 and ckpt["max_model_len"] == 4096
     assert ckpt["num_tokens"] == (364 // 28) * (504 // 28)
 
 

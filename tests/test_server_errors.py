@@ -225,7 +225,9 @@ def server(tiny_ckpt, tmp_path_factory):
                                     "--max-images-per-request", "2", "--max-videos-per-request", "1",
                                     "--max-visual-tokens-per-request", "300",
                                     "--max-request-bytes", str(MAX_REQUEST_BYTES),
-                                    "--graceful-shutdown-timeout", "0.5"], log)
+                                    "--graceful-shutdown-timeout", "0.5",
+                                    # the cases below ask for more pixels than the checkpoint's 256 tokens
+                                    "--mm-processor-kwargs", '{"max_pixels": 12845056}'], log)
     yield srv
     rc = srv.stop()
     assert rc == 0, f"server exit code {rc}:\n{srv.log_path.read_text()[-3000:]}"

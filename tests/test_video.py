@@ -209,7 +209,7 @@ def test_video_errors_name_the_item(video_file, tmp_path):
     one = tmp_path / "one.mp4"
     _write_video(str(one), n=1)
     with pytest.raises(ValueError, match=r"^video 4: nframes should be in \[2, 1\]"):
-        process_video(one, label="video 4")
+        process_video(one, nframes=2, label="video 4")         # without nframes: the frame, repeated
 
 
 def test_playlist_demuxers_are_refused(video_file, tmp_path):

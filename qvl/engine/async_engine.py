@@ -20,12 +20,16 @@ API (all that the server needs):
       model_path           str | None, the checkpoint directory
       generation_config    dict, the checkpoint's generation_config.json ({} when it has none)
       generation_defaults  dict, the SamplingParams fields that file sets (requests override them)
+      default_max_visual_tokens  int | None, visual tokens per request the device encodes in seconds
+                           (CPU; None on CUDA): the server's limit when none is configured
       default_sampling_params(**overrides) -> SamplingParams, those defaults + overrides
       check_structured_outputs(params)  compiles the request's grammar (cached), from any thread
 
 Threading: only the loop thread touches the LLMEngine. Other threads hand it closures through a
-queue; outputs go back with loop.call_soon_threadsafe onto each request's asyncio.Queue. When a step
-raises, the requests it ran get the exception (their blocks are already freed) and the loop goes on.
+queue; outputs go back with loop.call_soon_threadsafe onto each request's asyncio.Queue. The requests a
+step blames (LLMEngine.last_step_errors: they fail on their own) get their exception, their batch-mates
+their outputs; when the whole step raises, every request it ran gets the exception (blocks already
+freed) and the loop goes on.
 """
 from __future__ import annotations
 
@@ -90,6 +94,10 @@ class AsyncEngine:
     @property
     def generation_defaults(self) -> dict:
         return generation_defaults(self.engine.generation_config)
+
+    @property
+    def default_max_visual_tokens(self) -> int | None:
+        return self.engine.default_max_visual_tokens
 
     def stats(self) -> dict:
         return self.engine.stats()
@@ -159,6 +167,8 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        self.engine.request_cancel(request_id)     # a vision encode in flight stops within one block
+
         def do():
             outs = self.engine.abort_request(request_id)
             for o in outs:
@@ -191,8 +201,12 @@ class AsyncEngine:
                 for rid in eng.last_failed_request_ids:
                     self._push_error(rid, e)
                 continue
+            errors = eng.last_step_errors       # requests this step blamed; their batch-mates went on
             for o in outs:
-                self._push(o)
+                if o.request_id in errors:
+                    self._push_error(o.request_id, errors[o.request_id])
+                else:
+                    self._push(o)
 
     def _push(self, out: RequestOutput) -> None:
         entry = self._queues.get(out.request_id)

@@ -16,13 +16,17 @@ Requests: `add_request(request_id, ProcessedPrompt, params)` only — text, chat
 into a ProcessedPrompt beforehand (qvl.multimodal.prompt, via `engine.processor`; token ids via
 `ProcessedPrompt.from_token_ids`), never inside the engine or `step()`.
 
-Stop rules, in order, for each new token (none before `min_tokens` output tokens, where eos and
-stop_token_ids are also banned from sampling): eos (from generation_config.json, else config.json)
-unless `ignore_eos`; `stop_token_ids` (stop_reason = the id); stop strings (text cut before them,
-stop_reason = the string); then "length" at `max_tokens` or `max_model_len`. A request with n > 1 is
-n sequences; siblings share the prompt's full blocks through the prefix cache and seed `seed + i`.
-A step that raises aborts the requests it was running (blocks freed) and re-raises; their ids are in
-`last_failed_request_ids`.
+Stop rules (qvl.engine.stop_rules), in order, for each new token (none before `min_tokens` output
+tokens, where eos and stop_token_ids are also banned from sampling): eos (from generation_config.json,
+else config.json) unless `ignore_eos`; `stop_token_ids` (stop_reason = the id); stop strings (text cut
+before them, stop_reason = the string); then "length" at `max_tokens` or `max_model_len`. A request
+with n > 1 is n sequences; siblings share the prompt's full blocks through the prefix cache and seed `seed + i`.
+Request checks (qvl.engine.request_checks) refuse at add_request what would fail inside a step. A step
+whose batch still raises is retried request by request; only the requests that fail alone are blamed:
+aborted (blocks freed; their exceptions in `last_step_errors`, their ids in `last_failed_request_ids`,
+their "abort" outputs returned) while the rest of the batch goes on. When every request of the step
+fails, the step re-raises the exception instead (unless they were all cancelled: `request_cancel`, from
+any thread, stops a step's vision encode within one block; the request is aborted).
 
 Structured output (`params.structured_outputs`, qvl.structured): add_request starts the grammar's
 compile on a worker thread; the sequence waits in the queue until it is ready (the scheduler's
@@ -44,10 +48,13 @@ from qvl.config import EngineConfig
 from qvl.engine.block_manager import BlockManager
 from qvl.engine.detokenizer import IncrementalDetokenizer
 from qvl.engine.encoder_cache import EncoderCache
+from qvl.engine.isolation import execute_isolated
 from qvl.engine.outputs import RequestOutput, RequestState
-from qvl.engine.runner import ModelRunner, available_memory, kv_bytes_per_block, plan_num_blocks
+from qvl.engine.request_checks import check_params, check_prompt
+from qvl.engine.runner import ModelRunner, VisionCancelled, available_memory, kv_bytes_per_block, plan_num_blocks
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
-from qvl.engine.sequence import MediaSpan, Sequence, media_spans
+from qvl.engine.stop_rules import banned_ids, finish_reason
+from qvl.engine.sequence import Sequence, media_spans
 from qvl.layers.cpu_runtime import prepare_cpu_model
 from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams, eos_token_ids
@@ -60,7 +67,14 @@ def resolve_device(device: str) -> torch.device:
     """EngineConfig.device -> a torch.device ("auto": cuda when available)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda}"
+        raise ValueError(f"device {device!r}: no CUDA device is available to this torch {torch.__version__} "
+                         f"(built {build}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -91,6 +105,8 @@ class LLMEngine:
         cfg = dataclasses.replace(cfg, **options) if options else cfg
         self.engine_config = cfg
         self.model, self.config, self.processor = model, config, processor
+        if processor is not None and cfg.mm_processor_kwargs:
+            processor.apply_mm_processor_kwargs(cfg.mm_processor_kwargs)   # engine-wide media limits
         self.model_path = model_path
         self.max_model_len = cfg.max_model_len or config.max_position_embeddings
         self.generation_config = dict(generation_config or {})
@@ -111,6 +127,8 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._seq_state: dict[int, tuple[RequestState, IncrementalDetokenizer]] = {}
         self.last_failed_request_ids: list[str] = []
+        self.last_step_errors: dict[str, Exception] = {}
+        self._cancelled: set[str] = set()      # request_cancel: aborts not yet processed (any thread adds)
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_requests_finished = 0
@@ -181,13 +199,15 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         params = params if params is not None else self.default_sampling_params()
+        check_params(request_id, params, vocab_size=self.config.vocab_size,
+                     max_num_seqs=self.engine_config.max_num_seqs)
         if params.structured_outputs is not None:
             grammar = self.structured.compile(params.structured_outputs)   # starts the compile
             if grammar.done() and grammar.exception() is not None:
                 raise ValueError(str(grammar.exception()))
         ids, positions, delta, text = prompt.token_ids, prompt.positions, prompt.rope_delta, prompt.text or None
         media = media_spans(prompt.items, prompt.item_offsets, ids)
-        self._check_prompt(request_id, ids, media)
+        check_prompt(request_id, ids, media, self.config)
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = []
         for i in range(params.n):
@@ -209,23 +229,6 @@ class LLMEngine:
             self._seq_state[s.seq_id] = (state, d)
         self.num_prompt_tokens_total += len(ids)
 
-    def _check_prompt(self, request_id: str, ids: list[int], media: list[MediaSpan]) -> None:
-        """Refuse here what would otherwise fail inside a step (and take its batch-mates along)."""
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"request {request_id!r}: prompt token ids must be in [0, {vocab})")
-        pads = {self.config.image_token_id, self.config.video_token_id}
-        num_pads = sum(1 for t in ids if t in pads)
-        num_feats = sum(m.num_tokens for m in media)
-        if num_pads != num_feats:
-            raise ValueError(f"request {request_id!r}: the prompt has {num_pads} image/video pad tokens "
-                             f"but its media give {num_feats} features; pass images/videos through "
-                             f"multi_modal_data (or messages), not pad tokens alone")
-        for m in media:
-            if any(t not in pads for t in ids[m.offset:m.end]):
-                raise ValueError(f"request {request_id!r}: media item {m.index} does not sit on pad "
-                                 f"tokens [{m.offset}, {m.end})")
-
     def _decode_fn(self):
         if self.processor is None:
             return lambda ids, skip: ""
@@ -238,6 +241,7 @@ class LLMEngine:
             request_ids = [request_ids]
         outs = []
         for rid in request_ids:
+            self._cancelled.discard(rid)
             state = self.requests.get(rid)
             if state is None:
                 continue
@@ -248,6 +252,17 @@ class LLMEngine:
 
     abort = abort_request
 
+    @property
+    def default_max_visual_tokens(self) -> int | None:
+        """The visual tokens per request this engine encodes in seconds (CPU: runner's
+        default_visual_token_limit; CUDA: None) — the server's limit unless --max-visual-tokens-per-request."""
+        return self.runner.default_visual_token_limit()
+
+    def request_cancel(self, request_id: str) -> None:
+        """From any thread, before abort_request reaches the engine's own thread: a step encoding this
+        request's images stops within one vision block (the request is then aborted)."""
+        self._cancelled.add(request_id)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -256,22 +271,27 @@ class LLMEngine:
         t0 = time.perf_counter()
         failed = self._fail_bad_grammars()
         out = self.scheduler.schedule()
-        results = {}
+        results, self.last_step_errors = {}, {}
         if not out.seqs and self._structured is not None:
             self._structured.wait(0.05)          # only grammars still compiling: wait, do not spin
         if out.seqs:
-            banned = self._banned_ids(out)
-            mask = self._start_mask(out, banned) if self._structured is not None else None
-            try:
-                results = self.runner.execute(out, banned, mask)
-            except Exception:
-                failed = sorted({s.request_id for s in out.seqs})
-                self.abort_request(failed)
-                self.last_failed_request_ids = failed
-                raise
+            results, errors = execute_isolated(self._execute_part, out)
+            if errors:
+                self.last_step_errors, self.last_failed_request_ids = errors, sorted(errors)
+                failed += self.abort_request(sorted(errors))
+                if all(s.request_id in errors for s in out.seqs) and not all(
+                        isinstance(e, VisionCancelled) for e in errors.values()):
+                    raise next(iter(errors.values()))             # nobody else was running
+                out.seqs = [s for s in out.seqs if s.request_id not in errors]
         self.scheduler.postprocess(out)
         self.scheduler.attribute_time(out, time.perf_counter() - t0)     # per-request cost shares
         return failed + self._update(out, results)
+
+    def _execute_part(self, out: SchedulerOutput) -> dict:
+        banned = banned_ids(out, self.eos_token_ids)
+        mask = self._start_mask(out, banned) if self._structured is not None else None
+        rids = {s.request_id for s in out.seqs}
+        return self.runner.execute(out, banned, mask, should_stop=lambda: any(r in self._cancelled for r in rids))
 
     def _start_mask(self, out: SchedulerOutput, banned: dict[int, list[int]]):
         """Start filling the grammar bitmask of this step's sampling rows (overlapping the forward on CUDA); the
@@ -303,15 +323,6 @@ class LLMEngine:
                 outs.append(self._pop(state))
         return outs
 
-    def _banned_ids(self, out: SchedulerOutput) -> dict[int, list[int]]:
-        banned = {}
-        for s in out.seqs:
-            p = s.params
-            if s.num_output_tokens < p.min_tokens:
-                banned[s.seq_id] = sorted(set(p.stop_token_ids) |
-                                          (set() if p.ignore_eos else self.eos_token_ids))
-        return banned
-
     def _update(self, out: SchedulerOutput, results: dict) -> list[RequestOutput]:
         touched: dict[str, RequestState] = {}
         for s in out.preempted:
@@ -334,7 +345,9 @@ class LLMEngine:
             grammar_ok, grammar_done = True, False
             if self._structured is not None and seq.params.structured_outputs is not None:
                 grammar_ok, grammar_done = self._structured.accept(seq)
-            self._check_stop(seq, detok)
+            reason = finish_reason(seq, detok, self.eos_token_ids, self.max_model_len)
+            if reason is not None:
+                self._finish(seq, reason)
             if not grammar_ok and not seq.is_finished:      # never hand out text the grammar refused
                 seq.stop_reason = "structured_output_error: token refused by the grammar"
                 self._finish(seq, "abort")
@@ -350,21 +363,6 @@ class LLMEngine:
                 if o is not None:
                     outputs.append(o)
         return outputs
-
-    def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer) -> None:
-        p, token, n_out = seq.params, seq.last_token_id, seq.num_output_tokens
-        armed = n_out >= p.min_tokens
-        if armed and not p.ignore_eos and token in self.eos_token_ids:
-            return self._finish(seq, "stop")
-        if armed and token in p.stop_token_ids:
-            seq.stop_reason = token
-            return self._finish(seq, "stop")
-        matched = detok.update([token], check_stop=armed)
-        if matched is not None:
-            seq.stop_reason = matched
-            return self._finish(seq, "stop")
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq) >= self.max_model_len:
-            self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.is_finished:

@@ -14,7 +14,9 @@ token's is `index + rope_delta` on all three streams. Vision: every media item o
 scheduled chunk needs its feature rows; features come from (1) what the sequence already holds,
 (2) the encoder cache (by content hash), or (3) the vision tower — items of the step encoded in one
 packed call, each whole, deduplicated by hash. A sequence holds an item's features until its last
-pad token is prefilled, so a chunk boundary inside an item never re-encodes it. Logits are computed
+pad token is prefilled, so a chunk boundary inside an item never re-encodes it. `should_stop` is polled
+before every vision block (a forward pre-hook; the model stays math only): an aborted request's encode
+stops within one block (VisionCancelled). Logits are computed
 only at the last position of sequences whose chunk reaches their end (they sample).
 
 CPU kernels (prepacked / widened linears) are a runtime transform of the model applied by the engine
@@ -38,6 +40,17 @@ from qvl.engine.scheduler import SchedulerOutput
 from qvl.engine.sequence import Sequence
 from qvl.layers.attention import AttentionMetadata
 from qvl.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+
+
+# The default per-request visual-token limit on a CPU (default_visual_token_limit): FLOP of vision work a
+# request may ask for. Qwen2-VL's 675M-parameter ViT (every size, 2B to 72B) gets 263 tokens: 256 tokens
+# encoded in 25 / 48 / 54 s (float32, 2 threads, random weights; load 2.6 / 6 / 8 on this project's shared
+# 2-core CPU). Tiny towers (the demo's) are not limited below the context.
+CPU_VISION_FLOP_BUDGET = 1.4e12
+
+
+class VisionCancelled(RuntimeError):
+    """The vision encode of a step stopped between two blocks because one of its requests was aborted."""
 
 
 def available_memory(device: torch.device) -> int:
@@ -95,6 +108,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
         self.held: dict[int, dict[int, torch.Tensor]] = {}   # seq_id -> {item index: (T, H)}
+        self.vision_stop: Callable[[], bool] | None = None   # set per step by execute(should_stop=...)
+        for blk in getattr(getattr(model, "visual", None), "blocks", ()):
+            blk.register_forward_pre_hook(self._between_vision_blocks)
         # One block more than the block manager hands out: the last one is the zeroed padding block that
         # padded decode rows read (qvl.layers.attention). The rest stays uninitialised (untouched pages
         # cost no RAM); every slot attention reads there has been written first.
@@ -156,6 +172,19 @@ class ModelRunner:
             return tuple(torch.cat(s) if len(s) > 1 else s[0] for s in zip(*rows))   # each (M, H)
         return torch.cat(rows) if len(rows) > 1 else rows[0]          # (M, H)
 
+    def default_visual_token_limit(self) -> int | None:
+        """Visual tokens per request a CPU encodes in seconds (CPU_VISION_FLOP_BUDGET over the vision tower's
+        ~8 FLOP per parameter per token: 4 patches, multiply-add); None on CUDA or without a vision tower."""
+        visual = getattr(self.model, "visual", None)
+        if self.device.type == "cuda" or visual is None:
+            return None
+        return max(1, int(CPU_VISION_FLOP_BUDGET // (8 * sum(p.numel() for p in visual.parameters()))))
+
+    def _between_vision_blocks(self, module, args) -> None:
+        """Forward pre-hook of every vision block: an aborted request's encode stops within one block."""
+        if self.vision_stop is not None and self.vision_stop():
+            raise VisionCancelled("vision encoding stopped: a request of this step was aborted")
+
     def _vision_mask(self, batch, n_total: int) -> torch.Tensor:
         """(N,) bool: the rows of this step that lie inside a prompt media span (where features go).
 
@@ -186,13 +215,15 @@ class ModelRunner:
     # --- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, stop_ids: dict[int, list[int]] | None = None,
-                token_mask: Callable[[list[Sequence]], torch.Tensor | None] | None = None
+                token_mask: Callable[[list[Sequence]], torch.Tensor | None] | None = None,
+                should_stop: Callable[[], bool] | None = None
                 ) -> dict[int, tuple[int, float | None, dict[int, float] | None]]:
         """Run one step. Returns {seq_id: (token, logprob, top_logprobs)} for sequences that sample.
 
         stop_ids: per seq_id the ids to ban this step (eos / stop tokens while under min_tokens).
         token_mask: called with the sampling sequences (batch order) once the forward has run; returns
         their allowed-token bitmask (B, ceil(V/32)) int32 (CPU) or None (grammars: qvl.structured).
+        should_stop: polled between vision blocks (any thread may flip it); True raises VisionCancelled.
         """
         bs = self.block_size
         ids, slots = [], []
@@ -218,7 +249,12 @@ class ModelRunner:
             seq_lens_q=[e - s for _, s, e in batch], context_lens=[e for _, _, e in batch],
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=[seq.block_table for seq, _, _ in batch])
-        vision, mask, extra = self._vision_rows(batch), self._vision_mask(batch, n_total), {}
+        self.vision_stop = should_stop
+        try:
+            vision = self._vision_rows(batch)
+        finally:
+            self.vision_stop = None
+        mask, extra = self._vision_mask(batch, n_total), {}
         if isinstance(vision, tuple):         # DeepStack: the extra sets go to forward with their rows
             vision, extra = vision[0], {"deepstack_embeds": vision[1:], "vision_mask": mask}
         embeds = self.model.embed(input_ids, vision, mask)                                 # (N, H)

@@ -17,9 +17,10 @@ from typing import Any
 from qvl.multimodal.frames import (DEFAULT_MAX_MODEL_LEN, VideoOptions, check_frame_size, frame_times,
                                    plan_frame_list, plan_video)
 from qvl.multimodal.image import image_target_size
-from qvl.multimodal.media import MediaPolicy, open_image, video_source
+from qvl.multimodal.image_file import open_image, upright_size
+from qvl.multimodal.media import MediaPolicy, video_source
 from qvl.multimodal.spec import QWEN2_VL, PreprocessSpec
-from qvl.multimodal.video import probe_video
+from qvl.multimodal.video import check_frame_list_pixels, probe_video
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv",
                     ".ogv", ".wmv", ".3gp", ".y4m", ".ivf"}
@@ -44,7 +45,7 @@ class ItemBudget:
 def header_size(source: Any, *, policy: MediaPolicy | None = None, label: str = "image") -> tuple[int, int]:
     """(width, height) of an image source from its header (PIL's lazy open; pixels not decoded)."""
     img = open_image(source, policy=policy, label=label, load=False)
-    size = img.size
+    size = upright_size(img)                      # EXIF orientation: the size the pixels will have
     if img is not source:
         img.close()
     return size
@@ -85,6 +86,7 @@ def video_num_tokens(source: Any, *, fps: float | None = None, nframes: int | No
         for i, frame in enumerate(src):
             w, h = header_size(frame, policy=policy, label=f"{label} frame {i}")
             sizes.append((h, w))
+        check_frame_list_pixels(sizes, label)
         step1, plan = plan_frame_list(sizes[0], len(sizes), opts, label=label, spec=spec)
         for i, size in enumerate(sizes[1:], 1):
             check_frame_size(i, size, sizes[0], step1, opts, label=label, spec=spec)
@@ -127,39 +129,52 @@ def _looks_like_video(source: Any) -> bool:
 
 def describe(path: Any, *, kind: str | None = None, max_model_len: int | None = DEFAULT_MAX_MODEL_LEN,
              text_tokens: int = 0, policy: MediaPolicy | None = None, spec: PreprocessSpec | None = None,
-             prompt_tokens: Any = None, **options: Any) -> dict:
+             prompt_tokens: Any = None, count: Any = None, **options: Any) -> dict:
     """One item's token budget as a JSON-ready dict (for `qvl tokens`).
 
     kind: "image", "video", or None to guess (video extension / data:video / frame list -> video; else
-    image, falling back to video when the header is not an image). `options` are the image or video
-    options (min_pixels, max_pixels, fps, nframes, ...). `fits` compares text_tokens + num_tokens with
-    max_model_len. `spec`: the family's PreprocessSpec (None = Qwen2-VL's). `prompt_tokens` (ItemBudget ->
-    int), when given, adds what the item takes in a prompt: its vision start/end and any text of the
-    family's expansion (Qwen3-VL's video timestamps); `fits` then uses it.
+    image, falling back to video when the header is not an image; neither: "not a recognised image or
+    video"). `options` are the image or video options (min_pixels, max_pixels, fps, nframes, ...). `fits`
+    compares text_tokens + num_tokens with max_model_len. `spec`: the family's PreprocessSpec (None =
+    Qwen2-VL's). `count(kind, path, options) -> ItemBudget`, when given, measures instead of the header
+    counters here (qvl tokens passes the PromptProcessor's plan, the server's path). `prompt_tokens`
+    (ItemBudget -> int), when given, adds what the item takes in a prompt: its vision start/end and any
+    text of the family's expansion (Qwen3-VL's video timestamps); `fits` then uses it.
     """
     if kind not in (None, "image", "video"):
         raise ValueError(f"kind must be 'image', 'video' or None, got {kind!r}")
     label = str(path) if isinstance(path, (str, os.PathLike)) else kind or "item"
     if len(label) > 80:
         label = label[:77] + "..."
-    image_options = {k: v for k, v in options.items() if k in _IMAGE_OPTIONS}
-    item = None
-    if kind is None:
-        kind = "video" if _looks_like_video(path) else "image"
+
+    def measure(kind: str) -> ItemBudget:
+        if count is not None:
+            return count(kind, path, options)
         if kind == "image":
-            try:
-                item = image_num_tokens(path, policy=policy, label=label, spec=spec, **image_options)
-            except ValueError as image_error:
-                if "not a recognised image" not in str(image_error):
-                    raise
-                kind = "video"
-    if item is None and kind == "image":
-        item = image_num_tokens(path, policy=policy, label=label, spec=spec, **image_options)
-    elif item is None:
-        item = video_num_tokens(path, policy=policy, label=label, max_model_len=max_model_len, spec=spec,
+            image_options = {k: v for k, v in options.items() if k in _IMAGE_OPTIONS}
+            return image_num_tokens(path, policy=policy, label=label, spec=spec, **image_options)
+        return video_num_tokens(path, policy=policy, label=label, max_model_len=max_model_len, spec=spec,
                                 **options)
+
+    if kind is not None:
+        item = measure(kind)
+    elif _looks_like_video(path):
+        item = measure("video")
+    else:
+        try:
+            item = measure("image")
+        except ValueError as image_error:
+            if "not a recognised image" not in str(image_error):
+                raise
+            try:
+                item = measure("video")
+            except ValueError as video_error:
+                if "cannot open video" not in str(video_error):
+                    raise
+                raise ValueError(f"{label}: not a recognised image or video file") from None
     out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(item).items()
-           if v is not None and k != "frame_times"}
+           if v is not None and k not in ("frame_times", "label")}
+    out["label"] = label
     used = item.num_tokens
     if prompt_tokens is not None:
         out["prompt_tokens"] = used = int(prompt_tokens(item))

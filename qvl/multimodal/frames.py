@@ -20,6 +20,10 @@ caps the volume at T * total_pixels, the volume qwen-vl-utils would give; resize
 snap to the factor as for the other families; video_start / video_end (not in transformers) select a frame
 range that is then sampled as if it were the whole video. No context-derived frame cap (transformers has
 none); the context check refuses a prompt that does not fit.
+
+Limits (both policies): an explicit resized_height / resized_width is brought within max_pixels when one
+is given (the request path always gives one: limits.py), and a qwen-vl-utils frame never exceeds the
+per-frame ceiling 768 * f^2, even when min_pixels sits at it.
 """
 from __future__ import annotations
 
@@ -117,7 +121,8 @@ def smart_nframes(total_frames: int, video_fps: float, *, fps: float | None = No
                   nframes: int | None = None, min_frames: int | None = None,
                   max_frames: int | None = None, spec: PreprocessSpec | None = None) -> int:
     """Frames to sample (qwen-vl-utils `smart_nframes`): a multiple of T (spec.temporal_patch_size, 2 for
-    Qwen2-VL), in [T, total_frames]."""
+    Qwen2-VL), in [T, total_frames] (a video shorter than T frames is refused here, as qwen-vl-utils does;
+    plan_video takes all its frames instead)."""
     t = _spec(spec).temporal_patch_size
     if fps is not None and nframes is not None:
         raise ValueError(f"give either fps ({fps}) or nframes ({nframes}), not both")
@@ -189,9 +194,15 @@ def _frame_cap(opts: VideoOptions, spec: PreprocessSpec) -> int | None:
 def _video_size(height: int, width: int, nframes: int, opts: VideoOptions,
                 spec: PreprocessSpec) -> tuple[int, int]:
     if opts.resized_height is not None and opts.resized_width is not None:
-        return snap_resized(opts.resized_height, opts.resized_width, spec=spec)
+        h, w = snap_resized(opts.resized_height, opts.resized_width, spec=spec)
+        if opts.max_pixels is not None and h * w > opts.max_pixels:      # resized counts against the limit
+            h, w = smart_resize(h, w, spec.factor, min(video_min_pixels(spec), opts.max_pixels), opts.max_pixels)
+        return h, w
     lo, hi = frame_pixel_limits(nframes, opts, spec=spec)
-    return smart_resize(height, width, spec.factor, lo, hi)
+    h, w = smart_resize(height, width, spec.factor, lo, hi)
+    if h * w > video_max_pixels(spec):      # a min_pixels at the ceiling rounds up past it: never above it
+        h, w = smart_resize(h, w, spec.factor, spec.factor ** 2, video_max_pixels(spec))
+    return h, w
 
 
 def qwen3_vl_num_frames(total_frames: int, video_fps: float | None, *, fps: float | None = None,
@@ -247,9 +258,12 @@ def qwen3_vl_pixel_limits(opts: VideoOptions, spec: PreprocessSpec) -> tuple[int
 
 def _qwen3_vl_size(height: int, width: int, nframes: int, opts: VideoOptions,
                    spec: PreprocessSpec) -> tuple[int, int]:
-    if opts.resized_height is not None and opts.resized_width is not None:
-        return snap_resized(opts.resized_height, opts.resized_width, spec=spec)
     lo, hi = qwen3_vl_pixel_limits(opts, spec)
+    if opts.resized_height is not None and opts.resized_width is not None:
+        h, w = snap_resized(opts.resized_height, opts.resized_width, spec=spec)
+        if opts.max_pixels is not None and nframes * h * w > opts.max_pixels:   # the volume's limit
+            h, w = qwen3_vl_smart_resize(nframes, h, w, spec.temporal_patch_size, spec.factor, min(lo, hi), hi)
+        return h, w
     return qwen3_vl_smart_resize(nframes, height, width, spec.temporal_patch_size, spec.factor, lo, hi)
 
 
@@ -281,13 +295,16 @@ def plan_video(meta: VideoMeta, opts: VideoOptions, *, label: str = "video",
         first, last, count = frame_range(meta.total_frames, meta.fps, opts.video_start, opts.video_end)
         cap = _frame_cap(opts, spec)
         max_frames = opts.max_frames if cap is None else min(MAX_FRAMES, cap, count)
-        n = smart_nframes(count, meta.fps, fps=opts.fps, nframes=opts.nframes, min_frames=opts.min_frames,
-                          max_frames=max_frames, spec=spec)
+        if count < spec.temporal_patch_size and opts.nframes is None:
+            n = count    # shorter than one temporal patch: its frames, the last repeated (as for any odd count)
+        else:
+            n = smart_nframes(count, meta.fps, fps=opts.fps, nframes=opts.nframes, min_frames=opts.min_frames,
+                              max_frames=max_frames, spec=spec)
         height, width = _video_size(meta.height, meta.width, n, opts, spec)
     except ValueError as e:
         raise ValueError(f"{label}: {e}") from None
-    return VideoPlan(frame_indices(first, last, n), height, width, count, n / max(count, 1e-6) * meta.fps,
-                     spec)
+    return VideoPlan(_pad_t(frame_indices(first, last, n), spec.temporal_patch_size), height, width, count,
+                     n / max(count, 1e-6) * meta.fps, spec)
 
 
 def _list_frame_size(size: tuple[int, int], opts: VideoOptions, label: str,

@@ -20,7 +20,8 @@ Numerics are those of transformers 4.57 `Qwen2VLImageProcessor` (the slow PIL pa
      identical results, no float64 image.
   4. patchify merge-block-major (SPEC 4.2): rows ordered (h/m, w/m, m, m), columns (C, T, P, P) (for
      Qwen2-VL m=2, T=2, P=14), an image's frame repeated on the T axis.
-EXIF orientation is not applied (neither transformers nor qwen-vl-utils apply it).
+The EXIF orientation is applied when the image is opened (media.upright, as transformers' load_image does),
+before resizing; original_size and grounding boxes are the upright image's.
 transformers 4.57's own `convert_to_rgb` is a plain `convert("RGB")` (transparent pixels keep whatever
 colour they store, often black); the white compositing is qwen-vl-utils', which runs before the processor in
 the official pipeline, extended here from RGBA to every mode with alpha.
@@ -41,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from qvl.multimodal.media import MediaPolicy, open_image
+from qvl.multimodal.image_file import open_image
+from qvl.multimodal.media import MediaPolicy
 from qvl.multimodal.spec import CLIP_MEAN, CLIP_STD, QWEN2_VL, PreprocessSpec  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -142,7 +144,8 @@ def image_target_size(height: int, width: int, *, min_pixels: int | None = None,
     min_pixels / max_pixels default to the spec's (the checkpoint's processor limits). With
     `resized_height`/`resized_width` (both or neither) the pair is first snapped with qwen-vl-utils'
     default limits (4 and 16384 tokens of factor^2 pixels), then the processor limits apply as usual (a
-    no-op unless they are tighter).
+    no-op unless they are tighter). The result never exceeds max_pixels (transformers' upscale branch can
+    round past it when min_pixels is close to max_pixels; such a size is brought back under it).
     """
     spec = _spec(spec)
     lo = spec.min_pixels if min_pixels is None else int(min_pixels)
@@ -153,7 +156,10 @@ def image_target_size(height: int, width: int, *, min_pixels: int | None = None,
                              f"{resized_width}")
         if resized_height is not None:
             height, width = snap_resized(int(resized_height), int(resized_width), spec=spec)
-        return smart_resize(height, width, spec.factor, lo, hi)
+        th, tw = smart_resize(height, width, spec.factor, lo, hi)
+        if th * tw > hi:      # the upscale branch rounds up past max_pixels when min_pixels is close to it
+            th, tw = smart_resize(th, tw, spec.factor, min(lo, spec.factor ** 2), hi)
+        return th, tw
     except ValueError as e:
         raise ValueError(f"{label}: {e}") from None
 
@@ -257,7 +263,7 @@ def process_image(image: Any, *, min_pixels: int | None = None, max_pixels: int 
                   spec: PreprocessSpec | None = None) -> VisionInput:
     """Open and preprocess one image -> VisionInput with grid (1, H'/P, W'/P) (P = spec.patch_size).
 
-    `image`: anything media.open_image accepts. min/max_pixels default to the spec's (Qwen2-VL: the hub
+    `image`: anything image_file.open_image accepts. min/max_pixels default to the spec's (Qwen2-VL: the hub
     preprocessor values 3136 / 12845056). Errors are ValueErrors prefixed with `label`.
     """
     import torch

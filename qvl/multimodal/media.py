@@ -1,11 +1,13 @@
-"""Open image and video sources, optionally under a safety policy.
+"""Resolve image and video sources, optionally under a safety policy.
 
-Owns: turning what a user hands us into an opened PIL image (images) or something PyAV can open
-(videos). Knows nothing about resizing, normalisation or tokens (image.py, video.py, budget.py).
+Owns: turning what a user hands us into bytes or a checked local path (fetch_bytes), or a frame list
+(video_source). Opening the result is image_file.py's (images: PIL) and video.py's (PyAV) job. Knows
+nothing about resizing, normalisation or tokens (image.py, video.py, budget.py).
 
 Sources accepted for both kinds:
   * a local path (str or os.PathLike) or a `file://` URL (`file:///abs`, `file://localhost/abs`, or
-    qwen-vl-utils' `file://relative`); percent-escapes are decoded when the literal path does not exist;
+    qwen-vl-utils' `file://relative`); percent-escapes are decoded when the literal path does not exist
+    (a refusal by the policy never depends on what exists: it is decided first, for both spellings);
   * a `data:` URL (`;base64,` or percent-encoded payload);
   * raw bytes (bytes, bytearray, memoryview);
   * an `http://` / `https://` URL, downloaded with httpx: per-operation timeout plus an overall deadline,
@@ -25,9 +27,10 @@ default timeout / byte / redirect limits still apply). With a policy:
   * local paths and `file://` are allowed only when `allowed_local_media_path` is set, and only for
     regular files whose real path (symlinks resolved) lies under it.
 
-Images open with a safe list of Pillow formats (no EPS/Ghostscript) and a decompression-bomb guard
-(`PIL.Image.MAX_IMAGE_PIXELS`); videos with an allow-list of FFmpeg demuxers and only the `file`
-protocol, so a crafted playlist cannot make FFmpeg read other files or the network.
+Images open (image_file.open_image) with a safe list of Pillow formats (no EPS/Ghostscript), a
+decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) and their EXIF orientation applied; videos
+with an allow-list of FFmpeg demuxers and only the `file`
+protocol (video.open_container), so a crafted playlist cannot make FFmpeg read other files or the network.
 
 Errors: every failure is a ValueError whose message starts with the item's label ("image 2: ...").
 """
@@ -35,25 +38,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import io
 import ipaddress
 import os
 import re
 import socket
-import struct
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
-
-SAFE_IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "DIB", "TIFF", "ICO", "PPM", "TGA",
-                      "JPEG2000", "AVIF", "QOI", "PCX", "SGI", "DDS")
-# FFmpeg demuxer names (a container's format name matches when any comma-separated part matches).
-SAFE_VIDEO_DEMUXERS = ("mov,mp4,matroska,webm,avi,gif,apng,mpeg,mpegts,flv,ogg,asf,h264,hevc,m4v,ivf,"
-                       "yuv4mpegpipe,mjpeg")
 
 _METADATA_ADDRESSES = {ipaddress.ip_address(a) for a in
                        ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "169.254.170.2")}
@@ -166,22 +159,22 @@ def _file_url_path(url: str) -> str:
 
 
 def local_path(path: str, *, policy: MediaPolicy | None = None, label: str = "media") -> str:
-    """Return the real path of a local regular file, checked against `policy.allowed_local_media_path`."""
+    """Return the real path of a local regular file, checked against `policy.allowed_local_media_path`.
+
+    A refusal never depends on what exists on disk (no existence oracle): it names the path as given and
+    is decided before any lookup, for the literal and the percent-decoded spelling alike."""
     if not path:
         raise _fail(label, "empty path")
-    if not os.path.exists(path) and "%" in path:
-        unquoted = urllib.parse.unquote(path)
-        if os.path.exists(unquoted):
-            path = unquoted
-    real = os.path.realpath(path)
+    spellings = [path] + ([urllib.parse.unquote(path)] if "%" in path else [])
     if policy is not None:
         if policy.allowed_local_media_path is None:
             raise _fail(label, f"local file {_short(path)!r} refused: local media is not allowed (set "
                                "allowed_local_media_path)")
         root = os.path.realpath(policy.allowed_local_media_path)
-        if os.path.commonpath([root, real]) != root:
+        if any(os.path.commonpath([root, os.path.realpath(p)]) != root for p in spellings):
             raise _fail(label, f"local file {_short(path)!r} refused: it resolves outside "
                                f"allowed_local_media_path {root!r}")
+    real = os.path.realpath(next((p for p in spellings if os.path.exists(p)), path))
     if not os.path.exists(real):
         raise _fail(label, f"no such file {_short(path)!r}")
     if not os.path.isfile(real):
@@ -309,69 +302,6 @@ def _read_capped(resp, url: str, limits: MediaPolicy, deadline: float, label: st
     return bytes(buf)
 
 
-# ---------------------------------------------------------------------------------------------- images
-
-def _image_formats() -> tuple[str, ...]:
-    Image.init()
-    return tuple(f for f in SAFE_IMAGE_FORMATS if f in Image.OPEN)
-
-
-def open_image(source: Any, *, policy: MediaPolicy | None = None, label: str = "image",
-               load: bool = True) -> Image.Image:
-    """Open an image source. load=False reads only the header (size, mode) for token counting.
-
-    The returned image keeps its original mode; callers convert to RGB.
-    """
-    if isinstance(source, Image.Image):
-        return source
-    if _is_ndarray(source):
-        try:
-            return Image.fromarray(source)
-        except (TypeError, ValueError) as e:
-            raise _fail(label, f"cannot make an image from array of shape {source.shape} and dtype "
-                               f"{source.dtype} ({e})") from None
-    data = fetch_bytes(source, policy=policy, label=label)
-    with _pil_errors(label, data):
-        img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=_image_formats())
-    w, h = img.size
-    limit = Image.MAX_IMAGE_PIXELS
-    problem = None
-    if limit is not None and w * h > limit:
-        problem = (f"decompression-bomb guard: {w}x{h} = {w * h} pixels exceeds the limit of {limit} "
-                   "pixels (PIL.Image.MAX_IMAGE_PIXELS)")
-    elif w == 0 or h == 0:
-        problem = f"image has zero size ({w}x{h})"
-    if problem:
-        img.close()
-        raise _fail(label, problem)
-    if load:
-        with _pil_errors(label, data):
-            img.load()
-    return img
-
-
-@contextlib.contextmanager
-def _pil_errors(label: str, data: bytes | str):
-    """Pillow's exceptions -> ValueError naming the item."""
-    try:
-        yield
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
-        got, lim = (m.group(1), m.group(2)) if m else ("?", str(Image.MAX_IMAGE_PIXELS))
-        raise _fail(label, f"decompression-bomb guard: {got} pixels exceeds the limit of {lim} pixels "
-                           "(PIL.Image.MAX_IMAGE_PIXELS)") from None
-    except Image.UnidentifiedImageError:
-        what = f"{len(data)} bytes" if isinstance(data, bytes) else repr(_short(data))
-        raise _fail(label, f"not a recognised image ({what}; formats tried: "
-                           f"{', '.join(_image_formats())})") from None
-    except (OSError, SyntaxError, EOFError, ValueError, struct.error, MemoryError) as e:
-        raise _fail(label, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
-
-
-def _is_ndarray(x: Any) -> bool:
-    return type(x).__module__ == "numpy" and type(x).__name__ == "ndarray"
-
-
 # ---------------------------------------------------------------------------------------------- videos
 
 def video_source(source: Any, *, policy: MediaPolicy | None = None,
@@ -382,19 +312,3 @@ def video_source(source: Any, *, policy: MediaPolicy | None = None,
             raise _fail(label, "empty frame list")
         return list(source)
     return fetch_bytes(source, policy=policy, label=label)
-
-
-def open_container(src: str | bytes, *, label: str = "video"):
-    """Open a resolved video source (path or bytes) with PyAV, restricted to safe demuxers."""
-    import av
-
-    options = {"format_whitelist": SAFE_VIDEO_DEMUXERS, "protocol_whitelist": "file"}
-    target = io.BytesIO(src) if isinstance(src, bytes) else src
-    try:
-        container = av.open(target, mode="r", container_options=options)
-    except (av.FFmpegError, OSError, ValueError, UnicodeError) as e:
-        raise _fail(label, f"cannot open video ({type(e).__name__}: {e})") from None
-    if not container.streams.video:
-        container.close()
-        raise _fail(label, "no video stream in the container")
-    return container

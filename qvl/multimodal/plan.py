@@ -119,7 +119,8 @@ def check(prompt, limits: PromptLimits) -> int:
     if cap is not None and visual > cap:
         raise PromptLimitError(f"Too many visual tokens: {visual} > max_visual_tokens_per_request {cap} "
                                f"({describe_items(budgets)}). Lower max_pixels / fps / nframes, or send "
-                               f"fewer images.", code="too_many_visual_tokens")
+                               f"fewer images (the server's --max-visual-tokens-per-request raises the "
+                               f"limit).", code="too_many_visual_tokens")
     if room is not None and total + room > L:
         raise PromptLimitError(f"This model's maximum context length is {L} tokens. However, you requested "
                                f"{total + room} tokens ({total} in the prompt, {room} for the completion). "

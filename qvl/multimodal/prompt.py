@@ -1,8 +1,10 @@
 """Chat messages (or a raw prompt) + images/videos -> token ids, M-RoPE positions and vision inputs.
 
 `PromptProcessor` owns the checkpoint's tokenizer (tokenizer.json via `tokenizers`), its chat template
-(rendered as transformers does, template.py) and its image pixel limits. One request goes through three
-steps (DESIGN.md "plan -> check -> load"; the plan types and the check live in plan.py):
+(rendered as transformers does, template.py) and its media limits (the checkpoint's pixel limits, or the
+engine-wide `apply_mm_processor_kwargs`; a request's options may lower them, never raise them: limits.py).
+One request goes through three steps (DESIGN.md "plan -> check -> load"; the plan types and the check
+live in plan.py):
 
   plan(messages | prompt=, multi_modal_data=, ...) -> PromptPlan
       parse the messages (messages.py), render the template (add_generation_prompt /
@@ -22,6 +24,7 @@ and the numbers involved; limit violations are plan.PromptLimitError.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ import torch
 from qvl.models import DEFAULT_MODEL_TYPE, family_for
 from qvl.multimodal.budget import ItemBudget, image_num_tokens, video_num_tokens
 from qvl.multimodal.image import process_image
+from qvl.multimodal.limits import request_options
 from qvl.multimodal.messages import MediaSpec, parse_messages, parse_multi_modal_data
 from qvl.multimodal.plan import (PlannedItem, PromptLimits, PromptPlan, check, exact_budget, labelled,
                                  map_items, match_placeholders, prefetch)
@@ -88,6 +92,7 @@ class PromptProcessor:
         self.model_config = model_config
         self.processing = family_for(getattr(model_config, "model_type", DEFAULT_MODEL_TYPE)).processing
         self.spec = spec if spec is not None else self.processing.preprocess_spec(model_config)
+        self.default_fps: float | None = None     # engine-wide video fps (apply_mm_processor_kwargs)
         ids = {}
         for tok in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END):
             ids[tok] = tokenizer.token_to_id(tok)
@@ -141,6 +146,16 @@ class PromptProcessor:
         family = family_for(getattr(model_config, "model_type", DEFAULT_MODEL_TYPE))
         return cls(tokenizer, chat_template, spec=family.processing.preprocess_spec(model_config, pre),
                    special_tokens=special, model_config=model_config)
+
+    def apply_mm_processor_kwargs(self, kwargs: dict | None) -> None:
+        """Engine-wide media defaults (EngineConfig.mm_processor_kwargs, checked there): min_pixels /
+        max_pixels replace the checkpoint's image limits, fps becomes the video default and limit."""
+        kwargs = kwargs or {}
+        if "min_pixels" in kwargs or "max_pixels" in kwargs:
+            self.spec = dataclasses.replace(self.spec, min_pixels=int(kwargs.get("min_pixels", self.min_pixels)),
+                                            max_pixels=int(kwargs.get("max_pixels", self.max_pixels)))
+        if "fps" in kwargs:
+            self.default_fps = float(kwargs["fps"])
 
     @property
     def min_pixels(self) -> int:
@@ -322,13 +337,9 @@ class PromptProcessor:
         return self.processing.pad_tokens(item, self._rope_config(), self.encode)
 
     def _options(self, spec: MediaSpec, max_model_len: int | None) -> dict:
-        opts = dict(spec.options)
-        if spec.kind == "image" and "resized_height" not in opts:
-            opts.setdefault("min_pixels", self.min_pixels)
-            opts.setdefault("max_pixels", self.max_pixels)
-        if spec.kind == "video" and max_model_len is not None:
-            opts["max_model_len"] = max_model_len   # default total_pixels = 0.9 * context (video.py)
-        return opts
+        """The item's options under this processor's limits (limits.py: lowered, never raised)."""
+        return request_options(spec.kind, spec.options, self.spec, default_fps=self.default_fps,
+                               max_model_len=max_model_len)
 
     def _header_count(self, spec: MediaSpec, policy, max_model_len: int | None) -> ItemBudget:
         count = image_num_tokens if spec.kind == "image" else video_num_tokens

@@ -1,6 +1,7 @@
 """Video preprocessing by a PreprocessSpec: source -> frame plan -> decode chosen frames -> resize -> patches.
 
-Owns: PyAV probing (`probe_video`) and decoding (`decode_frames`), frame lists, and `process_video`. The
+Owns: opening containers with PyAV under an allow-list of demuxers and only the `file` protocol
+(`open_container`), probing (`probe_video`) and decoding (`decode_frames`), frame lists, and `process_video`. The
 frame plan (which frames, what size: `plan_video`, shared with budget.py so counted tokens equal processed
 tokens) lives in frames.py, by the spec's `video_sampling` policy: "qwen_vl_utils" (below; Qwen2-VL,
 Qwen2.5-VL) or "qwen3_vl" (transformers' Qwen3VLVideoProcessor; see frames.py). Its names are re-exported
@@ -34,11 +35,13 @@ A list of frames (paths, URLs, bytes, PIL images) is handled like qwen-vl-utils:
 sized with the *image* rules and limits (`min_pixels`/`max_pixels` if given, else the spec's: 3136 /
 12845056 for Qwen2-VL), the list is padded to a multiple of T by repeating the last frame, then the video
 budget applies. Each frame is resized once, from its original size to the final size. Frames must agree
-in size after the first step. Under "qwen3_vl" every listed frame is kept (no sampling), there is no image
-step (frames must agree as given) and the size is Qwen3-VL's volume smart_resize of the listed count.
+in size after the first step. Every frame's header is read before any frame is decoded: each frame within
+the decompression-bomb limit, all of them within FRAME_LIST_MAX_PIXELS. Under "qwen3_vl" every listed
+frame is kept (no sampling), there is no image step (frames must agree as given) and the size is Qwen3-VL's volume smart_resize of the listed count.
 """
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
@@ -51,8 +54,32 @@ from qvl.multimodal.frames import (DEFAULT_MAX_MODEL_LEN, FPS, FRAME_FACTOR, MAX
                                    qwen3_vl_num_frames, qwen3_vl_smart_resize, smart_nframes,
                                    video_max_pixels, video_min_pixels)
 from qvl.multimodal.image import VisionInput, content_hash, patchify, resize_rgb
-from qvl.multimodal.media import MediaPolicy, open_container, open_image, video_source
+from qvl.multimodal.image_file import open_image, upright_size
+from qvl.multimodal.media import MediaPolicy, video_source
 from qvl.multimodal.spec import PreprocessSpec
+
+# Decoded pixels one frame-list video may cost in all (each frame is decoded, resized and dropped in turn;
+# this bounds the decode time): 4x Pillow's per-image decompression-bomb limit, about 358 million.
+FRAME_LIST_MAX_PIXELS = 4 * 89_478_485
+# FFmpeg demuxer names (a container's format name matches when any comma-separated part matches).
+SAFE_VIDEO_DEMUXERS = ("mov,mp4,matroska,webm,avi,gif,apng,mpeg,mpegts,flv,ogg,asf,h264,hevc,m4v,ivf,"
+                       "yuv4mpegpipe,mjpeg")
+
+
+def open_container(src: str | bytes, *, label: str = "video"):
+    """Open a resolved video source (path or bytes) with PyAV, restricted to safe demuxers."""
+    import av
+
+    options = {"format_whitelist": SAFE_VIDEO_DEMUXERS, "protocol_whitelist": "file"}
+    target = io.BytesIO(src) if isinstance(src, bytes) else src
+    try:
+        container = av.open(target, mode="r", container_options=options)
+    except (av.FFmpegError, OSError, ValueError, UnicodeError) as e:
+        raise ValueError(f"{label}: cannot open video ({type(e).__name__}: {e})") from None
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{label}: no video stream in the container")
+    return container
 
 
 def probe_video(src: str | bytes, *, label: str = "video") -> VideoMeta:
@@ -90,6 +117,19 @@ def _check_frame_pixels(height: int, width: int, label: str) -> None:
     if limit is not None and height * width > limit:
         raise ValueError(f"{label}: decompression-bomb guard: frame {width}x{height} = {width * height} "
                          f"pixels exceeds the limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)")
+
+
+def check_frame_list_pixels(sizes: list[tuple[int, int]], label: str) -> None:
+    """A frame list, from its frames' headers (h, w), before any is decoded: every frame within the
+    decompression-bomb limit, and all of them together within FRAME_LIST_MAX_PIXELS (a tiny PNG can
+    decode to 9400x9400, and hundreds fit in one request)."""
+    for i, (h, w) in enumerate(sizes):
+        _check_frame_pixels(h, w, f"{label} frame {i}")
+    total = sum(h * w for h, w in sizes)
+    if total > FRAME_LIST_MAX_PIXELS:
+        raise ValueError(f"{label}: {len(sizes)} frames decode to {total} pixels in all, more than the "
+                         f"frame-list limit of {FRAME_LIST_MAX_PIXELS} pixels "
+                         f"(qvl.multimodal.video.FRAME_LIST_MAX_PIXELS); send fewer or smaller frames")
 
 
 def decode_frames(src: str | bytes, plan: VideoPlan, *, label: str = "video") -> np.ndarray:
@@ -132,6 +172,13 @@ def decode_frames(src: str | bytes, plan: VideoPlan, *, label: str = "video") ->
 
 def _frames_from_list(frames: list, opts: VideoOptions, policy: MediaPolicy | None, label: str,
                       spec: PreprocessSpec) -> tuple[np.ndarray, VideoPlan, tuple[int, int]]:
+    sizes = []
+    for i, src in enumerate(frames):                   # headers first: refuse before decoding anything
+        img = open_image(src, policy=policy, label=f"{label} frame {i}", load=False)
+        sizes.append(upright_size(img)[::-1])
+        if img is not src:
+            img.close()
+    check_frame_list_pixels(sizes, label)
     out, plan, step1, original = None, None, None, None
     for i, src in enumerate(frames):
         img = open_image(src, policy=policy, label=f"{label} frame {i}")

@@ -50,7 +50,9 @@ def check_media_counts(ctx: ServingContext, messages) -> tuple[int, int]:
 def prompt_limits(ctx: ServingContext, max_new_tokens: int | None) -> PromptLimits:
     """The server's limits for one prompt: the completion needs room for max_tokens (at least one)."""
     return PromptLimits(ctx.max_model_len, max_new_tokens=max_new_tokens or 1,
-                        max_visual_tokens_per_request=ctx.limits.max_visual_tokens_per_request)
+                        max_visual_tokens_per_request=ctx.limits.max_visual_tokens_per_request
+                        if ctx.limits.max_visual_tokens_per_request is not None
+                        else ctx.engine.default_max_visual_tokens)
 
 
 def check_prompt(prompt: PromptPlan | ProcessedPrompt, limits: PromptLimits, param: str) -> None:
