@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import add_emulate_avx2_arg, rerun_if_emulating_avx2  # noqa: E402
 
 SHAPES = {"mid": [(1024, 1024), (2816, 1024), (1024, 2816)],
           "2b": [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960)]}
@@ -65,12 +67,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 256])
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--emulate-avx2", action="store_true", help="rerun with the ISA capped at AVX2")
+    add_emulate_avx2_arg(ap)
     args = ap.parse_args()
-    if args.emulate_avx2:
-        env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
-        argv = [a for a in sys.argv[1:] if a != "--emulate-avx2"]
-        sys.exit(subprocess.run([sys.executable, __file__, *argv], env=env).returncode)
+    rerun_if_emulating_avx2(args, __file__)
     if args.threads:
         torch.set_num_threads(args.threads)
     from qvl.layers.cpu_runtime import probe_cpu

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -67,6 +70,19 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", choices=list(CONFIGS), default="small")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def add_emulate_avx2_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--emulate-avx2", action="store_true", help="rerun with the ISA capped at AVX2")
+
+
+def rerun_if_emulating_avx2(args, script: str) -> None:
+    """--emulate-avx2: run `script` again in a fresh process whose ISA is capped at AVX2 (torch and oneDNN
+    read the cap at start-up, so it cannot be applied in this one) and exit with its status."""
+    if args.emulate_avx2:
+        env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+        argv = [a for a in sys.argv[1:] if a != "--emulate-avx2"]
+        sys.exit(subprocess.run([sys.executable, script, *argv], env=env).returncode)
 
 
 def setup(args) -> tuple[str, torch.dtype]:

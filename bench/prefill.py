@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import add_common_args, build_pair, make_engine, timer  # noqa: E402
+from decode import (add_common_args, add_emulate_avx2_arg, build_pair, make_engine,  # noqa: E402
+                    rerun_if_emulating_avx2, timer)
 
 
 def prefill_tok_s(eng, ids: list[int], repeats: int) -> float:
@@ -48,12 +47,9 @@ def main() -> None:
     add_common_args(ap)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--emulate-avx2", action="store_true", help="rerun with the ISA capped at AVX2")
+    add_emulate_avx2_arg(ap)
     args = ap.parse_args()
-    if args.emulate_avx2:
-        env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
-        argv = [a for a in sys.argv[1:] if a != "--emulate-avx2"]
-        sys.exit(subprocess.run([sys.executable, __file__, *argv], env=env).returncode)
+    rerun_if_emulating_avx2(args, __file__)
     if args.threads:
         torch.set_num_threads(args.threads)
     from qvl.layers.cpu_runtime import restore_cpu_model

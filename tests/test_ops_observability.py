@@ -10,13 +10,12 @@ of the caller's W3C traceparent, with media_fetch / preprocess / queue / prefill
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
 import pytest
 
-from test_server import ServerProcess, free_port, metric, metrics_values, png_data_url
+from test_server import ServerProcess, app_server, metric, metrics_values, png_data_url
 
 openai = pytest.importorskip("openai")
 
@@ -109,7 +108,6 @@ def traced_server(tiny_ckpt):
     thread; the JSON log (with --log-prompts) goes to a list."""
     import io
 
-    import uvicorn
     pytest.importorskip("opentelemetry.sdk")
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -130,17 +128,8 @@ def traced_server(tiny_ckpt):
     stream = io.StringIO()
     observe.install(app, app.state.ctx, ServeOptions(log_format="json", log_prompts=True),
                     tracer_provider=provider, log_stream=stream)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="test-uvicorn-otel", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", exporter, stream
-    server.should_exit = True
-    thread.join(30)
+    with app_server(app, "test-uvicorn-otel") as (url, _):
+        yield url, exporter, stream
 
 
 def test_trace_with_child_spans_and_traceparent(traced_server):

@@ -8,14 +8,12 @@ template, the image preprocessing, the vision tower, prefill, the engine and the
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 import torch
 
 from test_cli import qvl
-from test_server import ServerProcess, free_port, image_msg, png_data_url
+from test_server import ServerProcess, app_server, image_msg, png_data_url
 
 openai = pytest.importorskip("openai")
 
@@ -75,8 +73,6 @@ def test_serve_with_the_openai_client(tiny_qwen2_5_vl_ckpt, tmp_path):
 @pytest.fixture()
 def scripted_server(tiny_qwen2_5_vl_ckpt):
     """An in-process uvicorn server over a real engine whose LM head is scripted to answer `reply`."""
-    import uvicorn
-
     from qvl.engine.async_engine import AsyncEngine
     from qvl.engine.llm_engine import LLMEngine
     from qvl.server.app import create_app
@@ -96,17 +92,8 @@ def scripted_server(tiny_qwen2_5_vl_ckpt):
 
     engine.model.compute_logits = scripted
     app = create_app(AsyncEngine(engine=engine), served_model_name="tiny25")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    with app_server(app) as (url, _):
+        yield url
 
 
 def test_grounding_reply_mapped_to_original_pixels(scripted_server):

@@ -12,6 +12,7 @@ policy opened for loopback shows one download per remote image per request, neve
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -39,6 +40,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def app_server(app, name: str = "test-uvicorn"):
+    """Serve an ASGI app under a real uvicorn in a daemon thread; yields (base URL, the thread); stops it
+    on exit."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", thread
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 class ServerProcess:
@@ -465,8 +487,6 @@ def test_continue_final_message_and_template_kwargs(client, http):
 def inproc(tiny_ckpt):
     """create_app(AsyncEngine(engine=LLMEngine)) with a media policy opened for loopback, under uvicorn
     in a thread of this process (so the test can see which thread fetches), and a counting media server."""
-    import uvicorn
-
     from test_plan import CountingMediaServer, png_bytes
 
     from qvl.engine.async_engine import AsyncEngine
@@ -478,17 +498,8 @@ def inproc(tiny_ckpt):
     engine = AsyncEngine(engine=LLMEngine.from_pretrained(str(tiny_ckpt), device="cpu", dtype="float32",
                                                           max_model_len=MAX_MODEL_LEN))
     app = create_app(engine, served_model_name="tiny", media_policy=MediaPolicy(allow_private_addresses=True))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", media, thread
-    server.should_exit = True
-    thread.join(30)
+    with app_server(app) as (url, thread):
+        yield url, media, thread
     media.close()
 
 
@@ -601,7 +612,6 @@ def test_demo_model_parse_with_pydantic(tmp_path):
     from typing import Literal
 
     import pydantic
-    import uvicorn
 
     from qvl.engine.async_engine import AsyncEngine
     from qvl.engine.llm_engine import LLMEngine
@@ -613,16 +623,8 @@ def test_demo_model_parse_with_pydantic(tmp_path):
 
     engine = AsyncEngine(engine=LLMEngine.from_pretrained(None, device="cpu", dtype="float32", max_model_len=1024))
     app = create_app(engine, served_model_name="demo")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="test-uvicorn-demo", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
-            time.sleep(0.05)
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    with app_server(app) as (base, _):
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
         shapes = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
         url = "data:image/png;base64," + base64.b64encode(shapes.read_bytes()).decode()
         r = c.chat.completions.parse(model="demo", messages=image_msg(url, text="What color is the circle?"),
@@ -630,6 +632,3 @@ def test_demo_model_parse_with_pydantic(tmp_path):
         assert r.choices[0].finish_reason == "stop"
         parsed = r.choices[0].message.parsed
         assert isinstance(parsed, Answer), r.choices[0].message.content
-    finally:
-        server.should_exit = True
-        thread.join(30)

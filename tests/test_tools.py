@@ -5,12 +5,12 @@ multi-turn tool messages rendered, and a template without tools refused with a 4
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import httpx
 import jsonschema
 import pytest
+
+from test_server import app_server
 
 from qvl.server.tools import ToolCallStream, parse_tool_calls, template_renders_tools
 
@@ -63,17 +63,9 @@ def test_parse_tool_calls_whole_and_streamed():
     assert template_renders_tools(TOOLS_TEMPLATE) and not template_renders_tools("{{ messages }}")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(ckpt, template_path=None):
-    import uvicorn
-
+    """A context manager: the tiny checkpoint served in process (with `template_path` as its chat
+    template); yields (base URL, thread)."""
     from qvl.engine.async_engine import AsyncEngine
     from qvl.engine.llm_engine import LLMEngine
     from qvl.server.app import create_app
@@ -81,26 +73,15 @@ def serve(ckpt, template_path=None):
     kw = {"chat_template": str(template_path)} if template_path else {}
     engine = AsyncEngine(engine=LLMEngine.from_pretrained(str(ckpt), device="cpu", dtype="float32",
                                                           max_model_len=1024, **kw))
-    app = create_app(engine, served_model_name="tiny")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="test-uvicorn-tools", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
+    return app_server(create_app(engine, served_model_name="tiny"), "test-uvicorn-tools")
 
 
 @pytest.fixture(scope="module")
 def tools_server(tiny_ckpt, tmp_path_factory):
     path = tmp_path_factory.mktemp("tmpl") / "tools.jinja"
     path.write_text(TOOLS_TEMPLATE)
-    server, thread, url = serve(tiny_ckpt, path)
-    yield url
-    server.should_exit = True
-    thread.join(30)
+    with serve(tiny_ckpt, path) as (url, _):
+        yield url
 
 
 def check_call(call):
@@ -167,13 +148,9 @@ def test_auto_and_multi_turn_render_tools(tools_server):
 
 
 def test_template_without_tools_is_a_400(tiny_ckpt):
-    server, thread, url = serve(tiny_ckpt)
-    try:
+    with serve(tiny_ckpt) as (url, _):
         r = httpx.post(url + "/v1/chat/completions", json={"messages": MSGS, "tools": [WEATHER]}, timeout=60)
         assert r.status_code == 400 and "--chat-template" in r.json()["error"]["message"], r.text
         r = httpx.post(url + "/v1/chat/completions", json={"messages": MSGS, "tools": [WEATHER], "max_tokens": 2,
                                                           "tool_choice": "none"}, timeout=60)
         assert r.status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(30)
