@@ -16,11 +16,8 @@ Requests: `add_request(request_id, ProcessedPrompt, params)` only — text, chat
 into a ProcessedPrompt beforehand (qvl.multimodal.prompt, via `engine.processor`; token ids via
 `ProcessedPrompt.from_token_ids`), never inside the engine or `step()`.
 
-Stop rules (qvl.engine.stop_rules), in order, for each new token (none before `min_tokens` output
-tokens, where eos and stop_token_ids are also banned from sampling): eos (from generation_config.json,
-else config.json) unless `ignore_eos`; `stop_token_ids` (stop_reason = the id); stop strings (text cut
-before them, stop_reason = the string); then "length" at `max_tokens` or `max_model_len`. A request
-with n > 1 is n sequences; siblings share the prompt's full blocks through the prefix cache and seed `seed + i`.
+Stop rules: qvl.engine.stop_rules (eos unless ignore_eos, stop_token_ids, stop strings, then "length";
+none before min_tokens). A request with n > 1 is n sequences sharing the prompt's blocks; seeds `seed + i`.
 Request checks (qvl.engine.request_checks) refuse at add_request what would fail inside a step. A step
 whose batch still raises is retried request by request; only the requests that fail alone are blamed:
 aborted (blocks freed; their exceptions in `last_step_errors`, their ids in `last_failed_request_ids`,
