@@ -69,7 +69,7 @@ def test_text_request_decodes_while_a_large_image_encodes(engines, slow_blocks):
     finishes (prefill + 2 decode steps) before the image's encode does."""
     eng = engines[0]
     starts, delay = slow_blocks
-    delay[0] = 0.4                                   # x 2 blocks: a 0.8 s encode
+    delay[0] = 0.5                                   # x 2 blocks: a 1 s encode
     finished_at = {}
     eng.add_request("img", eng.processor.process_prompt(CHAT, {"image": [_image(1, 224)]}), _greedy(2))
     eng.add_request("txt", ProcessedPrompt.from_token_ids([5, 6, 7]), _greedy(2))
@@ -166,3 +166,18 @@ def test_enabled_by_default_only_for_large_towers(engines):
         assert not VisionWorker(inline.runner).enabled
     finally:
         inline.runner.vision_worker = inline.vision          # the probe attached itself to the runner
+
+
+@pytest.mark.parametrize("ckpt", ["tiny_qwen2_5_vl_ckpt", "tiny_qwen3_vl_ckpt"])
+def test_tokens_match_the_inline_path_other_families(ckpt, request):
+    """Qwen2.5-VL (windowed tower) and Qwen3-VL (DeepStack: an item's features are a tuple of sets)."""
+    path = request.getfixturevalue(ckpt)
+    outs = []
+    for worker in (True, False):
+        eng = tiny_engine(path, max_num_seqs=4)
+        eng.vision.enabled = worker
+        eng.add_request("a", eng.processor.process_prompt(CHAT, {"image": [_image(7)]}), _greedy(5))
+        eng.add_request("b", ProcessedPrompt.from_token_ids([9, 10, 11]), _greedy(5))
+        assert ("a" in eng.vision._jobs) == worker           # the worker took the image, or the step will
+        outs.append({rid: o.outputs[0].token_ids for rid, o in _drain(eng).items()})
+    assert outs[0] == outs[1]
