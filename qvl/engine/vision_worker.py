@@ -4,8 +4,8 @@ Why: a large image takes tens of seconds in the vision tower on a CPU; encoded i
 other request's decode step waits for all of it. Here the engine submits a request's media when the request
 is added (`submit`); the scheduler's `is_ready` keeps its sequences waiting in the queue until the job is
 done, while the other requests keep stepping; the runner then takes the features (`features`) instead of
-encoding them in the step. One thread: jobs run in arrival order and the step keeps the other cores' worth
-of time it would have had anyway (the encode and the steps share the CPU, nothing waits for all of it).
+encoding them in the step. One thread: jobs run in arrival order; the encode and the steps share the CPU,
+so a step may be slower while an image encodes, but no step waits for a whole encode.
 
 Contract:
 - `submit(request_id, media, should_stop)`: a job for the request's items that the encoder cache does not
