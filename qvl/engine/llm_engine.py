@@ -25,6 +25,11 @@ their "abort" outputs returned) while the rest of the batch goes on. When every 
 fails, the step re-raises the exception instead (unless they were all cancelled: `request_cancel`, from
 any thread, stops a step's vision encode within one block; the request is aborted).
 
+Media of a large vision tower encode off the step (qvl.engine.vision_worker): add_request submits the
+request's uncached items to one worker thread and its sequences wait in the queue (`is_ready`) while the
+other requests keep stepping; aborting stops the job within one vision block, a failed encode fails the
+request alone (at its first step, like an inline encode error).
+
 Structured output (`params.structured_outputs`, qvl.structured): add_request starts the grammar's
 compile on a worker thread; the sequence waits in the queue until it is ready (the scheduler's
 `is_ready`); a grammar that fails to compile finishes its request with finish_reason "abort" and
@@ -37,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -52,8 +56,9 @@ from qvl.engine.runner import ModelRunner, VisionCancelled, available_memory, kv
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
 from qvl.engine.stop_rules import banned_ids, finish_reason
 from qvl.engine.sequence import Sequence, media_spans
+from qvl.engine.vision_worker import VisionWorker
 from qvl.layers.cpu_runtime import prepare_cpu_model
-from qvl.multimodal.prompt import ProcessedPrompt
+from qvl.multimodal.prompt import ProcessedPrompt, read_chat_template
 from qvl.sampling_params import SamplingParams, eos_token_ids
 
 _STRUCTURED_LOCK = threading.Lock()
@@ -79,16 +84,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[dtype]
-
-
-def read_chat_template(path: str | None) -> str | None:
-    """The text of EngineConfig.chat_template (a file), or None for the checkpoint's own template."""
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"chat_template: no such file: {path}")
-    return p.read_text()
 
 
 class LLMEngine:
@@ -121,6 +116,7 @@ class LLMEngine:
         self.cpu_runtime = prepare_cpu_model(model, max_bytes=(available_memory(device) - kv_bytes) // 2)
         self.runner = ModelRunner(model, config, num_blocks=num_blocks, block_size=cfg.block_size,
                                   encoder_cache=EncoderCache(cfg.encoder_cache_bytes(device.type)))
+        self.vision = VisionWorker(self.runner)     # large towers encode off the step (is_ready below)
         self.requests: dict[str, RequestState] = {}
         self._seq_state: dict[int, tuple[RequestState, IncrementalDetokenizer]] = {}
         self.last_failed_request_ids: list[str] = []
@@ -179,7 +175,8 @@ class LLMEngine:
             self.structured.check(params.structured_outputs)
 
     def _grammar_ready(self, seq: Sequence) -> bool:
-        return seq.params.structured_outputs is None or self._structured.is_ready(seq)
+        return (seq.params.structured_outputs is None or self._structured.is_ready(seq)) and \
+            self.vision.is_ready(seq.request_id)
 
     # --- requests ------------------------------------------------------------------------------
     def default_sampling_params(self, **overrides) -> SamplingParams:
@@ -225,6 +222,7 @@ class LLMEngine:
         for s, d in zip(seqs, detoks):
             self._seq_state[s.seq_id] = (state, d)
         self.num_prompt_tokens_total += len(ids)
+        self.vision.submit(request_id, media, lambda: request_id in self._cancelled)
 
     def _decode_fn(self):
         if self.processor is None:
@@ -269,8 +267,8 @@ class LLMEngine:
         failed = self._fail_bad_grammars()
         out = self.scheduler.schedule()
         results, self.last_step_errors = {}, {}
-        if not out.seqs and self._structured is not None:
-            self._structured.wait(0.05)          # only grammars still compiling: wait, do not spin
+        if not out.seqs:                         # only grammars compiling / images encoding: wait, do not spin
+            self.vision.wait(0.05, also=self._structured)
         if out.seqs:
             results, errors = execute_isolated(self._execute_part, out)
             if errors:
@@ -372,6 +370,7 @@ class LLMEngine:
 
     def _pop(self, state: RequestState) -> RequestOutput:
         self.requests.pop(state.request_id, None)
+        self.vision.release(state.request_id)
         for s in state.seqs:
             self._seq_state.pop(s.seq_id, None)
         self.num_requests_finished += 1

@@ -12,7 +12,8 @@ Does not know: queues, stop conditions, tokenizers.
 where a prompt token's position is read from the prompt's precomputed (3, P) positions and an output
 token's is `index + rope_delta` on all three streams. Vision: every media item overlapping a
 scheduled chunk needs its feature rows; features come from (1) what the sequence already holds,
-(2) the encoder cache (by content hash), or (3) the vision tower — items of the step encoded in one
+(2) the VisionWorker's finished job for its request (qvl.engine.vision_worker: encoded off the step),
+(3) the encoder cache (by content hash), or (4) the vision tower — items of the step encoded in one
 packed call, each whole, deduplicated by hash. A sequence holds an item's features until its last
 pad token is prefilled, so a chunk boundary inside an item never re-encodes it. `should_stop` is polled
 before every vision block (a forward pre-hook; the model stays math only): an aborted request's encode
@@ -30,6 +31,7 @@ never more blocks than max_num_seqs sequences of max_model_len tokens can use.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable
 
 import torch
@@ -108,7 +110,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
         self.held: dict[int, dict[int, torch.Tensor]] = {}   # seq_id -> {item index: (T, H)}
-        self.vision_stop: Callable[[], bool] | None = None   # set per step by execute(should_stop=...)
+        # The stop check of the encode running on this thread: execute(should_stop=...) on the engine's,
+        # encode_async_job's on the VisionWorker's (qvl.engine.vision_worker), which may run at once.
+        self._vision_stop = threading.local()
+        self.vision_worker = None                 # a VisionWorker sets itself here
         for blk in getattr(getattr(model, "visual", None), "blocks", ()):
             blk.register_forward_pre_hook(self._between_vision_blocks)
         # One block more than the block manager hands out: the last one is the zeroed padding block that
@@ -150,7 +155,9 @@ class ModelRunner:
             for m in seq.media_in(start, end):
                 held = self.held.setdefault(seq.seq_id, {})
                 if m.index not in held:
-                    feats = self.encoder_cache.get(m.content_hash)
+                    feats = (self.vision_worker.features(seq.request_id, m.content_hash)
+                             if self.vision_worker is not None else None)
+                    feats = feats if feats is not None else self.encoder_cache.get(m.content_hash)
                     if feats is None:
                         to_encode.setdefault(m.content_hash, m.data)
                     else:
@@ -182,7 +189,8 @@ class ModelRunner:
 
     def _between_vision_blocks(self, module, args) -> None:
         """Forward pre-hook of every vision block: an aborted request's encode stops within one block."""
-        if self.vision_stop is not None and self.vision_stop():
+        stop = getattr(self._vision_stop, "fn", None)
+        if stop is not None and stop():
             raise VisionCancelled("vision encoding stopped: a request of this step was aborted")
 
     def _vision_mask(self, batch, n_total: int) -> torch.Tensor:
@@ -200,17 +208,30 @@ class ModelRunner:
         return mask.to(self.device)
 
     def _encode(self, items: list[tuple[str, object]]) -> dict[str, torch.Tensor]:
+        out = self._encode_items(items)
+        for h, f in out.items():
+            self.encoder_cache.put(h, f)
+        return out
+
+    @torch.inference_mode()
+    def encode_async_job(self, items: list[tuple[str, object]], should_stop: Callable[[], bool]
+                         ) -> dict[str, torch.Tensor]:
+        """A VisionWorker job (its own thread): the items encoded in one packed call, as a step holding only
+        them would; should_stop is polled before every vision block. Touches no runner state."""
+        self._vision_stop.fn = should_stop
+        try:
+            return self._encode_items(items)
+        finally:
+            self._vision_stop.fn = None
+
+    def _encode_items(self, items: list[tuple[str, object]]) -> dict[str, torch.Tensor]:
         pixels = torch.cat([vi.pixel_values for _, vi in items]).to(self.device, self.dtype)  # (np, C*T*P*P)
         grid = torch.tensor([list(vi.grid_thw) for _, vi in items], device=self.device)      # (ni, 3)
         feats = self.model.encode_vision(pixels, grid)                    # (np/4, H) or a tuple of them
         sizes = [vi.num_tokens for _, vi in items]
         per_item = (zip(*(s.split(sizes) for s in feats)) if isinstance(feats, tuple)
                     else feats.split(sizes))
-        out = {}
-        for (h, vi), f in zip(items, per_item):
-            out[h] = f
-            self.encoder_cache.put(h, f)
-        return out
+        return {h: f for (h, _), f in zip(items, per_item)}
 
     # --- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -249,11 +270,11 @@ class ModelRunner:
             seq_lens_q=[e - s for _, s, e in batch], context_lens=[e for _, _, e in batch],
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=[seq.block_table for seq, _, _ in batch])
-        self.vision_stop = should_stop
+        self._vision_stop.fn = should_stop
         try:
             vision = self._vision_rows(batch)
         finally:
-            self.vision_stop = None
+            self._vision_stop.fn = None
         mask, extra = self._vision_mask(batch, n_total), {}
         if isinstance(vision, tuple):         # DeepStack: the extra sets go to forward with their rows
             vision, extra = vision[0], {"deepstack_embeds": vision[1:], "vision_mask": mask}

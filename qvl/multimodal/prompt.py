@@ -50,6 +50,16 @@ VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 _BUILTIN_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
 
 
+def read_chat_template(path: str | None) -> str | None:
+    """The text of EngineConfig.chat_template (a file), or None for the checkpoint's own template."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"chat_template: no such file: {path}")
+    return p.read_text()
+
+
 @dataclass
 class ProcessedPrompt:
     token_ids: list[int]
