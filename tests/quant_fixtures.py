@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tiny import _write_side_files, tiny_config_dict, write_tokenizer
+from tiny import _write_side_files, random_qwen2_vl, tiny_config_dict, write_tokenizer
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 PROJ = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
@@ -102,22 +102,17 @@ def _nested(key: str) -> str:
 def write_quantized(path, fmt: str, *, bits: int = 4, group: int = 32, layout: str = "hub",
                     zero_bias: bool = False, seed: int = 0) -> tuple[Path, Path]:
     from safetensors.torch import save_file
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLConfig
 
     path = Path(path)
     qdir, ref = path / "quant", path / "ref"
     ids = write_tokenizer(qdir)
     write_tokenizer(ref)
     cfg = quant_config_dict(ids)
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**dict(cfg, torch_dtype="float32"))).eval()
+    model = random_qwen2_vl(Qwen2VLConfig(**dict(cfg, torch_dtype="float32")), seed)
     stored: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.15)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02)
+        for p in model.parameters():
             p.copy_(p.half().float())                    # what an fp16 checkpoint holds
         state = model.state_dict()
         for key, t in state.items():

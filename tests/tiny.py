@@ -125,21 +125,12 @@ def tiny_config_dict(ids: dict[str, int], *, tied: bool = False, vocab_size: int
     }
 
 
-def make_tiny_checkpoint(path: str | Path, *, tied: bool = False, seed: int = 0,
-                         max_pixels: int = 200704) -> Path:
-    """Write a complete random tiny Qwen2-VL checkpoint with transformers' save_pretrained.
-
-    Files: config.json, model.safetensors, generation_config.json, tokenizer.json,
-    tokenizer_config.json, preprocessor_config.json. Weights are fp32, scaled up from the default init
-    so that different inputs give clearly different logits (random-init logits are otherwise nearly flat).
-    """
+def random_qwen2_vl(config, seed: int):
+    """transformers' Qwen2VLForConditionalGeneration with seeded random weights (matrices N(0, 0.15), biases
+    N(0, 0.02): large enough that a wrong op changes the greedy tokens)."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
-    path = Path(path)
-    ids = write_tokenizer(path)
-    cfg_dict = tiny_config_dict(ids, tied=tied)
-    config = Qwen2VLConfig(**cfg_dict)
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -148,6 +139,23 @@ def make_tiny_checkpoint(path: str | Path, *, tied: bool = False, seed: int = 0,
                 p.normal_(0.0, 0.15)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.02)
+    return model
+
+def make_tiny_checkpoint(path: str | Path, *, tied: bool = False, seed: int = 0,
+                         max_pixels: int = 200704) -> Path:
+    """Write a complete random tiny Qwen2-VL checkpoint with transformers' save_pretrained.
+
+    Files: config.json, model.safetensors, generation_config.json, tokenizer.json,
+    tokenizer_config.json, preprocessor_config.json. Weights are fp32, scaled up from the default init
+    so that different inputs give clearly different logits (random-init logits are otherwise nearly flat).
+    """
+    from transformers import Qwen2VLConfig
+
+    path = Path(path)
+    ids = write_tokenizer(path)
+    cfg_dict = tiny_config_dict(ids, tied=tied)
+    config = Qwen2VLConfig(**cfg_dict)
+    model = random_qwen2_vl(config, seed)
     model.save_pretrained(path, safe_serialization=True)
     # save_pretrained writes a nested config in 4.57; ship the flat hub layout like the real checkpoints.
     (path / "config.json").write_text(json.dumps(cfg_dict, indent=1))
