@@ -3,10 +3,9 @@ change no greedy token; counters show the hits; seeded sampling ignores batch-ma
 transformers' generate; stop strings, streaming, n > 1, logprobs, AsyncEngine."""
 import asyncio
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny import IMG, chat, image
 
 from qvl.config import EngineConfig
 from qvl.engine.async_engine import AsyncEngine
@@ -16,17 +15,8 @@ from qvl.llm import LLM
 from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams
 
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 QUESTIONS = ["Describe this image.", "What color is the circle?", "How many shapes are there?",
              "What is written in the picture? The quick brown fox jumps over the lazy dog."]
-
-
-def chat(body: str) -> str:
-    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def image(seed: int, h: int = 112, w: int = 140) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 def greedy(num=12, **kw) -> SamplingParams:

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tiny import IMG
+
 from qvl.engine.llm_engine import LLMEngine
 from qvl.llm import LLM
 from qvl.sampling_params import SamplingParams
 
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGES = [Image.fromarray(np.random.default_rng(s).integers(0, 255, (h, w, 3), dtype=np.uint8))
           for s, (h, w) in enumerate([(56, 56), (112, 140), (84, 56), (140, 112)])]
 TEXTS = ["Describe.", "What color is the circle?", "How many shapes are there? one two three",

@@ -10,16 +10,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from qvl.build import load_model
 from qvl.layers.linear import QuantLinear
+from tiny import IMG, chat, image
 from quant_fixtures import write_quantized
 
 FORMATS = {"gptq4": ("gptq", 4, "hub"), "gptq8": ("gptq", 8, "nested"), "awq": ("awq", 4, "hub"),
            "awq_nested": ("awq", 4, "nested")}
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +28,6 @@ def ckpts(tmp_path_factory):
         out[tag] = write_quantized(tmp_path_factory.mktemp(tag), fmt, bits=bits, layout=layout,
                                    zero_bias=tag == "gptq4", seed=len(out))
     return out
-
-
-def _image(seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (112, 140, 3), dtype=np.uint8))
-
-
-def _chat(body):
-    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_fixture_words_are_the_published_format(ckpts):
@@ -63,8 +54,8 @@ def test_logits_and_greedy_match_transformers_on_dequantized_weights(ckpts, tag)
     assert isinstance(eng.model.lm_head, torch.nn.Linear) and eng.model.quantization.method == FORMATS[tag][0]
     hf = Qwen2VLForConditionalGeneration.from_pretrained(ref).eval()
     proc = hf_processor(ref)
-    inp = proc(text=[_chat(IMG + "Describe this image.")], images=[_image()], return_tensors="pt")
-    prompt = eng.processor.process_prompt(_chat(IMG + "Describe this image."), {"image": [_image()]})
+    inp = proc(text=[chat(IMG + "Describe this image.")], images=[image(0)], return_tensors="pt")
+    prompt = eng.processor.process_prompt(chat(IMG + "Describe this image."), {"image": [image(0)]})
     assert prompt.token_ids == inp["input_ids"][0].tolist()
     with torch.no_grad():
         ref_logits = hf(**inp).logits[0]

@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from tiny import IMG, chat
+
 from qvl.layers.linear import QuantLinear, choose_kernel
 from qvl.quant.formats import Quantized
 from qvl.quant.spec import QuantSpec
 from quant_fixtures import write_quantized
 
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 CASES = {  # tag -> (fixture format, bits, on-the-fly method or None, kernel in bf16)
     "gptq4": ("gptq", 4, None, "int4pack"), "gptq8": ("gptq", 8, None, "int8group"),
     "awq": ("awq", 4, None, "int4pack"), "int8": ("gptq", 4, "int8", "int8pack"),
@@ -97,8 +98,7 @@ def test_bf16_kernels_meet_the_bf16_criterion(ckpts, tag):
     kernels = {m.kernel for m in fast_eng.model.modules() if isinstance(m, QuantLinear)}
     assert kernels == {kernel}
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (84, 112, 3), dtype=np.uint8))
-    texts = [(f"<|im_start|>user\n{IMG}Describe this image.<|im_end|>\n<|im_start|>assistant\n", [image]),
-             ("<|im_start|>user\nHow many shapes are there?<|im_end|>\n<|im_start|>assistant\n", None)]
+    texts = [(chat(IMG + "Describe this image."), [image]), (chat("How many shapes are there?"), None)]
     params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16, logprobs=5)
     outs = []
     for eng in (ref_eng, fast_eng):

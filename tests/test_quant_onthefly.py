@@ -15,20 +15,16 @@ from PIL import Image
 
 from qvl.build import load_model
 from qvl.layers.linear import QuantLinear
+from tiny import IMG, chat
 from quant_fixtures import write_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 @pytest.fixture(scope="module")
 def float_ckpt(tmp_path_factory):
     """A float32 tiny Qwen2-VL with hidden 128 / intermediate 256 (the reference half of the fixture)."""
     return write_quantized(tmp_path_factory.mktemp("otf"), "gptq", seed=7)[1]
-
-
-def _chat(body):
-    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.mark.parametrize("method, bits, groups", [("int8", 8, {128: 1, 256: 1}), ("int4", 4, {128: 1, 256: 2})])
@@ -62,7 +58,7 @@ def test_fp32_equals_transformers_on_own_dequantized_weights(float_ckpt, method)
                 hf.get_submodule(name.replace("model.", "model.language_model.", 1)).weight.copy_(
                     m.dequantized_weight())
     image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (84, 112, 3), dtype=np.uint8))
-    text = _chat(IMG + "What color is the circle?")
+    text = chat(IMG + "What color is the circle?")
     inp = hf_processor(float_ckpt)(text=[text], images=[image], return_tensors="pt")
     prompt = eng.processor.process_prompt(text, {"image": [image]})
     ids = inp["input_ids"][0]

@@ -19,21 +19,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import greedy_tokens, tiny_engine
+from tiny import IMG, VID, chat, greedy_tokens, image, tiny_engine
 
 from qvl.models.qwen3_vl import processing
 
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
-VID = "<|vision_start|><|video_pad|><|vision_end|>"
 N_NEW = 16
-
-
-def chat(body: str) -> str:
-    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def image(seed: int, h: int, w: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 def video(seed: int, fps: float | None, frames: int = 6, h: int = 128, w: int = 160) -> dict:

@@ -46,6 +46,22 @@ _CORPUS = [
 ]
 
 
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"       # one image's placeholder in a raw chat prompt
+VID = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def chat(body: str) -> str:
+    """A one-turn raw chat prompt (the Qwen chat template's user/assistant markers) around `body`."""
+    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def image(seed: int, h: int = 112, w: int = 140):
+    """A seeded random RGB PIL image of h x w pixels."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
 def write_tokenizer(path: str | Path, vocab_size: int = 400) -> dict[str, int]:
     """Train a small byte-level BPE and write tokenizer.json + tokenizer_config.json to `path`.
 
