@@ -10,27 +10,18 @@ Each dataclass validates itself in __post_init__ (a ValueError naming the field,
 value) and carries its help text in field metadata. `add_dataclass_args(parser, cls)` turns the
 fields into argparse flags and `dataclass_from_args(cls, args)` builds the dataclass back, so a new
 knob is one field. Flags have no argparse default: an unset flag is absent from the namespace and the
-field's default applies. Field metadata read by add_dataclass_args:
-  help      the help text ("(default: X)" is appended when the default is not None)
-  flag      the flag's spelling (default: --field-name); None: no flag for this field
-  aliases   more spellings; for a bool, an alias starting with --no- sets False
-  choices, metavar   as in argparse
-Flag types come from the annotation: int / float / str (X | None is X; a union of several types is
-a str the dataclass parses itself); bool is --x / --no-x; list[X] takes comma-separated values and may
-be repeated.
+field's default applies (qvl.config_flags: the field metadata it reads).
 
 Knows nothing about torch, models or HTTP; reads no environment variable.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qvl.config_flags import add_dataclass_args, dataclass_from_args  # noqa: F401 (re-exported)
 
 DEMO_MODEL = Path(__file__).parent / "demo"
 
@@ -40,6 +31,8 @@ AUTO_ENCODER_CACHE_BYTES = {"cuda": 512 << 20, "cpu": 256 << 20}
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("gptq", "awq", "int8", "int4")          # = qvl.quant.METHODS (this module imports no torch)
+DIST_BACKENDS = ("nccl", "gloo")
+ATTENTION_BACKENDS = ("auto", "reference", "paged")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
@@ -165,8 +158,13 @@ class EngineConfig:
                                         "GPTQ/AWQ checkpoint from config.json, else float)",
                                   choices=QUANTIZATIONS)
     tensor_parallel_size: int = _f(1, "GPUs the model is split over (only 1 is supported yet)")
-    enforce_eager: bool = _f(False, "never capture CUDA graphs (qvl captures none yet, so this "
-                                    "changes nothing today)")
+    distributed_backend: str | None = _f(None, "torch.distributed backend of the tensor-parallel ranks "
+                                               "(default: nccl on CUDA, gloo on CPU)", choices=DIST_BACKENDS)
+    attention_backend: str = _f("auto", "decoder attention: reference (SDPA over gathered context; the CPU "
+                                        "path and the test oracle) or paged (Triton kernels reading K/V "
+                                        "through the block table; CUDA) (auto: paged on CUDA when Triton is "
+                                        "installed, else reference)", choices=ATTENTION_BACKENDS)
+    enforce_eager: bool = _f(False, "never capture CUDA graphs: every decode step runs eagerly")
     mm_processor_kwargs: dict | str | None = _f(
         None, 'engine-wide media defaults, JSON: {"min_pixels": N, "max_pixels": N} per image (replacing '
               'the checkpoint\'s preprocessor_config.json limits), {"fps": F} per video; a request may lower '
@@ -208,6 +206,11 @@ class EngineConfig:
         set_("mm_processor_kwargs", parse_mm_processor_kwargs(self.mm_processor_kwargs))
         _require(self.quantization is None or self.quantization in QUANTIZATIONS, "EngineConfig.quantization",
                  f"None or one of {', '.join(QUANTIZATIONS)}", self.quantization)
+        _require(self.distributed_backend is None or self.distributed_backend in DIST_BACKENDS,
+                 "EngineConfig.distributed_backend", f"None or one of {', '.join(DIST_BACKENDS)}",
+                 self.distributed_backend)
+        _require(self.attention_backend in ATTENTION_BACKENDS, "EngineConfig.attention_backend",
+                 f"one of {', '.join(ATTENTION_BACKENDS)}", self.attention_backend)
         _require(self.tensor_parallel_size == 1, "EngineConfig.tensor_parallel_size",
                  "1 (tensor parallelism is not supported yet)", self.tensor_parallel_size)
 
@@ -325,76 +328,3 @@ class BatchOptions:
 
     def __post_init__(self):
         _check_ints(self, {"max_in_flight": 1}, optional=("max_in_flight",))
-
-
-# ------------------------------------------------------------------------------------- flags <-> fields
-
-class _BoolFlag(argparse.Action):
-    """--x sets True, --no-x (and every alias starting with --no-) sets False."""
-
-    def __init__(self, option_strings, dest, **kw):
-        super().__init__(option_strings, dest, nargs=0, **kw)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, not option_string.startswith("--no-"))
-
-
-def _comma_list(elem: type):
-    return lambda s: [elem(x.strip()) for x in s.split(",") if x.strip()]
-
-
-def _flag_kwargs(f: dataclasses.Field, hint) -> tuple[list[str], dict]:
-    meta = f.metadata
-    flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-    names = [flag, *meta.get("aliases", ())]
-    args = [a for a in typing.get_args(hint) if a is not type(None)] \
-        if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
-    base = args[0] if len(args) == 1 else str
-    default = f.default if f.default is not dataclasses.MISSING else (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    help_ = meta.get("help", "")
-    kw: dict = {"dest": f.name, "default": argparse.SUPPRESS}
-    if base is bool:
-        names = [flag, "--no-" + flag[2:], *meta.get("aliases", ())]
-        kw["action"] = _BoolFlag
-        help_ += f" (default: {'on' if default else 'off'})"
-    else:
-        if typing.get_origin(base) is list:
-            kw.update(action="extend", type=_comma_list((typing.get_args(base) or (str,))[0]))
-            help_ += " (comma-separated or repeated)"
-        else:
-            kw["type"] = base if base in (int, float) else str
-        if default is not None and default != []:
-            help_ += f" (default: {default})"
-        if "choices" in meta:
-            kw["choices"] = meta["choices"]
-        else:
-            kw["metavar"] = meta.get("metavar", flag[2:].upper().replace("-", "_"))
-    kw["help"] = help_.strip().replace("%", "%%")
-    return names, kw
-
-
-def add_dataclass_args(parser, cls, *, title: str | None = None):
-    """Add one flag per field of dataclass `cls` to `parser` (in an argument group if `title`).
-
-    Returns the parser or group. ValueError if a field's dest is already taken in `parser` (each knob
-    is defined once; argparse itself refuses a repeated flag spelling)."""
-    target = parser.add_argument_group(title) if title else parser
-    taken = {a.dest for a in parser._actions}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("flag", "") is None:
-            continue
-        if f.name in taken:
-            raise ValueError(f"{cls.__name__}.{f.name}: the parser already has a {f.name!r} option")
-        names, kw = _flag_kwargs(f, hints[f.name])
-        target.add_argument(*names, **kw)
-    return target
-
-
-def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
-    """`cls` built from the flags present in `args` (absent ones keep the field defaults) and
-    `overrides`; the dataclass's own checks apply."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-              if f.init and hasattr(args, f.name)}
-    return cls(**{**values, **overrides})
