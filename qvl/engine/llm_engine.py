@@ -59,6 +59,7 @@ from qvl.engine.sequence import Sequence, media_spans
 from qvl.engine.vision_worker import VisionWorker
 from qvl.layers.cpu_runtime import prepare_cpu_model
 from qvl.multimodal.prompt import ProcessedPrompt, read_chat_template
+from qvl.parallel.worker import kv_plan_config
 from qvl.sampling_params import SamplingParams, eos_token_ids
 
 _STRUCTURED_LOCK = threading.Lock()
@@ -88,7 +89,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 class LLMEngine:
     def __init__(self, model, config, processor=None, engine_config: EngineConfig | None = None, *,
-                 generation_config: dict | None = None, model_path: str | None = None, **options):
+                 generation_config: dict | None = None, model_path: str | None = None, executor=None,
+                 **options):
         """From a loaded model, its family's config, a PromptProcessor (None: token-id prompts only) and
         an EngineConfig, or its fields as keywords (`LLMEngine(model, config, None, max_model_len=64)`),
         or both (the keywords replace fields). The loading fields (model, dtype, device, threads,
@@ -104,18 +106,25 @@ class LLMEngine:
         self.generation_config = dict(generation_config or {})
         self.eos_token_ids = set(eos_token_ids(self.generation_config) or config.eos_token_id)
         device = model.device
-        num_blocks = plan_num_blocks(config, block_size=cfg.block_size, dtype=model.dtype, device=device,
+        self.executor = executor                # qvl.engine.executor.TPExecutor when tensor_parallel_size > 1
+        kv_config = config if executor is None else kv_plan_config(model, config)   # this rank's KV heads
+        num_blocks = plan_num_blocks(kv_config, block_size=cfg.block_size, dtype=model.dtype, device=device,
                                      kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                                      max_model_len=self.max_model_len)
+        if executor is not None:                # the pool every rank can hold; then steps reach every rank
+            num_blocks = executor.agree_num_blocks(num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs)
+            executor.attach(model)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self._structured = None                 # qvl.structured.StructuredOutputs, built on first use
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, is_ready=self._grammar_ready)
-        kv_bytes = num_blocks * kv_bytes_per_block(config, cfg.block_size, model.dtype)  # not touched yet
+        kv_bytes = num_blocks * kv_bytes_per_block(kv_config, cfg.block_size, model.dtype)  # not touched yet
         self.cpu_runtime = prepare_cpu_model(model, max_bytes=(available_memory(device) - kv_bytes) // 2)
         self.runner = ModelRunner(model, config, num_blocks=num_blocks, block_size=cfg.block_size,
                                   encoder_cache=EncoderCache(cfg.encoder_cache_bytes(device.type)))
+        if executor is not None:
+            executor.shard_kv_caches(model, num_blocks, cfg.block_size)
         self.vision = VisionWorker(self.runner)     # large towers encode off the step (is_ready below)
         self.requests: dict[str, RequestState] = {}
         self._seq_state: dict[int, tuple[RequestState, IncrementalDetokenizer]] = {}
@@ -140,11 +149,23 @@ class LLMEngine:
         template = read_chat_template(cfg.chat_template)     # a missing file fails before the weights load
         device = resolve_device(cfg.device)
         path = resolve_model_path(cfg.model_path)
-        net, config = load_model(path, dtype=resolve_dtype(cfg.dtype, device), device=device,
-                                 quantization=cfg.quantization)
-        processor = PromptProcessor.from_pretrained(path, config, chat_template=template)
-        return cls(net, config, processor, cfg, generation_config=load_generation_config(path),
-                   model_path=str(path))
+        executor, tp = None, {}
+        if cfg.tensor_parallel_size > 1:        # refuse an unshardable model before starting any process
+            from qvl.engine.executor import TPExecutor, check_tensor_parallel
+
+            check_tensor_parallel(path, cfg)
+            executor = TPExecutor.launch(cfg, device)
+            device, tp = executor.device, {"tp": executor.tp_info}
+        try:
+            net, config = load_model(path, dtype=resolve_dtype(cfg.dtype, device), device=device,
+                                     quantization=cfg.quantization, **tp)
+            processor = PromptProcessor.from_pretrained(path, config, chat_template=template)
+            return cls(net, config, processor, cfg, generation_config=load_generation_config(path),
+                       model_path=str(path), executor=executor)
+        except BaseException:
+            if executor is not None:
+                executor.shutdown()
+            raise
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, **options) -> "LLMEngine":
@@ -260,6 +281,16 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def failure(self) -> str | None:
+        """Why this engine cannot step any more (a tensor-parallel rank died), or None."""
+        return self.executor.failure if self.executor is not None else None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do with one process). Idempotent."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

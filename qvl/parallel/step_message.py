@@ -1,0 +1,123 @@
+"""One decoder step on the wire: rank 0's model-call arguments, broadcast to every tensor-parallel rank.
+
+  send(call, *, hidden_size, dtype, device)  rank 0: broadcast a StepCall (or STOP when call is None)
+  recv(*, hidden_size, dtype, device) -> StepCall | None   rank > 0: the same call, or None for STOP
+
+A StepCall is what rank 0's runner passes to `model(...)`: positions (3, N), AttentionMetadata
+(seq_lens_q, context_lens, slot_mapping, block_tables) or None, inputs_embeds (N, H), and the optional
+Qwen3-VL extras deepstack_embeds (each (M, H)) and vision_mask (N,). Token ids are not sent: only rank 0
+holds the embedding (qvl.parallel.shard), so workers run from inputs_embeds.
+
+Format (chosen over `broadcast_object_list`, which pickles and sends a size then the bytes: see
+bench/tp.py for the measured cost of both): three or four tensor broadcasts from rank 0 —
+  header (10,) int64  [cmd, N, B, T, n_deepstack, M, has_md, has_slots, has_vmask, has_tables]
+  ints   (3N + N? + 3B + T + N?,) int64   positions | slot_mapping | seq_lens_q | context_lens |
+                                          block-table lengths | block tables flat | vision_mask
+  embeds (N, H) in the model dtype;  deepstack (n_deepstack * M, H) when there are DeepStack sets.
+On NCCL every tensor lives on the rank's CUDA device; on gloo on the CPU.
+
+Knows nothing about processes, the engine or the model beyond these arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from qvl.layers.attention import AttentionMetadata
+
+STOP, STEP = 0, 1
+_HEADER = 10
+
+
+@dataclass
+class StepCall:
+    positions: torch.Tensor                                  # (3, N) int64
+    attn_metadata: AttentionMetadata | None
+    inputs_embeds: torch.Tensor                              # (N, H)
+    deepstack_embeds: tuple[torch.Tensor, ...] | None = None  # each (M, H)
+    vision_mask: torch.Tensor | None = None                  # (N,) bool
+
+    def kwargs(self) -> dict:
+        extra = {}
+        if self.deepstack_embeds is not None:
+            extra["deepstack_embeds"] = self.deepstack_embeds
+        if self.vision_mask is not None:
+            extra["vision_mask"] = self.vision_mask
+        return {"inputs_embeds": self.inputs_embeds, **extra}
+
+
+def _bcast(t: torch.Tensor, group) -> torch.Tensor:
+    dist.broadcast(t, src=0, group=group)
+    return t
+
+
+def send_stop(device: torch.device, group=None) -> None:
+    _bcast(torch.zeros(_HEADER, dtype=torch.long, device=device), group)
+
+
+def send(call: StepCall, *, device: torch.device, group=None) -> None:
+    """Rank 0: broadcast `call` (its tensors moved to `device`, the communication device)."""
+    md = call.attn_metadata
+    n = call.inputs_embeds.shape[0]
+    ds = call.deepstack_embeds or ()
+    m = ds[0].shape[0] if ds else 0
+    slots = md.slot_mapping if md is not None else None
+    tables = (md.block_tables or []) if md is not None else []
+    b = len(md.seq_lens_q) if md is not None else 0
+    flat = [x for t in tables for x in t]
+    header = torch.tensor([STEP, n, b, len(flat), len(ds), m, md is not None, slots is not None,
+                           call.vision_mask is not None, md is not None and md.block_tables is not None],
+                          dtype=torch.long)
+    parts = [call.positions.reshape(-1).to("cpu", torch.long)]                     # (3N,)
+    if slots is not None:
+        parts.append(slots.to("cpu", torch.long))                                  # (N,)
+    if md is not None:
+        lens = [len(t) for t in tables] if md.block_tables is not None else []
+        parts.append(torch.tensor(list(md.seq_lens_q) + list(md.context_lens) + lens + flat, dtype=torch.long))
+    if call.vision_mask is not None:
+        parts.append(call.vision_mask.to("cpu", torch.long))                       # (N,)
+    _bcast(header.to(device), group)
+    _bcast(torch.cat(parts).to(device), group)
+    _bcast(call.inputs_embeds.to(device).contiguous(), group)                      # (N, H)
+    if ds:
+        _bcast(torch.cat([d.to(device) for d in ds]).contiguous(), group)          # (n_ds * M, H)
+
+
+def recv(*, hidden_size: int, dtype: torch.dtype, device: torch.device, group=None) -> StepCall | None:
+    """Rank > 0: the next StepCall from rank 0, or None when rank 0 said STOP."""
+    header = _bcast(torch.empty(_HEADER, dtype=torch.long, device=device), group).tolist()
+    cmd, n, b, t, n_ds, m, has_md, has_slots, has_vmask, has_tables = header
+    if cmd == STOP:
+        return None
+    size = 3 * n + (n if has_slots else 0) + (2 * b + (b + t if has_tables else 0) if has_md else 0) + \
+        (n if has_vmask else 0)
+    ints = _bcast(torch.empty(size, dtype=torch.long, device=device), group)
+    embeds = _bcast(torch.empty((n, hidden_size), dtype=dtype, device=device), group)     # (N, H)
+    ds = None
+    if n_ds:
+        flat_ds = _bcast(torch.empty((n_ds * m, hidden_size), dtype=dtype, device=device), group)
+        ds = tuple(flat_ds.split(m))                                                     # each (M, H)
+    positions = ints[:3 * n].view(3, n)                                                  # (3, N)
+    at = 3 * n
+    slots = None
+    if has_slots:
+        slots, at = ints[at:at + n], at + n
+    md = None
+    if has_md:
+        meta = ints[at:].tolist()
+        seq_lens_q, context_lens = meta[:b], meta[b:2 * b]
+        at += 2 * b
+        tables = None
+        if has_tables:
+            lens, flat = meta[2 * b:3 * b], meta[3 * b:3 * b + t]
+            tables, k = [], 0
+            for ln in lens:
+                tables.append(flat[k:k + ln])
+                k += ln
+            at += b + t
+        md = AttentionMetadata(seq_lens_q=seq_lens_q, context_lens=context_lens, slot_mapping=slots,
+                               block_tables=tables)
+    vmask = ints[at:at + n].bool() if has_vmask else None
+    return StepCall(positions, md, embeds, ds, vmask)
