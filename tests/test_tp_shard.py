@@ -96,9 +96,11 @@ def _run(model, config, prompt: dict, sharded: bool) -> dict | None:
     md = AttentionMetadata([n], [n], slot_mapping=torch.arange(n), block_tables=[table])
     hid = model(ids if rank0 else None, positions, md, inputs_embeds=embeds, **extra)
     tokens: list[int] = []
+    steps: list[torch.Tensor] = []                               # (V,) logits each greedy token came from
     if rank0:
         out["kv"] = model.compute_logits(hid)
-        tokens.append(int(out["kv"][-1].argmax()))
+        steps.append(out["kv"][-1])
+        tokens.append(int(steps[-1].argmax()))
     for step in range(STEPS):
         length = n + step + 1                                    # context after this token
         tok = torch.tensor(tokens[-1:]) if rank0 else None
@@ -108,8 +110,9 @@ def _run(model, config, prompt: dict, sharded: bool) -> dict | None:
         md = AttentionMetadata([1], [length], slot_mapping=torch.tensor([length - 1]), block_tables=[table])
         hid = model(tok, pos, md, inputs_embeds=emb)
         if rank0:
-            tokens.append(int(model.compute_logits(hid)[-1].argmax()))
-    return dict(out, tokens=tokens) if rank0 else None
+            steps.append(model.compute_logits(hid)[-1])
+            tokens.append(int(steps[-1].argmax()))
+    return dict(out, tokens=tokens, steps=torch.stack(steps)) if rank0 else None
 
 
 def _weight_bytes(model) -> dict:
@@ -131,9 +134,9 @@ def _rank_main(rank: int, port: int, cases: dict, out_dir: str) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 timeout=datetime.timedelta(seconds=60))
-        for tag, (path, prompt) in cases.items():
+        for tag, (path, quantization, prompt) in cases.items():
             t0 = time.perf_counter()
-            model, config = load_model(path, tp=TPInfo(rank, 2))
+            model, config = load_model(path, quantization=quantization, tp=TPInfo(rank, 2))
             load_s = time.perf_counter() - t0
             res = _run(model, config, prompt, sharded=True) or {}
             results[tag] = dict(res, load_s=load_s, bytes=_weight_bytes(model),
@@ -151,11 +154,21 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ckpts(tiny_ckpt, tiny_qwen3_vl_ckpt, tmp_path_factory):
-    kv1 = make_tiny_checkpoint(tmp_path_factory.mktemp("tp_kv1"), seed=5, overrides={"num_key_value_heads": 1})
-    gptq, _ = write_quantized(tmp_path_factory.mktemp("tp_gptq"), "gptq", bits=4, group=32, seed=1)
-    awq, _ = write_quantized(tmp_path_factory.mktemp("tp_awq"), "awq", group=32, seed=2)
-    return {"float": tiny_ckpt, "kv1": kv1, "gptq4": gptq, "awq": awq, "qwen3": tiny_qwen3_vl_ckpt}
+def ckpts(tiny_ckpt, tiny_qwen2_5_vl_ckpt_nested, tiny_qwen3_vl_ckpt, tmp_path_factory):
+    """{tag: (checkpoint dir, quantization)}."""
+    mk = tmp_path_factory.mktemp
+    kv1 = make_tiny_checkpoint(mk("tp_kv1"), seed=5, overrides={"num_key_value_heads": 1})
+    # hidden 256 / intermediate 512: whole int4 groups of 128 on each rank of o_proj and down_proj
+    wide = make_tiny_checkpoint(mk("tp_wide"), seed=6, overrides={
+        "hidden_size": 256, "intermediate_size": 512, "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+        "vision_config": dict(depth=1, embed_dim=32, hidden_size=256, num_heads=2, mlp_ratio=2, in_chans=3,
+                              patch_size=14, spatial_merge_size=2, temporal_patch_size=2)})
+    gptq4, _ = write_quantized(mk("tp_gptq4"), "gptq", bits=4, group=32, seed=1)
+    gptq8, _ = write_quantized(mk("tp_gptq8"), "gptq", bits=8, group=32, layout="nested", seed=3)
+    awq, _ = write_quantized(mk("tp_awq"), "awq", group=32, seed=2)
+    return {"float": (tiny_ckpt, None), "kv1": (kv1, None), "gptq4": (gptq4, None), "gptq8": (gptq8, None),
+            "awq": (awq, None), "wide": (wide, None), "int4": (wide, "int4"), "int8": (wide, "int8"),
+            "qwen2_5_tied": (tiny_qwen2_5_vl_ckpt_nested, None), "qwen3": (tiny_qwen3_vl_ckpt, None)}
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +177,11 @@ def runs(ckpts, tmp_path_factory):
     import torch.multiprocessing as mp
 
     whole, cases = {}, {}
-    for tag, path in ckpts.items():
-        model, config = load_model(path)
+    for tag, (path, quantization) in ckpts.items():
+        model, config = load_model(path, quantization=quantization)
         prompt = _prompt(config)
         whole[tag] = dict(_run(model, config, prompt, sharded=False), bytes=_weight_bytes(model))
-        cases[tag] = (str(path), prompt)
+        cases[tag] = (str(path), quantization, prompt)
     out_dir = tmp_path_factory.mktemp("tp_out")
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -190,8 +203,9 @@ def runs(ckpts, tmp_path_factory):
     return {tag: (whole[tag], ranks[0][tag], ranks[1][tag]) for tag in ckpts}
 
 
-@pytest.mark.parametrize("tag", ["float", "kv1", "gptq4", "awq", "qwen3"])
+@pytest.mark.parametrize("tag", ["float", "kv1", "gptq4", "gptq8", "awq", "wide", "int4", "qwen2_5_tied", "qwen3"])
 def test_tp2_logits_and_greedy_equal_tp1(runs, tag):
+    """int4 on the fly too: each rank quantizes its slice, and no group of 128 straddles two ranks."""
     whole, r0, _ = runs[tag]
     for path in ("plain", "kv"):
         assert r0[path].shape == whole[path].shape
@@ -201,13 +215,27 @@ def test_tp2_logits_and_greedy_equal_tp1(runs, tag):
     assert r0["tokens"] == whole["tokens"] and len(set(whole["tokens"])) > 1
 
 
+def test_int8_on_the_fly_tp2_holds_the_fast_kernel_criterion(runs):
+    """int8's one scale per output row becomes one per row *and rank* in o_proj / down_proj (each rank
+    quantizes its own slice), so tp=2 is not tp=1 to the bit: greedy tokens equal until a near-tie, and at
+    the first difference each side's token in the other's top-5."""
+    whole, r0, _ = runs["int8"]
+    for i, (a, b) in enumerate(zip(r0["tokens"], whole["tokens"])):
+        if a != b:
+            assert a in whole["steps"][i].topk(5).indices and b in r0["steps"][i].topk(5).indices
+            break
+    exact = runs["wide"][0]["plain"]                            # the float model the int8 ones quantize
+    err1, err2 = ((x["plain"] - exact).abs().max().item() for x in (whole, r0))
+    assert 0 < err2 <= 1.25 * err1                              # tp=2's quantization error is tp=1's size
+
+
 def test_kv_heads_split_or_replicated(runs):
     """2 KV heads over 2 ranks: one each; 1 KV head: both ranks hold it (the KV cache shape per rank)."""
     for tag, per_rank in (("float", 1), ("kv1", 1), ("gptq4", 1), ("qwen3", 1)):
         assert runs[tag][1]["kv_heads"] == runs[tag][2]["kv_heads"] == [per_rank] * len(runs[tag][1]["kv_heads"])
 
 
-@pytest.mark.parametrize("tag", ["float", "gptq4", "awq"])
+@pytest.mark.parametrize("tag", ["float", "gptq4", "gptq8", "awq", "int4", "int8"])
 def test_each_rank_holds_half_the_decoder(runs, tag):
     whole, r0, r1 = runs[tag]
     for r in (r0, r1):
