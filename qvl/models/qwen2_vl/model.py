@@ -38,17 +38,19 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    # dtype and device are read off the final norm: every tensor-parallel rank holds it, while the
+    # embedding lives on rank 0 only (qvl.parallel.shard).
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        if self.model.embed_tokens.weight.dtype == torch.float16:
+        if self.model.norm.weight.dtype == torch.float16:
             warnings.warn(f"{self.display_name} in float16 overflows (NaN / '!!!!' outputs, "
                           f"transformers#33294); use bfloat16", stacklevel=3)
         return out

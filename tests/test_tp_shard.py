@@ -1,0 +1,306 @@
+"""Tensor-parallel shards (qvl.parallel.shard, load_model(tp=)) against the whole model, fp32 on CPU.
+
+Two real torch.distributed ranks (gloo over 127.0.0.1, spawned processes, timeouts so a bug fails instead of
+hanging) load their shards of tiny random checkpoints — Qwen2-VL with 2 KV heads (split), with 1 KV head
+(replicated on both ranks), its GPTQ-int4 and AWQ forms, and Qwen3-VL (QK-norm, DeepStack) — and run a
+prompt with an image and a video: the plain forward (attn_metadata None) and the paged-KV path (prefill,
+then greedy decode). Rank 0 runs vision + embedding and broadcasts the embeddings (as the executor does),
+all ranks run their shard, rank 0 computes the logits. They must equal the tp=1 model's within 1e-4 with
+identical greedy tokens; each rank's decoder weights must be about half of the whole decoder's, and rank 1
+must hold no vision tower, embedding or LM head. The refusals (heads, KV heads, quantization groups that
+would straddle ranks, the 72B 231-groups case) need no process.
+"""
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+
+from qvl.build import load_model
+from qvl.layers.attention import AttentionMetadata
+from qvl.models.qwen2_vl.rope import mrope_positions
+from qvl.parallel.shard import TPInfo, check_shardable
+from qvl.quant.spec import QuantSpec
+from tiny import make_tiny_checkpoint
+from quant_fixtures import write_quantized
+
+STEPS = 6            # greedy decode steps after the prompt
+BLOCK = 16
+RANK0_PARTS = ("visual.", "model.embed_tokens.", "lm_head.")
+
+
+def _prompt(config, seed: int = 0) -> dict:
+    """Text, one image (grid 1x4x6) and one video (2x4x4) in the family's patch size."""
+    g = torch.Generator().manual_seed(seed)
+    ids, grids, pixels = [], [], []
+    for item in (5, ("i", (1, 4, 6)), 3, ("v", (2, 4, 4)), 4):
+        if isinstance(item, int):
+            ids += torch.randint(0, 300, (item,), generator=g).tolist()
+            continue
+        kind, grid = item
+        pad = config.image_token_id if kind == "i" else config.video_token_id
+        ids += [config.vision_start_token_id] + [pad] * (grid[0] * grid[1] * grid[2] // 4) + [config.vision_end_token_id]
+        grids.append(grid)
+        pixels.append(torch.randn(grid[0] * grid[1] * grid[2], config.vision.patch_dim, generator=g))
+    return {"ids": ids, "grids": grids, "pixels": torch.cat(pixels)}
+
+
+def _caches(model, blocks: int) -> None:
+    for attn in model.attention_modules():      # the last block is the reserved (zeroed) padding block
+        shape = (blocks + 1, BLOCK, attn.num_kv_heads, attn.head_dim)
+        attn.k_cache, attn.v_cache = torch.zeros(shape), torch.zeros(shape)
+
+
+@torch.inference_mode()
+def _run(model, config, prompt: dict, sharded: bool) -> dict | None:
+    """The prompt through the plain forward and the paged-KV path + STEPS greedy tokens.
+    Every rank calls this; rank 0 (or the only process) returns logits and tokens, the others None."""
+    import torch.distributed as dist
+
+    rank0 = not sharded or dist.get_rank() == 0
+
+    def bcast(t: torch.Tensor) -> torch.Tensor:
+        if sharded:
+            dist.broadcast(t, 0)
+        return t
+
+    ids = torch.tensor(prompt["ids"])
+    n, hidden = len(ids), config.hidden_size
+    positions, delta = mrope_positions(prompt["ids"], prompt["grids"], config.image_token_id, config.video_token_id)
+    mask = (ids == config.image_token_id) | (ids == config.video_token_id)
+    m = int(mask.sum())
+    qwen3 = config.model_type == "qwen3_vl"
+    num_ds = len(config.vision.deepstack_visual_indexes) if qwen3 else 0
+    if rank0:
+        feats = model.encode_vision(prompt["pixels"], torch.tensor(prompt["grids"]))
+        main, ds = (feats[0], list(feats[1:])) if qwen3 else (feats, [])
+        embeds = model.embed(ids, main)                                            # (N, H)
+    else:
+        embeds, ds = torch.empty(n, hidden), [torch.empty(m, hidden) for _ in range(num_ds)]
+    bcast(embeds)
+    for d in ds:
+        bcast(d)                                                                   # (M, H) each
+    extra = {"deepstack_embeds": ds, "vision_mask": mask} if qwen3 else {}
+    out: dict = {}
+    hid = model(ids if rank0 else None, positions, None, inputs_embeds=embeds, **extra)
+    if rank0:
+        out["plain"] = model.compute_logits(hid)
+
+    blocks = -(-(n + STEPS) // BLOCK)
+    table = list(range(blocks))
+    _caches(model, blocks)
+    md = AttentionMetadata([n], [n], slot_mapping=torch.arange(n), block_tables=[table])
+    hid = model(ids if rank0 else None, positions, md, inputs_embeds=embeds, **extra)
+    tokens: list[int] = []
+    steps: list[torch.Tensor] = []                               # (V,) logits each greedy token came from
+    if rank0:
+        out["kv"] = model.compute_logits(hid)
+        steps.append(out["kv"][-1])
+        tokens.append(int(steps[-1].argmax()))
+    for step in range(STEPS):
+        length = n + step + 1                                    # context after this token
+        tok = torch.tensor(tokens[-1:]) if rank0 else None
+        emb = model.embed(tok, None, torch.zeros(1, dtype=torch.bool)) if rank0 else torch.empty(1, hidden)
+        bcast(emb)                                                                 # (1, H)
+        pos = torch.full((3, 1), length - 1 + delta)
+        md = AttentionMetadata([1], [length], slot_mapping=torch.tensor([length - 1]), block_tables=[table])
+        hid = model(tok, pos, md, inputs_embeds=emb)
+        if rank0:
+            steps.append(model.compute_logits(hid)[-1])
+            tokens.append(int(steps[-1].argmax()))
+    return dict(out, tokens=tokens, steps=torch.stack(steps)) if rank0 else None
+
+
+def _weight_bytes(model) -> dict:
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    def size(prefix: str = "") -> int:
+        return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(prefix))
+
+    parts = sorted({p for p in RANK0_PARTS for k in tensors if k.startswith(p)})
+    return {"all": size(), "layers": size("model.layers."), "norm": size("model.norm."), "rank0_parts": parts}
+
+
+def _rank_main(rank: int, port: int, cases: dict, out_dir: str) -> None:
+    """One TP rank: every case's shard loaded and run; results to out_dir/rank{rank}.pt."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    results: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=60))
+        for tag, (path, quantization, prompt) in cases.items():
+            t0 = time.perf_counter()
+            model, config = load_model(path, quantization=quantization, tp=TPInfo(rank, 2))
+            load_s = time.perf_counter() - t0
+            res = _run(model, config, prompt, sharded=True) or {}
+            results[tag] = dict(res, load_s=load_s, bytes=_weight_bytes(model),
+                                kv_heads=[a.num_kv_heads for a in model.attention_modules()])
+        dist.destroy_process_group()
+    except BaseException:
+        results["error"] = traceback.format_exc()
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_ckpt, tiny_qwen2_5_vl_ckpt_nested, tiny_qwen3_vl_ckpt, tmp_path_factory):
+    """{tag: (checkpoint dir, quantization)}."""
+    mk = tmp_path_factory.mktemp
+    kv1 = make_tiny_checkpoint(mk("tp_kv1"), seed=5, overrides={"num_key_value_heads": 1})
+    # hidden 256 / intermediate 512: whole int4 groups of 128 on each rank of o_proj and down_proj
+    wide = make_tiny_checkpoint(mk("tp_wide"), seed=6, overrides={
+        "hidden_size": 256, "intermediate_size": 512, "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+        "vision_config": dict(depth=1, embed_dim=32, hidden_size=256, num_heads=2, mlp_ratio=2, in_chans=3,
+                              patch_size=14, spatial_merge_size=2, temporal_patch_size=2)})
+    gptq4, _ = write_quantized(mk("tp_gptq4"), "gptq", bits=4, group=32, seed=1)
+    gptq8, _ = write_quantized(mk("tp_gptq8"), "gptq", bits=8, group=32, layout="nested", seed=3)
+    awq, _ = write_quantized(mk("tp_awq"), "awq", group=32, seed=2)
+    return {"float": (tiny_ckpt, None), "kv1": (kv1, None), "gptq4": (gptq4, None), "gptq8": (gptq8, None),
+            "awq": (awq, None), "wide": (wide, None), "int4": (wide, "int4"), "int8": (wide, "int8"),
+            "qwen2_5_tied": (tiny_qwen2_5_vl_ckpt_nested, None), "qwen3": (tiny_qwen3_vl_ckpt, None)}
+
+
+@pytest.fixture(scope="module")
+def runs(ckpts, tmp_path_factory):
+    """{tag: (tp=1 result, rank 0 result, rank 1 result)} from one 2-rank launch."""
+    import torch.multiprocessing as mp
+
+    whole, cases = {}, {}
+    for tag, (path, quantization) in ckpts.items():
+        model, config = load_model(path, quantization=quantization)
+        prompt = _prompt(config)
+        whole[tag] = dict(_run(model, config, prompt, sharded=False), bytes=_weight_bytes(model))
+        cases[tag] = (str(path), quantization, prompt)
+    out_dir = tmp_path_factory.mktemp("tp_out")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, cases, str(out_dir))) for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 100
+    for p in procs:
+        p.join(max(1.0, deadline - time.monotonic()))
+    alive = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    assert not alive, f"TP ranks {alive} still running after 100 s"
+    ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
+    for r, res in enumerate(ranks):
+        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+    return {tag: (whole[tag], ranks[0][tag], ranks[1][tag]) for tag in ckpts}
+
+
+@pytest.mark.parametrize("tag", ["float", "kv1", "gptq4", "gptq8", "awq", "wide", "int4", "qwen2_5_tied", "qwen3"])
+def test_tp2_logits_and_greedy_equal_tp1(runs, tag):
+    """int4 on the fly too: each rank quantizes its slice, and no group of 128 straddles two ranks."""
+    whole, r0, _ = runs[tag]
+    for path in ("plain", "kv"):
+        assert r0[path].shape == whole[path].shape
+        assert (r0[path] - whole[path]).abs().max().item() <= 1e-4, path
+    assert whole["plain"].std().item() > 0.1                  # not a comparison of flat logits
+    assert (whole["kv"] - whole["plain"]).abs().max().item() <= 1e-4
+    assert r0["tokens"] == whole["tokens"] and len(set(whole["tokens"])) > 1
+
+
+def test_int8_on_the_fly_tp2_holds_the_fast_kernel_criterion(runs):
+    """int8's one scale per output row becomes one per row *and rank* in o_proj / down_proj (each rank
+    quantizes its own slice), so tp=2 is not tp=1 to the bit: greedy tokens equal until a near-tie, and at
+    the first difference each side's token in the other's top-5."""
+    whole, r0, _ = runs["int8"]
+    for i, (a, b) in enumerate(zip(r0["tokens"], whole["tokens"])):
+        if a != b:
+            assert a in whole["steps"][i].topk(5).indices and b in r0["steps"][i].topk(5).indices
+            break
+    exact = runs["wide"][0]["plain"]                            # the float model the int8 ones quantize
+    err1, err2 = ((x["plain"] - exact).abs().max().item() for x in (whole, r0))
+    assert 0 < err2 <= 1.25 * err1                              # tp=2's quantization error is tp=1's size
+
+
+def test_kv_heads_split_or_replicated(runs):
+    """2 KV heads over 2 ranks: one each; 1 KV head: both ranks hold it (the KV cache shape per rank)."""
+    for tag, per_rank in (("float", 1), ("kv1", 1), ("gptq4", 1), ("qwen3", 1)):
+        assert runs[tag][1]["kv_heads"] == runs[tag][2]["kv_heads"] == [per_rank] * len(runs[tag][1]["kv_heads"])
+
+
+@pytest.mark.parametrize("tag", ["float", "gptq4", "gptq8", "awq", "int4", "int8"])
+def test_each_rank_holds_half_the_decoder(runs, tag):
+    whole, r0, r1 = runs[tag]
+    for r in (r0, r1):
+        ratio = r["bytes"]["layers"] / whole["bytes"]["layers"]
+        assert 0.49 <= ratio <= 0.53, ratio                     # the norms are replicated, all else split
+    assert r1["bytes"]["rank0_parts"] == [] and r0["bytes"]["rank0_parts"] == whole["bytes"]["rank0_parts"]
+    assert r1["bytes"]["all"] == r1["bytes"]["layers"] + whole["bytes"]["norm"]    # + the final norm
+    assert r0["bytes"]["all"] > r1["bytes"]["all"]
+
+
+def test_replicated_kv_heads_cost_only_their_share(runs):
+    whole, r0, r1 = runs["kv1"]
+    ratio = r1["bytes"]["layers"] / whole["bytes"]["layers"]
+    assert 0.5 < ratio <= 0.56, ratio                           # k/v (1 head) whole on both ranks
+    assert r1["bytes"]["rank0_parts"] == []
+
+
+def test_refusals_name_the_numbers(tiny_ckpt):
+    from qvl.models.qwen2_vl.config import ModelConfig
+
+    def config(**text):
+        return ModelConfig.from_dict(dict(text, model_type="qwen2_vl", vision_config={"hidden_size": text["hidden_size"]}))
+
+    big = config(hidden_size=8192, intermediate_size=29568, num_attention_heads=64, num_key_value_heads=8)  # 72B
+    for method in ("gptq", "awq"):
+        with pytest.raises(ValueError, match=r"mlp\.down_proj: in_features=29568 is 231 groups of 128, which "
+                                             r"tensor_parallel_size=2 does not divide"):
+            check_shardable(big, QuantSpec(method, 4, 128), 2)
+    with pytest.raises(ValueError, match=r"int4 mlp\.down_proj: in_features=29568 is 231 groups of 128"):
+        check_shardable(big, QuantSpec("int4", 4, 128), 4)
+    check_shardable(big, QuantSpec("int8", 8, -1), 8)           # one scale per output row: any split
+    check_shardable(big, None, 8)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide num_attention_heads=64"):
+        check_shardable(big, None, 3)
+    gqa3 = config(hidden_size=1536, num_attention_heads=12, num_key_value_heads=3, intermediate_size=4608)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide num_key_value_heads=3 or be a multiple"):
+        check_shardable(gqa3, None, 2)
+    check_shardable(gqa3, None, 6)                              # 2 query heads per rank, KV heads replicated
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide num_attention_heads=4"):
+        load_model(tiny_ckpt, tp=TPInfo(0, 3))                  # refused before anything is built
+    with pytest.raises(ValueError, match=r"int4 self_attn\.o_proj: in_features=64 is 1 groups of 64"):
+        load_model(tiny_ckpt, quantization="int4", tp=TPInfo(1, 2))
+    with pytest.raises(ValueError, match=r"rank=2 must be in \[0, size=2\)"):
+        TPInfo(2, 2)
+
+
+def test_shard_loads_without_a_process_group_and_checks_stored_shapes(tiny_ckpt, tmp_path):
+    """Loading needs no collective (only forward does); a wrongly sized stored tensor is named, not sliced."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, _ = load_model(tiny_ckpt, tp=TPInfo(1, 2))
+    assert model.model.embed_tokens is None and model.visual is None and model.lm_head is None
+    q = model.model.layers[0].self_attn.q_proj
+    whole, _ = load_model(tiny_ckpt)
+    assert torch.equal(q.weight, whole.model.layers[0].self_attn.q_proj.weight[32:64])
+    down = model.model.layers[1].mlp.down_proj
+    assert torch.equal(down.weight, whole.model.layers[1].mlp.down_proj.weight[:, 64:128])
+    assert down.weight.is_contiguous() and down.weight.untyped_storage().nbytes() == 64 * 64 * 4
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    state = load_file(bad / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"] = torch.zeros(130, 64)
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight has shape \(130, 64\), "
+                                         r"expected 128 along dim 0"):
+        load_model(bad, tp=TPInfo(0, 2))
