@@ -4,7 +4,7 @@ LLMEngine owns the request table and wires the parts: Scheduler (+ BlockManager)
 (+ EncoderCache, Sampler), one IncrementalDetokenizer per sequence. `step()` is three calls:
 
     out = scheduler.schedule()            # {seq_id: num_tokens}, block tables grown
-    results = runner.execute(out)         # vision + forward + logits + sampling
+    results = runner.execute(out)         # prepare -> StepBatch; run: vision + forward + logits + sampling
     return self._update(out, results)     # append tokens, stop checks, free blocks, outputs
 
 Building: `LLMEngine.from_config(EngineConfig)` loads the checkpoint (weights through qvl.build and the
@@ -52,7 +52,9 @@ from qvl.engine.encoder_cache import EncoderCache
 from qvl.engine.isolation import execute_isolated
 from qvl.engine.outputs import RequestOutput, RequestState
 from qvl.engine.request_checks import check_params, check_prompt
-from qvl.engine.runner import ModelRunner, VisionCancelled, available_memory, kv_bytes_per_block, plan_num_blocks
+from qvl.engine.kv_cache import available_memory, kv_bytes_per_block, plan_num_blocks
+from qvl.engine.runner import ModelRunner, VisionCancelled
+from qvl.layers.attention import attention_backend
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
 from qvl.engine.stop_rules import banned_ids, finish_reason
 from qvl.engine.sequence import Sequence, media_spans
@@ -104,7 +106,8 @@ class LLMEngine:
         self.generation_config = dict(generation_config or {})
         self.eos_token_ids = set(eos_token_ids(self.generation_config) or config.eos_token_id)
         device = model.device
-        num_blocks = plan_num_blocks(config, block_size=cfg.block_size, dtype=model.dtype, device=device,
+        attn_modules = model.attention_modules()
+        num_blocks = plan_num_blocks(attn_modules, block_size=cfg.block_size, dtype=model.dtype, device=device,
                                      kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                                      max_model_len=self.max_model_len)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -112,10 +115,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, is_ready=self._grammar_ready)
-        kv_bytes = num_blocks * kv_bytes_per_block(config, cfg.block_size, model.dtype)  # not touched yet
+        kv_bytes = num_blocks * kv_bytes_per_block(attn_modules, cfg.block_size, model.dtype)  # not touched yet
         self.cpu_runtime = prepare_cpu_model(model, max_bytes=(available_memory(device) - kv_bytes) // 2)
         self.runner = ModelRunner(model, config, num_blocks=num_blocks, block_size=cfg.block_size,
-                                  encoder_cache=EncoderCache(cfg.encoder_cache_bytes(device.type)))
+                                  encoder_cache=EncoderCache(cfg.encoder_cache_bytes(device.type)),
+                                  attention_backend=attention_backend(cfg.attention_backend, device))
         self.vision = VisionWorker(self.runner)     # large towers encode off the step (is_ready below)
         self.requests: dict[str, RequestState] = {}
         self._seq_state: dict[int, tuple[RequestState, IncrementalDetokenizer]] = {}
