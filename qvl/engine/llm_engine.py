@@ -30,12 +30,11 @@ request's uncached items to one worker thread and its sequences wait in the queu
 other requests keep stepping; aborting stops the job within one vision block, a failed encode fails the
 request alone (at its first step, like an inline encode error).
 
-Structured output (`params.structured_outputs`, qvl.structured): add_request starts the grammar's
-compile on a worker thread; the sequence waits in the queue until it is ready (the scheduler's
-`is_ready`); a grammar that fails to compile finishes its request with finish_reason "abort" and
-stop_reason "structured_output_error: ..." (callers that want a ValueError first call
-`check_structured_outputs`). Each step the sampling rows get the grammar's allowed-token bitmask (with
-min_tokens' ban folded in); a sequence whose grammar is complete finishes with "stop".
+Structured output (`params.structured_outputs`, qvl.structured): add_request starts the grammar's compile on
+a worker thread; the sequence waits until it is ready (`is_ready`); a grammar that fails to compile finishes
+its request with "abort", stop_reason "structured_output_error: ..." (`check_structured_outputs` raises
+instead). Sampling rows get the grammar's allowed-token bitmask (min_tokens' ban folded in); a complete
+grammar finishes with "stop".
 """
 from __future__ import annotations
 
@@ -54,11 +53,11 @@ from qvl.engine.outputs import RequestOutput, RequestState
 from qvl.engine.request_checks import check_params, check_prompt
 from qvl.engine.kv_cache import available_memory, kv_bytes_per_block, plan_num_blocks
 from qvl.engine.runner import ModelRunner, VisionCancelled
-from qvl.layers.attention import attention_backend
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
 from qvl.engine.stop_rules import banned_ids, finish_reason
 from qvl.engine.sequence import Sequence, media_spans
 from qvl.engine.vision_worker import VisionWorker
+from qvl.layers.attention import attention_backend
 from qvl.layers.cpu_runtime import prepare_cpu_model
 from qvl.multimodal.prompt import ProcessedPrompt, read_chat_template
 from qvl.sampling_params import SamplingParams, eos_token_ids
@@ -120,6 +119,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, config, num_blocks=num_blocks, block_size=cfg.block_size,
                                   encoder_cache=EncoderCache(cfg.encoder_cache_bytes(device.type)),
                                   attention_backend=attention_backend(cfg.attention_backend, device))
+        if not cfg.enforce_eager:
+            self.runner.capture_graphs(max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len)
         self.vision = VisionWorker(self.runner)     # large towers encode off the step (is_ready below)
         self.requests: dict[str, RequestState] = {}
         self._seq_state: dict[int, tuple[RequestState, IncrementalDetokenizer]] = {}

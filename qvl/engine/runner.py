@@ -19,6 +19,8 @@ Does not know: queues, stop conditions, tokenizers.
       sequence holds an item's features until its last pad token is prefilled, so a chunk boundary inside an
       item never re-encodes it. `should_stop` is polled before every vision block (a forward pre-hook; the
       model stays math only): an aborted request's encode stops within one block (VisionCancelled).
+  CUDA graphs: `capture_graphs()` (the engine calls it unless enforce_eager; CUDA with the paged backend only);
+      decode steps then replay a captured forward padded to the next captured size (qvl.engine.cuda_graphs).
   execute(out) = run(prepare(out)) as {seq_id: (token, logprob, top_logprobs)} (what the engine calls).
 
 CPU kernels (prepacked / widened linears) are a runtime transform of the model applied by the engine
@@ -28,19 +30,23 @@ KV pool size: qvl.engine.kv_cache.plan_num_blocks.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable
 
 import torch
 
+from qvl.engine.cuda_graphs import CudaGraphs
 from qvl.engine.encoder_cache import EncoderCache
 from qvl.engine.kv_cache import KVCache
 from qvl.engine.scheduler import SchedulerOutput
 from qvl.engine.sequence import Sequence
-from qvl.engine.step_batch import StepBatch, StepResult
+from qvl.engine.step_batch import StepBatch, StepResult, to_device
 from qvl.layers.attention import REFERENCE, AttentionMetadata
 from qvl.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 
+
+log = logging.getLogger("qvl.engine")
 
 # The default per-request visual-token limit on a CPU (default_visual_token_limit): FLOP of vision work a
 # request may ask for. Qwen2-VL's 675M-parameter ViT (every size, 2B to 72B) gets 263 tokens: 256 tokens
@@ -76,6 +82,18 @@ class ModelRunner:
         self.kv_cache = KVCache(model.attention_modules(), num_blocks=num_blocks, block_size=block_size,
                                 dtype=self.dtype, device=self.device)
         self.kv_cache.attach(model.attention_modules(), attention_backend)
+        self.graphs: CudaGraphs | None = None     # capture_graphs() on CUDA with the paged backend
+
+    def capture_graphs(self, *, max_num_seqs: int, max_model_len: int) -> None:
+        """On CUDA with the paged backend, capture the decode forward as CUDA graphs (qvl.engine.cuda_graphs);
+        decode steps replay them. Elsewhere nothing to capture (a CUDA reference backend says so once)."""
+        if self.device.type != "cuda":
+            return
+        if self.attention_backend.name != "paged":
+            log.warning("CUDA graphs need the paged attention backend (pip install triton); decoding eagerly")
+            return
+        self.graphs = CudaGraphs(self.model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                 pad_block=self.kv_cache.pad_block, block_size=self.block_size)
 
     # --- per-sequence state --------------------------------------------------------------------
     def release(self, seq: Sequence, finished: bool) -> None:
@@ -206,16 +224,21 @@ class ModelRunner:
             if end == len(seq):
                 sample_rows.append(n_total - 1)
                 sample_seqs.append(seq)
-        dev = self.device
+        lens_q, ctx = [e - s for _, s, e in spans], [e for _, _, e in spans]
+        width = max(len(seq.block_table) for seq in out.seqs)
+        tables = [b for seq, _, _ in spans for b in seq.block_table + [0] * (width - len(seq.block_table))]
+        starts = [0]
+        for n in lens_q:
+            starts.append(starts[-1] + n)
+        t_ids, t_pos, t_slots, t_tables, t_qsl, t_ctx, t_rows = to_device(
+            [ids, pos[0] + pos[1] + pos[2], slots, tables, starts, ctx, sample_rows], self.device)
         attn = AttentionMetadata(
-            seq_lens_q=[e - s for _, s, e in spans], context_lens=[e for _, _, e in spans],
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev),
-            block_tables=[seq.block_table for seq, _, _ in spans], device=dev)
+            seq_lens_q=lens_q, context_lens=ctx, slot_mapping=t_slots,
+            block_tables=t_tables.view(len(spans), width).int(), device=self.device,       # (B, W)
+            query_start_loc=t_qsl.int(), seq_lens=t_ctx.int())                             # (B+1,), (B,)
         media = self._media_spans(spans)
         return StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev),                       # (N,)
-            positions=torch.tensor(pos, dtype=torch.long).to(dev),                      # (3, N)
-            attn=attn, sample_rows=torch.tensor(sample_rows, dtype=torch.long).to(dev),  # (S,)
+            input_ids=t_ids, positions=t_pos.view(3, n_total), attn=attn, sample_rows=t_rows,  # (N,), (3, N)
             seqs=list(out.seqs), spans=spans, sample_seqs=sample_seqs, media=media,
             vision_mask=self._vision_mask(spans, n_total) if media else None)
 
@@ -230,25 +253,31 @@ class ModelRunner:
         their allowed-token bitmask (B, ceil(V/32)) int32 (CPU) or None (grammars: qvl.structured).
         should_stop: polled between vision blocks (any thread may flip it); True raises VisionCancelled.
         """
-        self._vision_stop.fn = should_stop
-        try:
-            vision = self._vision_rows(batch.media)
-        finally:
-            self._vision_stop.fn = None
-        mask, extra = batch.vision_mask, {}
-        if mask is None:                      # no media span: a sampled pad id is an ordinary token
-            mask = torch.zeros(batch.num_tokens, dtype=torch.bool, device=self.device)
-        if isinstance(vision, tuple):         # DeepStack: the extra sets go to forward with their rows
-            vision, extra = vision[0], {"deepstack_embeds": vision[1:], "vision_mask": mask}
-        embeds = self.model.embed(batch.input_ids, vision, mask)                            # (N, H)
-        hidden = self.model(batch.input_ids, batch.positions, batch.attn, inputs_embeds=embeds,
-                            **extra)                                                        # (N, H)
+        hidden = self._forward(batch, should_stop)                                          # (N, H)
         if not batch.sample_seqs:
             return StepResult()
         logits = self.model.compute_logits(hidden[batch.sample_rows])                       # (S, V)
         seqs = batch.sample_seqs
         res: SamplerOutput = self.sampler(logits, self._sampling_batch(seqs, stop_ids, token_mask))
         return StepResult([s.seq_id for s in seqs], res.token_ids, res.logprobs, res.top_logprobs)
+
+    def _forward(self, batch: StepBatch, should_stop) -> torch.Tensor:
+        """Hidden states (N, H) of the step: vision features into the embeddings when it holds media;
+        otherwise the model embeds the ids itself (a sampled pad id is an ordinary token)."""
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch)
+        if not batch.media:
+            return self.model(batch.input_ids, batch.positions, batch.attn)
+        self._vision_stop.fn = should_stop
+        try:
+            vision = self._vision_rows(batch.media)
+        finally:
+            self._vision_stop.fn = None
+        mask, extra = batch.vision_mask, {}
+        if isinstance(vision, tuple):         # DeepStack: the extra sets go to forward with their rows
+            vision, extra = vision[0], {"deepstack_embeds": vision[1:], "vision_mask": mask}
+        embeds = self.model.embed(batch.input_ids, vision, mask)                            # (N, H)
+        return self.model(batch.input_ids, batch.positions, batch.attn, inputs_embeds=embeds, **extra)
 
     def execute(self, out: SchedulerOutput, stop_ids: dict[int, list[int]] | None = None,
                 token_mask: Callable[[list[Sequence]], torch.Tensor | None] | None = None,

@@ -13,7 +13,8 @@ replays (padded to a captured size), so everything the forward reads is here, on
   sample_rows    (S,) int64      rows whose logits are sampled (a sequence's chunk reaching its end)
 
 Host-side: `seqs` (batch order), `spans` [(seq, start, end)] and `sample_seqs` (the S sequences that sample,
-batch order). Knows nothing about models or kernels.
+batch order). `to_device(rows, device)` moves a step's integer lists in one copy (pinned on CUDA).
+Knows nothing about models or kernels.
 """
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ from dataclasses import dataclass, field
 import torch
 
 from qvl.layers.attention import AttentionMetadata
+
+
+def to_device(rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Integer lists -> int64 tensors on `device` through one host buffer and one copy (pinned memory and a
+    non-blocking copy on CUDA, so the host goes on preparing while the copy runs)."""
+    flat = [x for r in rows for x in r]
+    host = torch.tensor(flat, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    dev = host.to(device, non_blocking=True)
+    return list(dev.split([len(r) for r in rows]))
 
 
 @dataclass

@@ -59,8 +59,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None            # (N,) int64
     block_tables: torch.Tensor | list[list[int]] | None = None   # (B, W) int32 (lists are converted)
     device: torch.device | str | None = None            # where list inputs become tensors (default: cpu)
-    query_start_loc: torch.Tensor = field(init=False)   # (B + 1,) int32
-    seq_lens: torch.Tensor = field(init=False)          # (B,) int32
+    query_start_loc: torch.Tensor | None = None         # (B + 1,) int32 (None: built from the lists)
+    seq_lens: torch.Tensor | None = None                # (B,) int32 (None: built from context_lens)
     # CachePlan per (block size, device), derived on first use and shared by every layer.
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -87,8 +87,9 @@ class AttentionMetadata:
             width = max(self._table_lens, default=0)
             self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in self.block_tables],
                                              dtype=torch.int32).reshape(b, width).to(device)   # (B, W)
-        host = torch.tensor(self.starts + self.context_lens, dtype=torch.int32).to(device)
-        self.query_start_loc, self.seq_lens = host[:b + 1], host[b + 1:]                    # (B+1,), (B,)
+        if self.query_start_loc is None or self.seq_lens is None:
+            host = torch.tensor(self.starts + self.context_lens, dtype=torch.int32).to(device)
+            self.query_start_loc, self.seq_lens = host[:b + 1], host[b + 1:]                # (B+1,), (B,)
 
     @property
     def num_tokens(self) -> int:
