@@ -66,10 +66,18 @@ def default_device(device: str | None) -> str:
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
-    """--config, --device, --threads: shared by decode, throughput and cache benches."""
+    """--config, --device, --threads, --enforce-eager, --attention-backend: shared by decode, throughput,
+    ttft and cache benches (engine_options(args) gives the engine's fields)."""
     ap.add_argument("--config", choices=list(CONFIGS), default="small")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--attention-backend", choices=["auto", "reference", "paged"], default="auto")
+
+
+def engine_options(args) -> dict:
+    """The EngineConfig fields the common flags set."""
+    return dict(enforce_eager=args.enforce_eager, attention_backend=args.attention_backend)
 
 
 def add_emulate_avx2_arg(ap: argparse.ArgumentParser) -> None:
@@ -223,7 +231,7 @@ def main() -> None:
     new = args.new_tokens or (256 if args.config == "2b" else 64)
 
     hf, ours, config = build_pair(args.config, device, dtype)
-    eng = make_engine(ours, config, max_num_seqs=8, enable_prefix_caching=False)
+    eng = make_engine(ours, config, max_num_seqs=8, enable_prefix_caching=False, **engine_options(args))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, min(config.vocab_size, 150000), (args.prompt_len,), generator=g).tolist()
     kw = hf_inputs(type("P", (), {"token_ids": ids, "items": []})(), device, dtype)
@@ -243,13 +251,15 @@ def main() -> None:
     roof = bw / wbytes
     res = dict(bench="decode", config=args.config, device=device, dtype=str(dtype).split(".")[-1],
                threads=torch.get_num_threads(), cpu_kernels=eng.cpu_runtime.mode,
+               attention=eng.runner.attention_backend.name, cuda_graphs=eng.runner.graphs is not None,
                kernel_linears=eng.cpu_runtime.num_linears,
                prompt_len=args.prompt_len, new_tokens=new, qvl_tok_s=round(ours_tps, 2),
                hf_tok_s=round(hf_tps, 2), qvl_over_hf=round(ours_tps / hf_tps, 3),
                weight_gb_per_token=round(wbytes / 1e9, 3), copy_bw_gb_s=round(bw / 1e9, 1),
                roofline_tok_s=round(roof, 1), qvl_over_roofline=round(ours_tps / roof, 3),
                greedy_tokens_equal_to_hf=common_prefix(ours_tokens, hf_tokens))
-    print(f"decode [{args.config}, {device}, {res['dtype']}, {res['threads']} threads] batch 1, {new} new tokens: "
+    print(f"decode [{args.config}, {device}, {res['dtype']}, {res['threads']} threads, {res['attention']} "
+          f"attention, graphs {'on' if res['cuda_graphs'] else 'off'}] batch 1, {new} new tokens: "
           f"qvl {ours_tps:.1f} tok/s, transformers {hf_tps:.1f} tok/s (x{ours_tps / hf_tps:.2f}); "
           f"roofline {roof:.0f} tok/s ({wbytes / 1e9:.2f} GB/token at {bw / 1e9:.0f} GB/s): "
           f"{ours_tps / roof:.2f} of roofline; first {res['greedy_tokens_equal_to_hf']}/{new} greedy "

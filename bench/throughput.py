@@ -28,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import (add_common_args, build_pair, copy_bandwidth, decode_weight_bytes,  # noqa: E402
-                    hf_inputs, image_prompt, make_engine, setup, timer)
+                    engine_options, hf_inputs, image_prompt, make_engine, setup, timer)
 
 
 def make_prompts(config, n: int, size: int, seed: int = 0):
@@ -89,7 +89,7 @@ def main() -> None:
     n_hf = args.hf_requests or (2 if args.config == "small" else 3)
 
     hf, ours, config = build_pair(args.config, device, dtype)
-    eng = make_engine(ours, config, max_num_seqs=max(conc))
+    eng = make_engine(ours, config, max_num_seqs=max(conc), **engine_options(args))
     run_qvl(eng, make_prompts(config, 2, args.image_size, seed=99), 4, device)      # warm-up
     run_hf(hf, make_prompts(config, 1, args.image_size, seed=98), 4, device, dtype)
     hf_tps = run_hf(hf, make_prompts(config, n_hf, args.image_size, seed=1), new, device, dtype)
@@ -103,7 +103,8 @@ def main() -> None:
         rows.append(dict(concurrency=n, qvl_tok_s=round(tps, 1), hf_tok_s=round(hf_tps, 1),
                          ratio=round(tps / hf_tps, 2), qvl_decode_tok_s=round(dec_tps, 1),
                          decode_roofline_tok_s=round(roof, 1), decode_over_roofline=round(dec_tps / roof, 3)))
-        print(f"throughput [{args.config}, {device}, {eng.cpu_runtime.mode}] {n} requests x {new} tokens, "
+        print(f"throughput [{args.config}, {device}, {eng.cpu_runtime.mode}, {eng.runner.attention_backend.name} "
+              f"attention, graphs {'on' if eng.runner.graphs is not None else 'off'}] {n} requests x {new} tokens, "
               f"{args.image_size}px image: qvl {tps:.1f} tok/s, transformers one-by-one "
               f"{hf_tps:.1f} tok/s (x{tps / hf_tps:.1f}); decode phase {dec_tps:.1f} tok/s, roofline "
               f"{roof:.0f} ({wbytes / 1e9:.2f} GB per step at {bw / 1e9:.1f} GB/s): {dec_tps / roof:.2f}")

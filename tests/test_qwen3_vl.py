@@ -346,11 +346,14 @@ def test_engine_batched_chunked_and_preempted_equal_alone(tiny_qwen3_vl_ckpt, en
 
 
 def _pool_bytes(path, blocks: int) -> int:
-    from qvl.engine.runner import kv_bytes_per_block
+    from types import SimpleNamespace
+
+    from qvl.engine.kv_cache import kv_bytes_per_block
     from qvl.models import load_config
 
     _, c = load_config(path)
-    return blocks * kv_bytes_per_block(c, 16, torch.float32)
+    layer = SimpleNamespace(num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim)
+    return blocks * kv_bytes_per_block([layer] * c.num_hidden_layers, 16, torch.float32)
 
 
 def test_encoder_cache_hit_equals_miss(tiny_qwen3_vl_ckpt, engine_reference):

@@ -169,12 +169,6 @@ class TPExecutor:
                     raise
         model.forward = forward
 
-    def shard_kv_caches(self, model, num_blocks: int, block_size: int) -> None:
-        """Rank 0's caches with its shard's KV heads (the runner sizes them from the unsharded config)."""
-        attn = model.attention_modules()[0]
-        if attn.k_cache is not None and attn.k_cache.shape[2] != attn.num_kv_heads:
-            worker.allocate_kv(model, num_blocks, block_size, attn.k_cache.dtype, attn.k_cache.device)
-
     # --- faults ----------------------------------------------------------------------------------
     def on_failure(self, fn: Callable[[str], None]) -> None:
         self._callbacks.append(fn)

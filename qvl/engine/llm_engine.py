@@ -4,7 +4,7 @@ LLMEngine owns the request table and wires the parts: Scheduler (+ BlockManager)
 (+ EncoderCache, Sampler), one IncrementalDetokenizer per sequence. `step()` is three calls:
 
     out = scheduler.schedule()            # {seq_id: num_tokens}, block tables grown
-    results = runner.execute(out)         # vision + forward + logits + sampling
+    results = runner.execute(out)         # prepare -> StepBatch; run: vision + forward + logits + sampling
     return self._update(out, results)     # append tokens, stop checks, free blocks, outputs
 
 Building: `LLMEngine.from_config(EngineConfig)` loads the checkpoint (weights through qvl.build and the
@@ -30,12 +30,11 @@ request's uncached items to one worker thread and its sequences wait in the queu
 other requests keep stepping; aborting stops the job within one vision block, a failed encode fails the
 request alone (at its first step, like an inline encode error).
 
-Structured output (`params.structured_outputs`, qvl.structured): add_request starts the grammar's
-compile on a worker thread; the sequence waits in the queue until it is ready (the scheduler's
-`is_ready`); a grammar that fails to compile finishes its request with finish_reason "abort" and
-stop_reason "structured_output_error: ..." (callers that want a ValueError first call
-`check_structured_outputs`). Each step the sampling rows get the grammar's allowed-token bitmask (with
-min_tokens' ban folded in); a sequence whose grammar is complete finishes with "stop".
+Structured output (`params.structured_outputs`, qvl.structured): add_request starts the grammar's compile on
+a worker thread; the sequence waits until it is ready (`is_ready`); a grammar that fails to compile finishes
+its request with "abort", stop_reason "structured_output_error: ..." (`check_structured_outputs` raises
+instead). Sampling rows get the grammar's allowed-token bitmask (min_tokens' ban folded in); a complete
+grammar finishes with "stop".
 """
 from __future__ import annotations
 
@@ -52,14 +51,15 @@ from qvl.engine.encoder_cache import EncoderCache
 from qvl.engine.isolation import execute_isolated
 from qvl.engine.outputs import RequestOutput, RequestState
 from qvl.engine.request_checks import check_params, check_prompt
-from qvl.engine.runner import ModelRunner, VisionCancelled, available_memory, kv_bytes_per_block, plan_num_blocks
+from qvl.engine.kv_cache import available_memory, kv_bytes_per_block, plan_num_blocks
+from qvl.engine.runner import ModelRunner, VisionCancelled
 from qvl.engine.scheduler import Scheduler, SchedulerOutput
 from qvl.engine.stop_rules import banned_ids, finish_reason
 from qvl.engine.sequence import Sequence, media_spans
 from qvl.engine.vision_worker import VisionWorker
+from qvl.layers.attention import attention_backend
 from qvl.layers.cpu_runtime import prepare_cpu_model
 from qvl.multimodal.prompt import ProcessedPrompt, read_chat_template
-from qvl.parallel.worker import kv_plan_config
 from qvl.sampling_params import SamplingParams, eos_token_ids
 
 _STRUCTURED_LOCK = threading.Lock()
@@ -107,8 +107,8 @@ class LLMEngine:
         self.eos_token_ids = set(eos_token_ids(self.generation_config) or config.eos_token_id)
         device = model.device
         self.executor = executor                # qvl.engine.executor.TPExecutor when tensor_parallel_size > 1
-        kv_config = config if executor is None else kv_plan_config(model, config)   # this rank's KV heads
-        num_blocks = plan_num_blocks(kv_config, block_size=cfg.block_size, dtype=model.dtype, device=device,
+        attn_modules = model.attention_modules()    # a tensor-parallel shard's hold only its own KV heads
+        num_blocks = plan_num_blocks(attn_modules, block_size=cfg.block_size, dtype=model.dtype, device=device,
                                      kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                                      max_model_len=self.max_model_len)
         if executor is not None:                # the pool every rank can hold; then steps reach every rank
@@ -119,12 +119,13 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, is_ready=self._grammar_ready)
-        kv_bytes = num_blocks * kv_bytes_per_block(kv_config, cfg.block_size, model.dtype)  # not touched yet
+        kv_bytes = num_blocks * kv_bytes_per_block(attn_modules, cfg.block_size, model.dtype)  # not touched yet
         self.cpu_runtime = prepare_cpu_model(model, max_bytes=(available_memory(device) - kv_bytes) // 2)
         self.runner = ModelRunner(model, config, num_blocks=num_blocks, block_size=cfg.block_size,
-                                  encoder_cache=EncoderCache(cfg.encoder_cache_bytes(device.type)))
-        if executor is not None:
-            executor.shard_kv_caches(model, num_blocks, cfg.block_size)
+                                  encoder_cache=EncoderCache(cfg.encoder_cache_bytes(device.type)),
+                                  attention_backend=attention_backend(cfg.attention_backend, device))
+        if not cfg.enforce_eager and executor is None:   # a graph would replay rank 0's shard without its workers
+            self.runner.capture_graphs(max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len)
         self.vision = VisionWorker(self.runner)     # large towers encode off the step (is_ready below)
         self.requests: dict[str, RequestState] = {}
         self._seq_state: dict[int, tuple[RequestState, IncrementalDetokenizer]] = {}

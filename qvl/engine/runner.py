@@ -1,48 +1,52 @@
-"""ModelRunner: a scheduler decision -> flat tensors -> vision + forward + logits -> sampled tokens.
+"""ModelRunner: a scheduler decision -> StepBatch -> vision + forward + logits -> sampled tokens.
 
-Owns: the paged KV cache (per decoder layer `k_cache` / `v_cache` tensors of shape
-(num_blocks, block_size, nKV, D), set on the model's attention modules), the vision-encoder cache,
-the vision features a sequence holds between prefill chunks, one torch.Generator per seeded
+Owns: the KVCache (qvl.engine.kv_cache: per decoder layer K/V blocks and the reserved padding block), the
+attention backend chosen at start (EngineConfig.attention_backend: reference or paged), the vision-encoder
+cache, the vision features a sequence holds between prefill chunks, one torch.Generator per seeded
 sequence, and the Sampler.
 Does not know: queues, stop conditions, tokenizers.
 
-`execute(out)` builds one flat batch from every scheduled sequence's new tokens
-  input_ids (N,), positions (3, N), slot_mapping (N,), AttentionMetadata(seq_lens_q, context_lens,
-  block_tables)
-where a prompt token's position is read from the prompt's precomputed (3, P) positions and an output
-token's is `index + rope_delta` on all three streams. Vision: every media item overlapping a
-scheduled chunk needs its feature rows; features come from (1) what the sequence already holds,
-(2) the VisionWorker's finished job for its request (qvl.engine.vision_worker: encoded off the step),
-(3) the encoder cache (by content hash), or (4) the vision tower — items of the step encoded in one
-packed call, each whole, deduplicated by hash. A sequence holds an item's features until its last
-pad token is prefilled, so a chunk boundary inside an item never re-encodes it. `should_stop` is polled
-before every vision block (a forward pre-hook; the model stays math only): an aborted request's encode
-stops within one block (VisionCancelled). Logits are computed
-only at the last position of sequences whose chunk reaches their end (they sample).
+  prepare(out) -> StepBatch   (qvl.engine.step_batch) every tensor of the step built once, on the device:
+      ids (N,), positions (3, N), slot_mapping (N,), block tables (B, W), query_start_loc (B + 1,),
+      seq_lens (B,), the vision mask and media spans (only when the step holds media), the sample rows.
+      A prompt token's position is read from the prompt's precomputed (3, P) positions and an output token's
+      is `index + rope_delta` on all three streams.
+  run(batch) -> StepResult    vision for the media spans, embed, model forward, logits of the sample rows,
+      sampling. Vision: every media item overlapping a scheduled chunk needs its feature rows; features come
+      from (1) what the sequence already holds, (2) the VisionWorker's finished job for its request
+      (qvl.engine.vision_worker: encoded off the step), (3) the encoder cache (by content hash), or (4) the
+      vision tower — items of the step encoded in one packed call, each whole, deduplicated by hash. A
+      sequence holds an item's features until its last pad token is prefilled, so a chunk boundary inside an
+      item never re-encodes it. `should_stop` is polled before every vision block (a forward pre-hook; the
+      model stays math only): an aborted request's encode stops within one block (VisionCancelled).
+  CUDA graphs: `capture_graphs()` (the engine calls it unless enforce_eager; CUDA with the paged backend only);
+      decode steps then replay a captured forward padded to the next captured size (qvl.engine.cuda_graphs).
+  execute(out) = run(prepare(out)) as {seq_id: (token, logprob, top_logprobs)} (what the engine calls).
 
 CPU kernels (prepacked / widened linears) are a runtime transform of the model applied by the engine
 before the runner is built (qvl.layers.cpu_runtime); the runner only runs the model it is given.
 
-KV pool size: `kv_cache_memory` as bytes (int) or as a fraction (float in (0, 1]) of free device
-memory after the weights are loaded (CUDA: torch.cuda.mem_get_info; CPU: MemAvailable). Default (None):
-qvl.config.AUTO_KV_CACHE_FRACTION of it (CUDA keeps the rest for activations and the vision tower), and
-never more blocks than max_num_seqs sequences of max_model_len tokens can use.
+KV pool size: qvl.engine.kv_cache.plan_num_blocks.
 """
 from __future__ import annotations
 
-import os
+import logging
 import threading
 from typing import Callable
 
 import torch
 
-from qvl.config import AUTO_KV_CACHE_FRACTION
+from qvl.engine.cuda_graphs import CudaGraphs
 from qvl.engine.encoder_cache import EncoderCache
+from qvl.engine.kv_cache import KVCache
 from qvl.engine.scheduler import SchedulerOutput
 from qvl.engine.sequence import Sequence
-from qvl.layers.attention import AttentionMetadata
+from qvl.engine.step_batch import StepBatch, StepResult, to_device
+from qvl.layers.attention import REFERENCE, AttentionMetadata
 from qvl.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 
+
+log = logging.getLogger("qvl.engine")
 
 # The default per-request visual-token limit on a CPU (default_visual_token_limit): FLOP of vision work a
 # request may ask for. Qwen2-VL's 675M-parameter ViT (every size, 2B to 72B) gets 263 tokens: 256 tokens
@@ -55,51 +59,9 @@ class VisionCancelled(RuntimeError):
     """The vision encode of a step stopped between two blocks because one of its requests was aborted."""
 
 
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * elem
-
-
-def plan_num_blocks(config, *, block_size: int, dtype: torch.dtype, device: torch.device,
-                    kv_cache_memory: int | float | None, max_num_seqs: int, max_model_len: int) -> int:
-    per_block = kv_bytes_per_block(config, block_size, dtype)
-    if isinstance(kv_cache_memory, bool):
-        raise ValueError(f"kv_cache_memory must be bytes (int) or a fraction (float), got {kv_cache_memory}")
-    if isinstance(kv_cache_memory, int):
-        budget = kv_cache_memory
-    else:
-        frac = kv_cache_memory if kv_cache_memory is not None else (
-            AUTO_KV_CACHE_FRACTION["cuda" if device.type == "cuda" else "cpu"])
-        if not 0 < frac <= 1:
-            raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {frac}")
-        budget = int(available_memory(device) * frac)
-    num_blocks = budget // per_block
-    useful = max_num_seqs * -(-max_model_len // block_size) + 1
-    if kv_cache_memory is None:
-        num_blocks = min(num_blocks, useful)
-    if num_blocks < 1:
-        raise ValueError(f"kv_cache_memory={kv_cache_memory} leaves {budget} bytes, less than one KV "
-                         f"block ({per_block} bytes for {block_size} tokens x "
-                         f"{config.num_hidden_layers} layers)")
-    return num_blocks
-
-
 class ModelRunner:
     def __init__(self, model, config, *, num_blocks: int, block_size: int,
-                 encoder_cache: EncoderCache | None = None):
+                 encoder_cache: EncoderCache | None = None, attention_backend=REFERENCE):
         self.model = model
         self.config = config
         self.block_size = block_size
@@ -116,15 +78,22 @@ class ModelRunner:
         self.vision_worker = None                 # a VisionWorker sets itself here
         for blk in getattr(getattr(model, "visual", None), "blocks", ()):
             blk.register_forward_pre_hook(self._between_vision_blocks)
-        # One block more than the block manager hands out: the last one is the zeroed padding block that
-        # padded decode rows read (qvl.layers.attention). The rest stays uninitialised (untouched pages
-        # cost no RAM); every slot attention reads there has been written first.
-        shape = (num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
-        for attn in model.attention_modules():
-            attn.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            attn.k_cache[-1].zero_()
-            attn.v_cache[-1].zero_()
+        self.attention_backend = attention_backend
+        self.kv_cache = KVCache(model.attention_modules(), num_blocks=num_blocks, block_size=block_size,
+                                dtype=self.dtype, device=self.device)
+        self.kv_cache.attach(model.attention_modules(), attention_backend)
+        self.graphs: CudaGraphs | None = None     # capture_graphs() on CUDA with the paged backend
+
+    def capture_graphs(self, *, max_num_seqs: int, max_model_len: int) -> None:
+        """On CUDA with the paged backend, capture the decode forward as CUDA graphs (qvl.engine.cuda_graphs);
+        decode steps replay them. Elsewhere nothing to capture (a CUDA reference backend says so once)."""
+        if self.device.type != "cuda":
+            return
+        if self.attention_backend.name != "paged":
+            log.warning("CUDA graphs need the paged attention backend (pip install triton); decoding eagerly")
+            return
+        self.graphs = CudaGraphs(self.model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                 pad_block=self.kv_cache.pad_block, block_size=self.block_size)
 
     # --- per-sequence state --------------------------------------------------------------------
     def release(self, seq: Sequence, finished: bool) -> None:
@@ -146,28 +115,30 @@ class ModelRunner:
     # --- vision --------------------------------------------------------------------------------
     # An item's features are one tensor (T, H), or a tuple of them (main, DeepStack sets...) when the
     # model's encode_vision returns several (Qwen3-VL); every set is sliced with the same token range.
-    def _vision_rows(self, batch: list[tuple[Sequence, int, int]]
+    def _media_spans(self, spans: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, object, int, int]]:
+        """[(seq, item, a, b)]: each media item overlapping a scheduled chunk and its feature rows [a, b)."""
+        return [(seq, m, max(start, m.offset) - m.offset, min(end, m.end) - m.offset)
+                for seq, start, end in spans for m in seq.media_in(start, end)]
+
+    def _vision_rows(self, media: list[tuple[Sequence, object, int, int]]
                      ) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
-        """Feature rows for every pad token of the batch, in token order: (M, H), a tuple of (M, H), or None."""
-        wanted = []                                   # (seq, item, row_start, row_end)
-        to_encode: dict[str, object] = {}
-        for seq, start, end in batch:
-            for m in seq.media_in(start, end):
-                held = self.held.setdefault(seq.seq_id, {})
-                if m.index not in held:
-                    feats = (self.vision_worker.features(seq.request_id, m.content_hash)
-                             if self.vision_worker is not None else None)
-                    feats = feats if feats is not None else self.encoder_cache.get(m.content_hash)
-                    if feats is None:
-                        to_encode.setdefault(m.content_hash, m.data)
-                    else:
-                        held[m.index] = feats
-                wanted.append((seq, m, max(start, m.offset) - m.offset, min(end, m.end) - m.offset))
-        if not wanted:
+        """Feature rows for every pad token of the step, in token order: (M, H), a tuple of (M, H), or None."""
+        if not media:
             return None
+        to_encode: dict[str, object] = {}
+        for seq, m, _, _ in media:
+            held = self.held.setdefault(seq.seq_id, {})
+            if m.index not in held:
+                feats = (self.vision_worker.features(seq.request_id, m.content_hash)
+                         if self.vision_worker is not None else None)
+                feats = feats if feats is not None else self.encoder_cache.get(m.content_hash)
+                if feats is None:
+                    to_encode.setdefault(m.content_hash, m.data)
+                else:
+                    held[m.index] = feats
         encoded = self._encode(list(to_encode.items())) if to_encode else {}
         rows = []
-        for seq, m, a, b in wanted:
+        for seq, m, a, b in media:
             held = self.held[seq.seq_id]
             if m.index not in held:
                 held[m.index] = encoded[m.content_hash]
@@ -193,14 +164,14 @@ class ModelRunner:
         if stop is not None and stop():
             raise VisionCancelled("vision encoding stopped: a request of this step was aborted")
 
-    def _vision_mask(self, batch, n_total: int) -> torch.Tensor:
+    def _vision_mask(self, spans, n_total: int) -> torch.Tensor:
         """(N,) bool: the rows of this step that lie inside a prompt media span (where features go).
 
         Pad ids that the model generated are ordinary tokens, so the mask comes from the spans, not ids.
         """
         mask = torch.zeros(n_total, dtype=torch.bool)
         row = 0
-        for seq, start, end in batch:
+        for seq, start, end in spans:
             for m in seq.media_in(start, end):
                 a, b = max(start, m.offset), min(end, m.end)
                 mask[row + a - start: row + b - start] = True
@@ -234,27 +205,17 @@ class ModelRunner:
         return {h: f for (h, _), f in zip(items, per_item)}
 
     # --- the step ------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, stop_ids: dict[int, list[int]] | None = None,
-                token_mask: Callable[[list[Sequence]], torch.Tensor | None] | None = None,
-                should_stop: Callable[[], bool] | None = None
-                ) -> dict[int, tuple[int, float | None, dict[int, float] | None]]:
-        """Run one step. Returns {seq_id: (token, logprob, top_logprobs)} for sequences that sample.
-
-        stop_ids: per seq_id the ids to ban this step (eos / stop tokens while under min_tokens).
-        token_mask: called with the sampling sequences (batch order) once the forward has run; returns
-        their allowed-token bitmask (B, ceil(V/32)) int32 (CPU) or None (grammars: qvl.structured).
-        should_stop: polled between vision blocks (any thread may flip it); True raises VisionCancelled.
-        """
+    def prepare(self, out: SchedulerOutput) -> StepBatch:
+        """Every tensor of the step `out` schedules, built once (see qvl.engine.step_batch)."""
         bs = self.block_size
         ids, slots = [], []
         pos: list[list[int]] = [[], [], []]                # t, h, w streams
-        batch, sample_rows, sample_seqs = [], [], []
+        spans, sample_rows, sample_seqs = [], [], []
         n_total = 0
         for seq in out.seqs:
             n = out.num_scheduled_tokens[seq.seq_id]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            batch.append((seq, start, end))
+            spans.append((seq, start, end))
             ids.extend(seq.token_ids[start:end])
             self._positions(seq, start, end, pos)
             table = seq.block_table
@@ -263,30 +224,67 @@ class ModelRunner:
             if end == len(seq):
                 sample_rows.append(n_total - 1)
                 sample_seqs.append(seq)
+        lens_q, ctx = [e - s for _, s, e in spans], [e for _, _, e in spans]
+        width = max(len(seq.block_table) for seq in out.seqs)
+        tables = [b for seq, _, _ in spans for b in seq.block_table + [0] * (width - len(seq.block_table))]
+        starts = [0]
+        for n in lens_q:
+            starts.append(starts[-1] + n)
+        t_ids, t_pos, t_slots, t_tables, t_qsl, t_ctx, t_rows = to_device(
+            [ids, pos[0] + pos[1] + pos[2], slots, tables, starts, ctx, sample_rows], self.device)
+        attn = AttentionMetadata(
+            seq_lens_q=lens_q, context_lens=ctx, slot_mapping=t_slots,
+            block_tables=t_tables.view(len(spans), width).int(), device=self.device,       # (B, W)
+            query_start_loc=t_qsl.int(), seq_lens=t_ctx.int())                             # (B+1,), (B,)
+        media = self._media_spans(spans)
+        return StepBatch(
+            input_ids=t_ids, positions=t_pos.view(3, n_total), attn=attn, sample_rows=t_rows,  # (N,), (3, N)
+            seqs=list(out.seqs), spans=spans, sample_seqs=sample_seqs, media=media,
+            vision_mask=self._vision_mask(spans, n_total) if media else None)
 
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)                # (N,)
-        positions = torch.tensor(pos, dtype=torch.long, device=self.device)               # (3, N)
-        md = AttentionMetadata(
-            seq_lens_q=[e - s for _, s, e in batch], context_lens=[e for _, _, e in batch],
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_tables=[seq.block_table for seq, _, _ in batch])
+    @torch.inference_mode()
+    def run(self, batch: StepBatch, stop_ids: dict[int, list[int]] | None = None,
+            token_mask: Callable[[list[Sequence]], torch.Tensor | None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> StepResult:
+        """Compute one prepared step: vision, forward, logits of the sample rows, sampling.
+
+        stop_ids: per seq_id the ids to ban this step (eos / stop tokens while under min_tokens).
+        token_mask: called with the sampling sequences (batch order) once the forward has run; returns
+        their allowed-token bitmask (B, ceil(V/32)) int32 (CPU) or None (grammars: qvl.structured).
+        should_stop: polled between vision blocks (any thread may flip it); True raises VisionCancelled.
+        """
+        hidden = self._forward(batch, should_stop)                                          # (N, H)
+        if not batch.sample_seqs:
+            return StepResult()
+        logits = self.model.compute_logits(hidden[batch.sample_rows])                       # (S, V)
+        seqs = batch.sample_seqs
+        res: SamplerOutput = self.sampler(logits, self._sampling_batch(seqs, stop_ids, token_mask))
+        return StepResult([s.seq_id for s in seqs], res.token_ids, res.logprobs, res.top_logprobs)
+
+    def _forward(self, batch: StepBatch, should_stop) -> torch.Tensor:
+        """Hidden states (N, H) of the step: vision features into the embeddings when it holds media;
+        otherwise the model embeds the ids itself (a sampled pad id is an ordinary token)."""
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch)
+        if not batch.media:
+            return self.model(batch.input_ids, batch.positions, batch.attn)
         self._vision_stop.fn = should_stop
         try:
-            vision = self._vision_rows(batch)
+            vision = self._vision_rows(batch.media)
         finally:
             self._vision_stop.fn = None
-        mask, extra = self._vision_mask(batch, n_total), {}
+        mask, extra = batch.vision_mask, {}
         if isinstance(vision, tuple):         # DeepStack: the extra sets go to forward with their rows
             vision, extra = vision[0], {"deepstack_embeds": vision[1:], "vision_mask": mask}
-        embeds = self.model.embed(input_ids, vision, mask)                                 # (N, H)
-        hidden = self.model(input_ids, positions, md, inputs_embeds=embeds, **extra)       # (N, H)
-        if not sample_seqs:
-            return {}
-        rows = torch.tensor(sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])                                   # (B, V)
-        res: SamplerOutput = self.sampler(logits, self._sampling_batch(sample_seqs, stop_ids, token_mask))
-        return {s.seq_id: (t, lp, top) for s, t, lp, top in
-                zip(sample_seqs, res.token_ids, res.logprobs, res.top_logprobs)}
+        embeds = self.model.embed(batch.input_ids, vision, mask)                            # (N, H)
+        return self.model(batch.input_ids, batch.positions, batch.attn, inputs_embeds=embeds, **extra)
+
+    def execute(self, out: SchedulerOutput, stop_ids: dict[int, list[int]] | None = None,
+                token_mask: Callable[[list[Sequence]], torch.Tensor | None] | None = None,
+                should_stop: Callable[[], bool] | None = None
+                ) -> dict[int, tuple[int, float | None, dict[int, float] | None]]:
+        """prepare + run: {seq_id: (token, logprob, top_logprobs)} for the sequences that sample."""
+        return self.run(self.prepare(out), stop_ids, token_mask, should_stop).by_seq()
 
     def _sampling_batch(self, seqs: list[Sequence], stop_ids, token_mask) -> SamplingBatch:
         bitmask = token_mask(seqs) if token_mask is not None else None      # may take over some bans

@@ -1,27 +1,31 @@
-"""Causal self-attention of the text decoder over a flat token batch, with an optional paged KV cache.
+"""Causal self-attention of the text decoder over a flat token batch: the step's metadata and the backends.
 
-Contract (INTERFACES.md):
-  * `AttentionMetadata` describes a flat batch of N new tokens from B sequences, in sequence order:
-    `seq_lens_q` (new tokens per sequence, sum N), `context_lens` (cached + new tokens per sequence after
-    this step), `slot_mapping` (N,) (KV slot = block_id * block_size + offset of every new token) and
-    `block_tables` (per sequence, the block ids covering its context).
-  * `attention(q, k, v, scale=..., metadata=..., k_cache=..., v_cache=...)`, with q (N, nH, D) and k, v
-    (N, nKV, D) already rotated, returns (N, nH, D). Three modes:
-      - metadata None: one sequence, plain causal attention, no cache (scoring / tests);
-      - metadata without caches: B sequences, each causal over its own new tokens only (no history);
-      - metadata with caches (num_blocks, block_size, nKV, D): the new K/V are written at `slot_mapping`,
-        then each sequence's queries (the last seq_lens_q of its context) attend causally to its
-        context, gathered through its block table. The caches' *last* block is reserved for padding:
-        the caller zeroes it and never puts it in a block table. Decode rows shorter than the longest
-        read its first slot at their padded positions (masked to weight 0), so no unwritten slot,
-        which may hold NaN from recycled memory (0 * NaN = NaN), is ever read.
-    Decode sequences (one new token) are gathered into one padded batch (one index_select per cache)
-    and attend in one call (qvl.layers.decode_attention), masked only when their context lengths
-    differ; prefill chunks attend one sequence at a time (a padded batch mask would be quadratic).
-  * The index tensors of a step (slots of every context, padding mask, token rows) are derived once per
-    forward, on the first layer that asks, and cached on the metadata object (`CachePlan`): every
-    layer reuses them. So one metadata object describes one step; build a new one for the next step.
-  * GQA: kv head j serves query heads [j*g, (j+1)*g). Softmax runs inside SDPA (fp32 accumulation).
+Contract:
+  * `AttentionMetadata` describes a flat batch of N new tokens from B sequences, in sequence order. Host
+    fields (the step's shape): `seq_lens_q` (new tokens per sequence, sum N) and `context_lens` (cached + new
+    tokens per sequence after this step). Device tensors, built once per step by the runner (or from lists
+    here): `slot_mapping (N,)` int64 (KV slot = block_id * block_size + offset of every new token),
+    `block_tables (B, W)` int32 (each sequence's blocks covering its context, rows padded with block 0),
+    `query_start_loc (B + 1,)` int32 (first row of each sequence, then N), `seq_lens (B,)` int32
+    (= context_lens), and the ints `max_query_len`, `max_seq_len`.
+  * A backend computes `forward(q, k, v, *, scale, metadata, k_cache, v_cache)`, with q (N, nH, D) and k, v
+    (N, nKV, D) already rotated, returning (N, nH, D); the caches are (num_blocks, block_size, nKV, D) and the
+    new K/V are written at `slot_mapping` before any query reads them. Each sequence's queries are the last
+    seq_lens_q of its context and attend causally. The caches' *last* block is reserved for padding: the
+    KVCache zeroes it and never puts it in a block table.
+      - `ReferenceBackend` ("reference"): the CPU default and the test oracle. Decode sequences (one new
+        token) are gathered into one padded batch (one index_select per cache) and attend in one call
+        (qvl.layers.decode_attention), masked only when their context lengths differ; rows shorter than
+        the longest read the padding block's first slot (weight 0), so no unwritten slot, which may hold NaN
+        from recycled memory (0 * NaN = NaN), is ever read. Prefill chunks attend one sequence at a time (a
+        padded batch mask would be quadratic). Its index tensors are derived once per step, on the first
+        layer that asks, and cached on the metadata (`CachePlan`): one metadata object describes one step.
+      - "paged" (qvl.layers.attention_paged): Triton kernels reading K/V through the block table (CUDA).
+  * `attention(q, k, v, *, scale, metadata=None, k_cache=None, v_cache=None, backend=None)` is what a layer
+    calls: metadata None -> one sequence, plain causal attention, no cache (scoring / tests); metadata
+    without caches -> B sequences, each causal over its own new tokens only; with caches -> `backend`
+    (None = the reference).
+  * GQA: kv head j serves query heads [j*g, (j+1)*g). Softmax accumulates in fp32.
 
 Knows nothing about the model, the scheduler or how blocks are allocated. Works on CPU and CUDA alike.
 """
@@ -52,44 +56,60 @@ class CachePlan:
 class AttentionMetadata:
     seq_lens_q: list[int]
     context_lens: list[int]
-    slot_mapping: torch.Tensor | None = None  # (N,) int64
-    block_tables: list[list[int]] | None = None
+    slot_mapping: torch.Tensor | None = None            # (N,) int64
+    block_tables: torch.Tensor | list[list[int]] | None = None   # (B, W) int32 (lists are converted)
+    device: torch.device | str | None = None            # where list inputs become tensors (default: cpu)
+    query_start_loc: torch.Tensor | None = None         # (B + 1,) int32 (None: built from the lists)
+    seq_lens: torch.Tensor | None = None                # (B,) int32 (None: built from context_lens)
     # CachePlan per (block size, device), derived on first use and shared by every layer.
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if len(self.seq_lens_q) != len(self.context_lens):
-            raise ValueError(f"seq_lens_q has {len(self.seq_lens_q)} sequences but context_lens has "
-                             f"{len(self.context_lens)}")
+        b = len(self.seq_lens_q)
+        if b != len(self.context_lens):
+            raise ValueError(f"seq_lens_q has {b} sequences but context_lens has {len(self.context_lens)}")
         for i, (q, c) in enumerate(zip(self.seq_lens_q, self.context_lens)):
             if q < 0 or q > c:
                 raise ValueError(f"sequence {i}: seq_lens_q={q} must be in [0, context_lens={c}]")
-        if self.block_tables is not None and len(self.block_tables) != len(self.seq_lens_q):
-            raise ValueError(f"block_tables has {len(self.block_tables)} sequences but seq_lens_q has "
-                             f"{len(self.seq_lens_q)}")
+        self._table_lens: list[int] | None = None   # per-sequence table lengths when given as lists
         self.starts = [0]                     # (B + 1,) first token row of each sequence, then N
         for lq in self.seq_lens_q:
             self.starts.append(self.starts[-1] + lq)
+        device = torch.device(self.device if self.device is not None else (
+            self.slot_mapping.device if self.slot_mapping is not None else "cpu"))
+        self.device = device
+        self.max_query_len = max(self.seq_lens_q, default=0)
+        self.max_seq_len = max(self.context_lens, default=0)
+        if isinstance(self.block_tables, list):
+            if len(self.block_tables) != b:
+                raise ValueError(f"block_tables has {len(self.block_tables)} sequences but seq_lens_q has {b}")
+            self._table_lens = [len(t) for t in self.block_tables]
+            width = max(self._table_lens, default=0)
+            self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in self.block_tables],
+                                             dtype=torch.int32).reshape(b, width).to(device)   # (B, W)
+        if self.query_start_loc is None or self.seq_lens is None:
+            host = torch.tensor(self.starts + self.context_lens, dtype=torch.int32).to(device)
+            self.query_start_loc, self.seq_lens = host[:b + 1], host[b + 1:]                # (B+1,), (B,)
 
     @property
     def num_tokens(self) -> int:
         return self.starts[-1]
 
-    def _context_slots(self, rows: list[int], block_size: int, pad_slot: int) -> torch.Tensor:
+    def _context_slots(self, rows: list[int], block_size: int, pad_slot: int, device) -> torch.Tensor:
         """KV slots of the contexts of sequences `rows`, padded to the longest with `pad_slot`:
-        (len(rows), L) int64."""
+        (len(rows), L) int64 on `device`."""
         lens = [self.context_lens[i] for i in rows]
-        width = -(-max(lens) // block_size)
-        tables = []
+        need = -(-max(lens) // block_size)
         for i, n in zip(rows, lens):
-            table, need = self.block_tables[i], -(-n // block_size)
-            if len(table) < need:
-                raise ValueError(f"sequence {i}: block table has {len(table)} blocks, context of {n} tokens "
-                                 f"needs {need} (block_size {block_size})")
-            tables.append(table[:need] + [0] * (width - need))      # placeholders, replaced by pad_slot
-        pos = torch.arange(max(lens))
-        slots = torch.tensor(tables)[:, pos // block_size] * block_size + pos % block_size  # (B, L)
-        return slots.masked_fill_(pos[None, :] >= torch.tensor(lens)[:, None], pad_slot)
+            have = self._table_lens[i] if self._table_lens is not None else self.block_tables.shape[1]
+            if have < -(-n // block_size):
+                raise ValueError(f"sequence {i}: block table has {have} blocks, context of {n} tokens needs "
+                                 f"{-(-n // block_size)} (block_size {block_size})")
+        idx = torch.tensor(rows, device=self.block_tables.device)
+        tables = self.block_tables.index_select(0, idx)[:, :need].to(device, torch.int64)     # (b, need)
+        pos = torch.arange(max(lens), device=device)
+        slots = tables[:, pos // block_size] * block_size + pos % block_size                   # (b, L)
+        return slots.masked_fill_(pos[None, :] >= torch.tensor(lens, device=device)[:, None], pad_slot)
 
     def plan(self, block_size: int, device: torch.device, pad_slot: int) -> CachePlan:
         """This step's CachePlan for a cache of `block_size` on `device` whose zeroed padding slot is
@@ -107,14 +127,14 @@ class AttentionMetadata:
         shape = (0, 0)
         if decode:
             lens = [self.context_lens[i] for i in decode]
-            padded = self._context_slots(decode, block_size, pad_slot)                # (Bd, L)
+            padded = self._context_slots(decode, block_size, pad_slot, device)              # (Bd, L)
             shape = tuple(padded.shape)
-            slots = padded.flatten().to(device)                                       # (Bd * L,)
+            slots = padded.flatten()                                                        # (Bd * L,)
             if min(lens) != max(lens):                  # padding is exactly where pad_slot was put
-                mask = (padded != pad_slot)[:, None, None, :].to(device)              # (Bd, 1, 1, L)
+                mask = (padded != pad_slot)[:, None, None, :]                               # (Bd, 1, 1, L)
             if len(decode) != len(self.seq_lens_q):
-                rows = torch.tensor([self.starts[i] for i in decode], device=device)  # (Bd,)
-        prefill = [(self.starts[i], self.starts[i + 1], self._context_slots([i], block_size, pad_slot)[0].to(device))
+                rows = torch.tensor([self.starts[i] for i in decode], device=device)        # (Bd,)
+        prefill = [(self.starts[i], self.starts[i + 1], self._context_slots([i], block_size, pad_slot, device)[0])
                    for i, lq in enumerate(self.seq_lens_q) if lq > 1]
         plan = CachePlan(self.slot_mapping.to(device), rows, slots, shape, mask, prefill)
         self._derived[key] = plan
@@ -147,6 +167,56 @@ def _causal_one(q, k, v, scale: float) -> torch.Tensor:
     return out[0].transpose(0, 1)  # (Lq, nH, D)
 
 
+class ReferenceBackend:
+    """SDPA over the context gathered through the block tables (see the module docstring)."""
+    name = "reference"
+
+    def forward(self, q, k, v, *, scale: float, metadata: AttentionMetadata, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        plan = metadata.plan(k_cache.shape[1], k_cache.device, pad_slot=(k_cache.shape[0] - 1) * k_cache.shape[1])
+        flat_k = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks*block_size, nKV, D)
+        flat_v = v_cache.view(-1, *v_cache.shape[2:])
+        flat_k.index_copy_(0, plan.slot_mapping, k.to(k_cache.dtype))
+        flat_v.index_copy_(0, plan.slot_mapping, v.to(v_cache.dtype))
+
+        decode_out = None
+        if plan.decode_slots is not None:
+            b, length = plan.decode_shape
+            kb = flat_k.index_select(0, plan.decode_slots).view(b, length, *k.shape[1:])  # (Bd, L, nKV, D)
+            vb = flat_v.index_select(0, plan.decode_slots).view(b, length, *v.shape[1:])
+            qb = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)   # (Bd, nH, D)
+            decode_out = decode_attention(qb, kb, vb, scale=scale, mask=plan.decode_mask)  # (Bd, nH, D)
+            if plan.decode_rows is None:
+                return decode_out
+        out = torch.empty_like(q)
+        if decode_out is not None:
+            out.index_copy_(0, plan.decode_rows, decode_out)
+        for a, b, slots in plan.prefill:
+            out[a:b] = _causal_one(q[a:b], flat_k.index_select(0, slots).to(q.dtype),
+                                   flat_v.index_select(0, slots).to(q.dtype), scale)
+        return out
+
+
+REFERENCE = ReferenceBackend()
+
+
+def attention_backend(name: str, device: torch.device):
+    """The backend for EngineConfig.attention_backend `name` on `device`: auto -> paged on CUDA when Triton
+    imports, else the reference. "paged" off CUDA or without Triton is a ValueError saying why."""
+    if name == "reference" or (name == "auto" and torch.device(device).type != "cuda"):
+        return REFERENCE
+    try:
+        from qvl.layers.attention_paged import PagedAttentionBackend
+    except ImportError as e:
+        if name == "auto":
+            return REFERENCE
+        raise ValueError(f"attention_backend='paged' needs Triton ({e}); pip install triton") from None
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"attention_backend='paged' runs on CUDA; this engine is on {device} "
+                         "(use 'reference' or 'auto')")
+    return PagedAttentionBackend()
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -156,6 +226,7 @@ def attention(
     metadata: AttentionMetadata | None = None,
     k_cache: torch.Tensor | None = None,
     v_cache: torch.Tensor | None = None,
+    backend=None,
 ) -> torch.Tensor:
     """Causal attention of q (N, nH, D) over k, v (N, nKV, D) (+ cached context). Returns (N, nH, D)."""
     if metadata is None:
@@ -173,26 +244,5 @@ def attention(
         if len(starts) == 2:
             return _causal_one(q, k, v, scale)
         return torch.cat([_causal_one(q[a:b], k[a:b], v[a:b], scale) for a, b in zip(starts, starts[1:])])
-
-    plan = metadata.plan(k_cache.shape[1], k_cache.device, pad_slot=(k_cache.shape[0] - 1) * k_cache.shape[1])
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks*block_size, nKV, D)
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    flat_k.index_copy_(0, plan.slot_mapping, k.to(k_cache.dtype))
-    flat_v.index_copy_(0, plan.slot_mapping, v.to(v_cache.dtype))
-
-    decode_out = None
-    if plan.decode_slots is not None:
-        b, length = plan.decode_shape
-        kb = flat_k.index_select(0, plan.decode_slots).view(b, length, *k.shape[1:])  # (Bd, L, nKV, D)
-        vb = flat_v.index_select(0, plan.decode_slots).view(b, length, *v.shape[1:])
-        qb = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)   # (Bd, nH, D)
-        decode_out = decode_attention(qb, kb, vb, scale=scale, mask=plan.decode_mask)  # (Bd, nH, D)
-        if plan.decode_rows is None:
-            return decode_out
-    out = torch.empty_like(q)
-    if decode_out is not None:
-        out.index_copy_(0, plan.decode_rows, decode_out)
-    for a, b, slots in plan.prefill:
-        out[a:b] = _causal_one(q[a:b], flat_k.index_select(0, slots).to(q.dtype),
-                               flat_v.index_select(0, slots).to(q.dtype), scale)
-    return out
+    return (backend or REFERENCE).forward(q, k, v, scale=scale, metadata=metadata, k_cache=k_cache,
+                                          v_cache=v_cache)

@@ -4,15 +4,15 @@
   recv(*, hidden_size, dtype, device) -> StepCall | None   rank > 0: the same call, or None for STOP
 
 A StepCall is what rank 0's runner passes to `model(...)`: positions (3, N), AttentionMetadata
-(seq_lens_q, context_lens, slot_mapping, block_tables) or None, inputs_embeds (N, H), and the optional
-Qwen3-VL extras deepstack_embeds (each (M, H)) and vision_mask (N,). Token ids are not sent: only rank 0
+(seq_lens_q, context_lens, slot_mapping (N,), block_tables (B, W); the rest is derived from them) or None,
+inputs_embeds (N, H), and the optional Qwen3-VL extras deepstack_embeds (each (M, H)) and vision_mask (N,). Token ids are not sent: only rank 0
 holds the embedding (qvl.parallel.shard), so workers run from inputs_embeds.
 
 Format (chosen over `broadcast_object_list`, which pickles and sends a size then the bytes: see
 bench/tp.py for the measured cost of both): three or four tensor broadcasts from rank 0 —
-  header (10,) int64  [cmd, N, B, T, n_deepstack, M, has_md, has_slots, has_vmask, has_tables]
-  ints   (3N + N? + 3B + T + N?,) int64   positions | slot_mapping | seq_lens_q | context_lens |
-                                          block-table lengths | block tables flat | vision_mask
+  header (10,) int64  [cmd, N, B, W, n_deepstack, M, has_md, has_slots, has_vmask, has_tables]
+  ints   (3N + N? + 2B + B*W? + N?,) int64   positions | slot_mapping | seq_lens_q | context_lens |
+                                             block tables (B, W) | vision_mask
   embeds (N, H) in the model dtype;  deepstack (n_deepstack * M, H) when there are DeepStack sets.
 On NCCL every tensor lives on the rank's CUDA device; on gloo on the CPU.
 
@@ -64,60 +64,58 @@ def send(call: StepCall, *, device: torch.device, group=None) -> None:
     ds = call.deepstack_embeds or ()
     m = ds[0].shape[0] if ds else 0
     slots = md.slot_mapping if md is not None else None
-    tables = (md.block_tables or []) if md is not None else []
+    tables = md.block_tables if md is not None else None                           # (B, W) int32
     b = len(md.seq_lens_q) if md is not None else 0
-    flat = [x for t in tables for x in t]
-    header = torch.tensor([STEP, n, b, len(flat), len(ds), m, md is not None, slots is not None,
-                           call.vision_mask is not None, md is not None and md.block_tables is not None],
-                          dtype=torch.long)
-    parts = [call.positions.reshape(-1).to("cpu", torch.long)]                     # (3N,)
+    w = tables.shape[1] if tables is not None else 0
+    header = torch.tensor([STEP, n, b, w, len(ds), m, md is not None, slots is not None,
+                           call.vision_mask is not None, tables is not None], dtype=torch.long)
+    parts = [call.positions.reshape(-1)]                                           # (3N,)
     if slots is not None:
-        parts.append(slots.to("cpu", torch.long))                                  # (N,)
+        parts.append(slots)                                                        # (N,)
     if md is not None:
-        lens = [len(t) for t in tables] if md.block_tables is not None else []
-        parts.append(torch.tensor(list(md.seq_lens_q) + list(md.context_lens) + lens + flat, dtype=torch.long))
+        parts.append(torch.tensor(list(md.seq_lens_q) + list(md.context_lens)))    # (2B,)
+    if tables is not None:
+        parts.append(tables.reshape(-1))                                           # (B * W,)
     if call.vision_mask is not None:
-        parts.append(call.vision_mask.to("cpu", torch.long))                       # (N,)
+        parts.append(call.vision_mask)                                             # (N,)
     _bcast(header.to(device), group)
-    _bcast(torch.cat(parts).to(device), group)
+    _bcast(torch.cat([t.to(device, torch.long) for t in parts]), group)
     _bcast(call.inputs_embeds.to(device).contiguous(), group)                      # (N, H)
     if ds:
         _bcast(torch.cat([d.to(device) for d in ds]).contiguous(), group)          # (n_ds * M, H)
 
 
 def recv(*, hidden_size: int, dtype: torch.dtype, device: torch.device, group=None) -> StepCall | None:
-    """Rank > 0: the next StepCall from rank 0, or None when rank 0 said STOP."""
+    """Rank > 0: the next StepCall from rank 0 (tensors on `device`), or None when rank 0 said STOP."""
     header = _bcast(torch.empty(_HEADER, dtype=torch.long, device=device), group).tolist()
-    cmd, n, b, t, n_ds, m, has_md, has_slots, has_vmask, has_tables = header
+    cmd, n, b, w, n_ds, m, has_md, has_slots, has_vmask, has_tables = header
     if cmd == STOP:
         return None
-    size = 3 * n + (n if has_slots else 0) + (2 * b + (b + t if has_tables else 0) if has_md else 0) + \
-        (n if has_vmask else 0)
-    ints = _bcast(torch.empty(size, dtype=torch.long, device=device), group)
+    sizes = [3 * n, n if has_slots else 0, 2 * b if has_md else 0, b * w if has_tables else 0,
+             n if has_vmask else 0]
+    ints = _bcast(torch.empty(sum(sizes), dtype=torch.long, device=device), group)
     embeds = _bcast(torch.empty((n, hidden_size), dtype=dtype, device=device), group)     # (N, H)
     ds = None
     if n_ds:
         flat_ds = _bcast(torch.empty((n_ds * m, hidden_size), dtype=dtype, device=device), group)
         ds = tuple(flat_ds.split(m))                                                     # each (M, H)
-    positions = ints[:3 * n].view(3, n)                                                  # (3, N)
-    at = 3 * n
-    slots = None
-    if has_slots:
-        slots, at = ints[at:at + n], at + n
+    pos, slots, lens, tables, vmask = ints.split(sizes)
     md = None
     if has_md:
-        meta = ints[at:].tolist()
-        seq_lens_q, context_lens = meta[:b], meta[b:2 * b]
-        at += 2 * b
-        tables = None
-        if has_tables:
-            lens, flat = meta[2 * b:3 * b], meta[3 * b:3 * b + t]
-            tables, k = [], 0
-            for ln in lens:
-                tables.append(flat[k:k + ln])
-                k += ln
-            at += b + t
-        md = AttentionMetadata(seq_lens_q=seq_lens_q, context_lens=context_lens, slot_mapping=slots,
-                               block_tables=tables)
-    vmask = ints[at:at + n].bool() if has_vmask else None
-    return StepCall(positions, md, embeds, ds, vmask)
+        lens = lens.tolist()
+        md = AttentionMetadata(seq_lens_q=lens[:b], context_lens=lens[b:], device=device,
+                               slot_mapping=slots if has_slots else None,
+                               block_tables=tables.view(b, w).int() if has_tables else None)   # (B, W)
+    return StepCall(pos.view(3, n), md, embeds, ds, vmask.bool() if has_vmask else None)     # (3, N)
+
+
+def to_device(call: StepCall, device: torch.device) -> StepCall:
+    """The same call with its tensors on `device` (when the communication device is another one)."""
+    md = call.attn_metadata
+    if md is not None:
+        md = AttentionMetadata(seq_lens_q=md.seq_lens_q, context_lens=md.context_lens, device=device,
+                               slot_mapping=None if md.slot_mapping is None else md.slot_mapping.to(device),
+                               block_tables=None if md.block_tables is None else md.block_tables.to(device))
+    ds = None if call.deepstack_embeds is None else tuple(d.to(device) for d in call.deepstack_embeds)
+    return StepCall(call.positions.to(device), md, call.inputs_embeds.to(device), ds,
+                    None if call.vision_mask is None else call.vision_mask.to(device))

@@ -29,7 +29,6 @@ import signal
 import sys
 import threading
 import time
-import types
 
 import torch
 import torch.distributed as dist
@@ -57,13 +56,6 @@ def rank_device(device_str: str, spec: tp_group.GroupSpec) -> torch.device:
     return dev
 
 
-def kv_plan_config(model, config):
-    """What qvl.engine.runner.plan_num_blocks reads, with this shard's KV heads (num_kv_heads per rank)."""
-    attn = model.attention_modules()[0]
-    return types.SimpleNamespace(num_hidden_layers=config.num_hidden_layers, num_key_value_heads=attn.num_kv_heads,
-                                 head_dim=attn.head_dim)
-
-
 def agree_num_blocks(mine: int | None, settings: tuple[int, int, int] | None, device: torch.device,
                      plan=None) -> tuple[int, tuple[int, int, int]]:
     """The handshake of the module docstring, on any rank: rank 0 passes `mine` and `settings`
@@ -77,17 +69,6 @@ def agree_num_blocks(mine: int | None, settings: tuple[int, int, int] | None, de
     return int(n.item()), settings
 
 
-def allocate_kv(model, num_blocks: int, block_size: int, dtype, device) -> None:
-    """Per layer (num_blocks + 1, block_size, nKV_rank, D) caches; the last block is the zeroed padding block
-    (qvl.layers.attention)."""
-    for attn in model.attention_modules():
-        shape = (num_blocks + 1, block_size, attn.num_kv_heads, attn.head_dim)
-        attn.k_cache = torch.empty(shape, dtype=dtype, device=device)
-        attn.v_cache = torch.empty(shape, dtype=dtype, device=device)
-        attn.k_cache[-1].zero_()
-        attn.v_cache[-1].zero_()
-
-
 def _load(cfg, spec, device):
     from qvl.build import load_model, resolve_model_path
     from qvl.engine.llm_engine import resolve_dtype
@@ -98,7 +79,9 @@ def _load(cfg, spec, device):
 
 
 def run_worker(cfg, spec: tp_group.GroupSpec) -> int:
-    from qvl.engine.runner import plan_num_blocks
+    from qvl.engine.kv_cache import KVCache, plan_num_blocks
+    from qvl.engine.llm_engine import resolve_dtype
+    from qvl.layers.attention import attention_backend
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -109,9 +92,7 @@ def run_worker(cfg, spec: tp_group.GroupSpec) -> int:
     cdev = comm_device(spec.backend, device)
     try:
         model, config = _load(cfg, spec, device)
-        dtype = next(model.model.layers.parameters()).dtype
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        dtype = resolve_dtype(cfg.dtype, device)            # rank 0's activations dtype: its embeddings'
     except Exception as e:  # noqa: BLE001 - reported to rank 0, which raises it
         msg = f"{type(e).__name__}: {e}"
         log.error("rank %d: loading failed: %s", spec.rank, msg)
@@ -121,12 +102,14 @@ def run_worker(cfg, spec: tp_group.GroupSpec) -> int:
 
     def plan(settings):
         block_size, max_model_len, max_num_seqs = settings
-        return plan_num_blocks(kv_plan_config(model, config), block_size=block_size, dtype=dtype, device=device,
+        return plan_num_blocks(model.attention_modules(), block_size=block_size, dtype=dtype, device=device,
                                kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=max_num_seqs,
                                max_model_len=max_model_len)
     try:
         num_blocks, (block_size, _, _) = agree_num_blocks(None, None, cdev, plan)
-        allocate_kv(model, num_blocks, block_size, dtype, device)
+        kv = KVCache(model.attention_modules(), num_blocks=num_blocks, block_size=block_size, dtype=dtype,
+                     device=device)
+        kv.attach(model.attention_modules(), attention_backend(cfg.attention_backend, device))
         log.info("rank %d/%d ready on %s: %d KV blocks of %d tokens", spec.rank, spec.world_size, device,
                  num_blocks, block_size)
         _serve(model, config.hidden_size, dtype, device, cdev)
@@ -144,13 +127,10 @@ def _serve(model, hidden_size: int, dtype, device, cdev) -> None:
         call = step_message.recv(hidden_size=hidden_size, dtype=dtype, device=cdev)
         if call is None:
             return
-        md = call.attn_metadata
-        if md is not None and md.slot_mapping is not None:
-            md.slot_mapping = md.slot_mapping.to(device)
-        kw = {k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device))
-              for k, v in call.kwargs().items()}
+        if cdev != device:              # gloo on a CUDA machine: the step arrives on the CPU
+            call = step_message.to_device(call, device)
         try:
-            model(None, call.positions.to(device), md, **kw)
+            model(None, call.positions, call.attn_metadata, **call.kwargs())
         except Exception as e:  # noqa: BLE001 - see the module docstring: rank 0 raised the same
             if isinstance(e, dist.DistError):
                 raise

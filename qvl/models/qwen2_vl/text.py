@@ -7,8 +7,9 @@ over a flat batch of tokens (see qvl.layers.attention for what the metadata mean
 RMSNorm casts the normalized value to the input dtype *before* the weight multiply (QWEN2VL_SPEC 6).
 Rotary tables come from qvl.models.qwen2_vl.rope (M-RoPE, cos/sin cast to the activation dtype).
 
-Each `Qwen2Attention` carries `k_cache` / `v_cache` (None until a runner sets them, shape
-(num_blocks, block_size, num_kv_heads, head_dim)); K is stored after rotary.
+Each `Qwen2Attention` carries `k_cache` / `v_cache` (None until a KVCache attaches them, shape
+(num_blocks, block_size, num_kv_heads, head_dim); K is stored after rotary) and `attn_backend` (None = the
+reference; qvl.layers.attention).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.attn_backend = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (N, nH, D), k and v (N, nKV, D) before rotary (Qwen3 norms q and k here)."""
@@ -65,7 +67,7 @@ class Qwen2Attention(nn.Module):
         qk = apply_rotary(torch.cat((q, k), 1), cos, sin)  # (N, nH + nKV, D): one rotation for both
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         o = attention(q, k, v, scale=self.scale, metadata=attn_metadata, k_cache=self.k_cache,
-                      v_cache=self.v_cache)  # (N, nH, D)
+                      v_cache=self.v_cache, backend=self.attn_backend)  # (N, nH, D)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
 
 
