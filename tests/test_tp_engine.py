@@ -196,6 +196,8 @@ def test_tp2_batched_and_prefix_cache_hit(tp2, reference):
 
 def test_tp2_chunked_and_preempted(tiny_ckpt, reference, tp2):
     tp2.close()                             # one tensor-parallel engine per process (torch's default group)
+    with pytest.raises(Exception, match="the tensor-parallel group has been shut down"):
+        greedy_tokens(tp2, prompts(tp2)[:1], 1)
     per_block = 2 * 2 * 16 * 1 * 16 * 4     # layers * K,V * block * kv heads per rank * head dim * fp32
     eng = tiny_engine(tiny_ckpt, tensor_parallel_size=2, threads=1, max_num_batched_tokens=7,
                       kv_cache_memory=9 * per_block, encoder_cache_memory=0)
@@ -207,6 +209,21 @@ def test_tp2_chunked_and_preempted(tiny_ckpt, reference, tp2):
     finally:
         eng.close()
     assert all(p.exitcode == 0 for p in eng.executor.procs)              # STOP, not killed
+
+
+def test_tp2_qwen3_vl_deepstack_equals_tp1(tiny_qwen3_vl_ckpt, tp2):
+    """Qwen3-VL: the DeepStack feature sets and their rows reach the workers (step_message extras)."""
+    tp2.close()                             # one tensor-parallel engine per process (torch's default group)
+    one = tiny_engine(tiny_qwen3_vl_ckpt, threads=1)
+    ps = [one.processor.process_prompt(chat(IMG + "Describe this image."), {"image": [image(0, 128, 160)]}),
+          one.processor.process_prompt(chat("Describe the weather in words."), None)]
+    want = greedy_tokens(one, ps, N_NEW)
+    eng = tiny_engine(tiny_qwen3_vl_ckpt, tensor_parallel_size=2, threads=1)
+    try:
+        assert eng.model.attention_modules()[0].num_kv_heads == 1
+        assert greedy_tokens(eng, ps, N_NEW) == want
+    finally:
+        eng.close()
 
 
 # -------------------------------------------------------------------------------------------- server
