@@ -2,13 +2,15 @@
 
   * greedy tokens of tp=2 == tp=1 == transformers, for text, an image, a video and both;
   * the engine invariants under tp=2: batched == alone, prefix-cache hit == miss, chunked prefill and
-    forced preemption change nothing;
+    forced preemption change nothing; Qwen3-VL (DeepStack rows broadcast) == tp=1;
   * `qvl serve -tp 2` (a real uvicorn process) answers the official `openai` client like tp=1, and SIGTERM
     leaves no process behind; killing its worker makes /health answer 503 and the server exit != 0 within
     seconds, again leaving no process;
   * two "machines" on one host (`qvl worker` with RANK=1, `qvl run` with RANK=0, MASTER_ADDR=127.0.0.1)
-    give tp=1's tokens;
-  * the rendezvous fails with a clear error (port in use, a rank that never joins) instead of hanging.
+    give tp=1's tokens; a remote worker that dies while rank 0 is idle is found by its missing heartbeat;
+  * the rendezvous fails with a clear error (port in use, a rank that never joins) instead of hanging, and
+    an unshardable head count is refused before any process starts.
+One tensor-parallel engine per process (torch's default group): tests that build their own close `tp2` first.
 Processes are found through /proc (psutil is not a dependency).
 """
 from __future__ import annotations
@@ -307,6 +309,39 @@ def test_two_machines_on_one_host(tiny_ckpt, tp1, tmp_path):
         log1.close()
 
 
+def test_remote_worker_death_is_seen_while_idle(tiny_ckpt, tp2, reference, monkeypatch, tmp_path):
+    """Rank 0 in this process under the torchrun environment, rank 1 a `qvl worker`: no process sentinel to
+    wait on, and an idle engine runs no collective, so only the heartbeat can tell it is gone."""
+    from qvl.parallel import group
+
+    tp2.close()
+    port = tp_group.free_port()
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    log = open(tmp_path / "rank1.log", "w")
+    rank1 = qvl("worker", str(tiny_ckpt), "--device", "cpu", "--dtype", "float32", "--threads", "1",
+                env={**env, "RANK": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    for k, v in {**env, "RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    eng = None
+    try:
+        eng = tiny_engine(tiny_ckpt, tensor_parallel_size=2, threads=1)
+        assert eng.executor.procs == [] and eng.failure is None
+        assert greedy_tokens(eng, prompts(eng, ["text"]), N_NEW)[0] == reference[0]
+        rank1.kill()
+        t0 = time.monotonic()
+        while eng.failure is None and time.monotonic() - t0 < group.HEARTBEAT_TIMEOUT_S + 10:
+            time.sleep(0.2)
+        assert eng.failure is not None and "rank 1 sent no heartbeat" in eng.failure
+        with pytest.raises(Exception, match="no heartbeat"):
+            greedy_tokens(eng, prompts(eng, ["text"]), 1)
+    finally:
+        if eng is not None:
+            eng.close()
+        rank1.kill()
+        rank1.wait()
+        log.close()
+
+
 # ---------------------------------------------------------------------------------------- rendezvous
 
 def test_rendezvous_errors_are_clear_and_bounded():
@@ -324,3 +359,11 @@ def test_rendezvous_errors_are_clear_and_bounded():
         tp_group.join(tp_group.GroupSpec(1, 2, master_port=tp_group.free_port(), join_timeout_s=1))
     with pytest.raises(ValueError, match="missing: MASTER_PORT, RANK"):
         tp_group.GroupSpec.from_env("gloo", environ={"MASTER_ADDR": "x", "WORLD_SIZE": "2"})
+
+
+def test_unshardable_model_is_refused_before_any_process_starts(tiny_ckpt):
+    before = children(os.getpid())
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide num_attention_heads=4"):
+        tiny_engine(tiny_ckpt, tensor_parallel_size=3)
+    assert children(os.getpid()) == before
+

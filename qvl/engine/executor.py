@@ -22,8 +22,9 @@
 
 The watchdog is a thread blocked on the local workers' process sentinels: a worker that dies is seen
 at once, even while the server is idle. Remote workers (the multi-node launch) are seen dead at the
-next collective, which gloo fails when the peer's connection closes (NCCL may instead wait for its
-timeout: run the server under a supervisor that restarts the whole group).
+next collective, which gloo fails when the peer's connection closes, or when their heartbeat stops
+(qvl.parallel.group.HEARTBEAT_TIMEOUT_S), whichever comes first. NCCL may wait in a collective with a
+dead peer until its timeout; the heartbeat still fails the engine, and the server then exits.
 Knows nothing about requests or scheduling; of the model only forward's arguments and attention_modules().
 """
 from __future__ import annotations
@@ -73,8 +74,12 @@ class TPExecutor:
         self._lock = threading.Lock()          # one step's collectives at a time (and none during shutdown)
         self._closed = False
         self._failed_once = threading.Lock()
+        self._handshaken = False               # agree_num_blocks ran: the workers are in their step loop
         if procs:
             threading.Thread(target=self._watch, name="qvl-tp-watchdog", daemon=True).start()
+        threading.Thread(target=tp_group.watch_heartbeats, name="qvl-tp-heartbeats", daemon=True,
+                         args=(store, spec.world_size, lambda: self._closed or self.failure is not None,
+                               self._fail)).start()
         atexit.register(self.shutdown)
 
     @property
@@ -129,6 +134,7 @@ class TPExecutor:
 
     # --- the step --------------------------------------------------------------------------------
     def agree_num_blocks(self, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int) -> int:
+        self._handshaken = True
         with self._lock:
             self._check()
             try:
@@ -234,8 +240,8 @@ class TPExecutor:
         atexit.unregister(self.shutdown)
         told = False
         if self.failure is None and self._lock.acquire(timeout=2.0):   # a stuck step keeps the lock: skip STOP
-            try:
-                step_message.send_stop(self.comm_device)
+            try:               # before the handshake the workers wait in it, not in the step loop
+                (step_message.send_stop if self._handshaken else worker.abort_handshake)(self.comm_device)
                 told = True
             except Exception:  # noqa: BLE001 - a worker already gone: terminate the rest below
                 pass

@@ -8,13 +8,16 @@
       to it. Both give up after `join_timeout_s` (default JOIN_TIMEOUT_S) with a RuntimeError naming the
       address, the ranks and the timeout — a port already in use, an unreachable master or a rank that
       never joins is an error, never a hang (rank 0 also stops waiting when `alive()` reports a reason).
+  start_heartbeat(spec) / watch_heartbeats(...)  ranks > 0 count up a key in the store every HEARTBEAT_S;
+      rank 0 declares a rank gone after HEARTBEAT_TIMEOUT_S without a beat (ranks on other machines have no
+      process sentinel rank 0 could wait on, and an idle server runs no collective that would fail).
   leave() destroys the group (idempotent); free_port() a TCP port free on this host now.
   default_backend(device) nccl for CUDA, gloo otherwise (EngineConfig.distributed_backend overrides).
 
 Collectives themselves get COLLECTIVE_TIMEOUT_S: workers wait in a broadcast for the next step while
 the server is idle, for as long as it is idle, so a short collective timeout would kill an idle server.
-A dead peer is not found by this timeout but by the executor's watchdog (process sentinels) and by
-gloo, which fails a collective at once when a peer's socket closes.
+A dead peer is not found by this timeout but by the executor's watchdog (process sentinels, heartbeats)
+and by gloo, which fails a collective at once when a peer's socket closes.
 
 Knows nothing about models, the engine or what is broadcast.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -134,6 +138,46 @@ def join(spec: GroupSpec, alive: Callable[[], str | None] | None = None):
     dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return store
+
+
+HEARTBEAT_S = 1.0             # a rank > 0 counts up its `beat/<rank>` key in the store this often ...
+HEARTBEAT_TIMEOUT_S = 10.0    # ... and rank 0 calls it gone when the count stood still this long
+
+
+def start_heartbeat(spec: GroupSpec) -> None:
+    """Rank > 0: a daemon thread counting up `beat/<rank>` in the rendezvous store (its own connection), so rank
+    0 sees a rank on another machine die while no collective runs (`watch_heartbeats`)."""
+    store = dist.TCPStore(spec.master_addr, spec.master_port, is_master=False,
+                          timeout=timedelta(seconds=spec.join_timeout_s))
+
+    def beat() -> None:
+        try:
+            while True:
+                store.add(f"beat/{spec.rank}", 1)
+                time.sleep(HEARTBEAT_S)
+        except Exception:  # noqa: BLE001 - rank 0 is gone: the step loop finds out and leaves
+            pass
+    threading.Thread(target=beat, name="qvl-tp-heartbeat", daemon=True).start()
+
+
+def watch_heartbeats(store, world_size: int, stop: Callable[[], bool], dead: Callable[[str], None]) -> None:
+    """Rank 0 (run on a thread): call `dead(reason)` once a rank's heartbeat count stands still for
+    HEARTBEAT_TIMEOUT_S; return when `stop()`."""
+    last = {r: (-1, time.monotonic()) for r in range(1, world_size)}
+    while not stop():
+        now = time.monotonic()
+        for r, (count, since) in last.items():
+            try:
+                c = store.add(f"beat/{r}", 0)
+            except Exception:  # noqa: BLE001 - the store is rank 0's own; it is closing
+                return
+            if c != count:
+                last[r] = (c, now)
+            elif now - since > HEARTBEAT_TIMEOUT_S:
+                dead(f"tensor-parallel rank {r} sent no heartbeat for {HEARTBEAT_TIMEOUT_S:.0f} s "
+                     f"(its process or machine is gone)")
+                return
+        time.sleep(HEARTBEAT_S)
 
 
 def _first_line(e: BaseException) -> str:

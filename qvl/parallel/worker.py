@@ -5,7 +5,7 @@
       agree on the KV-cache size with rank 0 (`agree_num_blocks`), then loop: receive a step
       (qvl.parallel.step_message), run the shard's forward (which does its all-reduces with the other
       ranks), repeat until rank 0 says STOP. 0 after STOP; 1 when loading fails (the message is put in the
-      rendezvous store under `error/<rank>` for rank 0 to report) or rank 0 goes away.
+      rendezvous store under `error/<rank>` for rank 0 to report), rank 0 fails to start, or rank 0 goes away.
   spawned_main(cfg, spec, parent_pid, main_thread)   the multiprocessing (spawn) target of the executor's
       local workers: dies with its parent (PR_SET_PDEATHSIG on Linux when the parent spawned from its main
       thread — the signal follows the spawning thread — and always a watchdog thread polling the parent pid)
@@ -57,16 +57,24 @@ def rank_device(device_str: str, spec: tp_group.GroupSpec) -> torch.device:
 
 
 def agree_num_blocks(mine: int | None, settings: tuple[int, int, int] | None, device: torch.device,
-                     plan=None) -> tuple[int, tuple[int, int, int]]:
+                     plan=None) -> tuple[int, tuple[int, int, int]] | None:
     """The handshake of the module docstring, on any rank: rank 0 passes `mine` and `settings`
     (block_size, max_model_len, max_num_seqs); a worker passes `plan(settings) -> its own count`.
-    Returns (the agreed number of blocks, settings)."""
+    Returns (the agreed number of blocks, settings), or None on a worker when rank 0 sent `abort_handshake`
+    instead (it failed before its plan)."""
     s = torch.tensor(settings if settings is not None else (0, 0, 0), dtype=torch.long, device=device)
     dist.broadcast(s, src=0)
     settings = tuple(int(x) for x in s.tolist())
+    if settings[0] == 0:
+        return None
     n = torch.tensor([mine if mine is not None else plan(settings)], dtype=torch.long, device=device)
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     return int(n.item()), settings
+
+
+def abort_handshake(device: torch.device) -> None:
+    """Rank 0, when it fails before agree_num_blocks: the workers waiting in it leave (block_size 0)."""
+    dist.broadcast(torch.zeros(3, dtype=torch.long, device=device), src=0)
 
 
 def _load(cfg, spec, device):
@@ -89,24 +97,28 @@ def run_worker(cfg, spec: tp_group.GroupSpec) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     store = tp_group.join(spec)
+    tp_group.start_heartbeat(spec)
     cdev = comm_device(spec.backend, device)
+    dtype = resolve_dtype(cfg.dtype, device)            # rank 0's activations dtype: its embeddings'
     try:
-        model, config = _load(cfg, spec, device)
-        dtype = resolve_dtype(cfg.dtype, device)            # rank 0's activations dtype: its embeddings'
-    except Exception as e:  # noqa: BLE001 - reported to rank 0, which raises it
-        msg = f"{type(e).__name__}: {e}"
-        log.error("rank %d: loading failed: %s", spec.rank, msg)
-        store.set(f"error/{spec.rank}", msg)
-        tp_group.leave()
-        return 1
+        try:
+            model, config = _load(cfg, spec, device)
 
-    def plan(settings):
-        block_size, max_model_len, max_num_seqs = settings
-        return plan_num_blocks(model.attention_modules(), block_size=block_size, dtype=dtype, device=device,
-                               kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=max_num_seqs,
-                               max_model_len=max_model_len)
-    try:
-        num_blocks, (block_size, _, _) = agree_num_blocks(None, None, cdev, plan)
+            def plan(settings):
+                block_size, max_model_len, max_num_seqs = settings
+                return plan_num_blocks(model.attention_modules(), block_size=block_size, dtype=dtype,
+                                       device=device, kv_cache_memory=cfg.kv_cache_memory,
+                                       max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+            agreed = agree_num_blocks(None, None, cdev, plan)
+        except Exception as e:  # noqa: BLE001 - loading or planning failed here: rank 0 reports it
+            msg = f"{type(e).__name__}: {e}"
+            log.error("rank %d: start failed: %s", spec.rank, msg)
+            store.set(f"error/{spec.rank}", msg)
+            return 1
+        if agreed is None:
+            log.warning("rank %d: rank 0 failed to start; leaving", spec.rank)
+            return 1
+        num_blocks, (block_size, _, _) = agreed
         kv = KVCache(model.attention_modules(), num_blocks=num_blocks, block_size=block_size, dtype=dtype,
                      device=device)
         kv.attach(model.attention_modules(), attention_backend(cfg.attention_backend, device))
