@@ -4,7 +4,8 @@ broadcasting one step (qvl.parallel.step_message vs torch's broadcast_object_lis
     python bench/tp.py                                  # "mid" random Qwen2-VL (1024 wide, 8 layers), CPU fp32
     python bench/tp.py --config tiny --tp 1 2           # the test checkpoint, seconds
     python bench/tp.py --device cuda --dtype bfloat16   # on a CUDA machine: NCCL; with one GPU both ranks
-                                                        # share it (a check that NCCL works, not a speed-up)
+                                                        # share it (a check that NCCL works, not a speed-up;
+                                                        # NCCL may refuse two ranks on one GPU: --backend gloo)
 
 The checkpoint is random, written once to --dir with transformers' save_pretrained (tests/tiny.py). Load: each
 rank's shard loaded in this process, one after the other (qvl.build.load_model(tp=TPInfo)); bytes = its
@@ -82,7 +83,8 @@ def decode(path: Path, tp: int, args) -> dict:
     t0 = time.perf_counter()
     eng = LLMEngine.from_config(EngineConfig(model=str(path), tensor_parallel_size=tp, device=args.device,
                                              dtype=args.dtype, threads=args.threads, max_model_len=2048,
-                                             kv_cache_memory=256 << 20, enforce_eager=True))
+                                             kv_cache_memory=256 << 20, enforce_eager=True,
+                                             distributed_backend=args.backend))
     start_s = time.perf_counter() - t0
     out = {"tp": tp, "start_s": round(start_s, 2)}
     try:
@@ -169,6 +171,8 @@ def _bcast_rank(rank: int, port: int, backend: str, batch: int, hidden: int, ite
     torch.set_num_threads(1)
     group.join(group.GroupSpec(rank, 2, master_port=port, backend=backend))
     dev = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     md = AttentionMetadata(seq_lens_q=[1] * batch, context_lens=[300] * batch, device=dev,
                            slot_mapping=torch.arange(batch, device=dev) * 300,
                            block_tables=[list(range(b * 19, b * 19 + 19)) for b in range(batch)])
@@ -217,6 +221,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    ap.add_argument("--backend", choices=("nccl", "gloo"), default=None,
+                    help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
@@ -239,7 +245,8 @@ def main() -> None:
     for tp in args.tp:
         report["decode"].append(decode(path, tp, args))
     hidden = json.loads((path / "config.json").read_text())["hidden_size"]
-    report["broadcast"] = broadcast_cost("nccl" if args.device.startswith("cuda") else "gloo", args.batch, hidden)
+    backend = args.backend or ("nccl" if args.device.startswith("cuda") else "gloo")
+    report["broadcast"] = broadcast_cost(backend, args.batch, hidden)
     if args.json:
         print(json.dumps(report, indent=1))
         return

@@ -120,6 +120,10 @@ class TPExecutor:
                                 args=(cfg, dataclasses.replace(spec, rank=r, local_rank=r), os.getpid(), main))
                 p.start()
                 procs.append(p)
+        rank0_device = worker.rank_device(cfg.device, spec)
+        if rank0_device.type == "cuda":
+            torch.cuda.set_device(rank0_device)        # NCCL's communicator binds to the current device
+
         def alive() -> str | None:
             dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode} before joining"
                     for r, p in enumerate(procs, start=1) if p.exitcode is not None]
@@ -130,7 +134,7 @@ class TPExecutor:
             _stop_procs(procs)
             raise
         log.info("tensor parallel: rank 0 of %d (%s, %s:%d)", tp, backend, spec.master_addr, spec.master_port)
-        return cls(spec, store, procs, worker.rank_device(cfg.device, spec))
+        return cls(spec, store, procs, rank0_device)
 
     # --- the step --------------------------------------------------------------------------------
     def agree_num_blocks(self, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int) -> int:
