@@ -127,7 +127,9 @@ class TPExecutor:
         def alive() -> str | None:
             dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode} before joining"
                     for r, p in enumerate(procs, start=1) if p.exitcode is not None]
-            return "; ".join(dead) or None
+            # the usual cause: a script without a __main__ guard, which the spawned worker re-runs on import
+            return "; ".join(dead) + (" (see its traceback above; a script that builds a tensor-parallel "
+                                      "engine must do it under `if __name__ == \"__main__\":`)") if dead else None
         try:
             store = tp_group.join(spec, alive)
         except BaseException:
