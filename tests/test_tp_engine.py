@@ -228,6 +228,24 @@ def test_tp2_qwen3_vl_deepstack_equals_tp1(tiny_qwen3_vl_ckpt, tp2):
         eng.close()
 
 
+def test_tp2_awq_engine_equals_dequantized_reference(tmp_path, tp2):
+    """An AWQ checkpoint through the whole engine at tp=2 (quantized shards, per-rank KV) == the float
+    checkpoint of its dequantized weights at tp=1."""
+    from quant_fixtures import write_quantized
+
+    tp2.close()
+    qdir, ref = write_quantized(tmp_path / "awq", "awq", group=32, seed=2)
+    one = tiny_engine(ref, threads=1)
+    ps = [one.processor.process_prompt(*CASES[n]) for n in ("image", "text")]
+    want = greedy_tokens(one, ps, N_NEW)
+    eng = tiny_engine(qdir, tensor_parallel_size=2, threads=1)
+    try:
+        assert eng.model.quantization is not None
+        assert greedy_tokens(eng, ps, N_NEW) == want
+    finally:
+        eng.close()
+
+
 # -------------------------------------------------------------------------------------------- server
 
 def test_serve_tp2_openai_client_and_sigterm(tiny_ckpt, tp1, tmp_path):
