@@ -1,0 +1,366 @@
+"""The CUDA attention backend: Triton kernels for attention over the paged KV cache and for the vision
+tower's segment attention.
+
+Contract:
+  * `paged_attention(q, k_cache, v_cache, block_tables=, query_start_loc=, seq_lens=, max_query_len=, scale=)`:
+    q (N, nH, D) holds the rotated queries of B sequences packed in batch order (sequence b's rows are
+    query_start_loc[b]:query_start_loc[b+1]); the caches (num_blocks, block_size, nKV, D) already hold this
+    step's K/V. Sequence b's lq queries are the last lq of its seq_lens[b] context positions, causal.
+    GQA: kv head j serves query heads [j*g, (j+1)*g). Returns (N, nH, D) in q's dtype; scores, softmax and
+    the P @ V accumulation are fp32 (fp32 inputs also multiply in full fp32: no TF32).
+  * `varlen_attention(q, k, v, cu_seqlens=, max_seqlen=, scale=)`: q, k, v (S, nH, D) of F packed segments;
+    every row attends to every row of its own segment (no mask) — the vision tower's frames and windows.
+  * `PagedAttentionBackend` ("paged"): writes the step's K/V at `metadata.slot_mapping`, then
+    `paged_attention`. No metadata or no cache is a ValueError: the caller routes those to the reference.
+
+How the kernels work (one program = one tile of query rows of one sequence and one kv head):
+  * the g query heads of a kv head are rows of the same tile (row r = query (r // BLOCK_H), head r % BLOCK_H),
+    so one K/V tile load serves every query head that shares it; g is padded to a power of two with masks;
+  * context positions are read one KV tile (BLOCK_N positions) at a time through the block table:
+    slot = block_tables[b, pos // block_size] * block_size + pos % block_size, any power-of-two block size;
+    offsets are int64 (a cache can exceed 2**31 elements);
+  * only positions < seq_len are ever loaded (masked loads, other=0): a slot no sequence owns (recycled
+    memory, possibly NaN) is never read, whatever the block table holds past a sequence's need;
+  * online softmax in base 2 with a finite running-max floor, so a tile a row cannot see yet (causal) adds
+    exactly 0 and never makes exp(-inf - -inf);
+  * decode (max_query_len == 1) runs tiles of one query and all g heads, split over the context (split-K)
+    when B * nKV programs alone would leave the GPU idle; a second kernel merges the splits' partial sums.
+No host synchronisation: every launch size comes from tensor shapes and `max_query_len`.
+
+Knows nothing about the model, the scheduler or how blocks are allocated. CUDA (compiled) or, with
+TRITON_INTERPRET=1 set before triton is imported, CPU tensors through Triton's interpreter (the tests).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG = tl.constexpr(-1.0e30)    # running-max floor: finite, below any real score (a constexpr: kernels read it)
+_LOG2E = 1.4426950408889634
+_MAX_HEAD_DIM = 256
+_MAX_SPLITS = 16
+_MIN_SPLIT_LEN = 256    # context positions per split below which splitting costs more than it gives
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, s, v, visible, IEEE: tl.constexpr):
+    """One KV tile of online softmax: s (M, N) base-2 scores, v (N, BLOCK_D), visible (M, N) bool."""
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))                   # >= _NEG: finite even for a fully hidden row
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])                         # hidden keys: exp2(-inf) = 0
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return acc * alpha[:, None] + pv, m_new, l_i
+
+
+@triton.jit
+def _paged_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, sl_ptr, po_ptr, pm_ptr, pl_ptr,
+                  qk_scale, q_tiles, split_len, n_tokens, n_heads,
+                  s_qn, s_qh, s_on, s_oh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
+                  G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // q_tiles
+    q0 = (pid % q_tiles) * BLOCK_Q                          # first query (of this sequence) in the tile
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b).to(tl.int64)
+    lq = tl.load(qsl_ptr + b + 1).to(tl.int64) - q_start
+    seq_len = tl.load(sl_ptr + b).to(tl.int64)
+
+    r = tl.arange(0, BLOCK_Q * BLOCK_H)
+    qi = q0 + r // BLOCK_H                                  # query index within the sequence
+    head = kvh * G + r % BLOCK_H
+    row_ok = (qi < lq) & (r % BLOCK_H < G)
+    qpos = seq_len - lq + qi                                # absolute position: causal limit of the row
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    row = q_start + qi                                      # (M,) int64 token row in q / o
+    q = tl.load(q_ptr + row[:, None] * s_qn + head[:, None] * s_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # keys this tile can see: up to its last query's position; none for a tile past the sequence's queries
+    hi = tl.where(q0 < lq, seq_len - lq + tl.minimum(q0 + BLOCK_Q, lq), 0)
+    lo = split.to(tl.int64) * split_len
+    hi = tl.minimum(hi, lo + split_len)
+    m_i = tl.full([BLOCK_Q * BLOCK_H], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_Q * BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_H, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)                    # (N,) int64 context positions
+        p_ok = pos < hi
+        blk = tl.load(bt_ptr + b * s_bt + pos // BLOCK_SIZE, mask=p_ok, other=0).to(tl.int64)
+        off = pos % BLOCK_SIZE
+        kt = tl.load(k_ptr + (blk * s_kb + off * s_kt + kvh * s_kh)[None, :] + d[:, None],
+                     mask=p_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, N)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, kt) * qk_scale
+        v = tl.load(v_ptr + (blk * s_vb + off * s_vt + kvh * s_vh)[:, None] + d[None, :],
+                    mask=p_ok[:, None] & d_ok[None, :], other=0.0)   # (N, BLOCK_D)
+        visible = p_ok[None, :] & (pos[None, :] <= qpos[:, None])
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, visible, IEEE)
+
+    if SPLIT:   # unnormalised partials, merged by _merge_kernel
+        part = (split * n_tokens + row) * n_heads + head    # (M,) int64 index into (S, N, nH)
+        tl.store(pm_ptr + part, m_i, mask=row_ok)
+        tl.store(pl_ptr + part, l_i, mask=row_ok)
+        tl.store(po_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + row[:, None] * s_on + head[:, None] * s_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_kernel(o_ptr, po_ptr, pm_ptr, pl_ptr, n_splits, n_tokens, n_heads, s_on, s_oh,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (token, head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    s_ok = sp < n_splits
+    part = (sp * n_tokens + n) * n_heads + h                # (BLOCK_S,) int64
+    m = tl.load(pm_ptr + part, mask=s_ok, other=_NEG)
+    w = tl.exp2(m - tl.max(m, 0))                           # empty splits: m = _NEG, l = 0, acc = 0
+    w = tl.where(s_ok, w, 0.0)
+    total = tl.sum(w * tl.load(pl_ptr + part, mask=s_ok, other=0.0), 0)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.load(po_ptr + part[:, None] * HEAD_DIM + d[None, :],
+                  mask=s_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)   # (BLOCK_S, BLOCK_D)
+    out = tl.sum(acc * w[:, None], 0) / total
+    tl.store(o_ptr + n * s_on + h * s_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale, q_tiles,
+                   s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    f = pid // q_tiles
+    m0 = (pid % q_tiles) * BLOCK_M
+    h = tl.program_id(1)
+    start = tl.load(cu_ptr + f).to(tl.int64)
+    length = tl.load(cu_ptr + f + 1).to(tl.int64) - start
+    i = m0 + tl.arange(0, BLOCK_M)
+    i_ok = i < length
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + (start + i)[:, None] * s_qn + h * s_qh + d[None, :],
+                mask=i_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.where(m0 < length, length, 0)                   # a tile past the segment reads nothing
+    for n0 in range(0, hi, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        j_ok = j < length
+        kt = tl.load(k_ptr + (start + j)[None, :] * s_kn + h * s_kh + d[:, None],
+                     mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, N)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, kt) * qk_scale
+        v = tl.load(v_ptr + (start + j)[:, None] * s_vn + h * s_vh + d[None, :],
+                    mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, j_ok[None, :] & i_ok[:, None], IEEE)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + (start + i)[:, None] * s_on + h * s_oh + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _kv_block(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_N, num_stages): fp32 tiles are twice the bytes, so half the keys and one stage fewer keep the
+    pipelined K/V buffers well inside shared memory."""
+    return (64, 3) if dtype != torch.float32 else (32, 2)
+
+
+def _check_heads(name: str, t: torch.Tensor, dims: int, dtype: torch.dtype, device: torch.device) -> None:
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype} (the queries' dtype)")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the queries on {device}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, strides {t.stride()}")
+
+
+def _check_index(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
+    if tuple(t.shape) != shape or t.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name} must be an int32/int64 tensor of shape {shape}, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the queries on {device}")
+
+
+def _check_q(q: torch.Tensor) -> tuple[int, int, int]:
+    if q.dim() != 3:
+        raise ValueError(f"q must have shape (N, nH, D), got {tuple(q.shape)}")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q has dtype {q.dtype}; supported: {', '.join(str(d) for d in _DTYPES)}")
+    n, nh, d = q.shape
+    if not 1 <= d <= _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {d} is outside [1, {_MAX_HEAD_DIM}]")
+    _check_heads("q", q, 3, q.dtype, q.device)
+    return n, nh, d
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8        # the interpreter: enough splits to exercise the merge, few enough to stay fast
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(device: torch.device, programs: int, max_context: int, max_query_len: int) -> int:
+    """Splits of the context for decode: enough programs for about two per SM, at least _MIN_SPLIT_LEN
+    positions each; prefill tiles are many already and never split."""
+    if max_query_len != 1:
+        return 1
+    want = -(-2 * _sm_count(device) // max(programs, 1))
+    return max(1, min(want, _MAX_SPLITS, -(-max_context // _MIN_SPLIT_LEN)))
+
+
+def paged_attention(q, k_cache, v_cache, *, block_tables, query_start_loc, seq_lens,
+                    max_query_len: int, scale: float) -> torch.Tensor:
+    """q (N, nH, D) of B sequences over their paged contexts (see the module docstring). -> (N, nH, D).
+
+    The caller promises what cannot be checked without reading the tensors back: query_start_loc is
+    non-decreasing from 0 to N, no sequence has more than max_query_len queries, lq <= seq_lens[b], and
+    block_tables[b] covers seq_lens[b] positions with valid block ids."""
+    n, nh, d = _check_q(q)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_heads(name, cache, 4, q.dtype, q.device)
+        if cache.shape[3] != d or nh % cache.shape[2]:
+            raise ValueError(f"{name} has shape {tuple(cache.shape)}: needs head_dim {d} and a kv head count "
+                             f"dividing the {nh} query heads")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
+    block_size = k_cache.shape[1]
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if block_tables.dim() != 2:
+        raise ValueError(f"block_tables must have shape (B, W), got {tuple(block_tables.shape)}")
+    b = block_tables.shape[0]
+    _check_index("block_tables", block_tables, (b, block_tables.shape[1]), q.device)
+    _check_index("query_start_loc", query_start_loc, (b + 1,), q.device)
+    _check_index("seq_lens", seq_lens, (b,), q.device)
+    if n and not 1 <= max_query_len <= n:
+        raise ValueError(f"max_query_len {max_query_len} must be in [1, N={n}]")
+    if block_tables.stride(1) != 1:
+        block_tables = block_tables.contiguous()
+    out = torch.empty((n, nh, d), dtype=q.dtype, device=q.device)
+    if n == 0 or b == 0:
+        return out
+    nkv = k_cache.shape[2]
+    g = nh // nkv
+    if max_query_len == 1:          # decode: one query, its g heads padded to the 16 rows tl.dot needs
+        block_q, block_h = 1, max(16, _pow2(g))
+    else:
+        block_h = _pow2(g)
+        block_q = max(1, 64 // block_h)
+    q_tiles = -(-max_query_len // block_q)
+    max_context = block_tables.shape[1] * block_size
+    splits = _num_splits(q.device, b * q_tiles * nkv, max_context, max_query_len)
+    return _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,
+                         block_q=block_q, block_h=block_h, q_tiles=q_tiles, splits=splits)
+
+
+def _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale, *,
+                  block_q: int, block_h: int, q_tiles: int, splits: int) -> torch.Tensor:
+    """The kernel launches of paged_attention for given tilings (the tests force splits)."""
+    n, nh, d = q.shape
+    b, nkv = seq_lens.shape[0], k_cache.shape[2]
+    block_n, stages = _kv_block(q.dtype)
+    if splits > 1:
+        span = -(-block_tables.shape[1] * k_cache.shape[1] // splits)
+        split_len = -(-span // block_n) * block_n
+        po = torch.empty((splits, n, nh, d), dtype=torch.float32, device=q.device)
+        pm = torch.empty((splits, n, nh), dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+    else:
+        split_len = 2 ** 31 - 1     # one split covers any context
+        po = pm = pl = out          # unused (SPLIT is a constexpr False)
+    _paged_kernel[(b * q_tiles, nkv, splits)](
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, po, pm, pl,
+        scale * _LOG2E, q_tiles, split_len, n, nh,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        G=nh // nkv, HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, BLOCK_H=block_h,
+        BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)), SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=stages)
+    if splits > 1:
+        _merge_kernel[(n, nh)](out, po, pm, pl, splits, n, nh, out.stride(0), out.stride(1),
+                               HEAD_DIM=d, BLOCK_S=_pow2(splits), BLOCK_D=max(16, _pow2(d)), num_warps=4)
+    return out
+
+
+def varlen_attention(q, k, v, *, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
+    """q, k, v (S, nH, D) of F packed segments (cu_seqlens (F+1,) from 0 to S, every segment at most
+    max_seqlen rows: the caller's promise), each row attending to its whole segment. -> (S, nH, D)."""
+    s, nh, d = _check_q(q)
+    for name, t in (("k", k), ("v", v)):
+        _check_heads(name, t, 3, q.dtype, q.device)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, q {tuple(q.shape)}: they must match")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must have shape (F+1,), got {tuple(cu_seqlens.shape)}")
+    _check_index("cu_seqlens", cu_seqlens, (cu_seqlens.numel(),), q.device)
+    if s and not 1 <= max_seqlen <= s:
+        raise ValueError(f"max_seqlen {max_seqlen} must be in [1, S={s}]")
+    out = torch.empty((s, nh, d), dtype=q.dtype, device=q.device)
+    f = cu_seqlens.numel() - 1
+    if s == 0 or f == 0:
+        return out
+    block_m = 64
+    block_n, stages = _kv_block(q.dtype)
+    q_tiles = -(-max_seqlen // block_m)
+    _varlen_kernel[(f * q_tiles, nh)](
+        q, k, v, out, cu_seqlens, scale * _LOG2E, q_tiles,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)),
+        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=stages)
+    return out
+
+
+class PagedAttentionBackend:
+    """Attention over the paged cache with the Triton kernels above (CUDA)."""
+
+    name = "paged"
+
+    def forward(self, q, k, v, *, scale: float, metadata, k_cache, v_cache) -> torch.Tensor:
+        """Writes k, v (N, nKV, D) at metadata.slot_mapping, then paged_attention over the caches."""
+        if metadata is None:
+            raise ValueError("the paged attention backend needs attention metadata (got None); "
+                             "attention without a cache goes to the reference backend")
+        if k_cache is None or v_cache is None:
+            missing = " and ".join(n for n, c in (("k_cache", k_cache), ("v_cache", v_cache)) if c is None)
+            raise ValueError(f"the paged attention backend needs a KV cache: {missing} is None; "
+                             f"attention without a cache goes to the reference backend")
+        slots = metadata.slot_mapping
+        if slots.shape != (k.shape[0],) or k.shape != v.shape:
+            raise ValueError(f"slot_mapping has shape {tuple(slots.shape)}, k {tuple(k.shape)}, v "
+                             f"{tuple(v.shape)}: need ({k.shape[0]},) slots for as many k and v rows")
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))  # (blocks*bs, nKV, D)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+        return paged_attention(q, k_cache, v_cache, block_tables=metadata.block_tables,
+                               query_start_loc=metadata.query_start_loc, seq_lens=metadata.seq_lens,
+                               max_query_len=metadata.max_query_len, scale=scale)
