@@ -44,18 +44,28 @@ _MIN_SPLIT_LEN = 256    # context positions per split below which splitting cost
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, s, v, visible, IEEE: tl.constexpr):
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with an fp32 result: full fp32 for fp32 inputs (IEEE, no TF32); UPCAST for 16-bit inputs
+    under the interpreter, whose tl.dot multiplies bf16 as its raw uint16 bits (triton 3.9): products of
+    16-bit floats are exact in fp32, so this is the tensor-core result up to summation order."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, s, v, visible, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One KV tile of online softmax: s (M, N) base-2 scores, v (N, BLOCK_D), visible (M, N) bool."""
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))                   # >= _NEG: finite even for a fully hidden row
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])                         # hidden keys: exp2(-inf) = 0
     l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    return acc * alpha[:, None] + pv, m_new, l_i
+    return acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST), m_new, l_i
 
 
 @triton.jit
@@ -64,7 +74,8 @@ def _paged_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, sl_ptr, po_ptr, p
                   s_qn, s_qh, s_on, s_oh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
                   G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                  BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // q_tiles
     q0 = (pid % q_tiles) * BLOCK_Q                          # first query (of this sequence) in the tile
@@ -99,14 +110,11 @@ def _paged_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, sl_ptr, po_ptr, p
         off = pos % BLOCK_SIZE
         kt = tl.load(k_ptr + (blk * s_kb + off * s_kt + kvh * s_kh)[None, :] + d[:, None],
                      mask=p_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, N)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, kt) * qk_scale
+        s = _dot(q, kt, IEEE, UPCAST) * qk_scale
         v = tl.load(v_ptr + (blk * s_vb + off * s_vt + kvh * s_vh)[:, None] + d[None, :],
                     mask=p_ok[:, None] & d_ok[None, :], other=0.0)   # (N, BLOCK_D)
         visible = p_ok[None, :] & (pos[None, :] <= qpos[:, None])
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, visible, IEEE)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, visible, IEEE, UPCAST)
 
     if SPLIT:   # unnormalised partials, merged by _merge_kernel
         part = (split * n_tokens + row) * n_heads + head    # (M,) int64 index into (S, N, nH)
@@ -143,7 +151,7 @@ def _merge_kernel(o_ptr, po_ptr, pm_ptr, pl_ptr, n_splits, n_tokens, n_heads, s_
 def _varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale, q_tiles,
                    s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     f = pid // q_tiles
     m0 = (pid % q_tiles) * BLOCK_M
@@ -165,18 +173,17 @@ def _varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale, q_tiles,
         j_ok = j < length
         kt = tl.load(k_ptr + (start + j)[None, :] * s_kn + h * s_kh + d[:, None],
                      mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, N)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, kt) * qk_scale
+        s = _dot(q, kt, IEEE, UPCAST) * qk_scale
         v = tl.load(v_ptr + (start + j)[:, None] * s_vn + h * s_vh + d[None, :],
                     mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, j_ok[None, :] & i_ok[:, None], IEEE)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, j_ok[None, :] & i_ok[:, None], IEEE, UPCAST)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + (start + i)[:, None] * s_on + h * s_oh + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
 
 
+# TRITON_INTERPRET=1 at import: the kernels run on CPU tensors through numpy (the tests)
+_INTERPRETED = type(_paged_kernel).__name__ == "InterpretedFunction"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -305,6 +312,7 @@ def _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_l
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         G=nh // nkv, HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, BLOCK_H=block_h,
         BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)), SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
+        UPCAST=_INTERPRETED and q.dtype != torch.float32,
         num_warps=4, num_stages=stages)
     if splits > 1:
         _merge_kernel[(n, nh)](out, po, pm, pl, splits, n, nh, out.stride(0), out.stride(1),
@@ -337,7 +345,8 @@ def varlen_attention(q, k, v, *, cu_seqlens, max_seqlen: int, scale: float) -> t
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)),
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=stages)
+        IEEE=q.dtype == torch.float32, UPCAST=_INTERPRETED and q.dtype != torch.float32,
+        num_warps=4, num_stages=stages)
     return out
 
 
