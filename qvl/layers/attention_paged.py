@@ -137,8 +137,7 @@ def _merge_kernel(o_ptr, po_ptr, pm_ptr, pl_ptr, n_splits, n_tokens, n_heads, s_
     s_ok = sp < n_splits
     part = (sp * n_tokens + n) * n_heads + h                # (BLOCK_S,) int64
     m = tl.load(pm_ptr + part, mask=s_ok, other=_NEG)
-    w = tl.exp2(m - tl.max(m, 0))                           # empty splits: m = _NEG, l = 0, acc = 0
-    w = tl.where(s_ok, w, 0.0)
+    w = tl.exp2(m - tl.max(m, 0))   # 0 for empty or absent splits: m = _NEG, l = 0, acc = 0
     total = tl.sum(w * tl.load(pl_ptr + part, mask=s_ok, other=0.0), 0)
     d = tl.arange(0, BLOCK_D)
     acc = tl.load(po_ptr + part[:, None] * HEAD_DIM + d[None, :],
