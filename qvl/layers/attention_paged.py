@@ -32,6 +32,8 @@ TRITON_INTERPRET=1 set before triton is imported, CPU tensors through Triton's i
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -228,6 +230,7 @@ def _check_q(q: torch.Tensor) -> tuple[int, int, int]:
     return n, nh, d
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8        # the interpreter: enough splits to exercise the merge, few enough to stay fast
