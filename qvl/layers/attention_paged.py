@@ -42,7 +42,7 @@ _NEG = tl.constexpr(-1.0e30)    # running-max floor: finite, below any real scor
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
 _MAX_SPLITS = 16
-_MIN_SPLIT_LEN = 256    # context positions per split below which splitting costs more than it gives
+_MIN_SPLIT_LEN = 128    # context positions per split below which splitting costs more than it gives
 
 
 @triton.jit
@@ -193,10 +193,21 @@ def _pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-def _kv_block(dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_N, num_stages): fp32 tiles are twice the bytes, so half the keys and one stage fewer keep the
-    pipelined K/V buffers well inside shared memory."""
-    return (64, 3) if dtype != torch.float32 else (32, 2)
+def _tiling(dtype: torch.dtype, decode: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of a launch: the choices with no register spills in sm_90 builds
+    (tools/attention_paged_compile.py prints registers, spills and shared memory). fp32 runs its dots in
+    full fp32 on the FMA units, which keep their operands in registers: fewer keys per tile, fewer stages."""
+    if dtype == torch.float32:
+        return (32, 8, 2) if decode else (16, 8, 1)
+    return (64, 4, 3) if decode else (64, 8, 3)
+
+
+def _query_tile(g: int, decode: bool) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_H): queries x padded heads of a tile. Decode: one query, its g heads padded to the
+    16 rows tl.dot needs; prefill: 64 rows (or one query of all its heads when g > 64)."""
+    if decode:
+        return 1, max(16, _pow2(g))
+    return max(1, 64 // _pow2(g)), _pow2(g)
 
 
 def _check_heads(name: str, t: torch.Tensor, dims: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -279,11 +290,7 @@ def paged_attention(q, k_cache, v_cache, *, block_tables, query_start_loc, seq_l
         return out
     nkv = k_cache.shape[2]
     g = nh // nkv
-    if max_query_len == 1:          # decode: one query, its g heads padded to the 16 rows tl.dot needs
-        block_q, block_h = 1, max(16, _pow2(g))
-    else:
-        block_h = _pow2(g)
-        block_q = max(1, 64 // block_h)
+    block_q, block_h = _query_tile(g, decode=max_query_len == 1)
     q_tiles = -(-max_query_len // block_q)
     max_context = block_tables.shape[1] * block_size
     splits = _num_splits(q.device, b * q_tiles * nkv, max_context, max_query_len)
@@ -296,7 +303,7 @@ def _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_l
     """The kernel launches of paged_attention for given tilings (the tests force splits)."""
     n, nh, d = q.shape
     b, nkv = seq_lens.shape[0], k_cache.shape[2]
-    block_n, stages = _kv_block(q.dtype)
+    block_n, warps, stages = _tiling(q.dtype, block_q == 1)
     if splits > 1:
         span = -(-block_tables.shape[1] * k_cache.shape[1] // splits)
         split_len = -(-span // block_n) * block_n
@@ -315,7 +322,7 @@ def _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_l
         G=nh // nkv, HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, BLOCK_H=block_h,
         BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)), SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
         UPCAST=_INTERPRETED and q.dtype != torch.float32,
-        num_warps=4, num_stages=stages)
+        num_warps=warps, num_stages=stages)
     if splits > 1:
         _merge_kernel[(n, nh)](out, po, pm, pl, splits, n, nh, out.stride(0), out.stride(1),
                                HEAD_DIM=d, BLOCK_S=_pow2(splits), BLOCK_D=max(16, _pow2(d)), num_warps=4)
@@ -340,7 +347,7 @@ def varlen_attention(q, k, v, *, cu_seqlens, max_seqlen: int, scale: float) -> t
     if s == 0 or f == 0:
         return out
     block_m = 64
-    block_n, stages = _kv_block(q.dtype)
+    block_n, warps, stages = _tiling(q.dtype, decode=False)
     q_tiles = -(-max_seqlen // block_m)
     _varlen_kernel[(f * q_tiles, nh)](
         q, k, v, out, cu_seqlens, scale * _LOG2E, q_tiles,
@@ -348,7 +355,7 @@ def varlen_attention(q, k, v, *, cu_seqlens, max_seqlen: int, scale: float) -> t
         out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)),
         IEEE=q.dtype == torch.float32, UPCAST=_INTERPRETED and q.dtype != torch.float32,
-        num_warps=4, num_stages=stages)
+        num_warps=warps, num_stages=stages)
     return out
 
 
