@@ -1,33 +1,39 @@
-"""The Triton kernels of qvl.layers.attention_paged on the CPU through Triton's interpreter, against dense
-references written here: per sequence, its context gathered through its block table and fp32 SDPA with the
-causal offset; per segment SDPA for varlen_attention. Also the backend's cache write, its refusals, and the
-vision towers' CUDA path (forced onto the interpreter) against their CPU SDPA path."""
+"""The Triton kernels of qvl.layers.attention_paged against dense references written here: per sequence, its
+context gathered through its block table and fp32 SDPA with the causal offset; per segment SDPA for
+varlen_attention. Also the backend's cache write, its refusals, and the vision towers' CUDA branch against
+their SDPA groups.
+
+Without CUDA (the normal case) the kernels run on CPU tensors through Triton's interpreter; with CUDA they
+run compiled on the GPU, so the same file is the GPU check (`pytest tests/test_attention_paged.py`)."""
 from __future__ import annotations
 
+import importlib
 import os
+import types
 
-os.environ["TRITON_INTERPRET"] = "1"   # read when a kernel is decorated: before attention_paged is imported
+import pytest
+import torch
+import torch.nn.functional as F
 
-import importlib  # noqa: E402
-import types  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":  # read when a kernel is decorated, so before attention_paged is imported
+    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
 import qvl.layers.attention_paged as ap  # noqa: E402
 
-if not isinstance(ap._paged_kernel, InterpretedFunction):    # imported (compiled) before this module ran
+if DEVICE == "cpu" and not ap._INTERPRETED:     # imported (compiled) before this module set the variable
     ap = importlib.reload(ap)
+assert DEVICE == "cuda" or ap._INTERPRETED
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
 def dense_reference(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale):
-    """fp32 (N, nH, D): each sequence's context gathered through its table, causal SDPA with the offset."""
+    """fp32 (N, nH, D) on the CPU: each sequence's context gathered through its table, causal SDPA with the
+    offset."""
+    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens = (
+        t.cpu() for t in (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens))
     out = torch.full(q.shape, float("nan"))
     bs, g = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
     flat_k, flat_v = k_cache.flatten(0, 1).float(), v_cache.flatten(0, 1).float()  # (blocks*bs, nKV, D)
@@ -66,9 +72,10 @@ def make_batch(seqs, *, nh, nkv, d, block_size, dtype, width=None, seed=0):
     lqs = [lq for _, lq in seqs]
     qsl = torch.tensor([0] + lqs, dtype=torch.int32).cumsum(0).int()
     q = torch.randn(sum(lqs), nh, d, generator=gen).to(dtype)
-    kw = dict(block_tables=tables, query_start_loc=qsl, seq_lens=torch.tensor([s for s, _ in seqs]).int(),
-              max_query_len=max(lqs), scale=d ** -0.5)
-    return q, k_cache, v_cache, kw
+    kw = dict(block_tables=tables.to(DEVICE), query_start_loc=qsl.to(DEVICE),
+              seq_lens=torch.tensor([s for s, _ in seqs]).int().to(DEVICE), max_query_len=max(lqs),
+              scale=d ** -0.5)
+    return q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), kw
 
 
 def mixed(bs):
@@ -81,8 +88,8 @@ def check(q, k_cache, v_cache, kw, out):
     ref = dense_reference(q, k_cache, v_cache, kw["block_tables"], kw["query_start_loc"], kw["seq_lens"],
                           kw["scale"])
     assert out.dtype == q.dtype and out.shape == q.shape
-    assert not out.isnan().any()
-    torch.testing.assert_close(out.float(), ref, **TOL[q.dtype])
+    assert out.device == q.device and not out.isnan().any()
+    torch.testing.assert_close(out.float().cpu(), ref, **TOL[q.dtype])
 
 
 @pytest.mark.parametrize("nh, nkv, d, block_size, dtype", [
@@ -99,7 +106,8 @@ def test_prefill_and_decode_mix_matches_dense(nh, nkv, d, block_size, dtype):
 
 
 @pytest.mark.parametrize("nh, nkv, d, block_size, dtype", [
-    (2, 2, 16, 1, torch.float32), (14, 2, 128, 16, torch.float32), (14, 2, 80, 4, torch.bfloat16)])
+    (2, 2, 16, 1, torch.float32), (14, 2, 128, 16, torch.float32), (14, 2, 80, 4, torch.bfloat16),
+    (8, 1, 64, 16, torch.bfloat16)])
 def test_decode_matches_dense(nh, nkv, d, block_size, dtype):
     """max_query_len 1: the decode tiling. Tables 320 positions wide make the heuristic split the context
     (splits past every context are empty and must merge to nothing)."""
@@ -141,25 +149,25 @@ def test_varlen_matches_per_segment_sdpa(d, dtype):
     lengths = [5, 1, 70, 14, 1]             # unequal, 1-row segments, one longer than a 64-row query tile
     gen = torch.Generator().manual_seed(d)
     x = torch.randn(sum(lengths), 3, 3, d, generator=gen).to(dtype)
-    q, k, v = x.unbind(1)                   # (S, nH, D) strided views, as the vision tower's qkv split
+    q, k, v = x.to(DEVICE).unbind(1)        # (S, nH, D) strided views, as the vision tower's qkv split
     cu = torch.tensor([0] + lengths).cumsum(0).int()
-    out = ap.varlen_attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), scale=d ** -0.5)
-    ref = torch.cat([F.scaled_dot_product_attention(*(t[a:b].float().transpose(0, 1) for t in (q, k, v)))
+    out = ap.varlen_attention(q, k, v, cu_seqlens=cu.to(DEVICE), max_seqlen=max(lengths), scale=d ** -0.5)
+    ref = torch.cat([F.scaled_dot_product_attention(*(t[a:b].float().transpose(0, 1) for t in x.unbind(1)))
                      .transpose(0, 1) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
     assert out.dtype == dtype and out.shape == q.shape
-    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+    torch.testing.assert_close(out.float().cpu(), ref, **TOL[dtype])
 
 
 def test_backend_writes_slots_then_attends():
     seqs = mixed(4)
     q, kc, vc, kw = make_batch(seqs, nh=4, nkv=2, d=16, block_size=4, dtype=torch.float32)
-    k_new, v_new = torch.randn(q.shape[0], 2, 16), torch.randn(q.shape[0], 2, 16)
+    k_new, v_new = torch.randn(q.shape[0], 2, 16, device=DEVICE), torch.randn(q.shape[0], 2, 16, device=DEVICE)
     slots = []                              # this step's rows: the last lq positions of each context
     for b, (length, lq) in enumerate(seqs):
-        pos = torch.arange(length - lq, length)
+        pos = torch.arange(length - lq, length, device=DEVICE)
         slots.append(kw["block_tables"][b, pos // 4].long() * 4 + pos % 4)
     slots = torch.cat(slots)
-    untouched = torch.ones(kc.shape[0] * 4, dtype=torch.bool)
+    untouched = torch.ones(kc.shape[0] * 4, dtype=torch.bool, device=DEVICE)
     untouched[slots] = False
     before_k = kc.flatten(0, 1)[untouched].clone()
     meta = types.SimpleNamespace(slot_mapping=slots, block_tables=kw["block_tables"],
@@ -176,9 +184,9 @@ def test_backend_writes_slots_then_attends():
 
 def test_backend_refuses_missing_metadata_or_cache():
     q, kc, vc, kw = make_batch([(3, 3)], nh=2, nkv=1, d=16, block_size=4, dtype=torch.float32)
-    meta = types.SimpleNamespace(slot_mapping=torch.arange(3), **kw)
+    meta = types.SimpleNamespace(slot_mapping=torch.arange(3, device=DEVICE), **kw)
     backend = ap.PagedAttentionBackend()
-    k = torch.randn(3, 1, 16)
+    k = torch.randn(3, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="metadata"):
         backend.forward(q, k, k, scale=0.25, metadata=None, k_cache=kc, v_cache=vc)
     with pytest.raises(ValueError, match="k_cache"):
@@ -200,7 +208,8 @@ def test_bad_inputs_name_the_item():
     with pytest.raises(ValueError, match="max_query_len 3"):
         ap.paged_attention(q, kc, vc, **{**kw, "max_query_len": 3})
     with pytest.raises(ValueError, match="k has shape"):
-        ap.varlen_attention(q, q[:1], q, cu_seqlens=torch.tensor([0, 2]).int(), max_seqlen=2, scale=1.0)
+        ap.varlen_attention(q, q[:1], q, cu_seqlens=torch.tensor([0, 2], device=DEVICE).int(), max_seqlen=2,
+                            scale=1.0)
 
 
 def _tower(family):
@@ -214,12 +223,12 @@ def _tower(family):
         cfg = VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                            fullatt_block_indexes=[1])
     torch.manual_seed(0)
-    return VisionTransformer(cfg).eval(), cfg
+    return VisionTransformer(cfg).eval().to(DEVICE), cfg
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_vision_varlen_path_matches_sdpa_groups(family, monkeypatch):
-    """The towers' CUDA branch (one varlen_attention over all frames / windows), forced onto the CPU,
+    """The towers' CUDA branch (one varlen_attention over all frames / windows; forced on a CPU tensor)
     equals their SDPA groups. Qwen3-VL's blocks are Qwen2-VL's VisionAttention too."""
     from qvl.models.qwen2_vl import vision
     tower, cfg = _tower(family)
@@ -227,6 +236,7 @@ def test_vision_varlen_path_matches_sdpa_groups(family, monkeypatch):
     n = int(grid.prod(1).sum())
     pixels = torch.randn(n, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
+        monkeypatch.setattr(vision, "_varlen_for", lambda x: None)
         expected = tower(pixels, grid)
         calls = []
 
