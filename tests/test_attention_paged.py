@@ -130,7 +130,7 @@ def test_forced_splits_match_dense(decode, splits):
     block_q, block_h = (1, 16) if decode else (16, 4)
     out = torch.empty_like(q)
     ap._launch_paged(q, kc, vc, out, kw["block_tables"], kw["query_start_loc"], kw["seq_lens"], kw["scale"],
-                     block_q=block_q, block_h=block_h, q_tiles=-(-kw["max_query_len"] // block_q), splits=splits)
+                     block_q=block_q, block_h=block_h, splits=splits)
     assert block_h >= g
     check(q, kc, vc, kw, out)
 
@@ -247,3 +247,12 @@ def test_vision_varlen_path_matches_sdpa_groups(family, monkeypatch):
         got = tower(pixels, grid)
     assert len(calls) == cfg.depth and calls[0][-1] == n
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_query_tiles_across_many_sequences():
+    """Chunks of lengths around the 8-query tile of GQA 8 (tile map found by binary search), and decodes."""
+    lqs = [1, 17, 8, 9, 1, 16, 3, 24, 1, 7]
+    seqs = [(lq + extra, lq) for lq, extra in zip(lqs, [0, 5, 0, 30, 12, 1, 0, 8, 1, 3])]
+    q, kc, vc, kw = make_batch(seqs, nh=8, nkv=1, d=16, block_size=4, dtype=torch.float32, seed=7)
+    assert ap._query_tile(8, decode=False) == (8, 8)
+    check(q, kc, vc, kw, ap.paged_attention(q, kc, vc, **kw))

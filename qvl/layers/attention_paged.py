@@ -23,9 +23,11 @@ How the kernels work (one program = one tile of query rows of one sequence and o
     memory, possibly NaN) is never read, whatever the block table holds past a sequence's need;
   * online softmax in base 2 with a finite running-max floor, so a tile a row cannot see yet (causal) adds
     exactly 0 and never makes exp(-inf - -inf);
-  * decode (max_query_len == 1) runs tiles of one query and all g heads, split over the context (split-K)
-    when B * nKV programs alone would leave the GPU idle; a second kernel merges the splits' partial sums.
-No host synchronisation: every launch size comes from tensor shapes and `max_query_len`.
+  * prefill / mixed steps launch N // BLOCK_Q + B query tiles, each finding its sequence by a binary
+    search over query_start_loc, so one long chunk among many decodes costs no empty B x max_query_len grid;
+  * decode (max_query_len == 1) runs one tile per sequence (one query, all g heads), split over the context
+    (split-K) when B * nKV programs alone would leave the GPU idle; a second kernel merges the partial sums.
+No host synchronisation: every launch size comes from tensor shapes (and max_query_len == 1 or not).
 
 Knows nothing about the model, the scheduler or how blocks are allocated. CUDA (compiled) or, with
 TRITON_INTERPRET=1 set before triton is imported, CPU tensors through Triton's interpreter (the tests).
@@ -72,15 +74,29 @@ def _softmax_step(acc, m_i, l_i, s, v, visible, IEEE: tl.constexpr, UPCAST: tl.c
 
 @triton.jit
 def _paged_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, sl_ptr, po_ptr, pm_ptr, pl_ptr,
-                  qk_scale, q_tiles, split_len, n_tokens, n_heads,
+                  qk_scale, n_seqs, split_len, n_tokens, n_heads,
                   s_qn, s_qh, s_on, s_oh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
                   G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
                   UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    b = pid // q_tiles
-    q0 = (pid % q_tiles) * BLOCK_Q                          # first query (of this sequence) in the tile
+    if BLOCK_Q == 1:
+        b = pid
+        q0 = pid * 0
+    else:
+        # Sequence b owns tiles [first(b), first(b + 1)), first(b) = qsl[b] // BLOCK_Q + b: at least
+        # cdiv(lq, BLOCK_Q) of them (the +b is one spare per sequence), N // BLOCK_Q + B in all, whatever
+        # the mix of chunk lengths. first() strictly increases: b = the last one with first(b) <= pid.
+        left = pid * 0
+        right = pid * 0 + n_seqs
+        while left < right:
+            mid = (left + right) // 2
+            ahead = tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid
+            left = tl.where(ahead, mid + 1, left)
+            right = tl.where(ahead, right, mid)
+        b = left - 1
+        q0 = (pid - tl.load(qsl_ptr + b) // BLOCK_Q - b) * BLOCK_Q  # first query (of this sequence) in the tile
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     q_start = tl.load(qsl_ptr + b).to(tl.int64)
@@ -291,18 +307,18 @@ def paged_attention(q, k_cache, v_cache, *, block_tables, query_start_loc, seq_l
     nkv = k_cache.shape[2]
     g = nh // nkv
     block_q, block_h = _query_tile(g, decode=max_query_len == 1)
-    q_tiles = -(-max_query_len // block_q)
     max_context = block_tables.shape[1] * block_size
-    splits = _num_splits(q.device, b * q_tiles * nkv, max_context, max_query_len)
+    splits = _num_splits(q.device, b * nkv, max_context, max_query_len)
     return _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,
-                         block_q=block_q, block_h=block_h, q_tiles=q_tiles, splits=splits)
+                         block_q=block_q, block_h=block_h, splits=splits)
 
 
 def _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale, *,
-                  block_q: int, block_h: int, q_tiles: int, splits: int) -> torch.Tensor:
+                  block_q: int, block_h: int, splits: int) -> torch.Tensor:
     """The kernel launches of paged_attention for given tilings (the tests force splits)."""
     n, nh, d = q.shape
     b, nkv = seq_lens.shape[0], k_cache.shape[2]
+    tiles = b if block_q == 1 else n // block_q + b     # see the tile map in _paged_kernel
     block_n, warps, stages = _tiling(q.dtype, block_q == 1)
     if splits > 1:
         span = -(-block_tables.shape[1] * k_cache.shape[1] // splits)
@@ -313,9 +329,9 @@ def _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_l
     else:
         split_len = 2 ** 31 - 1     # one split covers any context
         po = pm = pl = out          # unused (SPLIT is a constexpr False)
-    _paged_kernel[(b * q_tiles, nkv, splits)](
+    _paged_kernel[(tiles, nkv, splits)](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, po, pm, pl,
-        scale * _LOG2E, q_tiles, split_len, n, nh,
+        scale * _LOG2E, b, split_len, n, nh,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
