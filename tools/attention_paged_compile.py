@@ -77,7 +77,7 @@ def main() -> None:
             types = {n: "i32" for n in ap._varlen_kernel.arg_names}
             types.update(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", o_ptr=f"*{dt}", cu_ptr="*i32", qk_scale="fp32")
             consts = dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=max(16, ap._pow2(d)),
-                          IEEE=dtype == ap.torch.float32, UPCAST=False)
+                          IEEE=dtype == ap.torch.float32, UPCAST=False, ALIGN=16 if d % 16 == 0 else d & -d)
             unaligned = () if d % 16 == 0 else ("s_qh", "s_kh", "s_vh", "s_oh")   # head stride = head_dim
             c = build(ap._varlen_kernel, types, consts, warps, stages, args.arch, unaligned)
             print(f"varlen  {dt}  {label:<20} {'':<13} warps {warps} stages {stages}  {usage(c)}", flush=True)

@@ -35,6 +35,7 @@ TRITON_INTERPRET=1 set before triton is imported, CPU tensors through Triton's i
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -168,7 +169,9 @@ def _merge_kernel(o_ptr, po_ptr, pm_ptr, pl_ptr, n_splits, n_tokens, n_heads, s_
 def _varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale, q_tiles,
                    s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr):
+    """ALIGN: a power of two dividing every row offset (strides and data offsets, in elements); it lets
+    the loads of a head_dim like 72 (head stride 72, no multiple of 16) vectorise all the same."""
     pid = tl.program_id(0)
     f = pid // q_tiles
     m0 = (pid % q_tiles) * BLOCK_M
@@ -179,8 +182,8 @@ def _varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale, q_tiles,
     i_ok = i < length
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + (start + i)[:, None] * s_qn + h * s_qh + d[None, :],
-                mask=i_ok[:, None] & d_ok[None, :], other=0.0)
+    q_row = tl.multiple_of((start + i) * s_qn + h * s_qh, ALIGN)       # (M,) int64
+    q = tl.load(q_ptr + q_row[:, None] + d[None, :], mask=i_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -188,21 +191,21 @@ def _varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale, q_tiles,
     for n0 in range(0, hi, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
         j_ok = j < length
-        kt = tl.load(k_ptr + (start + j)[None, :] * s_kn + h * s_kh + d[:, None],
-                     mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, N)
-        s = _dot(q, kt, IEEE, UPCAST) * qk_scale
-        v = tl.load(v_ptr + (start + j)[:, None] * s_vn + h * s_vh + d[None, :],
-                    mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        k_row = tl.multiple_of((start + j) * s_kn + h * s_kh, ALIGN)   # (N,) int64
+        kt = tl.load(k_ptr + k_row[None, :] + d[:, None], mask=j_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _dot(q, kt, IEEE, UPCAST) * qk_scale                     # (M, N)
+        v_row = tl.multiple_of((start + j) * s_vn + h * s_vh, ALIGN)
+        v = tl.load(v_ptr + v_row[:, None] + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, j_ok[None, :] & i_ok[:, None], IEEE, UPCAST)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + (start + i)[:, None] * s_on + h * s_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
+    o_row = tl.multiple_of((start + i) * s_on + h * s_oh, ALIGN)
+    tl.store(o_ptr + o_row[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=i_ok[:, None] & d_ok[None, :])
 
 
 # TRITON_INTERPRET=1 at import: the kernels run on CPU tensors through numpy (the tests)
 _INTERPRETED = type(_paged_kernel).__name__ == "InterpretedFunction"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _pow2(x: int) -> int:
@@ -210,12 +213,21 @@ def _pow2(x: int) -> int:
 
 
 def _tiling(dtype: torch.dtype, decode: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of a launch: the choices with no register spills in sm_90 builds
-    (tools/attention_paged_compile.py prints registers, spills and shared memory). fp32 runs its dots in
-    full fp32 on the FMA units, which keep their operands in registers: fewer keys per tile, fewer stages."""
+    """(BLOCK_N, num_warps, num_stages): no register spills in sm_90 builds (tools/attention_paged_compile.py).
+    fp32 dots run in full fp32 on the FMA units, operands in registers: fewer keys per tile, fewer stages."""
     if dtype == torch.float32:
         return (32, 8, 2) if decode else (16, 8, 1)
     return (64, 4, 3) if decode else (64, 8, 3)
+
+
+def _alignment(*tensors: torch.Tensor) -> int:
+    """The largest power of two <= 16 dividing every row stride and data offset (in elements) of tensors
+    whose last dimension is contiguous."""
+    align = 16
+    for t in tensors:
+        for value in (*t.stride()[:-1], t.data_ptr() // t.element_size()):
+            align = math.gcd(align, value)
+    return align
 
 
 def _query_tile(g: int, decode: bool) -> tuple[int, int]:
@@ -238,11 +250,9 @@ def _check_heads(name: str, t: torch.Tensor, dims: int, dtype: torch.dtype, devi
 
 
 def _check_index(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
-    if tuple(t.shape) != shape or t.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"{name} must be an int32/int64 tensor of shape {shape}, got {t.dtype} "
-                         f"{tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, the queries on {device}")
+    if tuple(t.shape) != shape or t.dtype not in (torch.int32, torch.int64) or t.device != device:
+        raise ValueError(f"{name} must be an int32/int64 tensor of shape {shape} on {device}, got {t.dtype} "
+                         f"{tuple(t.shape)} on {t.device}")
 
 
 def _check_q(q: torch.Tensor) -> tuple[int, int, int]:
@@ -291,12 +301,11 @@ def paged_attention(q, k_cache, v_cache, *, block_tables, query_start_loc, seq_l
     block_size = k_cache.shape[1]
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
-    if block_tables.dim() != 2:
-        raise ValueError(f"block_tables must have shape (B, W), got {tuple(block_tables.shape)}")
-    b = block_tables.shape[0]
-    _check_index("block_tables", block_tables, (b, block_tables.shape[1]), q.device)
-    _check_index("query_start_loc", query_start_loc, (b + 1,), q.device)
+    b = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     _check_index("seq_lens", seq_lens, (b,), q.device)
+    _check_index("query_start_loc", query_start_loc, (b + 1,), q.device)
+    _check_index("block_tables", block_tables, (b, block_tables.shape[-1] if block_tables.dim() == 2 else -1),
+                 q.device)
     if n and not 1 <= max_query_len <= n:
         raise ValueError(f"max_query_len {max_query_len} must be in [1, N={n}]")
     if block_tables.stride(1) != 1:
@@ -304,11 +313,8 @@ def paged_attention(q, k_cache, v_cache, *, block_tables, query_start_loc, seq_l
     out = torch.empty((n, nh, d), dtype=q.dtype, device=q.device)
     if n == 0 or b == 0:
         return out
-    nkv = k_cache.shape[2]
-    g = nh // nkv
-    block_q, block_h = _query_tile(g, decode=max_query_len == 1)
-    max_context = block_tables.shape[1] * block_size
-    splits = _num_splits(q.device, b * nkv, max_context, max_query_len)
+    block_q, block_h = _query_tile(nh // k_cache.shape[2], decode=max_query_len == 1)
+    splits = _num_splits(q.device, b * k_cache.shape[2], block_tables.shape[1] * block_size, max_query_len)
     return _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,
                          block_q=block_q, block_h=block_h, splits=splits)
 
@@ -337,8 +343,7 @@ def _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_l
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         G=nh // nkv, HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, BLOCK_H=block_h,
         BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)), SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
-        UPCAST=_INTERPRETED and q.dtype != torch.float32,
-        num_warps=warps, num_stages=stages)
+        UPCAST=_INTERPRETED and q.dtype != torch.float32, num_warps=warps, num_stages=stages)
     if splits > 1:
         _merge_kernel[(n, nh)](out, po, pm, pl, splits, n, nh, out.stride(0), out.stride(1),
                                HEAD_DIM=d, BLOCK_S=_pow2(splits), BLOCK_D=max(16, _pow2(d)), num_warps=4)
@@ -353,13 +358,11 @@ def varlen_attention(q, k, v, *, cu_seqlens, max_seqlen: int, scale: float) -> t
         _check_heads(name, t, 3, q.dtype, q.device)
         if t.shape != q.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, q {tuple(q.shape)}: they must match")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must have shape (F+1,), got {tuple(cu_seqlens.shape)}")
-    _check_index("cu_seqlens", cu_seqlens, (cu_seqlens.numel(),), q.device)
+    f = cu_seqlens.shape[0] - 1 if cu_seqlens.dim() == 1 and cu_seqlens.numel() else -2   # segments
+    _check_index("cu_seqlens", cu_seqlens, (f + 1,), q.device)
     if s and not 1 <= max_seqlen <= s:
         raise ValueError(f"max_seqlen {max_seqlen} must be in [1, S={s}]")
     out = torch.empty((s, nh, d), dtype=q.dtype, device=q.device)
-    f = cu_seqlens.numel() - 1
     if s == 0 or f == 0:
         return out
     block_m = 64
@@ -371,7 +374,7 @@ def varlen_attention(q, k, v, *, cu_seqlens, max_seqlen: int, scale: float) -> t
         out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)),
         IEEE=q.dtype == torch.float32, UPCAST=_INTERPRETED and q.dtype != torch.float32,
-        num_warps=warps, num_stages=stages)
+        ALIGN=_alignment(q, k, v, out), num_warps=warps, num_stages=stages)
     return out
 
 
@@ -382,13 +385,10 @@ class PagedAttentionBackend:
 
     def forward(self, q, k, v, *, scale: float, metadata, k_cache, v_cache) -> torch.Tensor:
         """Writes k, v (N, nKV, D) at metadata.slot_mapping, then paged_attention over the caches."""
-        if metadata is None:
-            raise ValueError("the paged attention backend needs attention metadata (got None); "
-                             "attention without a cache goes to the reference backend")
-        if k_cache is None or v_cache is None:
-            missing = " and ".join(n for n, c in (("k_cache", k_cache), ("v_cache", v_cache)) if c is None)
-            raise ValueError(f"the paged attention backend needs a KV cache: {missing} is None; "
-                             f"attention without a cache goes to the reference backend")
+        missing = [n for n, x in (("metadata", metadata), ("k_cache", k_cache), ("v_cache", v_cache)) if x is None]
+        if missing:
+            raise ValueError(f"the paged attention backend needs {' and '.join(missing)} (got None): attention "
+                             f"without attention metadata and a KV cache goes to the reference backend")
         slots = metadata.slot_mapping
         if slots.shape != (k.shape[0],) or k.shape != v.shape:
             raise ValueError(f"slot_mapping has shape {tuple(slots.shape)}, k {tuple(k.shape)}, v "
