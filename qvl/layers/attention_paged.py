@@ -23,8 +23,8 @@ How the kernels work (one program = one tile of query rows of one sequence and o
     memory, possibly NaN) is never read, whatever the block table holds past a sequence's need;
   * online softmax in base 2 with a finite running-max floor, so a tile a row cannot see yet (causal) adds
     exactly 0 and never makes exp(-inf - -inf);
-  * prefill / mixed steps launch N // BLOCK_Q + B query tiles, each finding its sequence by a binary
-    search over query_start_loc, so one long chunk among many decodes costs no empty B x max_query_len grid;
+  * prefill / mixed steps (and varlen) launch N // BLOCK_Q + B query tiles, each finding its sequence by a
+    binary search over query_start_loc: one long chunk among many decodes costs no B x max_query_len grid;
   * decode (max_query_len == 1) runs one tile per sequence (one query, all g heads), split over the context
     (split-K) when B * nKV programs alone would leave the GPU idle; a second kernel merges the partial sums.
 No host synchronisation: every launch size comes from tensor shapes (and max_query_len == 1 or not).
@@ -74,6 +74,23 @@ def _softmax_step(acc, m_i, l_i, s, v, visible, IEEE: tl.constexpr, UPCAST: tl.c
 
 
 @triton.jit
+def _tile_owner(starts_ptr, count, pid, BLOCK: tl.constexpr):
+    """(run r, first row of tile pid within r) for `count` packed runs of rows (starts_ptr (count+1,)).
+    Run r owns tiles [first(r), first(r+1)), first(r) = starts[r] // BLOCK + r: at least cdiv(len, BLOCK)
+    of them (the +r is one spare per run), rows // BLOCK + count in all, whatever the mix of lengths.
+    first() strictly increases, so r is the last run with first(r) <= pid: a binary search."""
+    left = pid * 0
+    right = pid * 0 + count
+    while left < right:
+        mid = (left + right) // 2
+        ahead = tl.load(starts_ptr + mid) // BLOCK + mid <= pid
+        left = tl.where(ahead, mid + 1, left)
+        right = tl.where(ahead, right, mid)
+    r = left - 1
+    return r, (pid - tl.load(starts_ptr + r) // BLOCK - r) * BLOCK
+
+
+@triton.jit
 def _paged_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, sl_ptr, po_ptr, pm_ptr, pl_ptr,
                   qk_scale, n_seqs, split_len, n_tokens, n_heads,
                   s_qn, s_qh, s_on, s_oh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
@@ -86,18 +103,7 @@ def _paged_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, sl_ptr, po_ptr, p
         b = pid
         q0 = pid * 0
     else:
-        # Sequence b owns tiles [first(b), first(b + 1)), first(b) = qsl[b] // BLOCK_Q + b: at least
-        # cdiv(lq, BLOCK_Q) of them (the +b is one spare per sequence), N // BLOCK_Q + B in all, whatever
-        # the mix of chunk lengths. first() strictly increases: b = the last one with first(b) <= pid.
-        left = pid * 0
-        right = pid * 0 + n_seqs
-        while left < right:
-            mid = (left + right) // 2
-            ahead = tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid
-            left = tl.where(ahead, mid + 1, left)
-            right = tl.where(ahead, right, mid)
-        b = left - 1
-        q0 = (pid - tl.load(qsl_ptr + b) // BLOCK_Q - b) * BLOCK_Q  # first query (of this sequence) in the tile
+        b, q0 = _tile_owner(qsl_ptr, n_seqs, pid, BLOCK_Q)  # q0: first query (of this sequence) in the tile
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     q_start = tl.load(qsl_ptr + b).to(tl.int64)
@@ -166,15 +172,13 @@ def _merge_kernel(o_ptr, po_ptr, pm_ptr, pl_ptr, n_splits, n_tokens, n_heads, s_
 
 
 @triton.jit
-def _varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale, q_tiles,
+def _varlen_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale, n_segs,
                    s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr):
     """ALIGN: a power of two dividing every row offset (strides and data offsets, in elements); it lets
     the loads of a head_dim like 72 (head stride 72, no multiple of 16) vectorise all the same."""
-    pid = tl.program_id(0)
-    f = pid // q_tiles
-    m0 = (pid % q_tiles) * BLOCK_M
+    f, m0 = _tile_owner(cu_ptr, n_segs, tl.program_id(0), BLOCK_M)
     h = tl.program_id(1)
     start = tl.load(cu_ptr + f).to(tl.int64)
     length = tl.load(cu_ptr + f + 1).to(tl.int64) - start
@@ -269,9 +273,8 @@ def _check_q(q: torch.Tensor) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8        # the interpreter: enough splits to exercise the merge, few enough to stay fast
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """SMs of a GPU; 8 for the interpreter (enough splits to exercise the merge, few enough to stay fast)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def _num_splits(device: torch.device, programs: int, max_context: int, max_query_len: int) -> int:
@@ -286,10 +289,8 @@ def _num_splits(device: torch.device, programs: int, max_context: int, max_query
 def paged_attention(q, k_cache, v_cache, *, block_tables, query_start_loc, seq_lens,
                     max_query_len: int, scale: float) -> torch.Tensor:
     """q (N, nH, D) of B sequences over their paged contexts (see the module docstring). -> (N, nH, D).
-
-    The caller promises what cannot be checked without reading the tensors back: query_start_loc is
-    non-decreasing from 0 to N, no sequence has more than max_query_len queries, lq <= seq_lens[b], and
-    block_tables[b] covers seq_lens[b] positions with valid block ids."""
+    The caller promises what only reading the tensors back could check: query_start_loc rises from 0 to N,
+    lq <= min(max_query_len, seq_lens[b]), block_tables[b] covers seq_lens[b] with valid block ids."""
     n, nh, d = _check_q(q)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_heads(name, cache, 4, q.dtype, q.device)
@@ -324,7 +325,7 @@ def _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_l
     """The kernel launches of paged_attention for given tilings (the tests force splits)."""
     n, nh, d = q.shape
     b, nkv = seq_lens.shape[0], k_cache.shape[2]
-    tiles = b if block_q == 1 else n // block_q + b     # see the tile map in _paged_kernel
+    tiles = b if block_q == 1 else n // block_q + b     # the tile map of _tile_owner
     block_n, warps, stages = _tiling(q.dtype, block_q == 1)
     if splits > 1:
         span = -(-block_tables.shape[1] * k_cache.shape[1] // splits)
@@ -351,8 +352,8 @@ def _launch_paged(q, k_cache, v_cache, out, block_tables, query_start_loc, seq_l
 
 
 def varlen_attention(q, k, v, *, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
-    """q, k, v (S, nH, D) of F packed segments (cu_seqlens (F+1,) from 0 to S, every segment at most
-    max_seqlen rows: the caller's promise), each row attending to its whole segment. -> (S, nH, D)."""
+    """q, k, v (S, nH, D) of F packed segments (cu_seqlens (F+1,) from 0 to S, the caller's promise), each
+    row attending to its whole segment. -> (S, nH, D). max_seqlen is checked only: the launch needs none."""
     s, nh, d = _check_q(q)
     for name, t in (("k", k), ("v", v)):
         _check_heads(name, t, 3, q.dtype, q.device)
@@ -367,9 +368,8 @@ def varlen_attention(q, k, v, *, cu_seqlens, max_seqlen: int, scale: float) -> t
         return out
     block_m = 64
     block_n, warps, stages = _tiling(q.dtype, decode=False)
-    q_tiles = -(-max_seqlen // block_m)
-    _varlen_kernel[(f * q_tiles, nh)](
-        q, k, v, out, cu_seqlens, scale * _LOG2E, q_tiles,
+    _varlen_kernel[(s // block_m + f, nh)](            # the tile map of _tile_owner
+        q, k, v, out, cu_seqlens, scale * _LOG2E, f,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)),
