@@ -81,10 +81,11 @@ _VARLEN = None   # qvl.layers.attention_paged.varlen_attention once imported; Fa
 
 
 def _varlen_for(x: torch.Tensor):
-    """The Triton segment-attention kernel for a CUDA x when triton imports, else None (the SDPA groups).
-    Imported on first CUDA use only, so CPU runs never import triton."""
+    """The Triton segment-attention kernel for x on a CUDA GPU of compute capability >= 8.0 (the kernels'
+    16-bit dots) when triton imports, else None (the SDPA groups). Imported on first CUDA use only, so CPU
+    runs never import triton."""
     global _VARLEN
-    if not x.is_cuda:
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device) < (8, 0):
         return None
     if _VARLEN is None:
         try:
