@@ -6,8 +6,8 @@ does for decode rows).
     python bench/attention_paged.py --heads 12 --kv-heads 2 --block-size 16 --iters 50
 
 For batch 1 / 32 / 128 at context 1k and 4k (every sequence that long, randomly placed blocks) it prints
-the median time of one layer's attention for each path (CUDA events, after a warm-up), the ratio, and
-max |paged - reference| as a sanity check. The reference's slot indices are built once outside the timing
+the context splits the decode kernel chose, the median time of one layer's attention for each path (CUDA
+events, after a warm-up), the ratio, and max |paged - reference| as a sanity check. The reference's slot indices are built once outside the timing
 (the reference backend builds them once per step for all layers), so it is timed on its gather + SDPA only.
 On a machine without CUDA it prints "needs CUDA" and exits 0. Not a test: nothing here is asserted.
 """
@@ -35,8 +35,8 @@ def cuda_ms(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def case(batch: int, context: int, args, dtype) -> tuple[float, float, float]:
-    from qvl.layers.attention_paged import paged_attention
+def case(batch: int, context: int, args, dtype) -> tuple[float, float, float, int]:
+    from qvl.layers.attention_paged import _num_splits, paged_attention
     from qvl.layers.decode_attention import decode_attention
 
     dev, bs = torch.device("cuda"), args.block_size
@@ -65,7 +65,8 @@ def case(batch: int, context: int, args, dtype) -> tuple[float, float, float]:
         return decode_attention(q, kb, vb, scale=scale)                               # (B, nH, D)
 
     diff = (paged().float() - reference().float()).abs().max().item()
-    return cuda_ms(paged, args.iters), cuda_ms(reference, args.iters), diff
+    splits = _num_splits(dev, batch * args.kv_heads, need * bs, 1)
+    return cuda_ms(paged, args.iters), cuda_ms(reference, args.iters), diff, splits
 
 
 def main() -> None:
@@ -86,11 +87,12 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(f"heads {args.heads}/{args.kv_heads} head_dim {args.head_dim} block_size {args.block_size} {args.dtype} "
           f"on {torch.cuda.get_device_name()}")
-    print(f"{'batch':>6} {'context':>8} {'paged ms':>9} {'ref ms':>9} {'ref/paged':>9} {'max diff':>9}")
+    print(f"{'batch':>6} {'context':>8} {'splits':>6} {'paged ms':>9} {'ref ms':>9} {'ref/paged':>9} {'max diff':>9}")
     for batch in args.batches:
         for context in args.contexts:
-            paged_ms, ref_ms, diff = case(batch, context, args, dtype)
-            print(f"{batch:>6} {context:>8} {paged_ms:>9.3f} {ref_ms:>9.3f} {ref_ms / paged_ms:>9.2f} {diff:>9.2e}")
+            paged_ms, ref_ms, diff, splits = case(batch, context, args, dtype)
+            print(f"{batch:>6} {context:>8} {splits:>6} {paged_ms:>9.3f} {ref_ms:>9.3f} {ref_ms / paged_ms:>9.2f} "
+                  f"{diff:>9.2e}")
             torch.cuda.empty_cache()
 
 
