@@ -43,7 +43,8 @@ def _prompt(config, seed: int = 0) -> dict:
             continue
         kind, grid = item
         pad = config.image_token_id if kind == "i" else config.video_token_id
-        ids += [config.vision_start_token_id] + [pad] * (grid[0] * grid[1] * grid[2] // 4) + [config.vision_end_token_id]
+        n = grid[0] * grid[1] * grid[2] // 4                                      # merged patches
+        ids += [config.vision_start_token_id] + [pad] * n + [config.vision_end_token_id]
         grids.append(grid)
         pixels.append(torch.randn(grid[0] * grid[1] * grid[2], config.vision.patch_dim, generator=g))
     return {"ids": ids, "grids": grids, "pixels": torch.cat(pixels)}
@@ -70,7 +71,8 @@ def _run(model, config, prompt: dict, sharded: bool) -> dict | None:
 
     ids = torch.tensor(prompt["ids"])
     n, hidden = len(ids), config.hidden_size
-    positions, delta = mrope_positions(prompt["ids"], prompt["grids"], config.image_token_id, config.video_token_id)
+    positions, delta = mrope_positions(prompt["ids"], prompt["grids"], config.image_token_id,
+                                       config.video_token_id)                     # (3, N)
     mask = (ids == config.image_token_id) | (ids == config.video_token_id)
     m = int(mask.sum())
     qwen3 = config.model_type == "qwen3_vl"
@@ -125,6 +127,21 @@ def _weight_bytes(model) -> dict:
     return {"all": size(), "layers": size("model.layers."), "norm": size("model.norm."), "rank0_parts": parts}
 
 
+def _row_bias_check(rank: int) -> float:
+    """A biased row-parallel linear (Qwen3 o_proj with attention_bias) against the whole F.linear."""
+    import torch.nn.functional as F
+
+    from qvl.parallel.linear import RowParallelLinear
+
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(8, 12, generator=g), torch.randn(8, generator=g), torch.randn(3, 12, generator=g)
+    row = RowParallelLinear(6, 8, True)
+    with torch.no_grad():
+        row.weight.copy_(w[:, 6 * rank:6 * rank + 6])
+        row.bias.copy_(b)
+        return (row(x[:, 6 * rank:6 * rank + 6]) - F.linear(x, w, b)).abs().max().item()
+
+
 def _rank_main(rank: int, port: int, cases: dict, out_dir: str) -> None:
     """One TP rank: every case's shard loaded and run; results to out_dir/rank{rank}.pt."""
     import torch.distributed as dist
@@ -141,6 +158,7 @@ def _rank_main(rank: int, port: int, cases: dict, out_dir: str) -> None:
             res = _run(model, config, prompt, sharded=True) or {}
             results[tag] = dict(res, load_s=load_s, bytes=_weight_bytes(model),
                                 kv_heads=[a.num_kv_heads for a in model.attention_modules()])
+        results["row_bias"] = _row_bias_check(rank)
         dist.destroy_process_group()
     except BaseException:
         results["error"] = traceback.format_exc()
@@ -160,7 +178,8 @@ def ckpts(tiny_ckpt, tiny_qwen2_5_vl_ckpt_nested, tiny_qwen3_vl_ckpt, tmp_path_f
     kv1 = make_tiny_checkpoint(mk("tp_kv1"), seed=5, overrides={"num_key_value_heads": 1})
     # hidden 256 / intermediate 512: whole int4 groups of 128 on each rank of o_proj and down_proj
     wide = make_tiny_checkpoint(mk("tp_wide"), seed=6, overrides={
-        "hidden_size": 256, "intermediate_size": 512, "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+        "hidden_size": 256, "intermediate_size": 512,
+        "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
         "vision_config": dict(depth=1, embed_dim=32, hidden_size=256, num_heads=2, mlp_ratio=2, in_chans=3,
                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2)})
     gptq4, _ = write_quantized(mk("tp_gptq4"), "gptq", bits=4, group=32, seed=1)
@@ -200,7 +219,9 @@ def runs(ckpts, tmp_path_factory):
     ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
     for r, res in enumerate(ranks):
         assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-    return {tag: (whole[tag], ranks[0][tag], ranks[1][tag]) for tag in ckpts}
+    out = {tag: (whole[tag], ranks[0][tag], ranks[1][tag]) for tag in ckpts}
+    out["row_bias"] = (ranks[0]["row_bias"], ranks[1]["row_bias"])
+    return out
 
 
 @pytest.mark.parametrize("tag", ["float", "kv1", "gptq4", "gptq8", "awq", "wide", "int4", "qwen2_5_tied", "qwen3"])
@@ -227,6 +248,10 @@ def test_int8_on_the_fly_tp2_holds_the_fast_kernel_criterion(runs):
     exact = runs["wide"][0]["plain"]                            # the float model the int8 ones quantize
     err1, err2 = ((x["plain"] - exact).abs().max().item() for x in (whole, r0))
     assert 0 < err2 <= 1.25 * err1                              # tp=2's quantization error is tp=1's size
+
+
+def test_row_parallel_bias_is_added_once_after_the_reduce(runs):
+    assert max(runs["row_bias"]) <= 1e-5
 
 
 def test_kv_heads_split_or_replicated(runs):
@@ -257,7 +282,8 @@ def test_refusals_name_the_numbers(tiny_ckpt):
     from qvl.models.qwen2_vl.config import ModelConfig
 
     def config(**text):
-        return ModelConfig.from_dict(dict(text, model_type="qwen2_vl", vision_config={"hidden_size": text["hidden_size"]}))
+        vision = {"hidden_size": text["hidden_size"]}
+        return ModelConfig.from_dict(dict(text, model_type="qwen2_vl", vision_config=vision))
 
     big = config(hidden_size=8192, intermediate_size=29568, num_attention_heads=64, num_key_value_heads=8)  # 72B
     for method in ("gptq", "awq"):
@@ -271,7 +297,7 @@ def test_refusals_name_the_numbers(tiny_ckpt):
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide num_attention_heads=64"):
         check_shardable(big, None, 3)
     gqa3 = config(hidden_size=1536, num_attention_heads=12, num_key_value_heads=3, intermediate_size=4608)
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide num_key_value_heads=3 or be a multiple"):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide num_key_value_heads=3 or be a mul"):
         check_shardable(gqa3, None, 2)
     check_shardable(gqa3, None, 6)                              # 2 query heads per rank, KV heads replicated
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide num_attention_heads=4"):

@@ -17,13 +17,18 @@ What a rank holds (Megatron's split; the family's `weights.TP_PLAN` says which l
            None and skip their tensors when loading.
 The layers' own tensors then load through the `tp_slices` each sharded module carries ({attr:
 TensorSlice}, qvl.parallel.slices): qvl.build reads only those slices of the stored tensors.
+Quantized: GPTQ / AWQ shards split at whole int32 words and whole groups (check_shardable refuses other
+sizes), and int4 on the fly quantizes each rank's float slice in groups that never straddle two ranks, so
+these shards compute what tp=1 computes. On-the-fly int8 has one scale per output row: in a row-parallel
+layer each rank takes the max over its own part of the row (finer than tp=1's, so not the same bits; held
+to the fast-kernel criterion).
 
 Why vision, embedding and LM head on rank 0 only (vLLM's mm_encoder_tp_mode, decided here):
   * The vision tower is small beside the decoder (Qwen2-VL-72B: 0.68 B of 73 B parameters) and runs once
     per image. Sharding it would add two all-reduces per ViT block for little memory; replicating it
     would spend its weights and its compute on every rank for the same result. Rank 0 runs it (and the
     embedding lookup) once and the executor broadcasts `inputs_embeds` (N, H) (plus Qwen3-VL's DeepStack
-    rows), a few KB per decode step.
+    rows): H values per token, 16 KB per decoded token of the 72B in bf16.
   * The LM head stays whole (not vocabulary-parallel): sampling, logprobs, penalties and grammar masks need
     the full (n, V) logits on rank 0 anyway, so a vocab split would cost a gather of them every step to
     save V·H of memory (a tied head is the embedding itself). The price: rank 0 holds embedding + head
@@ -111,13 +116,13 @@ def _check_row(name: str, spec: QuantSpec, k: int, size: int) -> None:
     """A row-parallel layer's input split must keep whole quantization groups (and whole packed words)."""
     if spec.method == "int8":
         return                                    # one scale per output row: any split of K works
+    pf = 32 // spec.bits                          # GPTQ packs qweight along the input features
+    if spec.method == "gptq" and (k // size) % pf:
+        raise ValueError(f"gptq {name}: {k // size} input features per rank (in_features={k} / "
+                         f"tensor_parallel_size={size}) is not a multiple of the {pf} packed in one int32")
     group = onthefly.int4_group(k, spec.group_size) if spec.method == "int4" else spec.group_size
     if group == -1:
-        pf = 32 // spec.bits
-        if (k // size) % pf:
-            raise ValueError(f"{spec.method} {name}: {k // size} input features per rank (in_features={k} / "
-                             f"tensor_parallel_size={size}) is not a multiple of the {pf} packed in one int32")
-        return
+        return                                    # one group over all K: every rank keeps the whole scales
     if k % group or (k // group) % size:
         raise ValueError(f"{spec.method} {name}: in_features={k} is {k / group:g} groups of {group}, which "
                          f"tensor_parallel_size={size} does not divide (a group may not straddle two ranks); "
