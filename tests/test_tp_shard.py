@@ -330,3 +330,45 @@ def test_shard_loads_without_a_process_group_and_checks_stored_shapes(tiny_ckpt,
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight has shape \(130, 64\), "
                                          r"expected 128 along dim 0"):
         load_model(bad, tp=TPInfo(0, 2))
+
+
+def test_a_rank_reads_only_its_slices(tiny_ckpt, monkeypatch):
+    """Rank 1 reads every decoder projection through get_slice (never get_tensor), and no byte of the
+    vision tower, the embedding or the LM head."""
+    import safetensors
+
+    real = safetensors.safe_open
+    whole_reads, sliced_reads = [], []
+
+    class Slice:
+        def __init__(self, sl, key):
+            self.sl, self.key = sl, key
+
+        def get_shape(self):
+            return self.sl.get_shape()
+
+        def __getitem__(self, index):
+            sliced_reads.append(self.key)
+            return self.sl[index]
+
+    class Handle:
+        def __init__(self, *args, **kwargs):
+            self.h = real(*args, **kwargs)
+
+        def keys(self):
+            return self.h.keys()
+
+        def get_tensor(self, key):
+            whole_reads.append(key)
+            return self.h.get_tensor(key)
+
+        def get_slice(self, key):
+            return Slice(self.h.get_slice(key), key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Handle)
+    load_model(tiny_ckpt, tp=TPInfo(1, 2))
+    proj = [k for k in whole_reads + sliced_reads if "_proj." in k]
+    assert proj and all(k in sliced_reads and k not in whole_reads for k in proj)
+    assert not [k for k in whole_reads + sliced_reads if k.startswith(RANK0_PARTS)]
+    stored = real(str(tiny_ckpt / "model.safetensors"), framework="pt").keys()
+    assert sorted(whole_reads) == sorted(k for k in stored if k.startswith("model.") and "norm" in k)  # replicated

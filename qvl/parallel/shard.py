@@ -2,7 +2,9 @@
 
   TPInfo(rank, size, group=None)        this process's place in the TP group (group None: the default)
   check_shardable(config, spec, size)   ValueError naming the numbers, before anything is built
-  shard_model(model, tp) -> model       on the meta model, after the quantize transform, before loading
+  shard_model(model, tp) -> model       on the meta model, after the quantize transform, before loading;
+                                        sets `model.tp` (the TPInfo) and `model.tp_dropped` (the name
+                                        prefixes this rank does not hold, whose stored tensors it skips)
 
 What a rank holds (Megatron's split; the family's `weights.TP_PLAN` says which linear is which):
   column   q_proj, gate_proj, up_proj: output features [r·out/tp, (r+1)·out/tp) of W (and of the bias):
