@@ -187,6 +187,7 @@ def ckpts(tiny_ckpt, tiny_qwen2_5_vl_ckpt_nested, tiny_qwen3_vl_ckpt, tmp_path_f
     awq, _ = write_quantized(mk("tp_awq"), "awq", group=32, seed=2)
     return {"float": (tiny_ckpt, None), "kv1": (kv1, None), "gptq4": (gptq4, None), "gptq8": (gptq8, None),
             "awq": (awq, None), "wide": (wide, None), "int4": (wide, "int4"), "int8": (wide, "int8"),
+            "int4_fine": (tiny_ckpt, "int4"),
             "qwen2_5_tied": (tiny_qwen2_5_vl_ckpt_nested, None), "qwen3": (tiny_qwen3_vl_ckpt, None)}
 
 
@@ -226,7 +227,7 @@ def runs(ckpts, tmp_path_factory):
 
 @pytest.mark.parametrize("tag", ["float", "kv1", "gptq4", "gptq8", "awq", "wide", "int4", "qwen2_5_tied", "qwen3"])
 def test_tp2_logits_and_greedy_equal_tp1(runs, tag):
-    """int4 on the fly too: each rank quantizes its slice, and no group of 128 straddles two ranks."""
+    """int4 on the fly too: each rank quantizes its slice, in the groups of 128 tp=1 uses."""
     whole, r0, _ = runs[tag]
     for path in ("plain", "kv"):
         assert r0[path].shape == whole[path].shape
@@ -236,16 +237,18 @@ def test_tp2_logits_and_greedy_equal_tp1(runs, tag):
     assert r0["tokens"] == whole["tokens"] and len(set(whole["tokens"])) > 1
 
 
-def test_int8_on_the_fly_tp2_holds_the_fast_kernel_criterion(runs):
-    """int8's one scale per output row becomes one per row *and rank* in o_proj / down_proj (each rank
-    quantizes its own slice), so tp=2 is not tp=1 to the bit: greedy tokens equal until a near-tie, and at
-    the first difference each side's token in the other's top-5."""
-    whole, r0, _ = runs["int8"]
+@pytest.mark.parametrize("tag, exact_tag", [("int8", "wide"), ("int4_fine", "float")])
+def test_finer_on_the_fly_shards_hold_the_fast_kernel_criterion(runs, tag, exact_tag):
+    """Each rank quantizes its own slice: int8's one scale per output row becomes one per row *and rank* in
+    o_proj / down_proj, and int4 on the tiny model (o_proj: 64 inputs, 32 per rank) takes groups of 32
+    where tp=1 has 64. So tp=2 is not tp=1 to the bit: greedy tokens equal until a near-tie, at the first
+    difference each side's token in the other's top-5, and an error of tp=1's size."""
+    whole, r0, _ = runs[tag]
     for i, (a, b) in enumerate(zip(r0["tokens"], whole["tokens"])):
         if a != b:
             assert a in whole["steps"][i].topk(5).indices and b in r0["steps"][i].topk(5).indices
             break
-    exact = runs["wide"][0]["plain"]                            # the float model the int8 ones quantize
+    exact = runs[exact_tag][0]["plain"]                         # the float model both quantize
     err1, err2 = ((x["plain"] - exact).abs().max().item() for x in (whole, r0))
     assert 0 < err2 <= 1.25 * err1                              # tp=2's quantization error is tp=1's size
 
@@ -290,8 +293,11 @@ def test_refusals_name_the_numbers(tiny_ckpt):
         with pytest.raises(ValueError, match=r"mlp\.down_proj: in_features=29568 is 231 groups of 128, which "
                                              r"tensor_parallel_size=2 does not divide"):
             check_shardable(big, QuantSpec(method, 4, 128), 2)
-    with pytest.raises(ValueError, match=r"int4 mlp\.down_proj: in_features=29568 is 231 groups of 128"):
-        check_shardable(big, QuantSpec("int4", 4, 128), 4)
+    for size in (2, 4):                  # int4 on the fly: each rank's 14784 / 7392 inputs in groups of 64 / 32
+        check_shardable(big, QuantSpec("int4", 4, 128), size)
+    with pytest.raises(ValueError, match=r"int4 mlp\.down_proj: 3696 input features per rank \(in_features=29568 / "
+                                         r"tensor_parallel_size=8\) is not a multiple of 32"):
+        check_shardable(big, QuantSpec("int4", 4, 128), 8)
     check_shardable(big, QuantSpec("int8", 8, -1), 8)           # one scale per output row: any split
     check_shardable(big, None, 8)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide num_attention_heads=64"):
@@ -302,8 +308,6 @@ def test_refusals_name_the_numbers(tiny_ckpt):
     check_shardable(gqa3, None, 6)                              # 2 query heads per rank, KV heads replicated
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide num_attention_heads=4"):
         load_model(tiny_ckpt, tp=TPInfo(0, 3))                  # refused before anything is built
-    with pytest.raises(ValueError, match=r"int4 self_attn\.o_proj: in_features=64 is 1 groups of 64"):
-        load_model(tiny_ckpt, quantization="int4", tp=TPInfo(1, 2))
     with pytest.raises(ValueError, match=r"rank=2 must be in \[0, size=2\)"):
         TPInfo(2, 2)
 

@@ -20,10 +20,13 @@ What a rank holds (Megatron's split; the family's `weights.TP_PLAN` says which l
 The layers' own tensors then load through the `tp_slices` each sharded module carries ({attr:
 TensorSlice}, qvl.parallel.slices): qvl.build reads only those slices of the stored tensors.
 Quantized: GPTQ / AWQ shards split at whole int32 words and whole groups (check_shardable refuses other
-sizes), and int4 on the fly quantizes each rank's float slice in groups that never straddle two ranks, so
-these shards compute what tp=1 computes. On-the-fly int8 has one scale per output row: in a row-parallel
-layer each rank takes the max over its own part of the row (finer than tp=1's, so not the same bits; held
-to the fast-kernel criterion).
+sizes: the 72B's down_proj, 29568 = 231 groups of 128, at any TP size), so they compute what tp=1 computes.
+On the fly each rank quantizes its own float slice, so no group ever straddles two ranks: int4 keeps
+groups of 128 where the rank's slice of the input is a multiple of 128 (then exactly tp=1's groups and
+numbers), else 64 or 32 like any int4 layer (the 72B's down_proj at tp=2: 14784 inputs per rank, groups
+of 64; refused below 32); int8 has one scale per output row, which in a row-parallel layer becomes the
+max over the rank's part of the row. Those two cases are finer than tp=1, not the same bits: they are
+held to the fast-kernel criterion.
 
 Why vision, embedding and LM head on rank 0 only (vLLM's mm_encoder_tp_mode, decided here):
   * The vision tower is small beside the decoder (Qwen2-VL-72B: 0.68 B of 73 B parameters) and runs once
@@ -115,14 +118,25 @@ def check_shardable(config, spec: QuantSpec | None, size: int) -> None:
 
 
 def _check_row(name: str, spec: QuantSpec, k: int, size: int) -> None:
-    """A row-parallel layer's input split must keep whole quantization groups (and whole packed words)."""
+    """A row-parallel layer's input split must keep whole quantization groups (and whole packed words):
+    a GPTQ / AWQ checkpoint's groups are fixed on disk, so the TP size must divide their number."""
     if spec.method == "int8":
         return                                    # one scale per output row: any split of K works
+    k_r = k // size
+    if spec.method == "int4":
+        # Each rank quantizes its own slice (QuantLinear of k_r inputs), in groups that lie inside it.
+        try:
+            onthefly.int4_group(k_r, spec.group_size)
+        except ValueError:
+            raise ValueError(f"int4 {name}: {k_r} input features per rank (in_features={k} / "
+                             f"tensor_parallel_size={size}) is not a multiple of 32, the smallest int4 "
+                             f"group") from None
+        return
     pf = 32 // spec.bits                          # GPTQ packs qweight along the input features
-    if spec.method == "gptq" and (k // size) % pf:
-        raise ValueError(f"gptq {name}: {k // size} input features per rank (in_features={k} / "
+    if spec.method == "gptq" and k_r % pf:
+        raise ValueError(f"gptq {name}: {k_r} input features per rank (in_features={k} / "
                          f"tensor_parallel_size={size}) is not a multiple of the {pf} packed in one int32")
-    group = onthefly.int4_group(k, spec.group_size) if spec.method == "int4" else spec.group_size
+    group = spec.group_size
     if group == -1:
         return                                    # one group over all K: every rank keeps the whole scales
     if k % group or (k // group) % size:
