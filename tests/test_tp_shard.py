@@ -217,6 +217,8 @@ def runs(ckpts, tmp_path_factory):
             p.kill()
             p.join(5)
     assert not alive, f"TP ranks {alive} still running after 100 s"
+    for r, p in enumerate(procs):
+        assert (out_dir / f"rank{r}.pt").exists(), f"rank {r} exited with code {p.exitcode}, no results"
     ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
     for r, res in enumerate(ranks):
         assert "error" not in res, f"rank {r} failed:\n{res['error']}"
