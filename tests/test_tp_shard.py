@@ -340,6 +340,9 @@ def test_shard_loads_without_a_process_group_and_checks_stored_shapes(tiny_ckpt,
 
     model, _ = load_model(tiny_ckpt, tp=TPInfo(1, 2))
     assert model.model.embed_tokens is None and model.visual is None and model.lm_head is None
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    with pytest.raises(ValueError, match="this tensor-parallel rank holds no embedding"):
+        model(torch.tensor([1, 2]), torch.arange(2))
     q = model.model.layers[0].self_attn.q_proj
     whole, _ = load_model(tiny_ckpt)
     assert torch.equal(q.weight, whole.model.layers[0].self_attn.q_proj.weight[32:64])
