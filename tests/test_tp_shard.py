@@ -1,14 +1,14 @@
-"""Tensor-parallel shards (qvl.parallel.shard, load_model(tp=)) against the whole model, fp32 on CPU.
+"""Tensor-parallel shards (qvl.parallel.shard, load_model(tp=)) against the whole model, on CPU.
 
 Two real torch.distributed ranks (gloo over 127.0.0.1, spawned processes, timeouts so a bug fails instead of
-hanging) load their shards of tiny random checkpoints — Qwen2-VL with 2 KV heads (split), with 1 KV head
-(replicated on both ranks), its GPTQ-int4 and AWQ forms, and Qwen3-VL (QK-norm, DeepStack) — and run a
-prompt with an image and a video: the plain forward (attn_metadata None) and the paged-KV path (prefill,
-then greedy decode). Rank 0 runs vision + embedding and broadcasts the embeddings (as the executor does),
-all ranks run their shard, rank 0 computes the logits. They must equal the tp=1 model's within 1e-4 with
-identical greedy tokens; each rank's decoder weights must be about half of the whole decoder's, and rank 1
-must hold no vision tower, embedding or LM head. The refusals (heads, KV heads, quantization groups that
-would straddle ranks, the 72B 231-groups case) need no process.
+hanging) load their shards of tiny random checkpoints and run a prompt with an image and a video through the
+plain forward (attn_metadata None) and the paged-KV path (prefill, then greedy decode); rank 0 runs vision +
+embedding and broadcasts the embeddings (as the executor does), rank 0 computes the logits. Cases: Qwen2-VL
+with 2 KV heads (split) and with 1 (replicated), GPTQ-int4, GPTQ-int8 (nested keys), AWQ, int4 on the fly
+with tp=1's groups, Qwen2.5-VL tied, Qwen3-VL (QK-norm, DeepStack): logits equal tp=1's within 1e-4 and
+identical greedy tokens, fp32. bf16, int8 on the fly and int4 with finer groups than tp=1: the fast-kernel
+criterion. Each rank holds about half the decoder, rank 1 no vision tower, embedding or head, and reads its
+projections only as slices. The refusals (heads, KV heads, the 72B's 231 groups) need no process.
 """
 from __future__ import annotations
 
@@ -367,23 +367,18 @@ def test_a_rank_reads_only_its_slices(tiny_ckpt, monkeypatch):
     real = safetensors.safe_open
     whole_reads, sliced_reads = [], []
 
-    class Slice:
+    class Slice:                                   # records which keys are read through a slice
         def __init__(self, sl, key):
-            self.sl, self.key = sl, key
-
-        def get_shape(self):
-            return self.sl.get_shape()
+            self.sl, self.key, self.get_shape = sl, key, sl.get_shape
 
         def __getitem__(self, index):
             sliced_reads.append(self.key)
             return self.sl[index]
 
-    class Handle:
+    class Handle:                                  # records which keys are read whole
         def __init__(self, *args, **kwargs):
             self.h = real(*args, **kwargs)
-
-        def keys(self):
-            return self.h.keys()
+            self.keys = self.h.keys
 
         def get_tensor(self, key):
             whole_reads.append(key)
