@@ -3,8 +3,9 @@
   resolve_model_path(path_or_hub_id) -> local directory (a local dir as is; otherwise
       huggingface_hub.snapshot_download of the weights, configs and tokenizer files; a clear error when
       the download fails or the hub is unreachable).
-  load_model(path_or_hub_id, dtype=torch.float32, device="cpu", progress=None, quantization=None)
-      -> (model, config); `model.quantization` is the QuantSpec it was loaded with (or None).
+  load_model(path_or_hub_id, dtype=torch.float32, device="cpu", progress=None, quantization=None, tp=None)
+      -> (model, config); `model.quantization` is the QuantSpec it was loaded with (or None); with
+      `tp` (qvl.parallel.shard.TPInfo) of size > 1 the model is rank tp.rank's shard (qvl.parallel.shard).
 
 Pipeline:
   1. config.json's model_type picks the family; its `quantization_config` and the `quantization`
@@ -12,9 +13,13 @@ Pipeline:
      merger's stored width is checked against the config (family.Config.check_merger_width).
   2. The family's Model is built on the meta device (no random init).
   3. Structural transforms: quantize replaces the family's `weights.QUANTIZABLE` linears by QuantLinear
-     modules (qvl.quant.transform), which load their own tensors.
+     modules (qvl.quant.transform), which load their own tensors. With tp: the shard transform
+     (qvl.parallel.shard; refused first by check_shardable, with the numbers) swaps the decoder's linears
+     for the rank's column / row-parallel ones, each carrying the slices it reads (`tp_slices`), and drops
+     what only rank 0 holds on the other ranks (whose stored tensors are then skipped, never read).
   4. Load by name: every stored tensor is renamed by the family's `weights.canonical_key`, passed through
-     its `weights.sanitize` (checkpoint quirks), and either handed to its QuantLinear (integers keep their
+     its `weights.sanitize` (checkpoint quirks; a sharded module's tensors are read as memory-mapped slices,
+     qvl.parallel.slices, never whole), and either handed to its QuantLinear (integers keep their
      dtype; a module converts to its kernel's form once its last tensor arrives; on-the-fly int8/int4
      quantize each float weight as it is read) or checked for shape, cast to `dtype` and placed on `device`
      — one tensor at a time (peak extra memory = one tensor). A missing head (`weights.TIED[0]`, or
@@ -35,7 +40,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from qvl.layers.linear import QuantLinear
 from qvl.models import family_for, load_config, read_config_dict
+from qvl.parallel.shard import TPInfo, check_shardable, shard_model
+from qvl.parallel.slices import read as read_tensor
 from qvl.quant import resolve as resolve_quantization
 from qvl.quant.transform import quantize_linears
 
@@ -113,11 +121,12 @@ def _warn_untied(path: Path, head: str, config) -> None:
 
 def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", progress: bool | None = None,
-               quantization: str | None = None) -> tuple[nn.Module, object]:
+               quantization: str | None = None, tp: TPInfo | None = None) -> tuple[nn.Module, object]:
     """Build the model and load its weights; returns (model in eval mode, its family's config).
 
     quantization: None (a GPTQ/AWQ checkpoint is detected from config.json), "gptq" / "awq" (must match
-    the checkpoint), "int8" / "int4" (a float checkpoint quantized while loading); see qvl.quant."""
+    the checkpoint), "int8" / "int4" (a float checkpoint quantized while loading); see qvl.quant.
+    tp: this process's place in the tensor-parallel group (None or size 1: the whole model)."""
     from safetensors import safe_open
 
     path = resolve_model_path(path_or_hub_id)
@@ -131,10 +140,20 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
     spec = resolve_quantization(raw.get("quantization_config"), quantization)
     _warn_fp16(dtype, family)
     device = torch.device(device)
+    sharded = tp is not None and tp.size > 1
+    if sharded:
+        check_shardable(config, spec, tp.size)
 
     with torch.device("meta"):
         model = family.Model(config)
     quant = quantize_linears(model, spec, weights.QUANTIZABLE, dtype=dtype, device=device) if spec else {}
+    slices: dict = {}                      # canonical name -> the TensorSlice this rank reads of it
+    dropped: tuple[str, ...] = ()          # name prefixes this rank does not hold (rank 0 only parts)
+    if sharded:
+        shard_model(model, tp)
+        quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        slices = {f"{n}.{a}": s for n, m in model.named_modules() for a, s in getattr(m, "tp_slices", {}).items()}
+        dropped = model.tp_dropped
     head, embedding = weights.TIED
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = set(params)
@@ -146,6 +165,8 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
         for key in keys:
             name = weights.canonical_key(key)
             mod_name, _, attr = name.rpartition(".")
+            if dropped and name.startswith(dropped):
+                continue                       # another rank's part: never read here
             if name in expected or mod_name in quant and quant[mod_name].accepts(attr):
                 sources[name] = (fi, key)
             else:
@@ -155,7 +176,10 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
         if spec is None and any(k.endswith((".qweight", ".qzeros")) for k in unexpected):
             hint = " (packed quantized tensors, but config.json has no quantization_config)"
         raise ValueError(f"{path}: unexpected keys for {family.DISPLAY_NAME}{hint}: {_name_list(unexpected)}")
-    if head not in sources:
+    holds_head = not head.startswith(dropped) if dropped else True
+    if not holds_head:
+        pass                                   # neither the head nor the embedding lives on this rank
+    elif head not in sources:
         _warn_untied(path, head, config)
         tie = True
     elif tie:
@@ -172,7 +196,7 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
     loaded: dict[str, nn.Parameter] = {}
     for name in tqdm(sorted(sources), desc="loading weights", unit="tensor", disable=not show):
         fi, key = sources[name]
-        t = weights.sanitize(name, handles[fi].get_tensor(key))
+        t = weights.sanitize(name, read_tensor(handles[fi], key, slices.get(name)))
         mod_name, _, attr = name.rpartition(".")
         if mod_name in quant:             # a quantized linear loads its own tensors (integers stay integers)
             quant[mod_name].load(attr, t)
@@ -181,14 +205,16 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: torch.dtype = torch.flo
         if tuple(t.shape) != want:
             raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, expected {want} from config.json")
         # Quantized: copy the float tensors too, so no view keeps the file's mapping (and every page the
-        # packed tensors were read from) resident after loading.
-        loaded[name] = nn.Parameter(t.to(device=device, dtype=dtype, copy=bool(quant)), requires_grad=False)
+        # packed tensors were read from) resident after loading. Sharded: a slice is a view of the whole
+        # mapped tensor, so it is copied out (contiguous) too.
+        t = t.to(device=device, dtype=dtype, copy=bool(quant) or sharded, memory_format=torch.contiguous_format)
+        loaded[name] = nn.Parameter(t, requires_grad=False)
     del handles, t          # the last stored tensor too: any view of a file keeps all of it mapped
 
     for name, p in loaded.items():
         mod_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(mod_name), attr, p)
-    if tie:
+    if tie and holds_head:
         mod_name, _, attr = head.rpartition(".")
         setattr(model.get_submodule(mod_name), attr, model.get_parameter(embedding))
     model.config.tie_word_embeddings = tie

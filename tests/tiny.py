@@ -158,8 +158,10 @@ def random_qwen2_vl(config, seed: int):
     return model
 
 def make_tiny_checkpoint(path: str | Path, *, tied: bool = False, seed: int = 0,
-                         max_pixels: int = 200704) -> Path:
+                         max_pixels: int = 200704, overrides: dict | None = None) -> Path:
     """Write a complete random tiny Qwen2-VL checkpoint with transformers' save_pretrained.
+
+    overrides: config.json fields to change (e.g. num_key_value_heads=1 for tensor-parallel replication).
 
     Files: config.json, model.safetensors, generation_config.json, tokenizer.json,
     tokenizer_config.json, preprocessor_config.json. Weights are fp32, scaled up from the default init
@@ -169,7 +171,7 @@ def make_tiny_checkpoint(path: str | Path, *, tied: bool = False, seed: int = 0,
 
     path = Path(path)
     ids = write_tokenizer(path)
-    cfg_dict = tiny_config_dict(ids, tied=tied)
+    cfg_dict = dict(tiny_config_dict(ids, tied=tied), **(overrides or {}))
     config = Qwen2VLConfig(**cfg_dict)
     model = random_qwen2_vl(config, seed)
     model.save_pretrained(path, safe_serialization=True)

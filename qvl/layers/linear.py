@@ -144,8 +144,12 @@ class QuantLinear(nn.Module):
         return formats.dequantize(formats.Quantized(q, self.zeros, self.scales, self.group), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self.bias)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ bias); a row-parallel subclass passes None and adds its bias after the all-reduce."""
         if self.kernel == "dequant":
-            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+            return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         if x.dtype != torch.bfloat16 or x.device.type != "cpu":
             raise ValueError(f"{self.name}: the {self.kernel} kernel runs bf16 on CPU, got {x.dtype} on {x.device}")
         lead = x.shape[:-1]
@@ -160,6 +164,6 @@ class QuantLinear(nn.Module):
             for gi in range(xg.shape[0]):
                 y += torch.ops.aten._weight_int8pack_mm(xg[gi].contiguous(), self.w8[gi], self.s8[gi])
             y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
+        if bias is not None:
+            y = y + bias
         return y.view(*lead, self.out_features)                                                  # (..., N)

@@ -2,8 +2,11 @@
 
 Hub keys (`visual.*`, `model.*`, `lm_head.weight`) are the module names; transformers 4.52+ spells them
 `model.visual.*` / `model.language_model.*` (QWEN2VL_SPEC 2; 4.52.x even wrote those to disk, #38403).
-The 3B ties its head to the embedding (`TIED`); quantizable modules and the merger as Qwen2-VL's.
+The 3B ties its head to the embedding (`TIED`); quantizable modules, the merger and the
+tensor-parallel plan (`TP_PLAN`, `RANK0_ONLY`) as Qwen2-VL's.
 """
-from qvl.models.qwen2_vl.weights import MERGER_OUT, QUANTIZABLE, RENAMES, TIED, canonical_key, sanitize  # noqa: F401
+from qvl.models.qwen2_vl.weights import (MERGER_OUT, QUANTIZABLE, RANK0_ONLY, RENAMES, TIED, TP_PLAN,  # noqa: F401
+                                         canonical_key, sanitize)
 
-__all__ = ["MERGER_OUT", "QUANTIZABLE", "RENAMES", "TIED", "canonical_key", "sanitize"]
+__all__ = ["MERGER_OUT", "QUANTIZABLE", "RANK0_ONLY", "RENAMES", "TIED", "TP_PLAN", "canonical_key",
+           "sanitize"]

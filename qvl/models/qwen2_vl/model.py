@@ -38,17 +38,19 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    # dtype and device are read off the final norm: every tensor-parallel rank holds it, while the
+    # embedding lives on rank 0 only (qvl.parallel.shard).
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        if self.model.embed_tokens.weight.dtype == torch.float16:
+        if self.model.norm.weight.dtype == torch.float16:
             warnings.warn(f"{self.display_name} in float16 overflows (NaN / '!!!!' outputs, "
                           f"transformers#33294); use bfloat16", stacklevel=3)
         return out
@@ -93,6 +95,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
+            if self.model.embed_tokens is None:
+                raise ValueError("this tensor-parallel rank holds no embedding (rank 0 does): pass inputs_embeds")
             inputs_embeds = self.model.embed_tokens(input_ids.to(self.device))  # (N, H)
         return self.model(inputs_embeds, positions, attn_metadata)
 

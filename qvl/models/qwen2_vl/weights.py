@@ -8,6 +8,9 @@ quantized linears: the text decoder's attention and MLP projections only. `visua
 norms and `lm_head` stay float, as in every official quantized Qwen-VL repo (QUANT_FORMATS 1.1), even when
 a GPTQ config names no ignore list. `MERGER_OUT` is the vision merger's last weight, whose output width
 must equal the text hidden size.
+`TP_PLAN` is how tensor parallelism splits the decoder (qvl.parallel.shard): "column" linears split their
+output features, "kv" ones their KV heads (replicated when the TP size exceeds them), "row" ones their input
+features (one all-reduce each). `RANK0_ONLY` are the modules only TP rank 0 holds (vision, embedding, head).
 Knows nothing about files or devices (qvl.build reads the safetensors).
 """
 from __future__ import annotations
@@ -18,6 +21,10 @@ RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 TIED = ("lm_head.weight", "model.embed_tokens.weight")   # (head, the embedding it shares)
 QUANTIZABLE = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
 MERGER_OUT = "visual.merger.mlp.2.weight"
+TP_PLAN = {"column": re.compile(r"model\.layers\.\d+\.(self_attn\.q_proj|mlp\.(gate|up)_proj)"),
+           "kv": re.compile(r"model\.layers\.\d+\.self_attn\.[kv]_proj"),
+           "row": re.compile(r"model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)")}
+RANK0_ONLY = ("visual", "model.embed_tokens", "lm_head")
 
 
 def canonical_key(key: str) -> str:
