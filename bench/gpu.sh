@@ -38,7 +38,8 @@ step() {   # step NAME SECONDS COMMAND...: run it, log its output in the report,
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1
   echo '```'; } >>"$REPORT"
 
-step tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_model_parity.py -k "cuda or paged"
+step tests 300 bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_attention_paged.py &&
+                         python3 -m pytest -q -p no:cacheprovider tests/test_model_parity.py -k cuda'
 step kernels 60 python3 bench/attention_paged.py
 step decode 150 bash -c 'python3 bench/decode.py --config 2b --device cuda --new-tokens 256 --repeats 3 &&
                           python3 bench/decode.py --config 2b --device cuda --new-tokens 256 --repeats 3 --enforce-eager'

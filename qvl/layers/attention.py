@@ -201,17 +201,24 @@ REFERENCE = ReferenceBackend()
 
 
 def attention_backend(name: str, device: torch.device):
-    """The backend for EngineConfig.attention_backend `name` on `device`: auto -> paged on CUDA when Triton
-    imports, else the reference. "paged" off CUDA or without Triton is a ValueError saying why."""
-    if name == "reference" or (name == "auto" and torch.device(device).type != "cuda"):
+    """The backend for EngineConfig.attention_backend `name` on `device`: auto -> paged on a CUDA GPU of
+    compute capability >= 8.0 (the kernels' 16-bit dots) when Triton imports, else the reference. "paged"
+    where it cannot run is a ValueError saying why."""
+    device = torch.device(device)
+    if name == "reference" or (name == "auto" and device.type != "cuda"):
         return REFERENCE
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        if name == "auto":
+            return REFERENCE
+        raise ValueError(f"attention_backend='paged' needs compute capability >= 8.0; {device} has "
+                         f"{torch.cuda.get_device_capability(device)} (use 'reference' or 'auto')")
     try:
         from qvl.layers.attention_paged import PagedAttentionBackend
     except ImportError as e:
         if name == "auto":
             return REFERENCE
         raise ValueError(f"attention_backend='paged' needs Triton ({e}); pip install triton") from None
-    if torch.device(device).type != "cuda":
+    if device.type != "cuda":
         raise ValueError(f"attention_backend='paged' runs on CUDA; this engine is on {device} "
                          "(use 'reference' or 'auto')")
     return PagedAttentionBackend()

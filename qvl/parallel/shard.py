@@ -2,7 +2,9 @@
 
   TPInfo(rank, size, group=None)        this process's place in the TP group (group None: the default)
   check_shardable(config, spec, size)   ValueError naming the numbers, before anything is built
-  shard_model(model, tp) -> model       on the meta model, after the quantize transform, before loading
+  shard_model(model, tp) -> model       on the meta model, after the quantize transform, before loading;
+                                        sets `model.tp` (the TPInfo) and `model.tp_dropped` (the name
+                                        prefixes this rank does not hold, whose stored tensors it skips)
 
 What a rank holds (Megatron's split; the family's `weights.TP_PLAN` says which linear is which):
   column   q_proj, gate_proj, up_proj: output features [r·out/tp, (r+1)·out/tp) of W (and of the bias):
@@ -17,13 +19,21 @@ What a rank holds (Megatron's split; the family's `weights.TP_PLAN` says which l
            None and skip their tensors when loading.
 The layers' own tensors then load through the `tp_slices` each sharded module carries ({attr:
 TensorSlice}, qvl.parallel.slices): qvl.build reads only those slices of the stored tensors.
+Quantized: GPTQ / AWQ shards split at whole int32 words and whole groups (check_shardable refuses other
+sizes: the 72B's down_proj, 29568 = 231 groups of 128, at any TP size), so they compute what tp=1 computes.
+On the fly each rank quantizes its own float slice, so no group ever straddles two ranks: int4 keeps
+groups of 128 where the rank's slice of the input is a multiple of 128 (then exactly tp=1's groups and
+numbers), else 64 or 32 like any int4 layer (the 72B's down_proj at tp=2: 14784 inputs per rank, groups
+of 64; refused below 32); int8 has one scale per output row, which in a row-parallel layer becomes the
+max over the rank's part of the row. Those two cases are finer than tp=1, not the same bits: they are
+held to the fast-kernel criterion.
 
 Why vision, embedding and LM head on rank 0 only (vLLM's mm_encoder_tp_mode, decided here):
   * The vision tower is small beside the decoder (Qwen2-VL-72B: 0.68 B of 73 B parameters) and runs once
     per image. Sharding it would add two all-reduces per ViT block for little memory; replicating it
     would spend its weights and its compute on every rank for the same result. Rank 0 runs it (and the
     embedding lookup) once and the executor broadcasts `inputs_embeds` (N, H) (plus Qwen3-VL's DeepStack
-    rows), a few KB per decode step.
+    rows): H values per token, 16 KB per decoded token of the 72B in bf16.
   * The LM head stays whole (not vocabulary-parallel): sampling, logprobs, penalties and grammar masks need
     the full (n, V) logits on rank 0 anyway, so a vocab split would cost a gather of them every step to
     save V·H of memory (a tied head is the embedding itself). The price: rank 0 holds embedding + head
@@ -108,16 +118,27 @@ def check_shardable(config, spec: QuantSpec | None, size: int) -> None:
 
 
 def _check_row(name: str, spec: QuantSpec, k: int, size: int) -> None:
-    """A row-parallel layer's input split must keep whole quantization groups (and whole packed words)."""
+    """A row-parallel layer's input split must keep whole quantization groups (and whole packed words):
+    a GPTQ / AWQ checkpoint's groups are fixed on disk, so the TP size must divide their number."""
     if spec.method == "int8":
         return                                    # one scale per output row: any split of K works
-    group = onthefly.int4_group(k, spec.group_size) if spec.method == "int4" else spec.group_size
-    if group == -1:
-        pf = 32 // spec.bits
-        if (k // size) % pf:
-            raise ValueError(f"{spec.method} {name}: {k // size} input features per rank (in_features={k} / "
-                             f"tensor_parallel_size={size}) is not a multiple of the {pf} packed in one int32")
+    k_r = k // size
+    if spec.method == "int4":
+        # Each rank quantizes its own slice (QuantLinear of k_r inputs), in groups that lie inside it.
+        try:
+            onthefly.int4_group(k_r, spec.group_size)
+        except ValueError:
+            raise ValueError(f"int4 {name}: {k_r} input features per rank (in_features={k} / "
+                             f"tensor_parallel_size={size}) is not a multiple of 32, the smallest int4 "
+                             f"group") from None
         return
+    pf = 32 // spec.bits                          # GPTQ packs qweight along the input features
+    if spec.method == "gptq" and k_r % pf:
+        raise ValueError(f"gptq {name}: {k_r} input features per rank (in_features={k} / "
+                         f"tensor_parallel_size={size}) is not a multiple of the {pf} packed in one int32")
+    group = spec.group_size
+    if group == -1:
+        return                                    # one group over all K: every rank keeps the whole scales
     if k % group or (k // group) % size:
         raise ValueError(f"{spec.method} {name}: in_features={k} is {k / group:g} groups of {group}, which "
                          f"tensor_parallel_size={size} does not divide (a group may not straddle two ranks); "

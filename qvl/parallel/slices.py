@@ -6,8 +6,9 @@
       `shift` is subtracted from the values read (a row-parallel rank's GPTQ g_idx: global group numbers
       -> the rank's local ones).
   read(handle, key, tslice | None) -> torch.Tensor
-      the whole tensor, or only the slice through `handle.get_slice(key)[...]`: the safetensors file is
-      memory-mapped and only the slice's bytes are copied out, so no rank ever holds a whole tensor.
+      the whole tensor, or only the slice through `handle.get_slice(key)[...]`: a view into the
+      memory-mapped file, of which qvl.build copies out the slice alone (a row slice touches only its own
+      pages, a column slice each row's segment), so no rank holds a whole sharded tensor once loaded.
   column_slices(spec, a, b, out_features) / row_slices(spec, a, b, in_features) -> {attr: TensorSlice}
       what a column-parallel linear (output features [a, b) of W (N, K)) or a row-parallel one (input
       features [a, b)) reads of each tensor it loads (QUANT_FORMATS 1.2):

@@ -12,7 +12,8 @@ imported from qvl.models.qwen2_vl.vision). What differs (QWEN2VL_SPEC 8.2-8.3):
     after the patch embed, hidden states and the rotary cos/sin are permuted into that order in units of
     one merge group (merge**2 consecutive rows); the merger output is permuted back;
   * blocks in `fullatt_block_indexes` attend within a frame (frames stay contiguous in window order), the
-    others within a window. Equal-length segments run as one batched SDPA call; no S x S mask.
+    others within a window. Qwen2-VL's VisionAttention runs the segments (one varlen kernel on CUDA,
+    equal-length segments batched into SDPA calls otherwise); no S x S mask.
 """
 from __future__ import annotations
 

@@ -95,6 +95,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
+            if self.model.embed_tokens is None:
+                raise ValueError("this tensor-parallel rank holds no embedding (rank 0 does): pass inputs_embeds")
             inputs_embeds = self.model.embed_tokens(input_ids.to(self.device))  # (N, H)
         return self.model(inputs_embeds, positions, attn_metadata)
 

@@ -7,9 +7,10 @@ features returned in item order. Steps (QWEN2VL_SPEC 3):
     on CPU computed as the equivalent matmul);
   * 2-D rotary (row, col) in fp32, q/k rotated in fp32 and cast back;
   * pre-norm blocks: LayerNorm -> attention -> LayerNorm -> fc1 -> quick_gelu -> fc2;
-  * attention is restricted to one temporal slice (frame pair) of one item. Segments of equal length that
-    follow each other (all frames of a video, same-size images) run as one batched SDPA call; no dense
-    S x S mask is ever built;
+  * attention is restricted to one temporal slice (frame pair) of one item. On CUDA (when triton imports)
+    one `varlen_attention` kernel (qvl.layers.attention_paged) runs every segment; otherwise segments of
+    equal length that follow each other (all frames of a video, same-size images) run as one batched SDPA
+    call. No dense S x S mask is ever built;
   * merger: LayerNorm, fuse each 4 consecutive rows, Linear -> exact GELU -> Linear.
 
 Reusable by later families (qwen2_5_vl): `group_segments(lengths)` batches any list of attention segments,
@@ -76,6 +77,25 @@ class PatchEmbed(nn.Module):
         return F.linear(x.view(-1, w[0].numel()), w.view(self.embed_dim, -1))  # (np, E)
 
 
+_VARLEN = None   # qvl.layers.attention_paged.varlen_attention once imported; False when triton is missing
+
+
+def _varlen_for(x: torch.Tensor):
+    """The Triton segment-attention kernel for x on a CUDA GPU of compute capability >= 8.0 (the kernels'
+    16-bit dots) when triton imports, else None (the SDPA groups). Imported on first CUDA use only, so CPU
+    runs never import triton."""
+    global _VARLEN
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device) < (8, 0):
+        return None
+    if _VARLEN is None:
+        try:
+            from qvl.layers.attention_paged import varlen_attention
+            _VARLEN = varlen_attention
+        except ImportError:
+            _VARLEN = False
+    return _VARLEN or None
+
+
 class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -91,6 +111,15 @@ class VisionAttention(nn.Module):
         # one at a time: the fp32 temporaries of the rotation are the attention's memory peak
         q = apply_rotary_fp32(q, cos, sin)
         k = apply_rotary_fp32(k, cos, sin)
+        varlen = _varlen_for(x)
+        if varlen is not None:  # CUDA: one kernel launch over every segment instead of one SDPA per group
+            bounds = [0]
+            for start, count, length in groups:
+                bounds += [start + (i + 1) * length for i in range(count)]
+            cu = torch.tensor(bounds, dtype=torch.int32).to(x.device, non_blocking=True)  # (F + 1,)
+            out = varlen(q, k, v, cu_seqlens=cu, max_seqlen=max(g[2] for g in groups),
+                         scale=self.head_dim ** -0.5)  # (S, nh, d)
+            return self.proj(out.view(s, -1))
         out = torch.empty_like(q)
         for start, count, length in groups:
             end = start + count * length
