@@ -11,10 +11,11 @@ The checkpoint is random, written once to --dir with transformers' save_pretrain
 rank's shard loaded in this process, one after the other (qvl.build.load_model(tp=TPInfo)); bytes = its
 parameters and buffers. Decode: LLMEngine.from_config with tensor_parallel_size = each --tp (local workers
 spawned), one request (and --batch requests) of --prompt-len token ids, --new-tokens greedy tokens; tok/s =
-(tokens after the first) / (time after the first token), median of --repeats. Broadcast: 2 gloo (or NCCL) ranks, the median time
-rank 0 spends sending a decode step of --batch rows. On a 2-core CPU shared with other jobs tp=2 is not
-expected to be faster: two processes split the same two cores and add two all-reduces per layer. Not a
-test: nothing is asserted.
+(tokens after the first) / (time after the first token), median of --repeats. Broadcast: 2 gloo (or NCCL)
+ranks, the median time rank 0 spends sending a decode step of --batch rows. On a 2-core CPU shared with
+other jobs tp=2 is not expected to be faster: two processes split the same two cores and add two
+all-reduces per layer. Also the README's fit table (--memory-table: computed, not measured). Not a test:
+nothing is asserted.
 """
 from __future__ import annotations
 
@@ -252,7 +253,8 @@ def main() -> None:
         return
     print(f"bench/tp.py: {args.config} on {args.device} ({report['dtype']}, {args.threads} thread(s) per rank)")
     for r in report["shards"]:
-        print(f"  tp={r['tp']} rank {r['rank']}: {r['weight_bytes'] / 2**20:8.1f} MiB weights, load {r['load_s']:.2f} s")
+        print(f"  tp={r['tp']} rank {r['rank']}: {r['weight_bytes'] / 2**20:8.1f} MiB weights, "
+              f"load {r['load_s']:.2f} s")
     for d in report["decode"]:
         print("  " + "  ".join(f"{k}={v}" for k, v in d.items()))
     b = report["broadcast"]

@@ -5,8 +5,9 @@
 
 A StepCall is what rank 0's runner passes to `model(...)`: positions (3, N), AttentionMetadata
 (seq_lens_q, context_lens, slot_mapping (N,), block_tables (B, W); the rest is derived from them) or None,
-inputs_embeds (N, H), and the optional Qwen3-VL extras deepstack_embeds (each (M, H)) and vision_mask (N,). Token ids are not sent: only rank 0
-holds the embedding (qvl.parallel.shard), so workers run from inputs_embeds.
+inputs_embeds (N, H), and the optional Qwen3-VL extras deepstack_embeds (each (M, H)) and vision_mask (N,).
+Token ids are not sent: only rank 0 holds the embedding (qvl.parallel.shard), so workers run from
+inputs_embeds.
 
 Format (chosen over `broadcast_object_list`, which pickles and sends a size then the bytes: see
 bench/tp.py for the measured cost of both): three or four tensor broadcasts from rank 0 —

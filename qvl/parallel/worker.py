@@ -4,8 +4,9 @@
       (qvl.build.load_model(tp=TPInfo): decoder slices only; no vision tower, embedding or LM head),
       agree on the KV-cache size with rank 0 (`agree_num_blocks`), then loop: receive a step
       (qvl.parallel.step_message), run the shard's forward (which does its all-reduces with the other
-      ranks), repeat until rank 0 says STOP. 0 after STOP; 1 when loading fails (the message is put in the
-      rendezvous store under `error/<rank>` for rank 0 to report), rank 0 fails to start, or rank 0 goes away.
+      ranks), repeat until rank 0 says STOP. 0 after STOP; 1 when loading or planning fails (the message
+      goes into the rendezvous store under `error/<rank>` for rank 0 to report), when rank 0 fails to
+      start, or when rank 0 goes away.
   spawned_main(cfg, spec, parent_pid, main_thread)   the multiprocessing (spawn) target of the executor's
       local workers: dies with its parent (PR_SET_PDEATHSIG on Linux when the parent spawned from its main
       thread — the signal follows the spawning thread — and always a watchdog thread polling the parent pid)
