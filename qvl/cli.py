@@ -297,14 +297,20 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
-
     from qvl.server.launch import serve
 
-    if os.environ.get("RANK", "0").strip() not in ("", "0"):     # torchrun starts `qvl serve` on every rank
-        return cmd_worker(args)
     serve(args)
     return 0
+
+
+def _is_other_rank() -> bool:
+    """RANK > 0 of a multi-process group in the environment: torchrun starts the same command on every rank,
+    and only rank 0 runs it; the others serve its steps (cmd_worker)."""
+    import os
+
+    from qvl.parallel.group import GroupSpec
+
+    return GroupSpec.env_present() and os.environ.get("RANK", "0").strip() not in ("", "0")
 
 
 def cmd_worker(args) -> int:
@@ -373,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "tokens": cmd_tokens,
                "bench": cmd_bench, "batch": cmd_batch, "worker": cmd_worker}[args.command]
+    if args.command in ("run", "chat", "serve", "bench", "batch") and _is_other_rank():
+        handler = cmd_worker
     try:
         return handler(args)
     except (CLIError, ValueError, FileNotFoundError) as e:

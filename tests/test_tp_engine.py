@@ -6,8 +6,8 @@
   * `qvl serve -tp 2` (a real uvicorn process) answers the official `openai` client like tp=1, and SIGTERM
     leaves no process behind; killing its worker makes /health answer 503 and the server exit != 0 within
     seconds, again leaving no process;
-  * two "machines" on one host (`qvl worker` with RANK=1, `qvl run` with RANK=0, MASTER_ADDR=127.0.0.1)
-    give tp=1's tokens; a remote worker that dies while rank 0 is idle is found by its missing heartbeat;
+  * two "machines" on one host (`qvl worker` with RANK=1, `qvl run` with RANK=0, MASTER_ADDR=127.0.0.1),
+    and `torchrun --nproc-per-node 2 -m qvl.cli run ...`, give tp=1's tokens; a remote worker that dies while rank 0 is idle is found by its missing heartbeat;
   * the rendezvous fails with a clear error (port in use, a rank that never joins) instead of hanging, and
     an unshardable head count is refused before any process starts.
 One tensor-parallel engine per process (torch's default group): tests that build their own close `tp2` first.
@@ -299,32 +299,50 @@ def test_killed_worker_makes_health_503_and_server_exit(tiny_ckpt, tmp_path):
 
 # ---------------------------------------------------------------------------------- two "machines"
 
-def test_two_machines_on_one_host(tiny_ckpt, tp1, tmp_path):
+QUESTION = "How many shapes are there?"
+RUN_FLAGS = ["--device", "cpu", "--dtype", "float32", "--threads", "1", "--max-model-len", "1024",
+             "--kv-cache-memory", "8MiB"]
+
+
+@pytest.fixture(scope="module")
+def run_answer(tp1):
+    """`qvl run QUESTION --temperature 0 --max-tokens 8`'s text at tp=1 (special tokens kept, as qvl run does)."""
     from qvl.llm import LLM
     from qvl.sampling_params import SamplingParams
 
-    question = "How many shapes are there?"
-    want = LLM.from_engine(tp1).chat([{"role": "user", "content": question}],
+    return LLM.from_engine(tp1).chat([{"role": "user", "content": QUESTION}],
                                      SamplingParams(temperature=0, max_tokens=8, skip_special_tokens=False),
                                      use_tqdm=False)[0].outputs[0].text
+
+
+def test_two_machines_on_one_host(tiny_ckpt, run_answer, tmp_path):
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(tp_group.free_port()), "WORLD_SIZE": "2"}
-    common = ["--device", "cpu", "--dtype", "float32", "--threads", "1", "--max-model-len", "1024",
-              "--kv-cache-memory", "8MiB"]
     log1 = open(tmp_path / "rank1.log", "w")
-    rank1 = qvl("worker", str(tiny_ckpt), "-tp", "2", *common, env={**env, "RANK": "1"}, stdout=log1,
+    rank1 = qvl("worker", str(tiny_ckpt), "-tp", "2", *RUN_FLAGS, env={**env, "RANK": "1"}, stdout=log1,
                 stderr=subprocess.STDOUT)
     try:
-        rank0 = qvl("run", question, "--model", str(tiny_ckpt), "-tp", "2", *common, "--temperature", "0",
+        rank0 = qvl("run", QUESTION, "--model", str(tiny_ckpt), "-tp", "2", *RUN_FLAGS, "--temperature", "0",
                     "--max-tokens", "8", "--json", env={**env, "RANK": "0"}, stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, text=True)
         out, err = rank0.communicate(timeout=120)
         assert rank0.returncode == 0, err
-        assert json.loads(out)["text"] == want
+        assert json.loads(out)["text"] == run_answer
         assert rank1.wait(30) == 0, (tmp_path / "rank1.log").read_text()       # stopped by rank 0
     finally:
         if rank1.poll() is None:
             rank1.kill()
         log1.close()
+
+
+def test_torchrun_runs_the_same_command_on_every_rank(tiny_ckpt, run_answer):
+    """torchrun's agent serves the store (rank 0 joins as a client) and rank 1's `qvl run` becomes a worker."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "qvl.cli", "run", QUESTION,
+                          "--model", str(tiny_ckpt), "-tp", "2", *RUN_FLAGS, "--temperature", "0", "--max-tokens",
+                          "8", "--json"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["text"] == run_answer
 
 
 def test_remote_worker_death_is_seen_while_idle(tiny_ckpt, tp2, reference, monkeypatch, tmp_path):

@@ -2,7 +2,8 @@
 
   GroupSpec(rank, world_size, master_addr, master_port, backend, local_rank, join_timeout_s)
       one process's place in the group; `GroupSpec.from_env(...)` reads the torchrun-style environment
-      (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) when called — never at import time.
+      (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) when called — never at import time. Under
+      torchrun itself (TORCHELASTIC_USE_AGENT_STORE) its agent serves the store and rank 0 is a client too.
   join(spec, alive=None) -> the rendezvous TCPStore, with the default process group initialised: rank 0
       opens it (a torch TCPStore on master_addr:master_port) and waits for every rank; the others connect
       to it. Both give up after `join_timeout_s` (default JOIN_TIMEOUT_S) with a RuntimeError naming the
@@ -60,6 +61,8 @@ class GroupSpec:
     backend: str = "gloo"
     local_rank: int | None = None                 # the device index on this node (default: rank)
     join_timeout_s: float = field(default=JOIN_TIMEOUT_S)
+    agent_store: bool = False                     # torchrun's agent already serves the store on master_port
+    prefix: str = "qvl/"                          # the keys' namespace in the store (a torchrun restart: new)
 
     def __post_init__(self):
         for name, lo in (("world_size", 1), ("rank", 0), ("master_port", 1)):
@@ -99,9 +102,11 @@ class GroupSpec:
                     ints[k] = int(env[k])
                 except ValueError:
                     raise ValueError(f"environment variable {k} must be an integer, got {env[k]!r}") from None
+        agent = env.get("TORCHELASTIC_USE_AGENT_STORE", "").strip().lower() == "true"
         return cls(rank=ints["RANK"], world_size=ints["WORLD_SIZE"], master_addr=env["MASTER_ADDR"].strip(),
                    master_port=ints["MASTER_PORT"], backend=backend, local_rank=ints.get("LOCAL_RANK"),
-                   join_timeout_s=join_timeout_s)
+                   join_timeout_s=join_timeout_s, agent_store=agent,
+                   prefix=f"qvl/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
 
 
 def join(spec: GroupSpec, alive: Callable[[], str | None] | None = None):
@@ -112,8 +117,9 @@ def join(spec: GroupSpec, alive: Callable[[], str | None] | None = None):
     where = f"{spec.master_addr}:{spec.master_port}"
     timeout = timedelta(seconds=spec.join_timeout_s)
     try:
-        store = dist.TCPStore(spec.master_addr, spec.master_port, spec.world_size, is_master=spec.rank == 0,
-                              timeout=timeout, wait_for_workers=False)
+        store = dist.TCPStore(spec.master_addr, spec.master_port, spec.world_size,
+                              is_master=spec.rank == 0 and not spec.agent_store, timeout=timeout,
+                              wait_for_workers=False)
     except Exception as e:  # noqa: BLE001 - torch raises several types (DistNetworkError, DistStoreError, ...)
         msg = _first_line(e)
         if spec.rank == 0 and ("in use" in msg.lower() or "address already" in msg.lower()):
@@ -122,6 +128,7 @@ def join(spec: GroupSpec, alive: Callable[[], str | None] | None = None):
         raise RuntimeError(f"tensor-parallel rendezvous failed: rank {spec.rank} could not reach rank 0 at "
                            f"{where} within {spec.join_timeout_s:.0f} s ({type(e).__name__}: {msg}); is rank 0 "
                            f"running, and are MASTER_ADDR/MASTER_PORT right?") from None
+    store = dist.PrefixStore(spec.prefix, store)
     if spec.rank == 0:
         # Each other rank counts itself in; rank 0 polls, so a spawned worker that died is seen at once.
         deadline = time.monotonic() + spec.join_timeout_s
@@ -147,8 +154,8 @@ HEARTBEAT_TIMEOUT_S = 10.0    # ... and rank 0 calls it gone when the count stoo
 def start_heartbeat(spec: GroupSpec) -> None:
     """Rank > 0: a daemon thread counting up `beat/<rank>` in the rendezvous store (its own connection), so rank
     0 sees a rank on another machine die while no collective runs (`watch_heartbeats`)."""
-    store = dist.TCPStore(spec.master_addr, spec.master_port, is_master=False,
-                          timeout=timedelta(seconds=spec.join_timeout_s))
+    store = dist.PrefixStore(spec.prefix, dist.TCPStore(spec.master_addr, spec.master_port, is_master=False,
+                                                        timeout=timedelta(seconds=spec.join_timeout_s)))
 
     def beat() -> None:
         try:
