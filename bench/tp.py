@@ -184,9 +184,9 @@ def _bcast_rank(rank: int, port: int, backend: str, batch: int, hidden: int, ite
         dist.barrier()
         t0 = time.perf_counter()
         if rank == 0:
-            step_message.send(call, device=dev)
+            step_message.send(call, device=dev, control=group.control_group())
         else:
-            step_message.recv(hidden_size=hidden, dtype=torch.float32, device=dev)
+            step_message.recv(hidden_size=hidden, dtype=torch.float32, device=dev, control=group.control_group())
         times["tensors"].append(time.perf_counter() - t0)
         dist.barrier()
         t0 = time.perf_counter()

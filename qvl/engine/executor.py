@@ -144,8 +144,7 @@ class TPExecutor:
         with self._lock:
             self._check()
             try:
-                n, _ = worker.agree_num_blocks(num_blocks, (block_size, max_model_len, max_num_seqs),
-                                               self.comm_device)
+                n, _ = worker.agree_num_blocks(num_blocks, (block_size, max_model_len, max_num_seqs))
             except Exception as e:  # noqa: BLE001 - a worker that failed to load left its reason in the store
                 raise self._fail(f"the tensor-parallel handshake failed ({type(e).__name__}: {_first_line(e)})",
                                  wait_s=2.0) from None
@@ -172,7 +171,7 @@ class TPExecutor:
             with self._lock:
                 self._check()
                 try:
-                    step_message.send(call, device=self.comm_device)
+                    step_message.send(call, device=self.comm_device, control=tp_group.control_group())
                     return inner(input_ids, positions, attn_metadata, inputs_embeds=inputs_embeds, **extra)
                 except Exception as e:
                     if isinstance(e, dist.DistError) or self._a_worker_died(wait_s=0.5):
@@ -247,7 +246,10 @@ class TPExecutor:
         told = False
         if self.failure is None and self._lock.acquire(timeout=2.0):   # a stuck step keeps the lock: skip STOP
             try:               # before the handshake the workers wait in it, not in the step loop
-                (step_message.send_stop if self._handshaken else worker.abort_handshake)(self.comm_device)
+                if self._handshaken:
+                    step_message.send_stop(tp_group.control_group())
+                else:
+                    worker.abort_handshake()
                 told = True
             except Exception:  # noqa: BLE001 - a worker already gone: terminate the rest below
                 pass

@@ -12,6 +12,7 @@
   start_heartbeat(spec) / watch_heartbeats(...)  ranks > 0 count up a key in the store every HEARTBEAT_S;
       rank 0 declares a rank gone after HEARTBEAT_TIMEOUT_S without a beat (ranks on other machines have no
       process sentinel rank 0 could wait on, and an idle server runs no collective that would fail).
+  control_group() the gloo group of the host-side control messages (None: the default group, gloo).
   leave() destroys the group (idempotent); free_port() a TCP port free on this host now.
   default_backend(device) nccl for CUDA, gloo otherwise (EngineConfig.distributed_backend overrides).
 
@@ -38,6 +39,7 @@ import torch.distributed as dist
 JOIN_TIMEOUT_S = 120.0                        # a 72B shard loads after the join, so this is only the rendezvous
 COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600.0        # see the module docstring: idle servers wait in a collective
 _POLL_S = 0.1
+_CONTROL = None               # control_group(): set by join, cleared by leave
 _ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
 
@@ -144,7 +146,17 @@ def join(spec: GroupSpec, alive: Callable[[], str | None] | None = None):
         store.add("joined", 1)
     dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    global _CONTROL
+    _CONTROL = (dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                if spec.backend == "nccl" else None)
     return store
+
+
+def control_group():
+    """The group of the host-side control messages (step headers, the handshake, STOP), whose tensors live on
+    the CPU: the default group under gloo; under NCCL a gloo group beside it, so an idle worker waits for
+    the next step on a socket, not in an NCCL kernel spinning on its GPU."""
+    return _CONTROL
 
 
 HEARTBEAT_S = 1.0             # a rank > 0 counts up its `beat/<rank>` key in the store this often ...
@@ -194,6 +206,8 @@ def _first_line(e: BaseException) -> str:
 
 def leave() -> None:
     """Destroy this process's group, if any."""
+    global _CONTROL
+    _CONTROL = None
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """One decoder step on the wire: rank 0's model-call arguments, broadcast to every tensor-parallel rank.
 
-  send(call, *, hidden_size, dtype, device)  rank 0: broadcast a StepCall (or STOP when call is None)
-  recv(*, hidden_size, dtype, device) -> StepCall | None   rank > 0: the same call, or None for STOP
+  send(call, *, device, control=None)   rank 0: broadcast a StepCall;  send_stop(control) the STOP
+  recv(*, hidden_size, dtype, device, control=None) -> StepCall | None   rank > 0: the call, or None for STOP
+  to_device(call, device)               the call with every tensor on the rank's device
 
 A StepCall is what rank 0's runner passes to `model(...)`: positions (3, N), AttentionMetadata
 (seq_lens_q, context_lens, slot_mapping (N,), block_tables (B, W); the rest is derived from them) or None,
@@ -10,12 +11,14 @@ Token ids are not sent: only rank 0 holds the embedding (qvl.parallel.shard), so
 inputs_embeds.
 
 Format (chosen over `broadcast_object_list`, which pickles and sends a size then the bytes: see
-bench/tp.py for the measured cost of both): three or four tensor broadcasts from rank 0 —
+bench/tp.py for the measured cost of both): three or four tensor broadcasts from rank 0 — the first two
+on the CPU over the control group (qvl.parallel.group.control_group: gloo), the others on the
+communication device over the default group —
   header (10,) int64  [cmd, N, B, W, n_deepstack, M, has_md, has_slots, has_vmask, has_tables]
   ints   (3N + N? + 2B + B*W? + N?,) int64   positions | slot_mapping | seq_lens_q | context_lens |
                                              block tables (B, W) | vision_mask
   embeds (N, H) in the model dtype;  deepstack (n_deepstack * M, H) when there are DeepStack sets.
-On NCCL every tensor lives on the rank's CUDA device; on gloo on the CPU.
+Under NCCL the embeddings live on the rank's CUDA device; under gloo everything is on the CPU.
 
 Knows nothing about processes, the engine or the model beyond these arguments.
 """
@@ -49,17 +52,18 @@ class StepCall:
         return {"inputs_embeds": self.inputs_embeds, **extra}
 
 
-def _bcast(t: torch.Tensor, group) -> torch.Tensor:
+def _bcast(t: torch.Tensor, group=None) -> torch.Tensor:
     dist.broadcast(t, src=0, group=group)
     return t
 
 
-def send_stop(device: torch.device, group=None) -> None:
-    _bcast(torch.zeros(_HEADER, dtype=torch.long, device=device), group)
+def send_stop(control=None) -> None:
+    _bcast(torch.zeros(_HEADER, dtype=torch.long), control)
 
 
-def send(call: StepCall, *, device: torch.device, group=None) -> None:
-    """Rank 0: broadcast `call` (its tensors moved to `device`, the communication device)."""
+def send(call: StepCall, *, device: torch.device, control=None) -> None:
+    """Rank 0: broadcast `call`: header and integers on the CPU over `control` (qvl.parallel.group.
+    control_group), the embeddings from `device`, the communication device, over the default group."""
     md = call.attn_metadata
     n = call.inputs_embeds.shape[0]
     ds = call.deepstack_embeds or ()
@@ -79,32 +83,33 @@ def send(call: StepCall, *, device: torch.device, group=None) -> None:
         parts.append(tables.reshape(-1))                                           # (B * W,)
     if call.vision_mask is not None:
         parts.append(call.vision_mask)                                             # (N,)
-    _bcast(header.to(device), group)
-    _bcast(torch.cat([t.to(device, torch.long) for t in parts]), group)
-    _bcast(call.inputs_embeds.to(device).contiguous(), group)                      # (N, H)
+    _bcast(header, control)
+    _bcast(torch.cat([t.to("cpu", torch.long) for t in parts]), control)
+    _bcast(call.inputs_embeds.to(device).contiguous())                             # (N, H)
     if ds:
-        _bcast(torch.cat([d.to(device) for d in ds]).contiguous(), group)          # (n_ds * M, H)
+        _bcast(torch.cat([d.to(device) for d in ds]).contiguous())                 # (n_ds * M, H)
 
 
-def recv(*, hidden_size: int, dtype: torch.dtype, device: torch.device, group=None) -> StepCall | None:
-    """Rank > 0: the next StepCall from rank 0 (tensors on `device`), or None when rank 0 said STOP."""
-    header = _bcast(torch.empty(_HEADER, dtype=torch.long, device=device), group).tolist()
+def recv(*, hidden_size: int, dtype: torch.dtype, device: torch.device, control=None) -> StepCall | None:
+    """Rank > 0: the next StepCall from rank 0 (integers on the CPU, embeddings on `device`), or None when
+    rank 0 said STOP."""
+    header = _bcast(torch.empty(_HEADER, dtype=torch.long), control).tolist()
     cmd, n, b, w, n_ds, m, has_md, has_slots, has_vmask, has_tables = header
     if cmd == STOP:
         return None
     sizes = [3 * n, n if has_slots else 0, 2 * b if has_md else 0, b * w if has_tables else 0,
              n if has_vmask else 0]
-    ints = _bcast(torch.empty(sum(sizes), dtype=torch.long, device=device), group)
-    embeds = _bcast(torch.empty((n, hidden_size), dtype=dtype, device=device), group)     # (N, H)
+    ints = _bcast(torch.empty(sum(sizes), dtype=torch.long), control)
+    embeds = _bcast(torch.empty((n, hidden_size), dtype=dtype, device=device))          # (N, H)
     ds = None
     if n_ds:
-        flat_ds = _bcast(torch.empty((n_ds * m, hidden_size), dtype=dtype, device=device), group)
+        flat_ds = _bcast(torch.empty((n_ds * m, hidden_size), dtype=dtype, device=device))
         ds = tuple(flat_ds.split(m))                                                     # each (M, H)
     pos, slots, lens, tables, vmask = ints.split(sizes)
     md = None
     if has_md:
         lens = lens.tolist()
-        md = AttentionMetadata(seq_lens_q=lens[:b], context_lens=lens[b:], device=device,
+        md = AttentionMetadata(seq_lens_q=lens[:b], context_lens=lens[b:],
                                slot_mapping=slots if has_slots else None,
                                block_tables=tables.view(b, w).int() if has_tables else None)   # (B, W)
     return StepCall(pos.view(3, n), md, embeds, ds, vmask.bool() if has_vmask else None)     # (3, N)

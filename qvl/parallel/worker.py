@@ -57,25 +57,26 @@ def rank_device(device_str: str, spec: tp_group.GroupSpec) -> torch.device:
     return dev
 
 
-def agree_num_blocks(mine: int | None, settings: tuple[int, int, int] | None, device: torch.device,
-                     plan=None) -> tuple[int, tuple[int, int, int]] | None:
-    """The handshake of the module docstring, on any rank: rank 0 passes `mine` and `settings`
-    (block_size, max_model_len, max_num_seqs); a worker passes `plan(settings) -> its own count`.
-    Returns (the agreed number of blocks, settings), or None on a worker when rank 0 sent `abort_handshake`
-    instead (it failed before its plan)."""
-    s = torch.tensor(settings if settings is not None else (0, 0, 0), dtype=torch.long, device=device)
-    dist.broadcast(s, src=0)
+def agree_num_blocks(mine: int | None, settings: tuple[int, int, int] | None, plan=None
+                     ) -> tuple[int, tuple[int, int, int]] | None:
+    """The handshake of the module docstring, on any rank (CPU tensors over qvl.parallel.group.control_group):
+    rank 0 passes `mine` and `settings` (block_size, max_model_len, max_num_seqs); a worker passes
+    `plan(settings) -> its own count`. Returns (the agreed number of blocks, settings), or None on a worker
+    when rank 0 sent `abort_handshake` instead (it failed before its plan)."""
+    control = tp_group.control_group()
+    s = torch.tensor(settings if settings is not None else (0, 0, 0), dtype=torch.long)
+    dist.broadcast(s, src=0, group=control)
     settings = tuple(int(x) for x in s.tolist())
     if settings[0] == 0:
         return None
-    n = torch.tensor([mine if mine is not None else plan(settings)], dtype=torch.long, device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    n = torch.tensor([mine if mine is not None else plan(settings)], dtype=torch.long)
+    dist.all_reduce(n, op=dist.ReduceOp.MIN, group=control)
     return int(n.item()), settings
 
 
-def abort_handshake(device: torch.device) -> None:
+def abort_handshake() -> None:
     """Rank 0, when it fails before agree_num_blocks: the workers waiting in it leave (block_size 0)."""
-    dist.broadcast(torch.zeros(3, dtype=torch.long, device=device), src=0)
+    dist.broadcast(torch.zeros(3, dtype=torch.long), src=0, group=tp_group.control_group())
 
 
 def _load(cfg, spec, device):
@@ -110,7 +111,7 @@ def run_worker(cfg, spec: tp_group.GroupSpec) -> int:
                 return plan_num_blocks(model.attention_modules(), block_size=block_size, dtype=dtype,
                                        device=device, kv_cache_memory=cfg.kv_cache_memory,
                                        max_num_seqs=max_num_seqs, max_model_len=max_model_len)
-            agreed = agree_num_blocks(None, None, cdev, plan)
+            agreed = agree_num_blocks(None, None, plan)
         except Exception as e:  # noqa: BLE001 - loading or planning failed here: rank 0 reports it
             msg = f"{type(e).__name__}: {e}"
             log.error("rank %d: start failed: %s", spec.rank, msg)
@@ -136,11 +137,12 @@ def run_worker(cfg, spec: tp_group.GroupSpec) -> int:
 
 @torch.inference_mode()
 def _serve(model, hidden_size: int, dtype, device, cdev) -> None:
+    control = tp_group.control_group()
     while True:
-        call = step_message.recv(hidden_size=hidden_size, dtype=dtype, device=cdev)
+        call = step_message.recv(hidden_size=hidden_size, dtype=dtype, device=cdev, control=control)
         if call is None:
             return
-        if cdev != device:              # gloo on a CUDA machine: the step arrives on the CPU
+        if device.type != "cpu":        # the integers always arrive on the CPU (and everything under gloo)
             call = step_message.to_device(call, device)
         try:
             model(None, call.positions, call.attn_metadata, **call.kwargs())
