@@ -7,7 +7,8 @@
     leaves no process behind; killing its worker makes /health answer 503 and the server exit != 0 within
     seconds, again leaving no process;
   * two "machines" on one host (`qvl worker` with RANK=1, `qvl run` with RANK=0, MASTER_ADDR=127.0.0.1),
-    and `torchrun --nproc-per-node 2 -m qvl.cli run ...`, give tp=1's tokens; a remote worker that dies while rank 0 is idle is found by its missing heartbeat;
+    and `torchrun --nproc-per-node 2 -m qvl.cli run ...`, give tp=1's tokens; a remote worker that dies
+    while rank 0 is idle is found by its missing heartbeat;
   * the rendezvous fails with a clear error (port in use, a rank that never joins) instead of hanging, and
     an unshardable head count is refused before any process starts.
 One tensor-parallel engine per process (torch's default group): tests that build their own close `tp2` first.
@@ -33,6 +34,9 @@ from qvl.parallel import group as tp_group
 
 N_NEW = 12
 ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "How many shapes are there?"
+RUN_FLAGS = ["--device", "cpu", "--dtype", "float32", "--threads", "1", "--max-model-len", "1024",
+             "--kv-cache-memory", "8MiB"]
 
 
 def video(seed: int, frames: int = 6, h: int = 112, w: int = 168) -> dict:
@@ -76,14 +80,13 @@ def children(pid: int) -> set[int]:
     return out
 
 
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def wait_gone(pids, timeout: float = 10.0) -> set[int]:
+    """The pids still alive (not zombies) after up to `timeout` seconds."""
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
@@ -103,9 +106,8 @@ class Served:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "w")
-        self.proc = qvl("serve", str(model), "-tp", "2", "--host", "127.0.0.1", "--port", str(self.port),
-                        "--device", "cpu", "--dtype", "float32", "--threads", "1", "--max-model-len", "1024",
-                        "--kv-cache-memory", "8MiB", "--no-ui", stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = qvl("serve", str(model), "-tp", "2", "--host", "127.0.0.1", "--port", str(self.port), *RUN_FLAGS,
+                        "--no-ui", stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log()}"
@@ -171,9 +173,8 @@ def hf_greedy(path, ps) -> list[list[int]]:
                 kw[grid] = torch.tensor([list(it.grid_thw) for it in items])
         ids = torch.tensor([p.token_ids])
         with torch.no_grad():
-            g = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                            max_new_tokens=N_NEW, min_new_tokens=N_NEW, **kw)
-        out.append(g[0, ids.shape[1]:].tolist())
+            out.append(hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=N_NEW, min_new_tokens=N_NEW, **kw)[0, ids.shape[1]:].tolist())
     return out
 
 
@@ -299,11 +300,6 @@ def test_killed_worker_makes_health_503_and_server_exit(tiny_ckpt, tmp_path):
 
 # ---------------------------------------------------------------------------------- two "machines"
 
-QUESTION = "How many shapes are there?"
-RUN_FLAGS = ["--device", "cpu", "--dtype", "float32", "--threads", "1", "--max-model-len", "1024",
-             "--kv-cache-memory", "8MiB"]
-
-
 @pytest.fixture(scope="module")
 def run_answer(tp1):
     """`qvl run QUESTION --temperature 0 --max-tokens 8`'s text at tp=1 (special tokens kept, as qvl run does)."""
@@ -354,8 +350,7 @@ def test_remote_worker_death_is_seen_while_idle(tiny_ckpt, tp2, reference, monke
     port = tp_group.free_port()
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     log = open(tmp_path / "rank1.log", "w")
-    rank1 = qvl("worker", str(tiny_ckpt), "--device", "cpu", "--dtype", "float32", "--threads", "1",
-                env={**env, "RANK": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    rank1 = qvl("worker", str(tiny_ckpt), *RUN_FLAGS, env={**env, "RANK": "1"}, stdout=log, stderr=subprocess.STDOUT)
     for k, v in {**env, "RANK": "0"}.items():
         monkeypatch.setenv(k, v)
     eng = None

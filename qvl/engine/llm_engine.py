@@ -7,6 +7,10 @@ LLMEngine owns the request table and wires the parts: Scheduler (+ BlockManager)
     results = runner.execute(out)         # prepare -> StepBatch; run: vision + forward + logits + sampling
     return self._update(out, results)     # append tokens, stop checks, free blocks, outputs
 
+Tensor parallelism (tensor_parallel_size > 1): from_config starts a TPExecutor (qvl.engine.executor: the
+worker ranks, the step broadcast), loads rank 0's shard, and `close()` stops the workers; `failure` says why
+a dead rank stopped the engine.
+
 Building: `LLMEngine.from_config(EngineConfig)` loads the checkpoint (weights through qvl.build and the
 family registry, tokenizer + chat template as a PromptProcessor, generation_config.json) and sizes the
 engine; `LLMEngine(model, config, processor, engine_config)` wraps an already loaded model (tests, mock
