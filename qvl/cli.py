@@ -1,4 +1,4 @@
-"""The `qvl` command: run | chat | serve | batch | tokens | bench.
+"""The `qvl` command: run | chat | serve | batch | tokens | bench | worker.
 
 Contract: every subcommand defaults to the demo checkpoint shipped in the package (`qvl/demo`), takes
 `--model DIR_OR_HUB_ID` for real weights, and turns a user mistake (missing file, unsupported format, a
@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
 
     _add_batch_parser(sub)
+
+    worker = sub.add_parser("worker", help="a tensor-parallel rank > 0 (another machine): runs under MASTER_ADDR, "
+                                           "MASTER_PORT, RANK, WORLD_SIZE; rank 0 runs qvl serve")
+    worker.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
+                        help="checkpoint directory or hub id, the same as rank 0's")
+    _add_engine_args(worker)
 
     tokens = sub.add_parser("tokens", help="visual token count of images/videos, from their headers (no weights)")
     tokens.add_argument("files", nargs="+")
@@ -297,6 +303,38 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _is_other_rank() -> bool:
+    """RANK > 0 of a multi-process group in the environment: torchrun starts the same command on every rank,
+    and only rank 0 runs it; the others serve its steps (cmd_worker)."""
+    import os
+
+    from qvl.parallel.group import GroupSpec
+
+    return GroupSpec.env_present() and os.environ.get("RANK", "0").strip() not in ("", "0")
+
+
+def cmd_worker(args) -> int:
+    """Rank RANK > 0 of a multi-node tensor-parallel group (qvl.parallel.worker); exit 0 when rank 0 stops it."""
+    import dataclasses
+
+    from qvl.engine.llm_engine import resolve_device
+    from qvl.parallel.group import GroupSpec, default_backend
+    from qvl.parallel.worker import run_worker
+
+    cfg = dataclass_from_args(EngineConfig, args)
+    if getattr(args, "model_pos", None):
+        cfg = dataclasses.replace(cfg, model=args.model_pos)
+    spec = GroupSpec.from_env(cfg.distributed_backend or default_backend(resolve_device(cfg.device)))
+    if spec.rank == 0:
+        raise CLIError("RANK=0 owns the engine: run `qvl serve` there, `qvl worker` on the other ranks")
+    if cfg.tensor_parallel_size not in (1, spec.world_size):
+        raise CLIError(f"--tensor-parallel-size {cfg.tensor_parallel_size} but WORLD_SIZE={spec.world_size}")
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(levelname)s %(name)s: %(message)s")
+    return run_worker(dataclasses.replace(cfg, tensor_parallel_size=spec.world_size), spec)
+
+
 def cmd_batch(args) -> int:
     """Exit 0 when every line succeeded, 1 when any line is in the error file, 2 for a bad invocation."""
     from qvl.batch import run_batch
@@ -340,7 +378,9 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "tokens": cmd_tokens,
-               "bench": cmd_bench, "batch": cmd_batch}[args.command]
+               "bench": cmd_bench, "batch": cmd_batch, "worker": cmd_worker}[args.command]
+    if args.command in ("run", "chat", "serve", "bench", "batch") and _is_other_rank():
+        handler = cmd_worker
     try:
         return handler(args)
     except (CLIError, ValueError, FileNotFoundError) as e:

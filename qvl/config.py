@@ -157,7 +157,9 @@ class EngineConfig:
                                         "128) to quantize a float checkpoint while loading (default: detect a "
                                         "GPTQ/AWQ checkpoint from config.json, else float)",
                                   choices=QUANTIZATIONS)
-    tensor_parallel_size: int = _f(1, "GPUs the model is split over (only 1 is supported yet)")
+    tensor_parallel_size: int = _f(1, "processes (one per GPU) the text decoder is split over; on one machine qvl "
+                                      "starts them itself, across machines see `qvl worker`",
+                                   aliases=["-tp"])
     distributed_backend: str | None = _f(None, "torch.distributed backend of the tensor-parallel ranks "
                                                "(default: nccl on CUDA, gloo on CPU)", choices=DIST_BACKENDS)
     attention_backend: str = _f("auto", "decoder attention: reference (SDPA over gathered context; the CPU "
@@ -211,8 +213,6 @@ class EngineConfig:
                  self.distributed_backend)
         _require(self.attention_backend in ATTENTION_BACKENDS, "EngineConfig.attention_backend",
                  f"one of {', '.join(ATTENTION_BACKENDS)}", self.attention_backend)
-        _require(self.tensor_parallel_size == 1, "EngineConfig.tensor_parallel_size",
-                 "1 (tensor parallelism is not supported yet)", self.tensor_parallel_size)
 
     @property
     def model_path(self) -> str:

@@ -13,6 +13,8 @@ LLM(model=None, **options): options are EngineConfig's fields (dtype, device, ma
      RequestOutput so far); leaving the loop early aborts the request.
   process(prompt) / process_chat(messages) -> ProcessedPrompt (what stream / generate also accept).
   default_sampling_params(**overrides), stats() -> dict (see LLMEngine.stats).
+  close(): with tensor_parallel_size=N > 1 (LLM(model, tensor_parallel_size=2)) the engine runs N - 1
+     worker processes (qvl.engine.executor); close() stops them, as interpreter exit does.
 
 Prompts are turned into ProcessedPrompts here (through the engine's PromptProcessor: template, media
 loaded, pads expanded) before they reach LLMEngine.add_request. A request's grammar
@@ -60,6 +62,10 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (tensor_parallel_size > 1; also done at exit)."""
+        self.engine.close()
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict, ProcessedPrompt)) or _is_token_ids(prompts):

@@ -42,7 +42,7 @@ def parse(cls, argv):
     (dict(kv_cache_memory="lots"), r"EngineConfig.kv_cache_memory must be bytes .*got 'lots'"),
     (dict(kv_cache_memory=-0.5), r"EngineConfig.kv_cache_memory must be .*got -0.5"),
     (dict(quantization="fp8"), r"EngineConfig.quantization must be None or one of gptq, awq, int8, int4, got 'fp8'"),
-    (dict(tensor_parallel_size=2), r"EngineConfig.tensor_parallel_size must be 1 .*got 2"),
+    (dict(tensor_parallel_size=0), r"EngineConfig.tensor_parallel_size must be an integer >= 1, got 0"),
     (dict(device="tpu"), r"EngineConfig.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (dict(max_num_seqs=0), r"EngineConfig.max_num_seqs must be an integer >= 1, got 0"),
     (dict(max_model_len=True), r"EngineConfig.max_model_len must be an integer >= 1, got True"),

@@ -20,6 +20,7 @@ API (all that the server needs):
       model_path           str | None, the checkpoint directory
       generation_config    dict, the checkpoint's generation_config.json ({} when it has none)
       generation_defaults  dict, the SamplingParams fields that file sets (requests override them)
+      failure              str | None, why the engine cannot step any more (a tensor-parallel rank died)
       default_max_visual_tokens  int | None, visual tokens per request the device encodes in seconds
                            (CPU; None on CUDA): the server's limit when none is configured
       default_sampling_params(**overrides) -> SamplingParams, those defaults + overrides
@@ -99,6 +100,11 @@ class AsyncEngine:
     def default_max_visual_tokens(self) -> int | None:
         return self.engine.default_max_visual_tokens
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot step any more (a tensor-parallel rank died), or None."""
+        return self.engine.failure
+
     def stats(self) -> dict:
         return self.engine.stats()
 
@@ -128,6 +134,7 @@ class AsyncEngine:
         self._fail_all(RuntimeError("the engine was shut down"))
         for rid in list(self.engine.requests):
             self.engine.abort_request(rid)
+        self.engine.close()                     # tensor-parallel workers stop (a step still running: killed)
 
     # --- requests ------------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: ProcessedPrompt,

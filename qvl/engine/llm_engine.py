@@ -7,6 +7,10 @@ LLMEngine owns the request table and wires the parts: Scheduler (+ BlockManager)
     results = runner.execute(out)         # prepare -> StepBatch; run: vision + forward + logits + sampling
     return self._update(out, results)     # append tokens, stop checks, free blocks, outputs
 
+Tensor parallelism (tensor_parallel_size > 1): from_config starts a TPExecutor (qvl.engine.executor: the
+worker ranks, the step broadcast), loads rank 0's shard, and `close()` stops the workers; `failure` says why
+a dead rank stopped the engine.
+
 Building: `LLMEngine.from_config(EngineConfig)` loads the checkpoint (weights through qvl.build and the
 family registry, tokenizer + chat template as a PromptProcessor, generation_config.json) and sizes the
 engine; `LLMEngine(model, config, processor, engine_config)` wraps an already loaded model (tests, mock
@@ -89,7 +93,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 class LLMEngine:
     def __init__(self, model, config, processor=None, engine_config: EngineConfig | None = None, *,
-                 generation_config: dict | None = None, model_path: str | None = None, **options):
+                 generation_config: dict | None = None, model_path: str | None = None, executor=None,
+                 **options):
         """From a loaded model, its family's config, a PromptProcessor (None: token-id prompts only) and
         an EngineConfig, or its fields as keywords (`LLMEngine(model, config, None, max_model_len=64)`),
         or both (the keywords replace fields). The loading fields (model, dtype, device, threads,
@@ -105,10 +110,14 @@ class LLMEngine:
         self.generation_config = dict(generation_config or {})
         self.eos_token_ids = set(eos_token_ids(self.generation_config) or config.eos_token_id)
         device = model.device
-        attn_modules = model.attention_modules()
+        self.executor = executor                # qvl.engine.executor.TPExecutor when tensor_parallel_size > 1
+        attn_modules = model.attention_modules()    # a tensor-parallel shard's hold only its own KV heads
         num_blocks = plan_num_blocks(attn_modules, block_size=cfg.block_size, dtype=model.dtype, device=device,
                                      kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                                      max_model_len=self.max_model_len)
+        if executor is not None:                # the pool every rank can hold; then steps reach every rank
+            num_blocks = executor.agree_num_blocks(num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs)
+            executor.attach(model)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self._structured = None                 # qvl.structured.StructuredOutputs, built on first use
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=cfg.max_num_seqs,
@@ -119,7 +128,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, config, num_blocks=num_blocks, block_size=cfg.block_size,
                                   encoder_cache=EncoderCache(cfg.encoder_cache_bytes(device.type)),
                                   attention_backend=attention_backend(cfg.attention_backend, device))
-        if not cfg.enforce_eager:
+        if not cfg.enforce_eager and executor is None:   # a graph would replay rank 0's shard without its workers
             self.runner.capture_graphs(max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len)
         self.vision = VisionWorker(self.runner)     # large towers encode off the step (is_ready below)
         self.requests: dict[str, RequestState] = {}
@@ -145,11 +154,23 @@ class LLMEngine:
         template = read_chat_template(cfg.chat_template)     # a missing file fails before the weights load
         device = resolve_device(cfg.device)
         path = resolve_model_path(cfg.model_path)
-        net, config = load_model(path, dtype=resolve_dtype(cfg.dtype, device), device=device,
-                                 quantization=cfg.quantization)
-        processor = PromptProcessor.from_pretrained(path, config, chat_template=template)
-        return cls(net, config, processor, cfg, generation_config=load_generation_config(path),
-                   model_path=str(path))
+        executor, tp = None, {}
+        if cfg.tensor_parallel_size > 1:        # refuse an unshardable model before starting any process
+            from qvl.engine.executor import TPExecutor, check_tensor_parallel
+
+            check_tensor_parallel(path, cfg)
+            executor = TPExecutor.launch(cfg, device)
+            device, tp = executor.device, {"tp": executor.tp_info}
+        try:
+            net, config = load_model(path, dtype=resolve_dtype(cfg.dtype, device), device=device,
+                                     quantization=cfg.quantization, **tp)
+            processor = PromptProcessor.from_pretrained(path, config, chat_template=template)
+            return cls(net, config, processor, cfg, generation_config=load_generation_config(path),
+                       model_path=str(path), executor=executor)
+        except BaseException:
+            if executor is not None:
+                executor.shutdown()
+            raise
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, **options) -> "LLMEngine":
@@ -265,6 +286,16 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def failure(self) -> str | None:
+        """Why this engine cannot step any more (a tensor-parallel rank died), or None."""
+        return self.executor.failure if self.executor is not None else None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do with one process). Idempotent."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -6,7 +6,9 @@ add_dataclass_args): ServeOptions, ServerLimits, MediaPolicy (qvl.multimodal.med
 (qvl.server.app.create_app) and runs uvicorn until SIGTERM/SIGINT: stop accepting, let in-flight
 requests finish for --graceful-shutdown-timeout seconds, abort the rest (streams end with finish_reason
 "abort", other requests get a 503 error body), stop the engine, exit 0 — without waiting for an engine
-step or media decode that outlives the grace period. The API serves the model as the checkpoint
+step or media decode that outlives the grace period. With tensor_parallel_size > 1 a worker rank that
+dies makes /health answer 503 and the process exit 1 a few seconds later (`_exit_on_engine_failure`);
+SIGTERM stops every rank. The API serves the model as the checkpoint
 folder's name unless --served-model-name says otherwise. Connections get a header read timeout, a
 keep-alive timeout and a cap (qvl.server.connections), and the accept-error log line is rate-limited.
 The API key falls back to the QVL_API_KEY environment variable, read when serve() starts.
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 logger = logging.getLogger("qvl.server")
+FAIL_EXIT_DELAY_S = 2.0       # after the engine failed, how long /health answers 503 before the server exits
+FAIL_EXIT_DEADLINE_S = 10.0   # ... and how long uvicorn and the engine may then take to stop before exit(1)
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -91,13 +95,41 @@ def serve(args) -> None:
                             timeout_graceful_shutdown=opts.graceful_shutdown_timeout,
                             http=header_timeout_protocol(opts.header_read_timeout),
                             timeout_keep_alive=opts.timeout_keep_alive, limit_concurrency=opts.limit_concurrency)
-    _uvicorn_server_cls(app, opts.graceful_shutdown_timeout)(config).run()
+    server = _uvicorn_server_cls(app, opts.graceful_shutdown_timeout)(config)
+    failed = _exit_on_engine_failure(engine, server)
+    server.run()
     observer.shutdown()                                          # flush queued spans
+    if failed.is_set():         # a tensor-parallel rank died: exit non-zero (the workers are stopped already)
+        logging.shutdown()
+        os._exit(1)
     stuck = [t.name for t in threading.enumerate() if t.name.startswith(("qvl-engine", "qvl-pre")) and t.is_alive()]
     if stuck:   # a step or a media decode still running: waiting for it would overrun the grace period
         logger.warning("exiting with %s still running", ", ".join(stuck))
         logging.shutdown()
         os._exit(0)
+
+
+def _exit_on_engine_failure(engine, server) -> threading.Event:
+    """When the engine fails (a tensor-parallel rank died; qvl.engine.executor), /health answers 503 for
+    FAIL_EXIT_DELAY_S (so probes and load balancers see it), then uvicorn stops without waiting for open
+    connections, and serve() exits 1; FAIL_EXIT_DEADLINE_S later the process exits 1 however far that got."""
+    failed = threading.Event()
+    executor = engine.engine.executor
+    if executor is None:
+        return failed
+
+    def stop() -> None:
+        server.should_exit = server.force_exit = True
+        threading.Timer(FAIL_EXIT_DEADLINE_S, os._exit, (1,)).start()
+
+    def on_failure(reason: str) -> None:
+        failed.set()
+        logger.error("engine failed: %s; /health answers 503, exiting in %.0f s", reason, FAIL_EXIT_DELAY_S)
+        timer = threading.Timer(FAIL_EXIT_DELAY_S, stop)
+        timer.daemon = True
+        timer.start()
+    executor.on_failure(on_failure)
+    return failed
 
 
 def served_names(served_model_name: str | None, model_path: str) -> tuple[str, tuple[str, ...]]:

@@ -1,6 +1,6 @@
 """The HTTP routes, on one FastAPI `APIRouter`: what each endpoint reads, prepares and answers.
 
-  GET|HEAD /health           200, no auth (app.py's middleware lets it through)
+  GET|HEAD /health           200, no auth (app.py's middleware lets it through); 503 once the engine failed
   GET  /version              {"version": qvl's}
   GET  /v1/models            the served model, with max_model_len; /v1/models/{id} one model (404 if unknown)
   GET  /metrics              Prometheus text (metrics.py)
@@ -97,7 +97,11 @@ def _check_model(ctx: ServingContext, name: str | None) -> None:
 
 
 @router.api_route("/health", methods=["GET", "HEAD"])
-async def health():
+async def health(request: Request):
+    failure = _ctx(request).engine.failure      # a tensor-parallel rank died: the server is going down
+    if failure:
+        return JSONResponse(APIError(f"the engine failed: {failure}", status=503, code="engine_failed").body(),
+                            status_code=503)
     return Response(status_code=200)
 
 
