@@ -235,7 +235,7 @@ def main() -> None:
         print(memory_table())
         return
     torch.set_num_threads(args.threads)
-    from qvl.engine.llm_engine import resolve_dtype
+    from qvl.build import resolve_dtype
 
     path = write_checkpoint(args.config, Path(args.dir) / args.config)
     dtype = resolve_dtype(args.dtype, torch.device(args.device))

@@ -3,6 +3,8 @@
   resolve_model_path(path_or_hub_id) -> local directory (a local dir as is; otherwise
       huggingface_hub.snapshot_download of the weights, configs and tokenizer files; a clear error when
       the download fails or the hub is unreachable).
+  resolve_device(device) / resolve_dtype(dtype, device): EngineConfig's strings -> torch ("auto": cuda when
+      available, then bfloat16 on CUDA and float32 on CPU; a clear error for a CUDA device that is not there).
   load_model(path_or_hub_id, dtype=torch.float32, device="cpu", progress=None, quantization=None, tp=None)
       -> (model, config); `model.quantization` is the QuantSpec it was loaded with (or None); with
       `tp` (qvl.parallel.shard.TPInfo) of size > 1 the model is rank tp.rank's shard (qvl.parallel.shard).
@@ -49,6 +51,30 @@ from qvl.quant.transform import quantize_linears
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
 _PROGRESS_BYTES = 1 << 30  # show a progress bar above 1 GiB of weights
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """EngineConfig.device -> a torch.device ("auto": cuda when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda}"
+        raise ValueError(f"device {device!r}: no CUDA device is available to this torch {torch.__version__} "
+                         f"(built {build}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """EngineConfig.dtype -> a torch.dtype ("auto": bfloat16 on CUDA, float32 on CPU)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
 
 
 def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:

@@ -317,7 +317,7 @@ def cmd_worker(args) -> int:
     """Rank RANK > 0 of a multi-node tensor-parallel group (qvl.parallel.worker); exit 0 when rank 0 stops it."""
     import dataclasses
 
-    from qvl.engine.llm_engine import resolve_device
+    from qvl.build import resolve_device
     from qvl.parallel.group import GroupSpec, default_backend
     from qvl.parallel.worker import run_worker
 

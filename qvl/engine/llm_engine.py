@@ -11,8 +11,8 @@ Tensor parallelism (tensor_parallel_size > 1): from_config starts a TPExecutor (
 worker ranks, the step broadcast), loads rank 0's shard, and `close()` stops the workers; `failure` says why
 a dead rank stopped the engine.
 
-Building: `LLMEngine.from_config(EngineConfig)` loads the checkpoint (weights through qvl.build and the
-family registry, tokenizer + chat template as a PromptProcessor, generation_config.json) and sizes the
+Building: `LLMEngine.from_config(EngineConfig)` loads the checkpoint (qvl.engine.loading: weights through
+qvl.build and the family registry, tokenizer + chat template as a PromptProcessor, generation_config.json) and sizes the
 engine; `LLMEngine(model, config, processor, engine_config)` wraps an already loaded model (tests, mock
 models; processor None = token-id prompts only). The offline facade over it is qvl.llm.LLM.
 
@@ -46,8 +46,6 @@ import dataclasses
 import threading
 import time
 
-import torch
-
 from qvl.config import EngineConfig
 from qvl.engine.block_manager import BlockManager
 from qvl.engine.detokenizer import IncrementalDetokenizer
@@ -63,34 +61,10 @@ from qvl.engine.sequence import Sequence, media_spans
 from qvl.engine.vision_worker import VisionWorker
 from qvl.layers.attention import attention_backend
 from qvl.layers.cpu_runtime import prepare_cpu_model
-from qvl.multimodal.prompt import ProcessedPrompt, read_chat_template
+from qvl.multimodal.prompt import ProcessedPrompt
 from qvl.sampling_params import SamplingParams, eos_token_ids
 
 _STRUCTURED_LOCK = threading.Lock()
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """EngineConfig.device -> a torch.device ("auto": cuda when available)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        build = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda}"
-        raise ValueError(f"device {device!r}: no CUDA device is available to this torch {torch.__version__} "
-                         f"(built {build}); use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """EngineConfig.dtype -> a torch.dtype ("auto": bfloat16 on CUDA, float32 on CPU)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
-
-
 class LLMEngine:
     def __init__(self, model, config, processor=None, engine_config: EngineConfig | None = None, *,
                  generation_config: dict | None = None, model_path: str | None = None, executor=None,
@@ -142,34 +116,18 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
-        """Load `cfg.model_path` (a directory or hub id) and build the engine `cfg` describes: torch
-        threads set first (cfg.threads), weights on cfg.device in cfg.dtype, the tokenizer with the
-        checkpoint's chat template or cfg.chat_template's file, generation_config.json's defaults."""
-        from qvl.build import load_model, resolve_model_path
-        from qvl.multimodal.prompt import PromptProcessor
-        from qvl.sampling_params import load_generation_config
+        """Load `cfg.model_path` (a directory or hub id) and build the engine `cfg` describes
+        (qvl.engine.loading: threads, weights on cfg.device in cfg.dtype, tokenizer and chat template,
+        generation defaults, the tensor-parallel workers)."""
+        from qvl.engine.loading import load_engine_parts
 
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        template = read_chat_template(cfg.chat_template)     # a missing file fails before the weights load
-        device = resolve_device(cfg.device)
-        path = resolve_model_path(cfg.model_path)
-        executor, tp = None, {}
-        if cfg.tensor_parallel_size > 1:        # refuse an unshardable model before starting any process
-            from qvl.engine.executor import TPExecutor, check_tensor_parallel
-
-            check_tensor_parallel(path, cfg)
-            executor = TPExecutor.launch(cfg, device)
-            device, tp = executor.device, {"tp": executor.tp_info}
+        parts = load_engine_parts(cfg)
         try:
-            net, config = load_model(path, dtype=resolve_dtype(cfg.dtype, device), device=device,
-                                     quantization=cfg.quantization, **tp)
-            processor = PromptProcessor.from_pretrained(path, config, chat_template=template)
-            return cls(net, config, processor, cfg, generation_config=load_generation_config(path),
-                       model_path=str(path), executor=executor)
+            return cls(parts.model, parts.config, parts.processor, cfg, generation_config=parts.generation_config,
+                       model_path=parts.model_path, executor=parts.executor)
         except BaseException:
-            if executor is not None:
-                executor.shutdown()
+            if parts.executor is not None:
+                parts.executor.shutdown()
             raise
 
     @classmethod

@@ -49,7 +49,7 @@ def comm_device(backend: str, device: torch.device) -> torch.device:
 def rank_device(device_str: str, spec: tp_group.GroupSpec) -> torch.device:
     """This rank's device: cuda:<local rank> (modulo the visible devices, so one GPU can host two ranks
     for a check) when cfg.device is cuda/auto on a CUDA machine, else the CPU."""
-    from qvl.engine.llm_engine import resolve_device
+    from qvl.build import resolve_device
 
     dev = resolve_device(device_str)
     if dev.type == "cuda":
@@ -81,7 +81,7 @@ def abort_handshake() -> None:
 
 def _load(cfg, spec, device):
     from qvl.build import load_model, resolve_model_path
-    from qvl.engine.llm_engine import resolve_dtype
+    from qvl.build import resolve_dtype
     from qvl.parallel.shard import TPInfo
 
     return load_model(resolve_model_path(cfg.model_path), dtype=resolve_dtype(cfg.dtype, device), device=device,
@@ -90,7 +90,7 @@ def _load(cfg, spec, device):
 
 def run_worker(cfg, spec: tp_group.GroupSpec) -> int:
     from qvl.engine.kv_cache import KVCache, plan_num_blocks
-    from qvl.engine.llm_engine import resolve_dtype
+    from qvl.build import resolve_dtype
     from qvl.layers.attention import attention_backend
 
     if cfg.threads:
