@@ -17,8 +17,10 @@ subprocess (load_model in bf16 + an LLMEngine without tokenizer):
   batch16_tok_s 16 requests at once, generated tokens / wall time (prefill included)
   roofline      weight bytes one decode step reads (decoder linears in their stored form + norms + LM head)
                 / copy bandwidth (read + write of 512 MiB, measured in the same subprocess)
---kernels times each CPU bf16 candidate (torch's F.linear, the oneDNN prepacked bf16 weight, int8pack,
-int8group, int4pack, dequantize + F.linear) on the 2B decoder shapes at 1, 16 and 256 rows, interleaved.
+--kernels times each CPU bf16 candidate (torch's F.linear, the oneDNN prepacked bf16 weight, qvl's own
+qk-int8 / qk-int4 / bf16 kernels, both qk paths (in-register and dequant + GEMM) from 8 rows on, int8pack,
+int8group, int4pack, dequantize + F.linear) on the 2B decoder shapes (--head: and the LM head) at 1, 16
+and 256 rows, interleaved, with the GB/s of weight each moves beside the copy bandwidth.
 Medians over --repeats. --threads defaults to 1 (on a shared machine oneDNN/OpenMP threads spin-wait on each
 other). Prints one JSON line per variant and a table. Not a test: nothing is asserted.
 """
@@ -170,9 +172,14 @@ def child(args) -> None:
 
 
 def kernels(args) -> None:
-    """Per-linear time of every CPU bf16 candidate on the 2B decoder shapes, at each of --rows."""
+    """Per-linear time of every CPU bf16 candidate on the 2B decoder shapes (+ the LM head with --head),
+    at each of --rows, and the GB/s of weight each moves (copy bandwidth measured in the same run)."""
     import torch.nn.functional as F
 
+    from decode import copy_bandwidth
+
+    from qvl.layers import linear as qlinear
+    from qvl.layers import quant_kernels as qk
     from qvl.layers.linear import QuantLinear
     from qvl.layers.packed_linear import pack_linears
     from qvl.quant import onthefly
@@ -180,32 +187,52 @@ def kernels(args) -> None:
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    for n, k in ((1536, 1536), (8960, 1536), (1536, 8960)):
+    print(json.dumps(dict(bench="copy-bandwidth", gb_s=round(copy_bandwidth("cpu") / 1e9, 1),
+                          qk_native=qk.native())), flush=True)
+    shapes = ((1536, 1536), (8960, 1536), (1536, 8960)) + (((151936, 1536),) if args.head else ())
+    for n, k in shapes:
         w = torch.randn(n, k, generator=g) * 0.02
         packed = torch.nn.Linear(k, n, bias=False).bfloat16()
         packed.weight.data = w.bfloat16()
         pack_linears([packed])
-        cands = {"bf16 F.linear": lambda x: F.linear(x, packed.weight), "bf16 oneDNN packed": packed}
-        for label, method, bits, group, kernel in (
-                ("int8 per-row", "int8", 8, -1, None), ("int8 g128", "gptq", 8, 128, None),
-                ("int4 g128", "int4", 4, 128, None), ("int4 g128", "int4", 4, 128, "dequant")):
-            m = QuantLinear(k, n, False, QuantSpec(method, bits, group), dtype=torch.bfloat16,
-                            device=torch.device("cpu"))
-            m.kernel = kernel or m.kernel
-            m._set_kernel_tensors(onthefly.quantize(w, bits, group))
-            cands[f"{label} {m.kernel}"] = m
+        cands = {"bf16 F.linear": (lambda x: F.linear(x, packed.weight), 2 * n * k),
+                 "bf16 oneDNN packed": (packed, 2 * n * k)}
+        if qk.native():
+            cands["bf16 qk"] = (lambda x: qk.bf16_mm(x, packed.weight), 2 * n * k)
+        if n < 100000:
+            for label, method, bits, group, kernel in (
+                    ("int8 per-row", "int8", 8, -1, "qk-int8"), ("int8 per-row", "int8", 8, -1, "int8pack"),
+                    ("int8 g128", "gptq", 8, 128, "qk-int8"), ("int8 g128", "gptq", 8, 128, "int8group"),
+                    ("int4 g128", "int4", 4, 128, "qk-int4"), ("int4 g128", "int4", 4, 128, "int4pack"),
+                    ("int4 g128", "int4", 4, 128, "dequant")):
+                if kernel.startswith("qk") and not qk.native():
+                    continue
+                m = QuantLinear(k, n, False, QuantSpec(method, bits, group), dtype=torch.bfloat16,
+                                device=torch.device("cpu"))
+                m.kernel = kernel
+                m._set_kernel_tensors(onthefly.quantize(w, bits, group))
+                nbytes = sum(b.numel() * b.element_size() for b in m.buffers())
+                cands[f"{label} {m.kernel}"] = (m, nbytes)
         for rows in args.rows:
             x = torch.randn(rows, k, generator=g).bfloat16()
             times = {name: [] for name in cands}
             with torch.no_grad():
                 for _ in range(args.repeats * 5):            # interleaved: a noisy neighbour hits all alike
-                    for name, f in cands.items():
-                        t0 = time.perf_counter()
-                        f(x)
-                        times[name].append(time.perf_counter() - t0)
-            res = {name: round(statistics.median(t[2:]) * 1e6) for name, t in times.items()}
+                    for name, (f, _) in cands.items():
+                        if name.endswith("dequant") and rows > 16:
+                            continue
+                        for many in ((False, True) if "qk-" in name and rows >= 8 else (None,)):
+                            if many is not None:             # both qk paths: in-register and dequant + GEMM
+                                qlinear.MANY_ROWS = 1 if many else 1 << 30
+                            t0 = time.perf_counter()
+                            f(x)
+                            times.setdefault(name + (" (dequant+GEMM)" if many else ""), []).append(
+                                time.perf_counter() - t0)
+            qlinear.MANY_ROWS = 32
+            res = {name: round(statistics.median(t[2:]) * 1e6) for name, t in times.items() if t}
+            gbs = {name: round(cands[name.split(" (")[0]][1] / (us * 1e-6) / 1e9, 1) for name, us in res.items()}
             print(json.dumps(dict(bench="quant-kernels", out=n, inp=k, rows=rows, threads=args.threads,
-                                  median_us=res)), flush=True)
+                                  median_us=res, weight_gb_s=gbs)), flush=True)
 
 
 def main() -> None:
@@ -219,6 +246,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qvl-bench-quant")
     ap.add_argument("--kernels", action="store_true", help="only the per-linear kernel timings")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 256], help="--kernels: input rows")
+    ap.add_argument("--head", action="store_true", help="--kernels: also the 151936 x 1536 LM head")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

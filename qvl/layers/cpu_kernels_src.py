@@ -1,0 +1,324 @@
+"""The C++ source of qvl's own CPU kernels (qvl.layers.quant_kernels compiles it on first use).
+
+Plain C ABI, no torch headers (compiles in ~2 s with g++ -O3, no -march: each function carries its own
+ISA through `target` attributes and is only called after the run-time check `qk_has_avx512bf16()`;
+the scalar paths and the dequantizers are `target_clones` (AVX-512 / AVX2 / baseline, picked by the
+loader from the CPU). Every kernel writes bf16 (optional fp32 bias added in fp32, rounded once), sums in
+fp32, and splits the output columns over `nthreads` std::threads.
+
+  qk_int4(x, w, s, z, zc, y, bias, M, N, K, group, isa, nthreads)   4-bit, chunked nibble layout
+  qk_int8(x, w, s, y, bias, M, N, K, group, isa, nthreads)          (q − z) int8, per row or per group
+  qk_bf16(x, w, y, bias, M, N, K, nthreads)                         plain bf16 (N, K) weight (LM head)
+  qk_dequant4 / qk_dequant8(..., out, ..., n0, n1)                  rows of W = (q − z)·s as bf16
+Return 0, or -1 (shape refused) / -2 (ISA missing): the caller falls back, never guesses.
+"""
+
+SOURCE = r"""
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+#include <immintrin.h>
+
+namespace {
+
+inline uint16_t f32_to_bf16(float f) {                       // round to nearest even (no NaNs here)
+    uint32_t u; std::memcpy(&u, &f, 4);
+    return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+// Where results go: y (M, N) bf16 = value + bias[n] (bias may be null), rounded once.
+struct Out {
+    uint16_t* y; const float* bias; int N;
+    void put(int m, int n, float v) const { y[size_t(m) * N + n] = f32_to_bf16(bias ? v + bias[n] : v); }
+};
+
+inline float bf16_to_f32(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+
+// ---- scalar reference (any CPU): same math, fp32 accumulation ---------------------------------------
+void int4_scalar(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc,
+                 Out y, int M, int N, int K, int group, int n0, int n1) {
+    const int G = K / group;
+    for (int m = 0; m < M; ++m)
+        for (int n = n0; n < n1; ++n) {
+            const uint8_t* wr = w + size_t(n) * (K / 2);
+            float tot = 0.f;
+            for (int g = 0; g < G; ++g) {
+                float acc = 0.f;
+                const float zz = float(z ? z[size_t(g) * N + n] : zc);
+                for (int k = g * group; k < (g + 1) * group; ++k) {
+                    const int c = k / 64, j = k % 64;
+                    const uint8_t b = wr[c * 32 + (j & 31)];
+                    const int q = j < 32 ? (b & 15) : (b >> 4);
+                    acc += bf16_to_f32(x[size_t(m) * K + k]) * (float(q) - zz);
+                }
+                tot += acc * s[size_t(g) * N + n];
+            }
+            y.put(m, n, tot);
+        }
+}
+
+void int8_scalar(const uint16_t* x, const int8_t* w, const float* s, Out y, int M, int N, int K,
+                 int group, int n0, int n1) {
+    const int G = K / group;
+    for (int m = 0; m < M; ++m)
+        for (int n = n0; n < n1; ++n) {
+            float tot = 0.f;
+            for (int g = 0; g < G; ++g) {
+                float acc = 0.f;
+                for (int k = g * group; k < (g + 1) * group; ++k)
+                    acc += bf16_to_f32(x[size_t(m) * K + k]) * float(w[size_t(n) * K + k]);
+                tot += acc * s[size_t(g) * N + n];
+            }
+            y.put(m, n, tot);
+        }
+}
+
+// ---- AVX-512 BF16: weights widened to exact bf16 integers in registers, vdpbf16ps -----------------
+#define QK_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// int4: byte j of a row's 64-value chunk c holds q[64c + j] (low nibble) and q[64c + 32 + j] (high).
+// (0x4300 | q) is the bf16 of 128 + q exactly (q < 128), so a group's dot is dot(x, 128 + q) minus
+// (128 + z) * sum(x): xs holds sum(x over group) / 16 per lane, so the 16 lanes add up to it exactly.
+template <int NT, int MT>
+QK_TARGET void int4_tile(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc,
+                         const float* xs, Out y, int N, int K, int group, int n0, int m0) {
+    const int G = K / group;
+    const __m512i lo_mask = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+    __m512 tot[NT][MT];
+    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b) tot[a][b] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+        __m512 acc[NT][MT];
+        for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_setzero_ps();
+        for (int k = g * group; k < (g + 1) * group; k += 64) {
+            __m512i xl[MT], xh[MT];
+            for (int b = 0; b < MT; ++b) {
+                xl[b] = _mm512_loadu_si512(x + size_t(m0 + b) * K + k);
+                xh[b] = _mm512_loadu_si512(x + size_t(m0 + b) * K + k + 32);
+            }
+            for (int a = 0; a < NT; ++a) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i*)(w + size_t(n0 + a) * (K / 2) + k / 2));
+                const __m512i v = _mm512_cvtepu8_epi16(raw);
+                const __m512i lo = _mm512_ternarylogic_epi32(v, lo_mask, magic, 0xEA);   // (v & 15) | magic
+                const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
+                for (int b = 0; b < MT; ++b) {
+                    acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)lo, (__m512bh)xl[b]);
+                    acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)hi, (__m512bh)xh[b]);
+                }
+            }
+        }
+        for (int a = 0; a < NT; ++a) {
+            const size_t gn = size_t(g) * N + n0 + a;
+            const __m512 sv = _mm512_set1_ps(s[gn]);
+            const __m512 zv = _mm512_set1_ps(128.f + float(z ? z[gn] : zc));
+            for (int b = 0; b < MT; ++b) {
+                const __m512 xsv = _mm512_set1_ps(xs[size_t(m0 + b) * G + g]);
+                tot[a][b] = _mm512_fmadd_ps(_mm512_fnmadd_ps(zv, xsv, acc[a][b]), sv, tot[a][b]);
+            }
+        }
+    }
+    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b)
+        y.put(m0 + b, n0 + a, _mm512_reduce_add_ps(tot[a][b]));
+}
+
+// int8: (q − z) as int8 -> int32 -> fp32 -> bf16 (exact for |v| <= 256), 32 values per vdpbf16ps.
+template <int NT, int MT>
+QK_TARGET void int8_tile(const uint16_t* x, const int8_t* w, const float* s, Out y, int N, int K,
+                         int group, int n0, int m0) {
+    const int G = K / group;
+    __m512 tot[NT][MT];
+    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b) tot[a][b] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+        __m512 acc[NT][MT];
+        for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_setzero_ps();
+        for (int k = g * group; k < (g + 1) * group; k += 32) {
+            __m512i xv[MT];
+            for (int b = 0; b < MT; ++b) xv[b] = _mm512_loadu_si512(x + size_t(m0 + b) * K + k);
+            for (int a = 0; a < NT; ++a) {
+                const int8_t* p = w + size_t(n0 + a) * K + k;
+                const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+                const __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+                const __m512bh wb = _mm512_cvtne2ps_pbh(f1, f0);          // low half from f0: k .. k+15
+                for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], wb, (__m512bh)xv[b]);
+            }
+        }
+        for (int a = 0; a < NT; ++a) {
+            const __m512 sv = _mm512_set1_ps(s[size_t(g) * N + n0 + a]);
+            for (int b = 0; b < MT; ++b) tot[a][b] = _mm512_fmadd_ps(acc[a][b], sv, tot[a][b]);
+        }
+    }
+    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b)
+        y.put(m0 + b, n0 + a, _mm512_reduce_add_ps(tot[a][b]));
+}
+
+
+// bf16 weights (N, K) as stored: 32 values per vdpbf16ps straight from memory (the float LM head).
+template <int NT, int MT>
+QK_TARGET void bf16_tile(const uint16_t* x, const uint16_t* w, Out y, int N, int K, int n0, int m0) {
+    __m512 acc[NT][MT];
+    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 32) {
+        __m512i xv[MT];
+        for (int b = 0; b < MT; ++b) xv[b] = _mm512_loadu_si512(x + size_t(m0 + b) * K + k);
+        for (int a = 0; a < NT; ++a) {
+            const __m512i wv = _mm512_loadu_si512(w + size_t(n0 + a) * K + k);
+            for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)wv, (__m512bh)xv[b]);
+        }
+    }
+    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b)
+        y.put(m0 + b, n0 + a, _mm512_reduce_add_ps(acc[a][b]));
+}
+
+
+// Rows [n0, n1) of W = (q − z)·s as bf16 (N, K) row-major, for the many-row path (dequant + GEMM).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
+              int group, int n0, int n1) {
+    for (int n = n0; n < n1; ++n) {
+        const uint8_t* wr = w + size_t(n) * (K / 2);
+        uint16_t* o = out + size_t(n - n0) * K;
+        for (int k0 = 0; k0 < K; k0 += 64) {
+            const int g = k0 / group;
+            const float sc = s[size_t(g) * N + n], zz = float(z ? z[size_t(g) * N + n] : zc);
+            for (int j = 0; j < 32; ++j) {
+                const uint8_t b = wr[k0 / 2 + j];
+                o[k0 + j] = f32_to_bf16((float(b & 15) - zz) * sc);
+                o[k0 + 32 + j] = f32_to_bf16((float(b >> 4) - zz) * sc);
+            }
+        }
+    }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void dequant8(const int8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int n1) {
+    for (int n = n0; n < n1; ++n)
+        for (int g = 0; g < K / group; ++g) {
+            const float sc = s[size_t(g) * N + n];
+            const int8_t* src = w + size_t(n) * K + size_t(g) * group;
+            uint16_t* o = out + size_t(n - n0) * K + size_t(g) * group;
+            for (int k = 0; k < group; ++k) o[k] = f32_to_bf16(float(src[k]) * sc);
+        }
+}
+
+// Output rows [n0, n1) in blocks of 8 (their weights stay in L1/L2 while every input row passes them:
+// the weight is read from memory once per call, whatever M); inside a block, tiles of NT rows x MT
+// inputs with NT x MT = 8 independent accumulator chains.
+template <int MT, typename Tile>
+void block_rows(int M, int nb, int nend, int& m, Tile tile) {
+    constexpr int NT = 8 / MT;
+    for (; m + MT <= M; m += MT) {
+        int n = nb;
+        for (; n + NT <= nend; n += NT) tile(std::integral_constant<int, NT>{}, std::integral_constant<int, MT>{}, n, m);
+        for (; n < nend; ++n) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, MT>{}, n, m);
+    }
+}
+
+template <typename Tile>
+void tiles(int M, int n0, int n1, Tile tile) {
+    for (int nb = n0; nb < n1; nb += 8) {
+        const int nend = nb + 8 < n1 ? nb + 8 : n1;
+        int m = 0;
+        block_rows<4>(M, nb, nend, m, tile);
+        block_rows<2>(M, nb, nend, m, tile);
+        block_rows<1>(M, nb, nend, m, tile);
+    }
+}
+
+template <typename F>
+void parallel(int N, int nthreads, F f) {
+    if (nthreads <= 1 || N < 64) return f(0, N);
+    std::vector<std::thread> pool;
+    const int step = ((N + nthreads - 1) / nthreads + 7) / 8 * 8;
+    for (int n0 = step; n0 < N; n0 += step) pool.emplace_back(f, n0, n0 + step < N ? n0 + step : N);
+    f(0, step < N ? step : N);
+    for (auto& t : pool) t.join();
+}
+
+}  // namespace
+
+extern "C" {
+
+int qk_has_avx512bf16() {
+    static const int has = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+    }();
+    return has;
+}
+
+// y (M, N) bf16 = bias + sum_g s[g, n] * sum_{k in g} x[m, k] * (q[n, k] - z[g, n]); z null: zc everywhere.
+// isa 1: AVX-512 BF16 (needs K % 64 == 0, group % 64 == 0), 0: scalar.
+int qk_int4(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* yp, const float* bias,
+            int M, int N, int K, int group, int isa, int nthreads) {
+    const Out y{yp, bias, N};
+    if (group <= 0 || K % group || K % 64) return -1;
+    if (isa == 1) {
+        if (group % 64 || !qk_has_avx512bf16()) return -2;
+        const int G = K / group;
+        std::vector<float> xs(size_t(M) * G);
+        for (int m = 0; m < M; ++m)
+            for (int g = 0; g < G; ++g) {
+                float t = 0.f;
+                for (int k = g * group; k < (g + 1) * group; ++k) t += bf16_to_f32(x[size_t(m) * K + k]);
+                xs[size_t(m) * G + g] = t / 16.f;
+            }
+        parallel(N, nthreads, [&](int n0, int n1) {
+            tiles(M, n0, n1, [&](auto nt, auto mt, int n, int m) {
+                int4_tile<decltype(nt)::value, decltype(mt)::value>(x, w, s, z, zc, xs.data(), y, N, K, group, n, m);
+            });
+        });
+        return 0;
+    }
+    parallel(N, nthreads, [&](int n0, int n1) { int4_scalar(x, w, s, z, zc, y, M, N, K, group, n0, n1); });
+    return 0;
+}
+
+// y (M, N) bf16 = bias + sum_g s[g, n] * sum_{k in g} x[m, k] * w[n, k]; isa 1 needs group % 32 == 0.
+int qk_int8(const uint16_t* x, const int8_t* w, const float* s, uint16_t* yp, const float* bias, int M, int N, int K, int group,
+            int isa, int nthreads) {
+    const Out y{yp, bias, N};
+    if (group <= 0 || K % group) return -1;
+    if (isa == 1) {
+        if (group % 32 || !qk_has_avx512bf16()) return -2;
+        parallel(N, nthreads, [&](int n0, int n1) {
+            tiles(M, n0, n1, [&](auto nt, auto mt, int n, int m) {
+                int8_tile<decltype(nt)::value, decltype(mt)::value>(x, w, s, y, N, K, group, n, m);
+            });
+        });
+        return 0;
+    }
+    parallel(N, nthreads, [&](int n0, int n1) { int8_scalar(x, w, s, y, M, N, K, group, n0, n1); });
+    return 0;
+}
+
+
+// y (M, N) bf16 = bias + x · wᵀ with bf16 w (N, K); AVX-512 BF16 only (K % 32 == 0), else -2.
+int qk_bf16(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bias, int M, int N, int K, int nthreads) {
+    const Out y{yp, bias, N};
+    if (K % 32 || !qk_has_avx512bf16()) return -2;
+    parallel(N, nthreads, [&](int n0, int n1) {
+        tiles(M, n0, n1, [&](auto nt, auto mt, int n, int m) {
+            bf16_tile<decltype(nt)::value, decltype(mt)::value>(x, w, y, N, K, n, m);
+        });
+    });
+    return 0;
+}
+
+// out (n1 − n0, K) bf16 = rows [n0, n1) of the dequantized weight (any CPU).
+int qk_dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
+                int group, int n0, int n1) {
+    if (group <= 0 || K % group || K % 64 || group % 64) return -1;
+    dequant4(w, s, z, zc, out, N, K, group, n0, n1);
+    return 0;
+}
+
+int qk_dequant8(const int8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int n1) {
+    if (group <= 0 || K % group) return -1;
+    dequant8(w, s, out, N, K, group, n0, n1);
+    return 0;
+}
+
+}  // extern "C"
+"""

@@ -1,0 +1,176 @@
+"""qvl's own CPU matmul kernels for bf16 activations: int4 / int8 weight-only and plain bf16 (few rows).
+
+Why: on the bench machine (AMD EPYC, AVX512-BF16, 1 thread) torch's `_weight_int4pack_mm_for_cpu` moved
+~10 GB/s and `_weight_int8pack_mm` 11-16 GB/s at one row, where a copy runs at ~21 GB/s; these kernels
+widen the integers to exact bf16 values in registers and use `vdpbf16ps`, reading ~22 GB/s
+(bench/quant.py --kernels, README "Quantized checkpoints").
+
+  available() -> bool          the library compiled and loaded (g++ on first use, cached by source hash)
+  native() -> bool             ... and this CPU has AVX-512 BF16 (checked at run time by the library)
+  pack_int4(q (N, K) uint8) -> (N, K/2) uint8: per 64-column chunk, byte j = q[j] | q[32 + j] << 4
+  int4_mm(x, w4, s, z, zc, group, bias) -> (M, N) bf16    W = (q − z)·s, z (G, N) uint8 or None (zc)
+  int8_mm(x, w8, s, group, bias) -> (M, N) bf16           W = w8·s, w8 (N, K) int8, s (G, N) fp32
+  bf16_mm(x, w, bias) -> (M, N) bf16                      x · wᵀ, w (N, K) bf16 as stored
+  dequant_mm(x, dequant, n, bias) -> (M, N) bf16          many rows: W in bf16 blocks, then torch.mm
+x is (M, K) bf16 contiguous, s fp32 (G, N), bias fp32 (N,) or None; `isa=0` runs the scalar code (tests).
+
+Numerics: products of bf16 x and small integers are exact in fp32 and summed in fp32; a group's sum is
+scaled by its fp32 scale (int4: the zero is applied as (128 + z)·Σx, see the source); the result is rounded
+to bf16 once. Held to the bf16 criterion, not to F.linear's bits. dequant_mm rounds W to bf16 first.
+
+Fallbacks, never an assumed ISA: QVL_CPU_KERNELS=0 in the environment, no g++, a failed compile or a CPU
+without AVX-512 BF16 -> available()/native() is False and qvl.layers.linear keeps torch's kernels.
+The compiled library lives in $QVL_KERNEL_CACHE or ~/.cache/qvl/kernels/<hash>/ (written atomically, so
+concurrent first uses are safe). The kernels release the GIL (ctypes).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from qvl.layers.cpu_kernels_src import SOURCE
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state: dict = {}
+_P, _I = ctypes.c_void_p, ctypes.c_int
+_SIGS = {"qk_int4": [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I],
+         "qk_int8": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
+         "qk_bf16": [_P, _P, _P, _P, _I, _I, _I, _I],
+         "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I],
+         "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I]}
+BLOCK_ELEMS = 1 << 21          # dequant_mm: weight elements per bf16 block (4 MiB, stays in L2/L3)
+
+
+def _build() -> ctypes.CDLL | None:
+    if os.environ.get("QVL_CPU_KERNELS", "1") == "0":
+        return None
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        log.info("qvl CPU kernels: no C++ compiler, using torch's kernels")
+        return None
+    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("QVL_KERNEL_CACHE") or Path.home() / ".cache" / "qvl" / "kernels")
+    so = root / digest / "qk.so"
+    if not so.is_file():
+        try:
+            so.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+                cpp, out = Path(tmp) / "qk.cpp", Path(tmp) / "qk.so"
+                cpp.write_text(SOURCE)
+                subprocess.run([cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-o", str(out), str(cpp),
+                                "-lpthread"], check=True, capture_output=True, timeout=300)
+                os.replace(out, so)                 # atomic: a concurrent process sees all or nothing
+        except (OSError, subprocess.SubprocessError) as e:
+            err = getattr(e, "stderr", b"") or b""
+            log.warning("qvl CPU kernels did not compile (%s %s); using torch's kernels", e,
+                        err.decode(errors="replace")[-500:])
+            return None
+    try:
+        lib = ctypes.CDLL(str(so))
+    except OSError as e:
+        log.warning("qvl CPU kernels did not load (%s); using torch's kernels", e)
+        return None
+    for name, sig in _SIGS.items():
+        getattr(lib, name).argtypes = sig
+        getattr(lib, name).restype = _I
+    lib.qk_has_avx512bf16.restype = _I
+    return lib
+
+
+def _lib() -> ctypes.CDLL | None:
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = _build()
+        return _state["lib"]
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def native() -> bool:
+    lib = _lib()
+    return lib is not None and bool(lib.qk_has_avx512bf16())
+
+
+def _ptr(t: torch.Tensor | None):
+    if t is not None and not (t.is_contiguous() and t.device.type == "cpu"):
+        raise ValueError(f"qvl CPU kernels take contiguous CPU tensors, got shape {tuple(t.shape)} with strides "
+                         f"{t.stride()} on {t.device}")
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise ValueError(f"qvl CPU kernel {what} refused its input (code {rc}: -1 shape, -2 ISA)")
+
+
+def _out(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty(x.shape[0], n, dtype=torch.bfloat16)                               # (M, N)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    c = q.to(torch.uint8).view(n, k // 64, 2, 32)                                          # (N, K/64, 2, 32)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()               # (N, K/2)
+
+
+def int4_mm(x, w4, s, z, zc: int, group: int, bias=None, *, isa: int = 1) -> torch.Tensor:
+    m, k = x.shape
+    y = _out(x, w4.shape[0])
+    _check(_lib().qk_int4(_ptr(x), _ptr(w4), _ptr(s), _ptr(z), zc, _ptr(y), _ptr(bias), m, w4.shape[0], k,
+                          group, isa, torch.get_num_threads()), "int4")
+    return y
+
+
+def int8_mm(x, w8, s, group: int, bias=None, *, isa: int = 1) -> torch.Tensor:
+    m, k = x.shape
+    y = _out(x, w8.shape[0])
+    _check(_lib().qk_int8(_ptr(x), _ptr(w8), _ptr(s), _ptr(y), _ptr(bias), m, w8.shape[0], k, group, isa,
+                          torch.get_num_threads()), "int8")
+    return y
+
+
+def bf16_mm(x, w, bias=None) -> torch.Tensor:
+    m, k = x.shape
+    y = _out(x, w.shape[0])
+    _check(_lib().qk_bf16(_ptr(x), _ptr(w), _ptr(y), _ptr(bias), m, w.shape[0], k, torch.get_num_threads()),
+           "bf16")
+    return y
+
+
+def dequant4_rows(w4, s, z, zc: int, group: int, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+    n, k = w4.shape[0], w4.shape[1] * 2
+    _check(_lib().qk_dequant4(_ptr(w4), _ptr(s), _ptr(z), zc, _ptr(out), n, k, group, n0, n1), "dequant4")
+    return out
+
+
+def dequant8_rows(w8, s, group: int, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+    n, k = w8.shape
+    _check(_lib().qk_dequant8(_ptr(w8), _ptr(s), _ptr(out), n, k, group, n0, n1), "dequant8")
+    return out
+
+
+def dequant_mm(x: torch.Tensor, dequant, n: int, bias=None) -> torch.Tensor:
+    """x (M, K) · Wᵀ for many rows: `dequant(n0, n1, out)` writes rows [n0, n1) of W as bf16 into
+    out (n1 − n0, K); each block goes through torch's bf16 GEMM (oneDNN), so the integer-to-bf16 work is
+    paid once per block, not once per input row."""
+    m, k = x.shape
+    rows = max(1, min(n, BLOCK_ELEMS // k))
+    scratch = torch.empty(rows, k, dtype=torch.bfloat16)                                   # (b, K)
+    y = torch.empty(m, n, dtype=torch.bfloat16)                                            # (M, N)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        blk = dequant(n0, n1, scratch[:n1 - n0])                                           # (b, K)
+        y[:, n0:n1] = torch.mm(x, blk.t()) if bias is None else torch.addmm(bias[n0:n1].to(x.dtype), x, blk.t())
+    return y
