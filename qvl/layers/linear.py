@@ -191,13 +191,12 @@ class QuantLinear(nn.Module):
         return y.view(*lead, self.out_features)                                                  # (..., N)
 
     def _qk_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        n, b = self.out_features, self.bias
-        if self.kernel == "qk-int4":
-            if x2.shape[0] >= MANY_ROWS:
-                return qk.dequant_mm(x2, lambda n0, n1, out: qk.dequant4_rows(
-                    self.w4, self.s4, self.z4, self.zc, self.group, n0, n1, out), n, b)
-            return qk.int4_mm(x2, self.w4, self.s4, self.z4, self.zc, self.group, None if b is None else b.float())
+        plan, w = self.__dict__.get("_qk"), self._buffers["w4" if self.kernel == "qk-int4" else "w8"]
+        if plan is None or plan.w is not w:                  # bound once (again only if the buffer was replaced)
+            s = self._buffers["s4" if self.kernel == "qk-int4" else "s8"]
+            plan = qk.QuantWeight(4, w, s, self._buffers["z4"], self.zc, self.group) if self.kernel == "qk-int4" \
+                else qk.QuantWeight(8, w, s, group=self.group)
+            self.__dict__["_qk"] = plan
         if x2.shape[0] >= MANY_ROWS:
-            return qk.dequant_mm(x2, lambda n0, n1, out: qk.dequant8_rows(self.w8, self.s8, self.group, n0, n1, out),
-                                 n, b)
-        return qk.int8_mm(x2, self.w8, self.s8, self.group, None if b is None else b.float())
+            return plan.dequant_matmul(x2, self.bias)
+        return plan.matmul(x2, self.bias)

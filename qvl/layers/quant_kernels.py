@@ -8,11 +8,15 @@ widen the integers to exact bf16 values in registers and use `vdpbf16ps`, readin
   available() -> bool          the library compiled and loaded (g++ on first use, cached by source hash)
   native() -> bool             ... and this CPU has AVX-512 BF16 (checked at run time by the library)
   pack_int4(q (N, K) uint8) -> (N, K/2) uint8: per 64-column chunk, byte j = q[j] | q[32 + j] << 4
-  int4_mm(x, w4, s, z, zc, group, bias) -> (M, N) bf16    W = (q − z)·s, z (G, N) uint8 or None (zc)
-  int8_mm(x, w8, s, group, bias) -> (M, N) bf16           W = w8·s, w8 (N, K) int8, s (G, N) fp32
-  bf16_mm(x, w, bias) -> (M, N) bf16                      x · wᵀ, w (N, K) bf16 as stored
-  dequant_mm(x, dequant, n, bias) -> (M, N) bf16          many rows: W in bf16 blocks, then torch.mm
-x is (M, K) bf16 contiguous, s fp32 (G, N), bias fp32 (N,) or None; `isa=0` runs the scalar code (tests).
+  QuantWeight(bits, w, s, z, zc, group)   one layer's weight bound to the library (what QuantLinear holds):
+    .matmul(x, bias) -> (M, N) bf16       few rows: integers widened in registers
+    .dequant_matmul(x, bias) -> (M, N)    many rows: W dequantized in bf16 blocks, each through torch.mm
+    .dequant_rows(n0, n1, out)            rows of W = (q − z)·s in bf16
+  int4_mm / int8_mm / dequant4_rows / dequant8_rows   the same as one-off calls (tests, bench)
+  bf16_mm(x, w, bias) -> (M, N) bf16      x · wᵀ, w (N, K) bf16 as stored
+int4: W = (q − z)·s, w4 (N, K/2) from pack_int4, z (G, N) uint8 or None (then zc everywhere); int8: W = w8·s,
+w8 (N, K) int8. x is (M, K) bf16 contiguous, s fp32 (G, N), bias (N,) or None (added in fp32); `isa=0`
+runs the scalar code (tests).
 
 Numerics: products of bf16 x and small integers are exact in fp32 and summed in fp32; a group's sum is
 scaled by its fp32 scale (int4: the zero is applied as (128 + z)·Σx, see the source); the result is rounded
@@ -115,50 +119,82 @@ def _check(rc: int, what: str) -> None:
         raise ValueError(f"qvl CPU kernel {what} refused its input (code {rc}: -1 shape, -2 ISA)")
 
 
-def _out(x: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.empty(x.shape[0], n, dtype=torch.bfloat16)                               # (M, N)
-
-
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     c = q.to(torch.uint8).view(n, k // 64, 2, 32)                                          # (N, K/64, 2, 32)
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()               # (N, K/2)
 
 
+class QuantWeight:
+    """One layer's integer weight bound to the library once (pointers and shapes resolved here, so a decode
+    call costs one ctypes call): bits 4 -> w (N, K/2) from pack_int4, z (G, N) uint8 or None (zc
+    everywhere); bits 8 -> w (N, K) int8, z unused. Holds its tensors: the pointers stay valid."""
+
+    def __init__(self, bits: int, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None = None, zc: int = 0,
+                 group: int = 128) -> None:
+        lib = _lib()
+        self.bits, self.w, self.s, self.z = bits, w, s, z
+        n, k = w.shape[0], w.shape[1] * (2 if bits == 4 else 1)
+        self.n, self.k = n, k
+        wp, sp, zp = _ptr(w), _ptr(s), _ptr(z)
+        if bits == 4:
+            mm, dq = lib.qk_int4, lib.qk_dequant4
+            self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, zp, zc, yp, bp, m, n, k, group, isa, nt)
+            self._dq = lambda op, n0, n1: dq(wp, sp, zp, zc, op, n, k, group, n0, n1)
+        else:
+            mm, dq = lib.qk_int8, lib.qk_dequant8
+            self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, yp, bp, m, n, k, group, isa, nt)
+            self._dq = lambda op, n0, n1: dq(wp, sp, op, n, k, group, n0, n1)
+        self._bias: tuple = (None, None)
+
+    def bias32(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The fp32 copy the kernels add, made once per bias tensor."""
+        if bias is None:
+            return None
+        if self._bias[0] is not bias:
+            self._bias = (bias, bias.float().contiguous())
+        return self._bias[1]
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, isa: int = 1) -> torch.Tensor:
+        """(M, K) bf16 -> (M, N) bf16, integers widened in registers (few rows)."""
+        if x.shape[-1] != self.k:
+            raise ValueError(f"qvl CPU kernel: input has {x.shape[-1]} columns, the weight {self.k}")
+        y = torch.empty(x.shape[0], self.n, dtype=torch.bfloat16)                          # (M, N)
+        _check(self._mm(_ptr(x), y.data_ptr(), _ptr(self.bias32(bias)), x.shape[0], isa,
+                        torch.get_num_threads()), f"int{self.bits}")
+        return y
+
+    def dequant_rows(self, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+        """out (n1 − n0, K) bf16 = rows [n0, n1) of W = (q − z)·s."""
+        _check(self._dq(_ptr(out), n0, n1), f"dequant{self.bits}")
+        return out
+
+    def dequant_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return dequant_mm(x, self.dequant_rows, self.n, bias)
+
+
 def int4_mm(x, w4, s, z, zc: int, group: int, bias=None, *, isa: int = 1) -> torch.Tensor:
-    m, k = x.shape
-    y = _out(x, w4.shape[0])
-    _check(_lib().qk_int4(_ptr(x), _ptr(w4), _ptr(s), _ptr(z), zc, _ptr(y), _ptr(bias), m, w4.shape[0], k,
-                          group, isa, torch.get_num_threads()), "int4")
-    return y
+    return QuantWeight(4, w4, s, z, zc, group).matmul(x, bias, isa=isa)
 
 
 def int8_mm(x, w8, s, group: int, bias=None, *, isa: int = 1) -> torch.Tensor:
-    m, k = x.shape
-    y = _out(x, w8.shape[0])
-    _check(_lib().qk_int8(_ptr(x), _ptr(w8), _ptr(s), _ptr(y), _ptr(bias), m, w8.shape[0], k, group, isa,
-                          torch.get_num_threads()), "int8")
-    return y
+    return QuantWeight(8, w8, s, group=group).matmul(x, bias, isa=isa)
 
 
 def bf16_mm(x, w, bias=None) -> torch.Tensor:
     m, k = x.shape
-    y = _out(x, w.shape[0])
-    _check(_lib().qk_bf16(_ptr(x), _ptr(w), _ptr(y), _ptr(bias), m, w.shape[0], k, torch.get_num_threads()),
-           "bf16")
+    y = torch.empty(m, w.shape[0], dtype=torch.bfloat16)                                   # (M, N)
+    b = None if bias is None else bias.float().contiguous()
+    _check(_lib().qk_bf16(_ptr(x), _ptr(w), _ptr(y), _ptr(b), m, w.shape[0], k, torch.get_num_threads()), "bf16")
     return y
 
 
 def dequant4_rows(w4, s, z, zc: int, group: int, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-    n, k = w4.shape[0], w4.shape[1] * 2
-    _check(_lib().qk_dequant4(_ptr(w4), _ptr(s), _ptr(z), zc, _ptr(out), n, k, group, n0, n1), "dequant4")
-    return out
+    return QuantWeight(4, w4, s, z, zc, group).dequant_rows(n0, n1, out)
 
 
 def dequant8_rows(w8, s, group: int, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-    n, k = w8.shape
-    _check(_lib().qk_dequant8(_ptr(w8), _ptr(s), _ptr(out), n, k, group, n0, n1), "dequant8")
-    return out
+    return QuantWeight(8, w8, s, group=group).dequant_rows(n0, n1, out)
 
 
 def dequant_mm(x: torch.Tensor, dequant, n: int, bias=None) -> torch.Tensor:
