@@ -4,6 +4,7 @@ one's memory-bandwidth roofline.
     python bench/quant.py                                   # Qwen2-VL-2B text dims, all variants, ~25 min
     python bench/quant.py --variants bf16,int4 --layers 8   # quicker
     python bench/quant.py --kernels                         # per-linear kernel timings only, ~2 min
+    python bench/quant.py --profile --variants bf16,int4     # where one decode step's time goes
 
 The checkpoint is the Qwen2-VL-2B text config (28 layers, hidden 1536, intermediate 8960, vocab 151936,
 tied head) with random bf16 weights, written once under --workdir; the vision tower is cut to one block
@@ -143,6 +144,38 @@ def _throughput(eng, vocab: int, prompt_len: int, new: int, n: int) -> float:
     return n * new / (time.perf_counter() - t0)
 
 
+def profile_decode(model, eng, ids, new: int, bw: float) -> dict:
+    """One batch-1 decode of `new` tokens with a timer around every decoder linear and the LM head:
+    ms per token and GB/s of weight per group (q/k/v/o/gate/up/down, lm_head), the rest as `other`."""
+    import torch.nn as nn
+
+    from decode import qvl_decode
+
+    from qvl.layers.linear import QuantLinear
+
+    spent, nbytes, hooks, t0 = {}, {}, [], {}
+    for name, m in model.named_modules():
+        if not (isinstance(m, (QuantLinear, nn.Linear)) and (name.startswith("model.") or name == "lm_head")):
+            continue
+        group = name.rsplit(".", 1)[-1]
+        size = sum(t.numel() * t.element_size() for t in (m.buffers() if isinstance(m, QuantLinear)
+                                                          else [m.weight]) if t is not None)
+        nbytes[group] = nbytes.get(group, 0) + size
+        hooks.append(m.register_forward_pre_hook(lambda mod, inp, k=id(m): t0.__setitem__(k, time.perf_counter())))
+        hooks.append(m.register_forward_hook(lambda mod, inp, out, k=id(m), g=group: spent.__setitem__(
+            g, spent.get(g, 0.0) + time.perf_counter() - t0[k])))
+    start = time.perf_counter()
+    tok_s = qvl_decode(eng, ids, new, "cpu")[0]
+    total = time.perf_counter() - start
+    for h in hooks:
+        h.remove()
+    steps = new                                       # prefill + new − 1 decode steps: per token, roughly
+    out = {g: dict(ms_per_token=round(spent[g] / steps * 1e3, 2), gb_s=round(nbytes[g] / (spent[g] / steps) / 1e9, 1))
+           for g in spent}
+    out["other"] = dict(ms_per_token=round((total - sum(spent.values())) / steps * 1e3, 2))
+    return dict(profile=out, decode_tok_s_with_timers=round(tok_s, 2), copy_bw_gb_s=round(bw / 1e9, 1))
+
+
 def child(args) -> None:
     from decode import copy_bandwidth, make_engine, qvl_decode
 
@@ -157,6 +190,11 @@ def child(args) -> None:
     ids = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     qvl_decode(eng, ids, 4, "cpu")                                    # warm-up
     rss = _rss()               # after a forward: every weight page touched (load_model may mmap bf16)
+    if args.profile:
+        prompt = ids[:1]                  # one prompt token: the profiled steps are (almost all) decode steps
+        print(json.dumps(dict(variant=args.child, **profile_decode(model, eng, prompt, args.new_tokens,
+                                                                   copy_bandwidth("cpu")))))
+        return
     dec = statistics.median(qvl_decode(eng, ids, args.new_tokens, "cpu")[0] for _ in range(args.repeats))
     thr = statistics.median(_throughput(eng, vocab, args.prompt_len, args.new_tokens, 16)
                             for _ in range(max(1, args.repeats - 1)))
@@ -247,6 +285,8 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="only the per-linear kernel timings")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 256], help="--kernels: input rows")
     ap.add_argument("--head", action="store_true", help="--kernels: also the 151936 x 1536 LM head")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-group time of one batch-1 decode (decoder linears, LM head, other) instead")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -265,10 +305,12 @@ def main() -> None:
     for name in variants:
         cmd = [sys.executable, __file__, "--child", name, "--workdir", str(work), "--threads", str(args.threads),
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats)] + (["--profile"] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
+    if args.profile:
+        return
     base = next((r for r in rows if r["variant"] == "bf16"), rows[0])
     print(f"\n{'variant':10} {'kernel':12} {'RSS GB':>7} {'GB/tok':>7} {'decode tok/s':>12} {'x bf16':>7} "
           f"{'roofline':>8} {'of roof':>7} {'16 req tok/s':>12} {'x bf16':>7}")

@@ -54,15 +54,15 @@ def _close(got, want):
 
 
 # Every fast kernel, forced, against the float32 dequant reference: 1 to 40 rows (the qk kernels' tiles of
-# 4, 2 and 1 rows and their dequant + GEMM path from MANY_ROWS on), odd widths (100 rows: a partial block
-# of 8), varying (AWQ) and constant (GPTQ / on-the-fly) zeros, with and without bias.
+# 4, 2 and 1 rows and their dequant + GEMM path from MANY_ROWS on), odd widths (104 rows: an odd number
+# of 8-row blocks), varying (AWQ) and constant (GPTQ / on-the-fly) zeros, with and without bias.
 @pytest.mark.parametrize("bits, group, zeros, kernel", [
     (4, 32, "awq", "int4pack"), (4, 128, "awq", "int4pack"), (8, 256, "sym", "int8pack"),
     (8, 64, "sym", "int8group"),
     pytest.param(4, 128, "awq", "qk-int4", marks=needs_native), pytest.param(4, 64, "sym", "qk-int4", marks=needs_native),
     pytest.param(8, 256, "sym", "qk-int8", marks=needs_native), pytest.param(8, 32, "sym", "qk-int8", marks=needs_native)])
 @pytest.mark.parametrize("rows", [1, 3, 16, 40])
-@pytest.mark.parametrize("n, has_bias", [(96, True), (100, False)])
+@pytest.mark.parametrize("n, has_bias", [(96, True), (104, False)])
 def test_kernel_matches_fp32_reference(bits, group, zeros, kernel, rows, n, has_bias):
     if kernel == "int4pack" and n % 16:
         pytest.skip("int4pack needs out % 16 == 0 (choose_kernel never picks it there)")
@@ -95,11 +95,13 @@ def test_scalar_fallbacks_match(rows):
     blk = qk.dequant4_rows(w4, qz.scales.contiguous(), z, 0, 64, 0, 40, torch.empty(40, 192, dtype=torch.bfloat16))
     assert torch.equal(blk, w.bfloat16())                                    # RNE, as torch rounds
     q8, _ = _random(8, 32, 40, 192, rows, "sym")
-    w8 = (q8.q.to(torch.int16) - 128).to(torch.int8)
+    w8 = qk.pack_int8((q8.q.to(torch.int16) - 128).to(torch.int8))
     want8 = x.float() @ formats.dequantize(q8).t()
     _close(qk.int8_mm(x, w8, q8.scales.contiguous(), 32, None, isa=0), want8)
     blk8 = qk.dequant8_rows(w8, q8.scales.contiguous(), 32, 0, 40, torch.empty(40, 192, dtype=torch.bfloat16))
     assert torch.equal(blk8, formats.dequantize(q8).bfloat16())
+    with pytest.raises(ValueError, match="qvl CPU kernel int8 refused its input"):      # N % 8 != 0
+        qk.int8_mm(x, w8[:36].contiguous(), q8.scales[:, :36].contiguous(), 32, None, isa=0)
     with pytest.raises(ValueError, match="qvl CPU kernel int4 refused its input"):
         qk.int4_mm(x[:, :96].contiguous(), w4[:, :48].contiguous(), qz.scales, z, 0, 64, isa=0)          # K = 96: not whole chunks
 
@@ -108,9 +110,9 @@ def test_scalar_fallbacks_match(rows):
 @pytest.mark.parametrize("rows", [1, 4, 7])
 def test_bf16_kernel_and_threads(rows):
     g = torch.Generator().manual_seed(rows)
-    w = (torch.randn(200, 320, generator=g) * 0.05).bfloat16()
+    w = (torch.randn(203, 320, generator=g) * 0.05).bfloat16()         # 203: a partial block of 8 rows
     x = torch.randn(rows, 320, generator=g).bfloat16()
-    bias = torch.randn(200, generator=g)
+    bias = torch.randn(203, generator=g)
     _close(qk.bf16_mm(x, w, bias), x.float() @ w.float().t() + bias)
     threads = torch.get_num_threads()
     try:                                      # columns split over threads: each output's sum is unchanged
@@ -129,6 +131,7 @@ def test_kernel_choice(monkeypatch):
         assert choose_kernel(8, 128, 1536, 256, torch.bfloat16, cpu) == "qk-int8"
         assert choose_kernel(8, 1536, 1536, 256, torch.bfloat16, cpu) == "qk-int8"
         assert choose_kernel(4, 32, 1536, 8960, torch.bfloat16, cpu) == "int4pack"      # group 32: torch's
+        assert choose_kernel(8, 1536, 1536, 100, torch.bfloat16, cpu) == "int8pack"     # out % 8 != 0
     monkeypatch.setitem(qk._state, "lib", None)            # no library (no g++, QVL_CPU_KERNELS=0, failed build)
     assert not qk.native()
     assert choose_kernel(4, 128, 1536, 8960, torch.bfloat16, cpu) == "int4pack"
@@ -188,3 +191,18 @@ def test_bf16_kernels_meet_the_bf16_criterion(ckpts, tag):
         res = LLM.from_engine(eng).generate(ps, params, use_tqdm=False)
         outs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in res])
     _check_logprobs_close(outs[0], outs[1], tag)
+
+
+@needs_native
+def test_bound_layer_pickles_and_rebinds():
+    """The ctypes binding is not state: a pickled (or deep-copied) layer binds again on its first call."""
+    import copy
+    import pickle
+
+    qz, g = _random(4, 64, 32, 128, 3)
+    m = _layer(QuantSpec("awq", 4, 64), torch.bfloat16, qz, 32, 128, None, "qk-int4")
+    x = torch.randn(2, 128, generator=g).bfloat16()
+    with torch.no_grad():
+        want = m(x)
+        for other in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+            assert torch.equal(other(x), want)

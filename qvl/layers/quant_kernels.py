@@ -7,15 +7,16 @@ widen the integers to exact bf16 values in registers and use `vdpbf16ps`, readin
 
   available() -> bool          the library compiled and loaded (g++ on first use, cached by source hash)
   native() -> bool             ... and this CPU has AVX-512 BF16 (checked at run time by the library)
-  pack_int4(q (N, K) uint8) -> (N, K/2) uint8: per 64-column chunk, byte j = q[j] | q[32 + j] << 4
+  pack_int4(q (N, K) uint8) -> (N, K/2) uint8, pack_int8(w8 (N, K) int8) -> (N, K): the kernels' layout,
+               32-byte chunks of 8 output rows side by side (one sequential stream per 8 rows)
   QuantWeight(bits, w, s, z, zc, group)   one layer's weight bound to the library (what QuantLinear holds):
     .matmul(x, bias) -> (M, N) bf16       few rows: integers widened in registers
     .dequant_matmul(x, bias) -> (M, N)    many rows: W dequantized in bf16 blocks, each through torch.mm
     .dequant_rows(n0, n1, out)            rows of W = (q − z)·s in bf16
   int4_mm / int8_mm / dequant4_rows / dequant8_rows   the same as one-off calls (tests, bench)
   bf16_mm(x, w, bias) -> (M, N) bf16      x · wᵀ, w (N, K) bf16 as stored
-int4: W = (q − z)·s, w4 (N, K/2) from pack_int4, z (G, N) uint8 or None (then zc everywhere); int8: W = w8·s,
-w8 (N, K) int8. x is (M, K) bf16 contiguous, s fp32 (G, N), bias (N,) or None (added in fp32); `isa=0`
+int4: W = (q − z)·s, w4 from pack_int4, z (G, N) uint8 or None (then zc everywhere); int8: W = w8·s, w8
+from pack_int8. N % 8 == 0. x is (M, K) bf16 contiguous, s fp32 (G, N), bias (N,) or None (added in fp32); `isa=0`
 runs the scalar code (tests).
 
 Numerics: products of bf16 x and small integers are exact in fp32 and summed in fp32; a group's sum is
@@ -120,15 +121,24 @@ def _check(rc: int, what: str) -> None:
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) integers in [0, 16) -> the kernels' layout, stored as (N, K/2) uint8 (N % 8 == 0, K % 64 == 0):
+    per row and 64-column chunk, byte j = q[j] | q[32 + j] << 4; chunks of 8 rows side by side."""
     n, k = q.shape
-    c = q.to(torch.uint8).view(n, k // 64, 2, 32)                                          # (N, K/64, 2, 32)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()               # (N, K/2)
+    c = q.to(torch.uint8).view(n // 8, 8, k // 64, 2, 32)                                  # (N/8, 8, K/64, 2, 32)
+    b = c[:, :, :, 0] | (c[:, :, :, 1] << 4)                                                # (N/8, 8, K/64, 32)
+    return b.transpose(1, 2).contiguous().view(n, k // 2)                                   # (N, K/2) storage
+
+
+def pack_int8(w8: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 -> the kernels' layout (N % 8 == 0, K % 32 == 0): 32-column chunks of 8 rows side by side."""
+    n, k = w8.shape
+    return w8.view(n // 8, 8, k // 32, 32).transpose(1, 2).contiguous().view(n, k)         # (N, K) storage
 
 
 class QuantWeight:
     """One layer's integer weight bound to the library once (pointers and shapes resolved here, so a decode
-    call costs one ctypes call): bits 4 -> w (N, K/2) from pack_int4, z (G, N) uint8 or None (zc
-    everywhere); bits 8 -> w (N, K) int8, z unused. Holds its tensors: the pointers stay valid."""
+    call costs one ctypes call): bits 4 -> w from pack_int4, z (G, N) uint8 or None (zc everywhere);
+    bits 8 -> w from pack_int8, z unused. Holds its tensors: the pointers stay valid."""
 
     def __init__(self, bits: int, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None = None, zc: int = 0,
                  group: int = 128) -> None:
