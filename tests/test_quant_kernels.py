@@ -107,19 +107,23 @@ def test_scalar_fallbacks_match(rows):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 4, 7])
+@pytest.mark.parametrize("rows", [1, 4, 7, 19])
 def test_bf16_kernel_and_threads(rows):
     g = torch.Generator().manual_seed(rows)
-    w = (torch.randn(203, 320, generator=g) * 0.05).bfloat16()         # 203: a partial block of 8 rows
+    w = (torch.randn(208, 320, generator=g) * 0.05).bfloat16()         # 13 panels of 16: 4 + 4 + 4 + 1
     x = torch.randn(rows, 320, generator=g).bfloat16()
-    bias = torch.randn(203, generator=g)
-    _close(qk.bf16_mm(x, w, bias), x.float() @ w.float().t() + bias)
+    bias = torch.randn(208, generator=g)
+    panels = qk.pack_bf16(w)
+    _close(qk.bf16_mm(x, panels, bias), x.float() @ w.float().t() + bias)
+    with pytest.raises(ValueError, match="qvl CPU kernel bf16 refused its input"):
+        qk.bf16_mm(x, w[:200].contiguous())                                # N % 16 != 0
     threads = torch.get_num_threads()
     try:                                      # columns split over threads: each output's sum is unchanged
         torch.set_num_threads(1)
-        one = qk.bf16_mm(x, w)
+        wide = qk.pack_bf16((torch.randn(2048, 320, generator=g) * 0.05).bfloat16())   # 128 panels: split
+        one = qk.bf16_mm(x, wide)
         torch.set_num_threads(3)
-        assert torch.equal(qk.bf16_mm(x, w), one)
+        assert torch.equal(qk.bf16_mm(x, wide), one)
     finally:
         torch.set_num_threads(threads)
 

@@ -8,7 +8,7 @@ fp32, and splits the output columns over `nthreads` std::threads.
 
   qk_int4(x, w, s, z, zc, y, bias, M, N, K, group, isa, nthreads)   4-bit, chunked nibble layout
   qk_int8(x, w, s, y, bias, M, N, K, group, isa, nthreads)          (q − z) int8, per row or per group
-  qk_bf16(x, w, y, bias, M, N, K, nthreads)                         plain bf16 (N, K) weight (LM head)
+  qk_bf16(x, w, y, bias, M, N, K, nthreads)                         bf16 weight in 16-row panels (LM head)
   qk_dequant4 / qk_dequant8(..., out, ..., n0, n1)                  rows of W = (q − z)·s as bf16
 Return 0, or -1 (shape refused) / -2 (ISA missing): the caller falls back, never guesses.
 """
@@ -157,23 +157,56 @@ QK_TARGET void int8_tile(const uint16_t* x, const int8_t* w, const float* s, Out
 }
 
 
-// bf16 weights (N, K) as stored: 32 values per vdpbf16ps straight from memory (the float LM head).
-template <int NT, int MT>
-QK_TARGET void bf16_tile(const uint16_t* x, const uint16_t* w, Out y, int N, int K, int n0, int m0) {
-    __m512 acc[NT][MT];
-    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 32) {
-        __m512i xv[MT];
-        for (int b = 0; b < MT; ++b) xv[b] = _mm512_loadu_si512(x + size_t(m0 + b) * K + k);
-        for (int a = 0; a < NT; ++a) {
-            const __m512i wv = _mm512_loadu_si512(w + size_t(n0 + a) * K + k);
-            for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)wv, (__m512bh)xv[b]);
+// bf16 weights in panels of 16 rows: for each column pair (k, k+1) the 16 rows' pairs lie side by side
+// (64 bytes), so a panel is one sequential stream and one vdpbf16ps makes 16 outputs x 2 columns from a
+// broadcast pair of x: no horizontal sums, and each weight vector serves every input row of the tile.
+// Element (n, k) sits at ((n / 16) * (K / 2) + k / 2) * 32 + (n % 16) * 2 + k % 2.
+template <int NB, int MT>
+QK_TARGET void bf16_panels(const uint16_t* x, const uint16_t* w, Out y, int K, int p0, int m0) {
+    const size_t stride = size_t(K / 2) * 32;                       // elements per panel
+    const uint16_t* wp = w + size_t(p0) * stride;
+    __m512 acc[NB][MT];
+    for (int a = 0; a < NB; ++a) for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_setzero_ps();
+    for (int kp = 0; kp < K / 2; ++kp) {
+        __m512i xb[MT];
+        for (int b = 0; b < MT; ++b) {
+            int32_t pair;
+            std::memcpy(&pair, x + size_t(m0 + b) * K + 2 * kp, 4);
+            xb[b] = _mm512_set1_epi32(pair);
+        }
+        for (int a = 0; a < NB; ++a) {
+            const __m512i wv = _mm512_loadu_si512(wp + a * stride + size_t(kp) * 32);
+            for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)wv, (__m512bh)xb[b]);
         }
     }
-    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b)
-        y.put(m0 + b, n0 + a, _mm512_reduce_add_ps(acc[a][b]));
+    for (int a = 0; a < NB; ++a)
+        for (int b = 0; b < MT; ++b) {
+            alignas(64) float out[16];
+            _mm512_store_ps(out, acc[a][b]);
+            for (int i = 0; i < 16; ++i) y.put(m0 + b, (p0 + a) * 16 + i, out[i]);
+        }
 }
 
+template <int NB, int MT>
+QK_TARGET void bf16_rows(const uint16_t* x, const uint16_t* w, Out y, int M, int K, int p0, int p1, int& m) {
+    for (; m + MT <= M; m += MT) {
+        int p = p0;
+        for (; p + NB <= p1; p += NB) bf16_panels<NB, MT>(x, w, y, K, p, m);
+        for (; p < p1; ++p) bf16_panels<1, MT>(x, w, y, K, p, m);
+    }
+}
+
+// Panels [p0, p1) in groups of 4 (~200 KB of weight for the 2B head, kept in L2 while every row passes).
+QK_TARGET void bf16_mm(const uint16_t* x, const uint16_t* w, Out y, int M, int K, int p0, int p1) {
+    for (int pb = p0; pb < p1; pb += 4) {
+        const int pe = pb + 4 < p1 ? pb + 4 : p1;
+        int m = 0;
+        bf16_rows<2, 8>(x, w, y, M, K, pb, pe, m);
+        bf16_rows<4, 4>(x, w, y, M, K, pb, pe, m);
+        bf16_rows<4, 2>(x, w, y, M, K, pb, pe, m);
+        bf16_rows<4, 1>(x, w, y, M, K, pb, pe, m);
+    }
+}
 
 // Rows [n0, n1) of W = (q − z)·s as bf16 (N, K) row-major, for the many-row path (dequant + GEMM).
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -299,15 +332,12 @@ int qk_int8(const uint16_t* x, const int8_t* w, const float* s, uint16_t* yp, co
 }
 
 
-// y (M, N) bf16 = bias + x · wᵀ with bf16 w (N, K); AVX-512 BF16 only (K % 32 == 0), else -2.
+// y (M, N) bf16 = bias + x · wᵀ, w in 16-row panels (N % 16 == 0, K even); AVX-512 BF16 only, else -2.
 int qk_bf16(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bias, int M, int N, int K, int nthreads) {
     const Out y{yp, bias, N};
-    if (K % 32 || !qk_has_avx512bf16()) return -2;
-    parallel(N, nthreads, [&](int n0, int n1) {
-        tiles(M, n0, n1, [&](auto nt, auto mt, int n, int m) {
-            bf16_tile<decltype(nt)::value, decltype(mt)::value>(x, w, y, N, K, n, m);
-        });
-    });
+    if (N % 16 || K % 2) return -1;
+    if (!qk_has_avx512bf16()) return -2;
+    parallel(N / 16, nthreads, [&](int p0, int p1) { bf16_mm(x, w, y, M, K, p0, p1); });
     return 0;
 }
 

@@ -91,7 +91,7 @@ def prepare_cpu_model(model: nn.Module, *, max_bytes: int | None = None,
         return CpuRuntime("fp32-from-bf16", widen_linears(_linears(model)), features)
     if not packing_supported(model.dtype, model.device):
         return CpuRuntime("plain", 0, features)
-    n = pack_linears(_linears(model.model) + [model.lm_head],
+    n = pack_linears(_linears(model.model), head=model.lm_head,
                      max_bytes=None if max_bytes is None else max(0, max_bytes), exact=False)
     return CpuRuntime("onednn-packed" if n else "plain", n, features)
 

@@ -14,7 +14,7 @@ widen the integers to exact bf16 values in registers and use `vdpbf16ps`, readin
     .dequant_matmul(x, bias) -> (M, N)    many rows: W dequantized in bf16 blocks, each through torch.mm
     .dequant_rows(n0, n1, out)            rows of W = (q − z)·s in bf16
   int4_mm / int8_mm / dequant4_rows / dequant8_rows   the same as one-off calls (tests, bench)
-  bf16_mm(x, w, bias) -> (M, N) bf16      x · wᵀ, w (N, K) bf16 as stored
+  pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias) -> (M, N) bf16   (the LM head)
 int4: W = (q − z)·s, w4 from pack_int4, z (G, N) uint8 or None (then zc everywhere); int8: W = w8·s, w8
 from pack_int8. N % 8 == 0. x is (M, K) bf16 contiguous, s fp32 (G, N), bias (N,) or None (added in fp32); `isa=0`
 runs the scalar code (tests).
@@ -191,7 +191,15 @@ def int8_mm(x, w8, s, group: int, bias=None, *, isa: int = 1) -> torch.Tensor:
     return QuantWeight(8, w8, s, group=group).matmul(x, bias, isa=isa)
 
 
+def pack_bf16(w: torch.Tensor) -> torch.Tensor:
+    """(N, K) bf16 -> the bf16 kernel's 16-row panels (N % 16 == 0, K even), stored as (N, K): per panel and
+    column pair, the 16 rows' two values side by side."""
+    n, k = w.shape
+    return w.detach().view(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous().view(n, k)   # (N, K) storage
+
+
 def bf16_mm(x, w, bias=None) -> torch.Tensor:
+    """x (M, K) bf16 · Wᵀ with w = pack_bf16(W)."""
     m, k = x.shape
     y = torch.empty(m, w.shape[0], dtype=torch.bfloat16)                                   # (M, N)
     b = None if bias is None else bias.float().contiguous()
