@@ -54,15 +54,15 @@ def _close(got, want):
 
 
 # Every fast kernel, forced, against the float32 dequant reference: 1 to 40 rows (the qk kernels' tiles of
-# 4, 2 and 1 rows and their dequant + GEMM path from MANY_ROWS on), odd widths (104 rows: an odd number
-# of 8-row blocks), varying (AWQ) and constant (GPTQ / on-the-fly) zeros, with and without bias.
+# 4, 2 and 1 rows and their dequant + GEMM path from MANY_ROWS on), odd widths (112 rows: 7 panels of 16,
+# fewer than a block of 8), varying (AWQ) and constant (GPTQ / on-the-fly) zeros, with and without bias.
 @pytest.mark.parametrize("bits, group, zeros, kernel", [
     (4, 32, "awq", "int4pack"), (4, 128, "awq", "int4pack"), (8, 256, "sym", "int8pack"),
     (8, 64, "sym", "int8group"),
     pytest.param(4, 128, "awq", "qk-int4", marks=needs_native), pytest.param(4, 64, "sym", "qk-int4", marks=needs_native),
     pytest.param(8, 256, "sym", "qk-int8", marks=needs_native), pytest.param(8, 32, "sym", "qk-int8", marks=needs_native)])
 @pytest.mark.parametrize("rows", [1, 3, 16, 40])
-@pytest.mark.parametrize("n, has_bias", [(96, True), (104, False)])
+@pytest.mark.parametrize("n, has_bias", [(96, True), (112, False)])
 def test_kernel_matches_fp32_reference(bits, group, zeros, kernel, rows, n, has_bias):
     if kernel == "int4pack" and n % 16:
         pytest.skip("int4pack needs out % 16 == 0 (choose_kernel never picks it there)")
@@ -84,21 +84,21 @@ def test_kernel_matches_fp32_reference(bits, group, zeros, kernel, rows, n, has_
 @pytest.mark.parametrize("rows", [1, 5])
 def test_scalar_fallbacks_match(rows):
     """The library's portable paths (isa=0 and the target_clones dequantizers) on any CPU."""
-    qz, g = _random(4, 64, 40, 192, rows)
+    qz, g = _random(4, 64, 48, 192, rows)
     w = formats.dequantize(qz)                                                            # (N, K) fp32
     x = torch.randn(rows, 192, generator=g).bfloat16()
-    bias = torch.randn(40, generator=g)
+    bias = torch.randn(48, generator=g)
     want = x.float() @ w.t() + bias
     w4 = qk.pack_int4(qz.q)
     z = qz.zeros.to(torch.uint8).contiguous()
     _close(qk.int4_mm(x, w4, qz.scales.contiguous(), z, 0, 64, bias, isa=0), want)
-    blk = qk.dequant4_rows(w4, qz.scales.contiguous(), z, 0, 64, 0, 40, torch.empty(40, 192, dtype=torch.bfloat16))
+    blk = qk.dequant4_rows(w4, qz.scales.contiguous(), z, 0, 64, 0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
     assert torch.equal(blk, w.bfloat16())                                    # RNE, as torch rounds
-    q8, _ = _random(8, 32, 40, 192, rows, "sym")
+    q8, _ = _random(8, 32, 48, 192, rows, "sym")
     w8 = qk.pack_int8((q8.q.to(torch.int16) - 128).to(torch.int8))
     want8 = x.float() @ formats.dequantize(q8).t()
     _close(qk.int8_mm(x, w8, q8.scales.contiguous(), 32, None, isa=0), want8)
-    blk8 = qk.dequant8_rows(w8, q8.scales.contiguous(), 32, 0, 40, torch.empty(40, 192, dtype=torch.bfloat16))
+    blk8 = qk.dequant8_rows(w8, q8.scales.contiguous(), 32, 0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
     assert torch.equal(blk8, formats.dequantize(q8).bfloat16())
     with pytest.raises(ValueError, match="qvl CPU kernel int8 refused its input"):      # N % 8 != 0
         qk.int8_mm(x, w8[:36].contiguous(), q8.scales[:, :36].contiguous(), 32, None, isa=0)

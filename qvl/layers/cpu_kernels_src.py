@@ -35,11 +35,15 @@ struct Out {
 
 inline float bf16_to_f32(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 
-// Integer weights are stored in 32-byte chunks (int4: 64 values, int8: 32), blocked by 8 output rows:
-// chunk c of rows 8b .. 8b+7 lie next to each other, so a block of 8 rows is one sequential stream (the
-// hardware prefetcher follows it; 8 separate short row streams it did not: gate/up_proj, 768-byte int4
-// rows, ran at 2.7 GB/s in the row-major layout). Byte offset of chunk c of row n:
-inline size_t chunk_at(int n, int c, int chunks) { return ((size_t(n / 8) * chunks + c) * 8 + n % 8) * 32; }
+// Integer weights are stored in panels of 16 output rows, like the bf16 ones below: per step of the
+// input dim, the 16 rows' values lie side by side in 32 bytes (int8: 2 columns; int4: 4 columns, columns
+// k, k+1 in the low nibbles and k+2, k+3 in the high ones), so one load widens to 16 rows x 2 columns of
+// bf16 and each vdpbf16ps takes a broadcast pair of x: no horizontal sums, every weight vector serves
+// all input rows of a tile, and a panel is one sequential stream (8 separate short row streams, the
+// first layout: gate/up_proj, 768-byte int4 rows, ran at 2.7 GB/s inside the model).
+inline size_t at8(int n, int k, int K) { return (size_t(n / 16) * (K / 2) + k / 2) * 32 + (n % 16) * 2 + k % 2; }
+inline size_t at4(int n, int k, int K) { return (size_t(n / 16) * (K / 4) + k / 4) * 32 + (n % 16) * 2 + k % 2; }
+inline int nib4(const uint8_t* w, int n, int k, int K) { const uint8_t b = w[at4(n, k, K)]; return k % 4 < 2 ? b & 15 : b >> 4; }
 
 // ---- scalar reference (any CPU): same math, fp32 accumulation ---------------------------------------
 void int4_scalar(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc,
@@ -52,9 +56,7 @@ void int4_scalar(const uint16_t* x, const uint8_t* w, const float* s, const uint
                 float acc = 0.f;
                 const float zz = float(z ? z[size_t(g) * N + n] : zc);
                 for (int k = g * group; k < (g + 1) * group; ++k) {
-                    const int c = k / 64, j = k % 64;
-                    const uint8_t b = w[chunk_at(n, c, K / 64) + (j & 31)];
-                    const int q = j < 32 ? (b & 15) : (b >> 4);
+                    const int q = nib4(w, n, k, K);
                     acc += bf16_to_f32(x[size_t(m) * K + k]) * (float(q) - zz);
                 }
                 tot += acc * s[size_t(g) * N + n];
@@ -72,7 +74,7 @@ void int8_scalar(const uint16_t* x, const int8_t* w, const float* s, Out y, int 
             for (int g = 0; g < G; ++g) {
                 float acc = 0.f;
                 for (int k = g * group; k < (g + 1) * group; ++k)
-                    acc += bf16_to_f32(x[size_t(m) * K + k]) * float(w[chunk_at(n, k / 32, K / 32) + k % 32]);
+                    acc += bf16_to_f32(x[size_t(m) * K + k]) * float(w[at8(n, k, K)]);
                 tot += acc * s[size_t(g) * N + n];
             }
             y.put(m, n, tot);
@@ -82,78 +84,96 @@ void int8_scalar(const uint16_t* x, const int8_t* w, const float* s, Out y, int 
 // ---- AVX-512 BF16: weights widened to exact bf16 integers in registers, vdpbf16ps -----------------
 #define QK_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
-// int4: byte j of row n's 64-value chunk c holds q[n, 64c + j] (low nibble) and q[n, 64c + 32 + j] (high).
-// (0x4300 | q) is the bf16 of 128 + q exactly (q < 128), so a group's dot is dot(x, 128 + q) minus
-// (128 + z) * sum(x): xs holds sum(x over group) / 16 per lane, so the 16 lanes add up to it exactly.
-template <int NT, int MT>
-QK_TARGET void int4_tile(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc,
-                         const float* xs, Out y, int N, int K, int group, int n0, int m0) {
+// int4: (0x4300 | q) is the bf16 of 128 + q exactly (q < 128), so a group's dot is dot(x, 128 + q) minus
+// (128 + z) * sum(x over the group) (xs); lanes are the panel's 16 output rows, scales and zeros loaded
+// as vectors.
+template <int NB, int MT>
+QK_TARGET void int4_panels(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc,
+                           const float* xs, Out y, int N, int K, int group, int p0, int m0) {
     const int G = K / group;
+    const size_t stride = size_t(K / 4) * 32;                       // bytes per panel
     const __m512i lo_mask = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
-    __m512 tot[NT][MT];
-    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b) tot[a][b] = _mm512_setzero_ps();
+    __m512 tot[NB][MT];
+    for (int a = 0; a < NB; ++a) for (int b = 0; b < MT; ++b) tot[a][b] = _mm512_setzero_ps();
     for (int g = 0; g < G; ++g) {
-        __m512 acc[NT][MT];
-        for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_setzero_ps();
-        for (int k = g * group; k < (g + 1) * group; k += 64) {
-            __m512i xl[MT], xh[MT];
+        __m512 acc[NB][MT];
+        for (int a = 0; a < NB; ++a) for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_setzero_ps();
+        for (int k = g * group; k < (g + 1) * group; k += 4) {
+            __m512i x01[MT], x23[MT];
             for (int b = 0; b < MT; ++b) {
-                xl[b] = _mm512_loadu_si512(x + size_t(m0 + b) * K + k);
-                xh[b] = _mm512_loadu_si512(x + size_t(m0 + b) * K + k + 32);
+                int32_t p[2];
+                std::memcpy(p, x + size_t(m0 + b) * K + k, 8);
+                x01[b] = _mm512_set1_epi32(p[0]);
+                x23[b] = _mm512_set1_epi32(p[1]);
             }
-            for (int a = 0; a < NT; ++a) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i*)(w + chunk_at(n0 + a, k / 64, K / 64)));
+            for (int a = 0; a < NB; ++a) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i*)(w + (p0 + a) * stride + size_t(k / 4) * 32));
                 const __m512i v = _mm512_cvtepu8_epi16(raw);
                 const __m512i lo = _mm512_ternarylogic_epi32(v, lo_mask, magic, 0xEA);   // (v & 15) | magic
                 const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
                 for (int b = 0; b < MT; ++b) {
-                    acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)lo, (__m512bh)xl[b]);
-                    acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)hi, (__m512bh)xh[b]);
+                    acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)lo, (__m512bh)x01[b]);
+                    acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)hi, (__m512bh)x23[b]);
                 }
             }
         }
-        for (int a = 0; a < NT; ++a) {
-            const size_t gn = size_t(g) * N + n0 + a;
-            const __m512 sv = _mm512_set1_ps(s[gn]);
-            const __m512 zv = _mm512_set1_ps(128.f + float(z ? z[gn] : zc));
-            for (int b = 0; b < MT; ++b) {
-                const __m512 xsv = _mm512_set1_ps(xs[size_t(m0 + b) * G + g]);
-                tot[a][b] = _mm512_fmadd_ps(_mm512_fnmadd_ps(zv, xsv, acc[a][b]), sv, tot[a][b]);
-            }
+        for (int a = 0; a < NB; ++a) {
+            const size_t gn = size_t(g) * N + (p0 + a) * 16;
+            const __m512 sv = _mm512_loadu_ps(s + gn);
+            const __m512 zv = z ? _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + gn)))),
+                                                _mm512_set1_ps(128.f))
+                                : _mm512_set1_ps(128.f + float(zc));
+            const __m512 szv = _mm512_mul_ps(sv, zv);
+            for (int b = 0; b < MT; ++b)
+                tot[a][b] = _mm512_fnmadd_ps(szv, _mm512_set1_ps(xs[size_t(m0 + b) * G + g]),
+                                             _mm512_fmadd_ps(acc[a][b], sv, tot[a][b]));
         }
     }
-    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b)
-        y.put(m0 + b, n0 + a, _mm512_reduce_add_ps(tot[a][b]));
+    for (int a = 0; a < NB; ++a)
+        for (int b = 0; b < MT; ++b) {
+            alignas(64) float out[16];
+            _mm512_store_ps(out, tot[a][b]);
+            for (int i = 0; i < 16; ++i) y.put(m0 + b, (p0 + a) * 16 + i, out[i]);
+        }
 }
 
-// int8: (q − z) as int8 -> int32 -> fp32 -> bf16 (exact for |v| <= 256), 32 values per vdpbf16ps.
-template <int NT, int MT>
-QK_TARGET void int8_tile(const uint16_t* x, const int8_t* w, const float* s, Out y, int N, int K,
-                         int group, int n0, int m0) {
+// int8: (q − z) as int8 -> int32 -> fp32 -> bf16 (exact for |v| <= 256), 16 rows x 2 columns per load.
+template <int NB, int MT>
+QK_TARGET void int8_panels(const uint16_t* x, const int8_t* w, const float* s, Out y, int N, int K,
+                           int group, int p0, int m0) {
     const int G = K / group;
-    __m512 tot[NT][MT];
-    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b) tot[a][b] = _mm512_setzero_ps();
+    const size_t stride = size_t(K / 2) * 32;
+    __m512 tot[NB][MT];
+    for (int a = 0; a < NB; ++a) for (int b = 0; b < MT; ++b) tot[a][b] = _mm512_setzero_ps();
     for (int g = 0; g < G; ++g) {
-        __m512 acc[NT][MT];
-        for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_setzero_ps();
-        for (int k = g * group; k < (g + 1) * group; k += 32) {
-            __m512i xv[MT];
-            for (int b = 0; b < MT; ++b) xv[b] = _mm512_loadu_si512(x + size_t(m0 + b) * K + k);
-            for (int a = 0; a < NT; ++a) {
-                const int8_t* p = w + chunk_at(n0 + a, k / 32, K / 32);
+        __m512 acc[NB][MT];
+        for (int a = 0; a < NB; ++a) for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_setzero_ps();
+        for (int k = g * group; k < (g + 1) * group; k += 2) {
+            __m512i xb[MT];
+            for (int b = 0; b < MT; ++b) {
+                int32_t pair;
+                std::memcpy(&pair, x + size_t(m0 + b) * K + k, 4);
+                xb[b] = _mm512_set1_epi32(pair);
+            }
+            for (int a = 0; a < NB; ++a) {
+                const int8_t* p = w + (p0 + a) * stride + size_t(k / 2) * 32;
                 const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
                 const __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
-                const __m512bh wb = _mm512_cvtne2ps_pbh(f1, f0);          // low half from f0: k .. k+15
-                for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], wb, (__m512bh)xv[b]);
+                const __m512bh wb = _mm512_cvtne2ps_pbh(f1, f0);          // low half from f0: rows 0 .. 7
+                for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], wb, (__m512bh)xb[b]);
             }
         }
-        for (int a = 0; a < NT; ++a) {
-            const __m512 sv = _mm512_set1_ps(s[size_t(g) * N + n0 + a]);
+        for (int a = 0; a < NB; ++a) {
+            const __m512 sv = _mm512_loadu_ps(s + size_t(g) * N + (p0 + a) * 16);
             for (int b = 0; b < MT; ++b) tot[a][b] = _mm512_fmadd_ps(acc[a][b], sv, tot[a][b]);
         }
     }
-    for (int a = 0; a < NT; ++a) for (int b = 0; b < MT; ++b)
-        y.put(m0 + b, n0 + a, _mm512_reduce_add_ps(tot[a][b]));
+    for (int a = 0; a < NB; ++a)
+        for (int b = 0; b < MT; ++b) {
+            alignas(64) float out[16];
+            _mm512_store_ps(out, tot[a][b]);
+            for (int i = 0; i < 16; ++i) y.put(m0 + b, (p0 + a) * 16 + i, out[i]);
+        }
 }
 
 
@@ -217,12 +237,7 @@ void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16
         for (int k0 = 0; k0 < K; k0 += 64) {
             const int g = k0 / group;
             const float sc = s[size_t(g) * N + n], zz = float(z ? z[size_t(g) * N + n] : zc);
-            const uint8_t* src = w + chunk_at(n, k0 / 64, K / 64);
-            for (int j = 0; j < 32; ++j) {
-                const uint8_t b = src[j];
-                o[k0 + j] = f32_to_bf16((float(b & 15) - zz) * sc);
-                o[k0 + 32 + j] = f32_to_bf16((float(b >> 4) - zz) * sc);
-            }
+            for (int j = 0; j < 64; ++j) o[k0 + j] = f32_to_bf16((float(nib4(w, n, k0 + j, K)) - zz) * sc);
         }
     }
 }
@@ -232,33 +247,34 @@ void dequant8(const int8_t* w, const float* s, uint16_t* out, int N, int K, int 
     for (int n = n0; n < n1; ++n)
         for (int c = 0; c < K / 32; ++c) {
             const float sc = s[size_t(c * 32 / group) * N + n];
-            const int8_t* src = w + chunk_at(n, c, K / 32);
             uint16_t* o = out + size_t(n - n0) * K + size_t(c) * 32;
-            for (int j = 0; j < 32; ++j) o[j] = f32_to_bf16(float(src[j]) * sc);
+            for (int j = 0; j < 32; ++j) o[j] = f32_to_bf16(float(w[at8(n, c * 32 + j, K)]) * sc);
         }
 }
 
-// Output rows [n0, n1) in blocks of 8 (their weights stay in L1/L2 while every input row passes them:
-// the weight is read from memory once per call, whatever M); inside a block, tiles of NT rows x MT
-// inputs with NT x MT = 8 independent accumulator chains.
+// Panels [p0, p1) in blocks of 8 (128 output rows, whose weights stay in L2 while every input row
+// passes them: the weight is read from memory once per call, whatever M); inside a block, tiles of NB
+// panels x MT inputs with NB x MT = 8 independent accumulator chains (MT 8: one panel).
 template <int MT, typename Tile>
-void block_rows(int M, int nb, int nend, int& m, Tile tile) {
-    constexpr int NT = 8 / MT;
+void block_rows(int M, int pb, int pe, int& m, Tile tile) {
+    constexpr int NB = 8 / MT;
     for (; m + MT <= M; m += MT) {
-        int n = nb;
-        for (; n + NT <= nend; n += NT) tile(std::integral_constant<int, NT>{}, std::integral_constant<int, MT>{}, n, m);
-        for (; n < nend; ++n) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, MT>{}, n, m);
+        int p = pb;
+        for (; p + NB <= pe; p += NB) tile(std::integral_constant<int, NB>{}, std::integral_constant<int, MT>{}, p, m);
+        for (; p < pe; ++p) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, MT>{}, p, m);
     }
 }
 
-template <typename Tile>
-void tiles(int M, int n0, int n1, Tile tile) {
-    for (int nb = n0; nb < n1; nb += 8) {
-        const int nend = nb + 8 < n1 ? nb + 8 : n1;
+// MAXMT 8 (int8: its widening costs more, so it is shared by 8 input rows; int4 would run out of registers).
+template <int MAXMT, typename Tile>
+void tiles(int M, int p0, int p1, Tile tile) {
+    for (int pb = p0; pb < p1; pb += 8) {
+        const int pe = pb + 8 < p1 ? pb + 8 : p1;
         int m = 0;
-        block_rows<4>(M, nb, nend, m, tile);
-        block_rows<2>(M, nb, nend, m, tile);
-        block_rows<1>(M, nb, nend, m, tile);
+        if (MAXMT == 8) block_rows<8>(M, pb, pe, m, tile);
+        block_rows<4>(M, pb, pe, m, tile);
+        block_rows<2>(M, pb, pe, m, tile);
+        block_rows<1>(M, pb, pe, m, tile);
     }
 }
 
@@ -291,7 +307,7 @@ int qk_has_avx512bf16() {
 int qk_int4(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* yp, const float* bias,
             int M, int N, int K, int group, int isa, int nthreads) {
     const Out y{yp, bias, N};
-    if (group <= 0 || K % group || K % 64 || N % 8) return -1;
+    if (group <= 0 || K % group || K % 64 || N % 16) return -1;
     if (isa == 1) {
         if (group % 64 || !qk_has_avx512bf16()) return -2;
         const int G = K / group;
@@ -300,11 +316,11 @@ int qk_int4(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* 
             for (int g = 0; g < G; ++g) {
                 float t = 0.f;
                 for (int k = g * group; k < (g + 1) * group; ++k) t += bf16_to_f32(x[size_t(m) * K + k]);
-                xs[size_t(m) * G + g] = t / 16.f;
+                xs[size_t(m) * G + g] = t;
             }
-        parallel(N, nthreads, [&](int n0, int n1) {
-            tiles(M, n0, n1, [&](auto nt, auto mt, int n, int m) {
-                int4_tile<decltype(nt)::value, decltype(mt)::value>(x, w, s, z, zc, xs.data(), y, N, K, group, n, m);
+        parallel(N / 16, nthreads, [&](int p0, int p1) {
+            tiles<4>(M, p0, p1, [&](auto nb, auto mt, int p, int m) {
+                int4_panels<decltype(nb)::value, decltype(mt)::value>(x, w, s, z, zc, xs.data(), y, N, K, group, p, m);
             });
         });
         return 0;
@@ -317,12 +333,12 @@ int qk_int4(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* 
 int qk_int8(const uint16_t* x, const int8_t* w, const float* s, uint16_t* yp, const float* bias, int M, int N, int K, int group,
             int isa, int nthreads) {
     const Out y{yp, bias, N};
-    if (group <= 0 || K % group || K % 32 || N % 8) return -1;
+    if (group <= 0 || K % group || K % 32 || N % 16) return -1;
     if (isa == 1) {
         if (group % 32 || !qk_has_avx512bf16()) return -2;
-        parallel(N, nthreads, [&](int n0, int n1) {
-            tiles(M, n0, n1, [&](auto nt, auto mt, int n, int m) {
-                int8_tile<decltype(nt)::value, decltype(mt)::value>(x, w, s, y, N, K, group, n, m);
+        parallel(N / 16, nthreads, [&](int p0, int p1) {
+            tiles<8>(M, p0, p1, [&](auto nb, auto mt, int p, int m) {
+                int8_panels<decltype(nb)::value, decltype(mt)::value>(x, w, s, y, N, K, group, p, m);
             });
         });
         return 0;
@@ -344,13 +360,13 @@ int qk_bf16(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bia
 // out (n1 − n0, K) bf16 = rows [n0, n1) of the dequantized weight (any CPU).
 int qk_dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
                 int group, int n0, int n1) {
-    if (group <= 0 || K % group || K % 64 || group % 64 || N % 8) return -1;
+    if (group <= 0 || K % group || K % 64 || group % 64 || N % 16) return -1;
     dequant4(w, s, z, zc, out, N, K, group, n0, n1);
     return 0;
 }
 
 int qk_dequant8(const int8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int n1) {
-    if (group <= 0 || K % group || K % 32 || group % 32 || N % 8) return -1;
+    if (group <= 0 || K % group || K % 32 || group % 32 || N % 16) return -1;
     dequant8(w, s, out, N, K, group, n0, n1);
     return 0;
 }

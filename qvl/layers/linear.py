@@ -11,7 +11,7 @@ nonzero one. When the last tensor arrives the integers are converted to the kern
 loading never holds a whole model of unpacked integers.
 
 Kernels (chosen at construction from dtype, device, shape and the CPU; `kernel` names it):
-  qk-int4   CPU bf16 on AVX-512 BF16, 4 bit, in and group multiples of 64, out of 8: qvl's own kernel
+  qk-int4   CPU bf16 on AVX-512 BF16, 4 bit, in and group multiples of 64, out of 16: qvl's own kernel
             (qvl.layers.quant_kernels), fp32 scales, zeros applied exactly; up to MANY_ROWS − 1 input rows
             it widens the nibbles in registers, from MANY_ROWS rows on (prefill) it dequantizes bf16 blocks
             of W and runs torch's bf16 GEMM on them.
@@ -50,7 +50,7 @@ def choose_kernel(bits: int, group: int, in_features: int, out_features: int, dt
                   device: torch.device) -> str:
     if dtype != torch.bfloat16 or device.type != "cpu":
         return "dequant"
-    if qk.native() and out_features % 8 == 0:
+    if qk.native() and out_features % 16 == 0:
         if bits == 4 and in_features % 64 == 0 and group % 64 == 0:
             return "qk-int4"
         if bits == 8 and in_features % 32 == 0 and group % 32 == 0:

@@ -8,7 +8,7 @@ widen the integers to exact bf16 values in registers and use `vdpbf16ps`, readin
   available() -> bool          the library compiled and loaded (g++ on first use, cached by source hash)
   native() -> bool             ... and this CPU has AVX-512 BF16 (checked at run time by the library)
   pack_int4(q (N, K) uint8) -> (N, K/2) uint8, pack_int8(w8 (N, K) int8) -> (N, K): the kernels' layout,
-               32-byte chunks of 8 output rows side by side (one sequential stream per 8 rows)
+               panels of 16 output rows, 32 bytes per step of the input dim (one sequential stream each)
   QuantWeight(bits, w, s, z, zc, group)   one layer's weight bound to the library (what QuantLinear holds):
     .matmul(x, bias) -> (M, N) bf16       few rows: integers widened in registers
     .dequant_matmul(x, bias) -> (M, N)    many rows: W dequantized in bf16 blocks, each through torch.mm
@@ -16,7 +16,7 @@ widen the integers to exact bf16 values in registers and use `vdpbf16ps`, readin
   int4_mm / int8_mm / dequant4_rows / dequant8_rows   the same as one-off calls (tests, bench)
   pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias) -> (M, N) bf16   (the LM head)
 int4: W = (q − z)·s, w4 from pack_int4, z (G, N) uint8 or None (then zc everywhere); int8: W = w8·s, w8
-from pack_int8. N % 8 == 0. x is (M, K) bf16 contiguous, s fp32 (G, N), bias (N,) or None (added in fp32); `isa=0`
+from pack_int8. N % 16 == 0. x is (M, K) bf16 contiguous, s fp32 (G, N), bias (N,) or None (added in fp32); `isa=0`
 runs the scalar code (tests).
 
 Numerics: products of bf16 x and small integers are exact in fp32 and summed in fp32; a group's sum is
@@ -121,18 +121,18 @@ def _check(rc: int, what: str) -> None:
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) integers in [0, 16) -> the kernels' layout, stored as (N, K/2) uint8 (N % 8 == 0, K % 64 == 0):
-    per row and 64-column chunk, byte j = q[j] | q[32 + j] << 4; chunks of 8 rows side by side."""
+    """(N, K) integers in [0, 16) -> the kernels' 16-row panels, stored as (N, K/2) uint8 (N % 16 == 0,
+    K % 4 == 0): per panel and 4 columns, 32 bytes, byte 2r + e = q[r, k + e] | q[r, k + 2 + e] << 4."""
     n, k = q.shape
-    c = q.to(torch.uint8).view(n // 8, 8, k // 64, 2, 32)                                  # (N/8, 8, K/64, 2, 32)
-    b = c[:, :, :, 0] | (c[:, :, :, 1] << 4)                                                # (N/8, 8, K/64, 32)
+    c = q.to(torch.uint8).view(n // 16, 16, k // 4, 2, 2)                                  # (P, r, K/4, half, e)
+    b = c[:, :, :, 0] | (c[:, :, :, 1] << 4)                                                # (P, r, K/4, e)
     return b.transpose(1, 2).contiguous().view(n, k // 2)                                   # (N, K/2) storage
 
 
 def pack_int8(w8: torch.Tensor) -> torch.Tensor:
-    """(N, K) int8 -> the kernels' layout (N % 8 == 0, K % 32 == 0): 32-column chunks of 8 rows side by side."""
+    """(N, K) int8 -> the kernels' 16-row panels (N % 16 == 0, K even): per panel and column pair, 32 bytes."""
     n, k = w8.shape
-    return w8.view(n // 8, 8, k // 32, 32).transpose(1, 2).contiguous().view(n, k)         # (N, K) storage
+    return w8.view(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous().view(n, k)         # (N, K) storage
 
 
 class QuantWeight:
