@@ -228,27 +228,47 @@ QK_TARGET void bf16_mm(const uint16_t* x, const uint16_t* w, Out y, int M, int K
     }
 }
 
-// Rows [n0, n1) of W = (q − z)·s as bf16 (N, K) row-major, for the many-row path (dequant + GEMM).
+// Rows [n0, n1) (whole panels) of W = (q − z)·s as bf16 (N, K) row-major, for the many-row path
+// (dequant + GEMM): walks the panels in storage order, 16 output rows at a time.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
               int group, int n0, int n1) {
-    for (int n = n0; n < n1; ++n) {
-        uint16_t* o = out + size_t(n - n0) * K;
-        for (int k0 = 0; k0 < K; k0 += 64) {
-            const int g = k0 / group;
-            const float sc = s[size_t(g) * N + n], zz = float(z ? z[size_t(g) * N + n] : zc);
-            for (int j = 0; j < 64; ++j) o[k0 + j] = f32_to_bf16((float(nib4(w, n, k0 + j, K)) - zz) * sc);
+    for (int p = n0 / 16; p < n1 / 16; ++p)
+        for (int g = 0; g < K / group; ++g) {
+            float sc[16], zz[16];
+            for (int r = 0; r < 16; ++r) {
+                const size_t gn = size_t(g) * N + p * 16 + r;
+                sc[r] = s[gn];
+                zz[r] = float(z ? z[gn] : zc);
+            }
+            for (int k = g * group; k < (g + 1) * group; k += 4) {
+                const uint8_t* src = w + (size_t(p) * (K / 4) + k / 4) * 32;
+                for (int r = 0; r < 16; ++r) {
+                    uint16_t* o = out + size_t(p * 16 + r - n0) * K + k;
+                    const uint8_t b0 = src[2 * r], b1 = src[2 * r + 1];
+                    o[0] = f32_to_bf16((float(b0 & 15) - zz[r]) * sc[r]);
+                    o[1] = f32_to_bf16((float(b1 & 15) - zz[r]) * sc[r]);
+                    o[2] = f32_to_bf16((float(b0 >> 4) - zz[r]) * sc[r]);
+                    o[3] = f32_to_bf16((float(b1 >> 4) - zz[r]) * sc[r]);
+                }
+            }
         }
-    }
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void dequant8(const int8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int n1) {
-    for (int n = n0; n < n1; ++n)
-        for (int c = 0; c < K / 32; ++c) {
-            const float sc = s[size_t(c * 32 / group) * N + n];
-            uint16_t* o = out + size_t(n - n0) * K + size_t(c) * 32;
-            for (int j = 0; j < 32; ++j) o[j] = f32_to_bf16(float(w[at8(n, c * 32 + j, K)]) * sc);
+    for (int p = n0 / 16; p < n1 / 16; ++p)
+        for (int g = 0; g < K / group; ++g) {
+            float sc[16];
+            for (int r = 0; r < 16; ++r) sc[r] = s[size_t(g) * N + p * 16 + r];
+            for (int k = g * group; k < (g + 1) * group; k += 2) {
+                const int8_t* src = w + (size_t(p) * (K / 2) + k / 2) * 32;
+                for (int r = 0; r < 16; ++r) {
+                    uint16_t* o = out + size_t(p * 16 + r - n0) * K + k;
+                    o[0] = f32_to_bf16(float(src[2 * r]) * sc[r]);
+                    o[1] = f32_to_bf16(float(src[2 * r + 1]) * sc[r]);
+                }
+            }
         }
 }
 
@@ -360,13 +380,13 @@ int qk_bf16(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bia
 // out (n1 − n0, K) bf16 = rows [n0, n1) of the dequantized weight (any CPU).
 int qk_dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
                 int group, int n0, int n1) {
-    if (group <= 0 || K % group || K % 64 || group % 64 || N % 16) return -1;
+    if (group <= 0 || K % group || K % 64 || group % 64 || N % 16 || n0 % 16 || n1 % 16 || n0 < 0 || n1 > N) return -1;
     dequant4(w, s, z, zc, out, N, K, group, n0, n1);
     return 0;
 }
 
 int qk_dequant8(const int8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int n1) {
-    if (group <= 0 || K % group || K % 32 || group % 32 || N % 16) return -1;
+    if (group <= 0 || K % group || K % 32 || group % 32 || N % 16 || n0 % 16 || n1 % 16 || n0 < 0 || n1 > N) return -1;
     dequant8(w, s, out, N, K, group, n0, n1);
     return 0;
 }

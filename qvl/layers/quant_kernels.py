@@ -175,7 +175,7 @@ class QuantWeight:
         return y
 
     def dequant_rows(self, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-        """out (n1 − n0, K) bf16 = rows [n0, n1) of W = (q − z)·s."""
+        """out (n1 − n0, K) bf16 = rows [n0, n1) of W = (q − z)·s (n0, n1 multiples of 16)."""
         _check(self._dq(_ptr(out), n0, n1), f"dequant{self.bits}")
         return out
 
@@ -220,7 +220,7 @@ def dequant_mm(x: torch.Tensor, dequant, n: int, bias=None) -> torch.Tensor:
     out (n1 − n0, K); each block goes through torch's bf16 GEMM (oneDNN), so the integer-to-bf16 work is
     paid once per block, not once per input row."""
     m, k = x.shape
-    rows = max(1, min(n, BLOCK_ELEMS // k))
+    rows = max(16, min(n, BLOCK_ELEMS // k) // 16 * 16)                # whole 16-row panels
     scratch = torch.empty(rows, k, dtype=torch.bfloat16)                                   # (b, K)
     y = torch.empty(m, n, dtype=torch.bfloat16)                                            # (M, N)
     for n0 in range(0, n, rows):
