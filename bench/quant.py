@@ -236,7 +236,8 @@ def kernels(args) -> None:
         cands = {"bf16 F.linear": (lambda x: F.linear(x, packed.weight), 2 * n * k),
                  "bf16 oneDNN packed": (packed, 2 * n * k)}
         if qk.native():
-            cands["bf16 qk"] = (lambda x: qk.bf16_mm(x, packed.weight), 2 * n * k)
+            panels = qk.pack_bf16(packed.weight)
+            cands["bf16 qk panels"] = (lambda x: qk.bf16_mm(x, panels), 2 * n * k)
         if n < 100000:
             for label, method, bits, group, kernel in (
                     ("int8 per-row", "int8", 8, -1, "qk-int8"), ("int8 per-row", "int8", 8, -1, "int8pack"),
