@@ -10,7 +10,7 @@ on any machine) and returns a `CpuRuntime` saying what it chose:
   * bf16 on a CPU with native bf16 dot products (AVX512-BF16 or AMX, and torch's oneDNN has bf16
     kernels): "onednn-packed": the text decoder's and the LM head's linears get prepacked oneDNN
     weights for decode-sized inputs (up to 32 rows; qvl.layers.packed_linear, exact=False: held to
-    the bf16 criterion, not to F.linear's bits), if the copies fit in `max_bytes` (the engine passes
+    the bf16 criterion, not to F.linear's bits; the head in qvl's own panel layout where that kernel runs), if the copies fit in `max_bytes` (the engine passes
     half the RAM its KV pool leaves). Prefill and the
     vision tower keep F.linear: oneDNN's own bf16 GEMM is already near the machine's bf16 rate there.
   * bf16 on a CPU without them (AVX2; AVX-512F without BF16, where oneDNN would emulate bf16):

@@ -1,8 +1,9 @@
 """qvl's own CPU matmul kernels for bf16 activations: int4 / int8 weight-only and plain bf16 (few rows).
 
-Why: on the bench machine (AMD EPYC, AVX512-BF16, 1 thread) torch's `_weight_int4pack_mm_for_cpu` moved
-~10 GB/s and `_weight_int8pack_mm` 11-16 GB/s at one row, where a copy runs at ~21 GB/s; these kernels
-widen the integers to exact bf16 values in registers and use `vdpbf16ps`, reading ~22 GB/s
+Why: on the bench machine (AMD EPYC, AVX512-BF16, 1 thread, shared) torch's `_weight_int4pack_mm_for_cpu`
+and `_weight_int8pack_mm` read 7-10 GB/s of weight at one row and took 1.7-2.5x oneDNN's bf16 time at 16
+rows; these kernels widen the integers to exact bf16 values in registers and use `vdpbf16ps` on 16-row
+panels, reading 11-16 GB/s (bf16 head: 21.8 vs oneDNN's 14.3), and int4 at 16 rows matches oneDNN's bf16
 (bench/quant.py --kernels, README "Quantized checkpoints").
 
   available() -> bool          the library compiled and loaded (g++ on first use, cached by source hash)
