@@ -210,3 +210,22 @@ def test_bound_layer_pickles_and_rebinds():
         want = m(x)
         for other in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
             assert torch.equal(other(x), want)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [4, 8])
+def test_integer_kernels_split_over_threads_unchanged(bits):
+    """Output panels split over threads: every output's sum is the same, bit for bit."""
+    qz, g = _random(bits, 128, 2048, 256, bits, "awq" if bits == 4 else "sym")     # 128 panels: split
+    spec = QuantSpec("awq" if bits == 4 else "gptq", bits, 128)
+    m = _layer(spec, torch.bfloat16, qz, 2048, 256, None, f"qk-int{bits}")
+    x = torch.randn(5, 256, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            one = m(x)
+            torch.set_num_threads(3)
+            assert torch.equal(m(x), one)
+    finally:
+        torch.set_num_threads(threads)
