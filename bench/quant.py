@@ -4,6 +4,7 @@ one's memory-bandwidth roofline.
     python bench/quant.py                                   # Qwen2-VL-2B text dims, all variants, ~25 min
     python bench/quant.py --variants bf16,int4 --layers 8   # quicker
     python bench/quant.py --kernels                         # per-linear kernel timings only, ~2 min
+    python bench/quant.py --profile --variants bf16,int4     # where one decode step's time goes
 
 The checkpoint is the Qwen2-VL-2B text config (28 layers, hidden 1536, intermediate 8960, vocab 151936,
 tied head) with random bf16 weights, written once under --workdir; the vision tower is cut to one block
@@ -17,8 +18,10 @@ subprocess (load_model in bf16 + an LLMEngine without tokenizer):
   batch16_tok_s 16 requests at once, generated tokens / wall time (prefill included)
   roofline      weight bytes one decode step reads (decoder linears in their stored form + norms + LM head)
                 / copy bandwidth (read + write of 512 MiB, measured in the same subprocess)
---kernels times each CPU bf16 candidate (torch's F.linear, the oneDNN prepacked bf16 weight, int8pack,
-int8group, int4pack, dequantize + F.linear) on the 2B decoder shapes at 1, 16 and 256 rows, interleaved.
+--kernels times each CPU bf16 candidate (torch's F.linear, the oneDNN prepacked bf16 weight, qvl's own
+qk-int8 / qk-int4 / bf16 kernels, both qk paths (in-register and dequant + GEMM) from 8 rows on, int8pack,
+int8group, int4pack, dequantize + F.linear) on the 2B decoder shapes (--head: and the LM head) at 1, 16
+and 256 rows, interleaved, with the GB/s of weight each moves beside the copy bandwidth.
 Medians over --repeats. --threads defaults to 1 (on a shared machine oneDNN/OpenMP threads spin-wait on each
 other). Prints one JSON line per variant and a table. Not a test: nothing is asserted.
 """
@@ -141,6 +144,38 @@ def _throughput(eng, vocab: int, prompt_len: int, new: int, n: int) -> float:
     return n * new / (time.perf_counter() - t0)
 
 
+def profile_decode(model, eng, ids, new: int, bw: float) -> dict:
+    """One batch-1 decode of `new` tokens with a timer around every decoder linear and the LM head:
+    ms per token and GB/s of weight per group (q/k/v/o/gate/up/down, lm_head), the rest as `other`."""
+    import torch.nn as nn
+
+    from decode import qvl_decode
+
+    from qvl.layers.linear import QuantLinear
+
+    spent, nbytes, hooks, t0 = {}, {}, [], {}
+    for name, m in model.named_modules():
+        if not (isinstance(m, (QuantLinear, nn.Linear)) and (name.startswith("model.") or name == "lm_head")):
+            continue
+        group = name.rsplit(".", 1)[-1]
+        size = sum(t.numel() * t.element_size() for t in (m.buffers() if isinstance(m, QuantLinear)
+                                                          else [m.weight]) if t is not None)
+        nbytes[group] = nbytes.get(group, 0) + size
+        hooks.append(m.register_forward_pre_hook(lambda mod, inp, k=id(m): t0.__setitem__(k, time.perf_counter())))
+        hooks.append(m.register_forward_hook(lambda mod, inp, out, k=id(m), g=group: spent.__setitem__(
+            g, spent.get(g, 0.0) + time.perf_counter() - t0[k])))
+    start = time.perf_counter()
+    tok_s = qvl_decode(eng, ids, new, "cpu")[0]
+    total = time.perf_counter() - start
+    for h in hooks:
+        h.remove()
+    steps = new                                       # prefill + new − 1 decode steps: per token, roughly
+    out = {g: dict(ms_per_token=round(spent[g] / steps * 1e3, 2), gb_s=round(nbytes[g] / (spent[g] / steps) / 1e9, 1))
+           for g in spent}
+    out["other"] = dict(ms_per_token=round((total - sum(spent.values())) / steps * 1e3, 2))
+    return dict(profile=out, decode_tok_s_with_timers=round(tok_s, 2), copy_bw_gb_s=round(bw / 1e9, 1))
+
+
 def child(args) -> None:
     from decode import copy_bandwidth, make_engine, qvl_decode
 
@@ -155,6 +190,11 @@ def child(args) -> None:
     ids = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     qvl_decode(eng, ids, 4, "cpu")                                    # warm-up
     rss = _rss()               # after a forward: every weight page touched (load_model may mmap bf16)
+    if args.profile:
+        prompt = ids[:1]                  # one prompt token: the profiled steps are (almost all) decode steps
+        print(json.dumps(dict(variant=args.child, **profile_decode(model, eng, prompt, args.new_tokens,
+                                                                   copy_bandwidth("cpu")))))
+        return
     dec = statistics.median(qvl_decode(eng, ids, args.new_tokens, "cpu")[0] for _ in range(args.repeats))
     thr = statistics.median(_throughput(eng, vocab, args.prompt_len, args.new_tokens, 16)
                             for _ in range(max(1, args.repeats - 1)))
@@ -170,9 +210,14 @@ def child(args) -> None:
 
 
 def kernels(args) -> None:
-    """Per-linear time of every CPU bf16 candidate on the 2B decoder shapes, at each of --rows."""
+    """Per-linear time of every CPU bf16 candidate on the 2B decoder shapes (+ the LM head with --head),
+    at each of --rows, and the GB/s of weight each moves (copy bandwidth measured in the same run)."""
     import torch.nn.functional as F
 
+    from decode import copy_bandwidth
+
+    from qvl.layers import linear as qlinear
+    from qvl.layers import quant_kernels as qk
     from qvl.layers.linear import QuantLinear
     from qvl.layers.packed_linear import pack_linears
     from qvl.quant import onthefly
@@ -180,32 +225,53 @@ def kernels(args) -> None:
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    for n, k in ((1536, 1536), (8960, 1536), (1536, 8960)):
+    print(json.dumps(dict(bench="copy-bandwidth", gb_s=round(copy_bandwidth("cpu") / 1e9, 1),
+                          qk_native=qk.native())), flush=True)
+    shapes = ((1536, 1536), (8960, 1536), (1536, 8960)) + (((151936, 1536),) if args.head else ())
+    for n, k in shapes:
         w = torch.randn(n, k, generator=g) * 0.02
         packed = torch.nn.Linear(k, n, bias=False).bfloat16()
         packed.weight.data = w.bfloat16()
         pack_linears([packed])
-        cands = {"bf16 F.linear": lambda x: F.linear(x, packed.weight), "bf16 oneDNN packed": packed}
-        for label, method, bits, group, kernel in (
-                ("int8 per-row", "int8", 8, -1, None), ("int8 g128", "gptq", 8, 128, None),
-                ("int4 g128", "int4", 4, 128, None), ("int4 g128", "int4", 4, 128, "dequant")):
-            m = QuantLinear(k, n, False, QuantSpec(method, bits, group), dtype=torch.bfloat16,
-                            device=torch.device("cpu"))
-            m.kernel = kernel or m.kernel
-            m._set_kernel_tensors(onthefly.quantize(w, bits, group))
-            cands[f"{label} {m.kernel}"] = m
+        cands = {"bf16 F.linear": (lambda x: F.linear(x, packed.weight), 2 * n * k),
+                 "bf16 oneDNN packed": (packed, 2 * n * k)}
+        if qk.native():
+            panels = qk.pack_bf16(packed.weight)
+            cands["bf16 qk panels"] = (lambda x: qk.bf16_mm(x, panels), 2 * n * k)
+        if n < 100000:
+            for label, method, bits, group, kernel in (
+                    ("int8 per-row", "int8", 8, -1, "qk-int8"), ("int8 per-row", "int8", 8, -1, "int8pack"),
+                    ("int8 g128", "gptq", 8, 128, "qk-int8"), ("int8 g128", "gptq", 8, 128, "int8group"),
+                    ("int4 g128", "int4", 4, 128, "qk-int4"), ("int4 g128", "int4", 4, 128, "int4pack"),
+                    ("int4 g128", "int4", 4, 128, "dequant")):
+                if kernel.startswith("qk") and not qk.native():
+                    continue
+                m = QuantLinear(k, n, False, QuantSpec(method, bits, group), dtype=torch.bfloat16,
+                                device=torch.device("cpu"))
+                m.kernel = kernel
+                m._set_kernel_tensors(onthefly.quantize(w, bits, group))
+                nbytes = sum(b.numel() * b.element_size() for b in m.buffers())
+                cands[f"{label} {m.kernel}"] = (m, nbytes)
         for rows in args.rows:
             x = torch.randn(rows, k, generator=g).bfloat16()
             times = {name: [] for name in cands}
             with torch.no_grad():
                 for _ in range(args.repeats * 5):            # interleaved: a noisy neighbour hits all alike
-                    for name, f in cands.items():
-                        t0 = time.perf_counter()
-                        f(x)
-                        times[name].append(time.perf_counter() - t0)
-            res = {name: round(statistics.median(t[2:]) * 1e6) for name, t in times.items()}
+                    for name, (f, _) in cands.items():
+                        if name.endswith("dequant") and rows > 16:
+                            continue
+                        for many in ((False, True) if "qk-" in name and rows >= 8 else (None,)):
+                            if many is not None:             # both qk paths: in-register and dequant + GEMM
+                                qlinear.MANY_ROWS = 1 if many else 1 << 30
+                            t0 = time.perf_counter()
+                            f(x)
+                            times.setdefault(name + (" (dequant+GEMM)" if many else ""), []).append(
+                                time.perf_counter() - t0)
+            qlinear.MANY_ROWS = 32
+            res = {name: round(statistics.median(t[2:]) * 1e6) for name, t in times.items() if t}
+            gbs = {name: round(cands[name.split(" (")[0]][1] / (us * 1e-6) / 1e9, 1) for name, us in res.items()}
             print(json.dumps(dict(bench="quant-kernels", out=n, inp=k, rows=rows, threads=args.threads,
-                                  median_us=res)), flush=True)
+                                  median_us=res, weight_gb_s=gbs)), flush=True)
 
 
 def main() -> None:
@@ -219,6 +285,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qvl-bench-quant")
     ap.add_argument("--kernels", action="store_true", help="only the per-linear kernel timings")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 256], help="--kernels: input rows")
+    ap.add_argument("--head", action="store_true", help="--kernels: also the 151936 x 1536 LM head")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-group time of one batch-1 decode (decoder linears, LM head, other) instead")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -237,10 +306,12 @@ def main() -> None:
     for name in variants:
         cmd = [sys.executable, __file__, "--child", name, "--workdir", str(work), "--threads", str(args.threads),
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats)] + (["--profile"] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
+    if args.profile:
+        return
     base = next((r for r in rows if r["variant"] == "bf16"), rows[0])
     print(f"\n{'variant':10} {'kernel':12} {'RSS GB':>7} {'GB/tok':>7} {'decode tok/s':>12} {'x bf16':>7} "
           f"{'roofline':>8} {'of roof':>7} {'16 req tok/s':>12} {'x bf16':>7}")

@@ -1,5 +1,6 @@
-"""The fast CPU bf16 kernels of QuantLinear (int4pack, int8pack, int8group) against the float32 dequant
-reference: per layer at 1 and 16 rows, and end to end by the bf16 criterion (vLLM's check_logprobs_close:
+"""The fast CPU bf16 kernels of QuantLinear (qvl's qk-int4 / qk-int8 and bf16 kernels, torch's int4pack,
+int8pack, int8group) against the float32 dequant reference: per layer at 1 to 40 rows and odd widths,
+the library's portable fallbacks and its refusal to build, and end to end by the bf16 criterion (vLLM's check_logprobs_close:
 greedy tokens equal until the first difference, where each side's token is in the other's top 5)."""
 from __future__ import annotations
 
@@ -10,55 +11,133 @@ from PIL import Image
 
 from tiny import IMG, chat
 
+from qvl.layers import quant_kernels as qk
 from qvl.layers.linear import QuantLinear, choose_kernel
+from qvl.quant import formats
 from qvl.quant.formats import Quantized
 from qvl.quant.spec import QuantSpec
 from quant_fixtures import write_quantized
 
-CASES = {  # tag -> (fixture format, bits, on-the-fly method or None, kernel in bf16)
-    "gptq4": ("gptq", 4, None, "int4pack"), "gptq8": ("gptq", 8, None, "int8group"),
-    "awq": ("awq", 4, None, "int4pack"), "int8": ("gptq", 4, "int8", "int8pack"),
-    "int4": ("gptq", 4, "int4", "int4pack"),
+NATIVE = qk.native()
+CASES = {  # tag -> (fixture format, bits, group, on-the-fly method or None, kernel in bf16)
+    "gptq4": ("gptq", 4, 32, None, "int4pack"), "gptq8": ("gptq", 8, 32, None, "qk-int8" if NATIVE else "int8group"),
+    "awq": ("awq", 4, 32, None, "int4pack"), "awq-g64": ("awq", 4, 64, None, "qk-int4" if NATIVE else "int4pack"),
+    "int8": ("gptq", 4, 32, "int8", "qk-int8" if NATIVE else "int8pack"),
+    "int4": ("gptq", 4, 32, "int4", "qk-int4" if NATIVE else "int4pack"),
 }
+needs_native = pytest.mark.skipif(not NATIVE, reason="qvl's CPU kernels need g++ and AVX-512 BF16")
 
 
-def _layer(spec, kernel_dtype, qz, n, k, bias):
+def _layer(spec, kernel_dtype, qz, n, k, bias, kernel=None):
     m = QuantLinear(k, n, bias is not None, spec, dtype=kernel_dtype, device=torch.device("cpu"), name="t")
+    m.kernel = kernel or m.kernel
     m._set_kernel_tensors(qz)
     if bias is not None:
         m._buffers_set(bias=bias.to(kernel_dtype))
     return m
 
 
-@pytest.mark.parametrize("bits, group, zero_lo, kernel", [
-    (4, 32, 0, "int4pack"), (4, 128, 0, "int4pack"), (8, 256, 128, "int8pack"), (8, 64, 128, "int8group")])
-@pytest.mark.parametrize("rows", [1, 16])
-def test_kernel_matches_fp32_reference(bits, group, zero_lo, kernel, rows):
-    g = torch.Generator().manual_seed(bits * 1000 + group + rows)
-    n, k = 96, 256
+def _random(bits, group, n, k, seed, zeros="awq"):
+    g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
     groups = k // group
-    zeros = (torch.randint(0, 16, (groups, n), generator=g).float() if bits == 4
-             else torch.full((groups, n), float(zero_lo)))
+    z = (torch.randint(0, 16, (groups, n), generator=g).float() if zeros == "awq"
+         else torch.full((groups, n), float(1 << (bits - 1))))
     scales = torch.rand(groups, n, generator=g) * 0.02 + 0.001
-    qz = Quantized(q, zeros, scales, group)
+    return Quantized(q, z, scales, group), g
+
+
+def _close(got, want):
+    """bf16 output of an fp32-accumulating kernel: within a few bf16 ulps of the largest output."""
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got.float() - want).abs().max().item() <= 0.01 * want.abs().max().item()
+
+
+# Every fast kernel, forced, against the float32 dequant reference: 1 to 40 rows (the qk kernels' tiles of
+# 4, 2 and 1 rows and their dequant + GEMM path from MANY_ROWS on), odd widths (112 rows: 7 panels of 16,
+# fewer than a block of 8), varying (AWQ) and constant (GPTQ / on-the-fly) zeros, with and without bias.
+@pytest.mark.parametrize("bits, group, zeros, kernel", [
+    (4, 32, "awq", "int4pack"), (4, 128, "awq", "int4pack"), (8, 256, "sym", "int8pack"),
+    (8, 64, "sym", "int8group"),
+    pytest.param(4, 128, "awq", "qk-int4", marks=needs_native), pytest.param(4, 64, "sym", "qk-int4", marks=needs_native),
+    pytest.param(8, 256, "sym", "qk-int8", marks=needs_native), pytest.param(8, 32, "sym", "qk-int8", marks=needs_native)])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
+@pytest.mark.parametrize("n, has_bias", [(96, True), (112, False)])
+def test_kernel_matches_fp32_reference(bits, group, zeros, kernel, rows, n, has_bias):
+    if kernel == "int4pack" and n % 16:
+        pytest.skip("int4pack needs out % 16 == 0 (choose_kernel never picks it there)")
+    k = 256 if group != 64 else 192
+    qz, g = _random(bits, group, n, k, bits * 1000 + group + rows + n, zeros)
     spec = QuantSpec("awq" if bits == 4 else "gptq", bits, group)
-    bias = torch.randn(n, generator=g)
-    fast = _layer(spec, torch.bfloat16, qz, n, k, bias)
+    bias = torch.randn(n, generator=g) if has_bias else None
+    fast = _layer(spec, torch.bfloat16, qz, n, k, bias, kernel)
     ref = _layer(spec, torch.float32, qz, n, k, bias)
     assert fast.kernel == kernel and ref.kernel == "dequant"
     x = torch.randn(rows, k, generator=g).bfloat16()
     with torch.no_grad():
-        want = ref(x.float())
-        got = fast(x)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-    assert (got.float() - want).abs().max().item() <= 0.02 * want.abs().max().item()
+        _close(fast(x), ref(x.float()))
     with pytest.raises(ValueError, match=rf"t: the {kernel} kernel runs bf16 on CPU, got torch.float32"):
         fast(x.float())
 
 
-def test_kernel_choice():
+@pytest.mark.skipif(not qk.available(), reason="no C++ compiler for qvl's CPU kernels")
+@pytest.mark.parametrize("rows", [1, 5])
+def test_scalar_fallbacks_match(rows):
+    """The library's portable paths (isa=0 and the target_clones dequantizers) on any CPU."""
+    qz, g = _random(4, 64, 48, 192, rows)
+    w = formats.dequantize(qz)                                                            # (N, K) fp32
+    x = torch.randn(rows, 192, generator=g).bfloat16()
+    bias = torch.randn(48, generator=g)
+    want = x.float() @ w.t() + bias
+    w4 = qk.pack_int4(qz.q)
+    z = qz.zeros.to(torch.uint8).contiguous()
+    _close(qk.int4_mm(x, w4, qz.scales.contiguous(), z, 0, 64, bias, isa=0), want)
+    blk = qk.dequant4_rows(w4, qz.scales.contiguous(), z, 0, 64, 0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
+    assert torch.equal(blk, w.bfloat16())                                    # RNE, as torch rounds
+    q8, _ = _random(8, 32, 48, 192, rows, "sym")
+    w8 = qk.pack_int8((q8.q.to(torch.int16) - 128).to(torch.int8))
+    want8 = x.float() @ formats.dequantize(q8).t()
+    _close(qk.int8_mm(x, w8, q8.scales.contiguous(), 32, None, isa=0), want8)
+    blk8 = qk.dequant8_rows(w8, q8.scales.contiguous(), 32, 0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
+    assert torch.equal(blk8, formats.dequantize(q8).bfloat16())
+    with pytest.raises(ValueError, match="qvl CPU kernel int8 refused its input"):      # N % 8 != 0
+        qk.int8_mm(x, w8[:36].contiguous(), q8.scales[:, :36].contiguous(), 32, None, isa=0)
+    with pytest.raises(ValueError, match="qvl CPU kernel int4 refused its input"):
+        qk.int4_mm(x[:, :96].contiguous(), w4[:, :48].contiguous(), qz.scales, z, 0, 64, isa=0)          # K = 96: not whole chunks
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 4, 7, 19])
+def test_bf16_kernel_and_threads(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(208, 320, generator=g) * 0.05).bfloat16()         # 13 panels of 16: 4 + 4 + 4 + 1
+    x = torch.randn(rows, 320, generator=g).bfloat16()
+    bias = torch.randn(208, generator=g)
+    panels = qk.pack_bf16(w)
+    _close(qk.bf16_mm(x, panels, bias), x.float() @ w.float().t() + bias)
+    with pytest.raises(ValueError, match="qvl CPU kernel bf16 refused its input"):
+        qk.bf16_mm(x, w[:200].contiguous())                                # N % 16 != 0
+    threads = torch.get_num_threads()
+    try:                                      # columns split over threads: each output's sum is unchanged
+        torch.set_num_threads(1)
+        wide = qk.pack_bf16((torch.randn(2048, 320, generator=g) * 0.05).bfloat16())   # 128 panels: split
+        one = qk.bf16_mm(x, wide)
+        torch.set_num_threads(3)
+        assert torch.equal(qk.bf16_mm(x, wide), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_kernel_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    if NATIVE:
+        assert choose_kernel(4, 128, 1536, 8960, torch.bfloat16, cpu) == "qk-int4"
+        assert choose_kernel(8, 128, 1536, 256, torch.bfloat16, cpu) == "qk-int8"
+        assert choose_kernel(8, 1536, 1536, 256, torch.bfloat16, cpu) == "qk-int8"
+        assert choose_kernel(4, 32, 1536, 8960, torch.bfloat16, cpu) == "int4pack"      # group 32: torch's
+        assert choose_kernel(8, 1536, 1536, 100, torch.bfloat16, cpu) == "int8pack"     # out % 8 != 0
+    monkeypatch.setitem(qk._state, "lib", None)            # no library (no g++, QVL_CPU_KERNELS=0, failed build)
+    assert not qk.native()
     assert choose_kernel(4, 128, 1536, 8960, torch.bfloat16, cpu) == "int4pack"
     assert choose_kernel(4, 128, 1536, 8, torch.bfloat16, cpu) == "dequant"       # out % 16 != 0
     assert choose_kernel(8, 1536, 1536, 256, torch.bfloat16, cpu) == "int8pack"
@@ -67,12 +146,22 @@ def test_kernel_choice():
     assert choose_kernel(4, 128, 1536, 256, torch.bfloat16, cuda) == "dequant"
 
 
+def test_failed_compile_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("QVL_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")                     # a "compiler" that always fails
+    assert qk._build() is None
+    monkeypatch.setenv("CXX", "no-such-compiler-qvl")
+    assert qk._build() is None
+    monkeypatch.setenv("QVL_CPU_KERNELS", "0")
+    assert qk._build() is None
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """(format, bits) -> (quantized dir, float dir); on-the-fly cases quantize the float one."""
-    return {fmt_bits: write_quantized(tmp_path_factory.mktemp(f"{fmt_bits[0]}{fmt_bits[1]}"), fmt_bits[0],
-                                      bits=fmt_bits[1], seed=11)
-            for fmt_bits in {(c[0], c[1]) for c in CASES.values()}}
+    return {key: write_quantized(tmp_path_factory.mktemp(f"{key[0]}{key[1]}g{key[2]}"), key[0], bits=key[1],
+                                 group=key[2], seed=11)
+            for key in {c[:3] for c in CASES.values()}}
 
 
 def _check_logprobs_close(ref, fast, tag):
@@ -91,9 +180,9 @@ def test_bf16_kernels_meet_the_bf16_criterion(ckpts, tag):
     from qvl.llm import LLM
     from qvl.sampling_params import SamplingParams
 
-    fmt, bits, method, kernel = CASES[tag]
+    fmt, bits, group, method, kernel = CASES[tag]
     ref_eng, fast_eng = (LLMEngine.from_config(EngineConfig(
-        model=str(ckpts[(fmt, bits)][method is not None]), quantization=method, dtype=dtype, device="cpu", max_model_len=1024,
+        model=str(ckpts[(fmt, bits, group)][method is not None]), quantization=method, dtype=dtype, device="cpu", max_model_len=1024,
         kv_cache_memory=8 << 20)) for dtype in ("float32", "bfloat16"))
     kernels = {m.kernel for m in fast_eng.model.modules() if isinstance(m, QuantLinear)}
     assert kernels == {kernel}
@@ -106,3 +195,37 @@ def test_bf16_kernels_meet_the_bf16_criterion(ckpts, tag):
         res = LLM.from_engine(eng).generate(ps, params, use_tqdm=False)
         outs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in res])
     _check_logprobs_close(outs[0], outs[1], tag)
+
+
+@needs_native
+def test_bound_layer_pickles_and_rebinds():
+    """The ctypes binding is not state: a pickled (or deep-copied) layer binds again on its first call."""
+    import copy
+    import pickle
+
+    qz, g = _random(4, 64, 32, 128, 3)
+    m = _layer(QuantSpec("awq", 4, 64), torch.bfloat16, qz, 32, 128, None, "qk-int4")
+    x = torch.randn(2, 128, generator=g).bfloat16()
+    with torch.no_grad():
+        want = m(x)
+        for other in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+            assert torch.equal(other(x), want)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [4, 8])
+def test_integer_kernels_split_over_threads_unchanged(bits):
+    """Output panels split over threads: every output's sum is the same, bit for bit."""
+    qz, g = _random(bits, 128, 2048, 256, bits, "awq" if bits == 4 else "sym")     # 128 panels: split
+    spec = QuantSpec("awq" if bits == 4 else "gptq", bits, 128)
+    m = _layer(spec, torch.bfloat16, qz, 2048, 256, None, f"qk-int{bits}")
+    x = torch.randn(5, 256, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            one = m(x)
+            torch.set_num_threads(3)
+            assert torch.equal(m(x), one)
+    finally:
+        torch.set_num_threads(threads)

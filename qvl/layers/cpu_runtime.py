@@ -10,7 +10,7 @@ on any machine) and returns a `CpuRuntime` saying what it chose:
   * bf16 on a CPU with native bf16 dot products (AVX512-BF16 or AMX, and torch's oneDNN has bf16
     kernels): "onednn-packed": the text decoder's and the LM head's linears get prepacked oneDNN
     weights for decode-sized inputs (up to 32 rows; qvl.layers.packed_linear, exact=False: held to
-    the bf16 criterion, not to F.linear's bits), if the copies fit in `max_bytes` (the engine passes
+    the bf16 criterion, not to F.linear's bits; the head in qvl's own panel layout where that kernel runs), if the copies fit in `max_bytes` (the engine passes
     half the RAM its KV pool leaves). Prefill and the
     vision tower keep F.linear: oneDNN's own bf16 GEMM is already near the machine's bf16 rate there.
   * bf16 on a CPU without them (AVX2; AVX-512F without BF16, where oneDNN would emulate bf16):
@@ -91,7 +91,7 @@ def prepare_cpu_model(model: nn.Module, *, max_bytes: int | None = None,
         return CpuRuntime("fp32-from-bf16", widen_linears(_linears(model)), features)
     if not packing_supported(model.dtype, model.device):
         return CpuRuntime("plain", 0, features)
-    n = pack_linears(_linears(model.model) + [model.lm_head],
+    n = pack_linears(_linears(model.model), head=model.lm_head,
                      max_bytes=None if max_bytes is None else max(0, max_bytes), exact=False)
     return CpuRuntime("onednn-packed" if n else "plain", n, features)
 

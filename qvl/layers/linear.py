@@ -10,10 +10,16 @@ A module without a bias accepts an all-zero `bias` (older GPTQ revisions carry t
 nonzero one. When the last tensor arrives the integers are converted to the kernel's form at once, so
 loading never holds a whole model of unpacked integers.
 
-Kernels (chosen at construction from dtype, device and shape; `kernel` names it):
+Kernels (chosen at construction from dtype, device, shape and the CPU; `kernel` names it):
+  qk-int4   CPU bf16 on AVX-512 BF16, 4 bit, in and group multiples of 64, out of 16: qvl's own kernel
+            (qvl.layers.quant_kernels), fp32 scales, zeros applied exactly; up to MANY_ROWS − 1 input rows
+            it widens the nibbles in registers, from MANY_ROWS rows on (prefill) it dequantizes bf16 blocks
+            of W and runs torch's bf16 GEMM on them.
+  qk-int8   the same for 8 bit (q − z as int8), one scale per row or per group (GPTQ-Int8, group 128).
   dequant   W = (q − z)·s in float32, cast to the activation dtype, then F.linear(x, W, b). In float32 this
             is exactly F.linear with the dequantized weight: the reference the tests hold to transformers.
             Also the CUDA path (untested on a GPU here) and the fallback for shapes the others refuse.
+  Where those do not apply (no AVX-512 BF16, no compiler, QVL_CPU_KERNELS=0, other shapes), torch's:
   int4pack  CPU bf16, 4 bit, group 32/64/128/256, out % 16 == 0: torch's
             `_weight_int4pack_mm_for_cpu`, W = (q − 8)·s + (8 − z)·s with s and the zero term in bf16.
   int8pack  CPU bf16, 8 bit, one scale per row: torch's `_weight_int8pack_mm` on (q − z) int8, s in bf16.
@@ -27,10 +33,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qvl.layers import quant_kernels as qk
 from qvl.quant import formats, onthefly
 from qvl.quant.spec import QuantSpec
 
 _INT4PACK_GROUPS = (32, 64, 128, 256)
+# From this many input rows on, qk-int4/qk-int8 dequantize W block by block and use torch's bf16 GEMM
+# (the integer-to-bf16 work is then paid once per block instead of once per 4 rows); measured crossover
+# in bench/quant.py --kernels (README "Quantized checkpoints").
+MANY_ROWS = 32
 _FORMAT_TENSORS = {"gptq": ("qweight", "qzeros", "scales"), "awq": ("qweight", "qzeros", "scales"),
                    "int8": ("weight",), "int4": ("weight",)}
 
@@ -39,6 +50,11 @@ def choose_kernel(bits: int, group: int, in_features: int, out_features: int, dt
                   device: torch.device) -> str:
     if dtype != torch.bfloat16 or device.type != "cpu":
         return "dequant"
+    if qk.native() and out_features % 16 == 0:
+        if bits == 4 and in_features % 64 == 0 and group % 64 == 0:
+            return "qk-int4"
+        if bits == 8 and in_features % 32 == 0 and group % 32 == 0:
+            return "qk-int8"
     if bits == 4 and group in _INT4PACK_GROUPS and out_features % 16 == 0:
         return "int4pack"
     if bits == 8:
@@ -111,13 +127,21 @@ class QuantLinear(nn.Module):
             w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qz.q.to(torch.int32), 1)  # (N, K/2) uint8
             zero_term = (8 - qz.zeros) * qz.scales                                                # (G, N)
             self._buffers_set(w4=w4, scale_zeros=torch.stack([qz.scales, zero_term], -1).to(torch.bfloat16))  # (G, N, 2)
-        elif self.kernel in ("int8pack", "int8group"):
+        elif self.kernel == "qk-int4":
+            zeros = qz.zeros.to(torch.uint8)                                                      # (G, N)
+            same = bool((zeros == zeros.flatten()[0]).all())     # symmetric formats: one zero everywhere
+            self.zc = int(zeros.flatten()[0]) if same else 0
+            self._buffers_set(w4=qk.pack_int4(qz.q), s4=qz.scales.float().contiguous(),              # (N, K/2), (G, N)
+                              z4=None if same else zeros.contiguous())
+        elif self.kernel in ("int8pack", "int8group", "qk-int8"):
             w8 = qz.q.to(torch.int16) - qz.zeros.t().repeat_interleave(qz.group, 1).to(torch.int16)  # (N, K)
             if int(w8.min()) < -128 or int(w8.max()) > 127:
                 self.kernel = "dequant"                   # zeros far from the middle: no int8 form
                 return self._set_kernel_tensors(qz)
             w8 = w8.to(torch.int8)
-            if self.kernel == "int8pack":
+            if self.kernel == "qk-int8":
+                self._buffers_set(w8=qk.pack_int8(w8), s8=qz.scales.float().contiguous())         # (N, K), (G, N)
+            elif self.kernel == "int8pack":
                 self._buffers_set(w8=w8, s8=qz.scales[0].to(torch.bfloat16))                       # s8 (N,)
             else:
                 g = qz.zeros.shape[0]
@@ -128,6 +152,11 @@ class QuantLinear(nn.Module):
             if self.spec.bits == 4:
                 q = q[:, 0::2] | (q[:, 1::2] << 4)                      # (N, K/2): two nibbles a byte
             self._buffers_set(q=q.to(dev), zeros=qz.zeros.to(dev), scales=qz.scales.to(dev))    # (G, N)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_qk", None)                    # the library binding (ctypes) is remade on first use
+        return state
 
     def _buffers_set(self, **tensors: torch.Tensor) -> None:
         for name, t in tensors.items():
@@ -154,6 +183,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{self.name}: the {self.kernel} kernel runs bf16 on CPU, got {x.dtype} on {x.device}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()                                        # (M, K)
+        if self.kernel in ("qk-int4", "qk-int8"):
+            return self._qk_forward(x2).view(*lead, self.out_features)                           # (..., N)
         if self.kernel == "int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.w4, self.group, self.scale_zeros)
         elif self.kernel == "int8pack":
@@ -167,3 +198,14 @@ class QuantLinear(nn.Module):
         if bias is not None:
             y = y + bias
         return y.view(*lead, self.out_features)                                                  # (..., N)
+
+    def _qk_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        plan, w = self.__dict__.get("_qk"), self._buffers["w4" if self.kernel == "qk-int4" else "w8"]
+        if plan is None or plan.w is not w:                  # bound once (again only if the buffer was replaced)
+            s = self._buffers["s4" if self.kernel == "qk-int4" else "s8"]
+            plan = qk.QuantWeight(4, w, s, self._buffers["z4"], self.zc, self.group) if self.kernel == "qk-int4" \
+                else qk.QuantWeight(8, w, s, group=self.group)
+            self.__dict__["_qk"] = plan
+        if x2.shape[0] >= MANY_ROWS:
+            return plan.dequant_matmul(x2, self.bias)
+        return plan.matmul(x2, self.bias)
