@@ -45,6 +45,7 @@ step decode 150 bash -c 'python3 bench/decode.py --config 2b --device cuda --new
                           python3 bench/decode.py --config 2b --device cuda --new-tokens 256 --repeats 3 --enforce-eager'
 step throughput 180 python3 bench/throughput.py --config 2b --device cuda --concurrency 32 128 --new-tokens 128
 step ttft 60 python3 bench/ttft.py --config 2b --device cuda --width 1280 --height 720
-step tp 90 python3 bench/tp.py --device cuda
-step quant 90 python3 bench/quant.py --device cuda --variants bf16,int8,int4,awq --repeats 2 --new-tokens 32
+step tp 120 bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_tp_cuda.py;
+                    python3 bench/tp.py --device cuda --dtype bfloat16 || python3 bench/tp.py --device cuda --dtype bfloat16 --backend gloo'
+step quant 180 python3 bench/quant.py --device cuda --variants bf16,int8,int4,awq --repeats 2 --new-tokens 32
 echo "report: $REPORT"

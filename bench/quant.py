@@ -184,21 +184,24 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     ckpt, method = VARIANTS[args.child]
     before = _rss()
-    model, config = load_model(Path(args.workdir) / ckpt, dtype=torch.bfloat16, quantization=method)
+    dev = args.device
+    model, config = load_model(Path(args.workdir) / ckpt, dtype=torch.bfloat16, quantization=method, device=dev)
     eng = make_engine(model, config, max_num_seqs=16, enable_prefix_caching=False, max_model_len=1024)
     vocab = min(config.vocab_size, 150000)
     ids = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    qvl_decode(eng, ids, 4, "cpu")                                    # warm-up
+    qvl_decode(eng, ids, 4, dev)                                      # warm-up
     rss = _rss()               # after a forward: every weight page touched (load_model may mmap bf16)
+    if dev == "cuda":          # on a GPU, the weights' device memory (the KV pool excluded)
+        rss, before = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]), 0
     if args.profile:
         prompt = ids[:1]                  # one prompt token: the profiled steps are (almost all) decode steps
         print(json.dumps(dict(variant=args.child, **profile_decode(model, eng, prompt, args.new_tokens,
                                                                    copy_bandwidth("cpu")))))
         return
-    dec = statistics.median(qvl_decode(eng, ids, args.new_tokens, "cpu")[0] for _ in range(args.repeats))
+    dec = statistics.median(qvl_decode(eng, ids, args.new_tokens, dev)[0] for _ in range(args.repeats))
     thr = statistics.median(_throughput(eng, vocab, args.prompt_len, args.new_tokens, 16)
                             for _ in range(max(1, args.repeats - 1)))
-    bw = copy_bandwidth("cpu")
+    bw = copy_bandwidth(dev)
     wbytes = _weight_bytes(model)
     kernels = sorted({getattr(m, "kernel", None) for m in model.modules()} - {None})
     print(json.dumps(dict(variant=args.child, kernels=kernels or ["bf16 F.linear / packed"],
@@ -279,6 +282,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: the quantized linears' CUDA path (dequant + matmul); RSS is then weight bytes")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -304,7 +309,7 @@ def main() -> None:
             write_packed(work / "float", work / ckpt, *PACKED[ckpt])
     rows = []
     for name in variants:
-        cmd = [sys.executable, __file__, "--child", name, "--workdir", str(work), "--threads", str(args.threads),
+        cmd = [sys.executable, __file__, "--child", name, "--workdir", str(work), "--threads", str(args.threads), "--device", args.device,
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats)] + (["--profile"] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
