@@ -4,10 +4,12 @@
 # $OUT/gpu_results.jsonl. Installs nothing from a network. When the GPU machine's transformers is not the
 # 4.57 our tests compare against, carry wheels made here by `bash bench/gpu_wheels.sh` (folder .whl) and
 # this script puts them first on PYTHONPATH. Each step has its own time limit; a failed step is reported
-# and the next one runs. About 8-10 minutes on one H200.
+# and the next one runs. All steps together may take about 10 minutes on one H200, more than one device
+# command may run, so a lease runs them in two calls (each report then covers its own steps):
 #
-#   bash bench/gpu.sh                     # everything
-#   STEPS="tests decode" bash bench/gpu.sh
+#   STEPS="tests kernels decode" bash bench/gpu.sh       # first call
+#   STEPS="throughput ttft tp quant" bash bench/gpu.sh   # second call
+#   bash bench/gpu.sh                                    # everything, where no limit applies
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
@@ -41,8 +43,8 @@ step() {   # step NAME SECONDS COMMAND...: run it, log its output in the report,
 step tests 300 bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_attention_paged.py &&
                          python3 -m pytest -q -p no:cacheprovider tests/test_model_parity.py -k cuda'
 step kernels 60 python3 bench/attention_paged.py
-step decode 150 bash -c 'python3 bench/decode.py --config 2b --device cuda --new-tokens 256 --repeats 3 &&
-                          python3 bench/decode.py --config 2b --device cuda --new-tokens 256 --repeats 3 --enforce-eager'
+step decode 150 bash -c 'python3 bench/decode.py --config 2b --device cuda --new-tokens 256 --repeats 2 &&
+                          python3 bench/decode.py --config 2b --device cuda --new-tokens 256 --repeats 2 --enforce-eager'
 step throughput 180 python3 bench/throughput.py --config 2b --device cuda --concurrency 32 128 --new-tokens 128
 step ttft 60 python3 bench/ttft.py --config 2b --device cuda --width 1280 --height 720
 step tp 120 bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_tp_cuda.py;
