@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import IMG, VID, chat, greedy_tokens, image, tiny_engine
+from tiny import IMG, VID, chat, greedy_tokens, hf_media_kwargs, image, tiny_engine
 
 from qvl.models.qwen2_5_vl import processing
 from qvl.models.qwen2_5_vl.vision import window_order
@@ -45,13 +45,7 @@ CASES = {
 
 def _hf_inputs(p) -> dict:
     """transformers kwargs for a ProcessedPrompt: images and videos split, second_per_grid_ts per video."""
-    kw: dict = {}
-    for kind, pv, grid in (("image", "pixel_values", "image_grid_thw"),
-                           ("video", "pixel_values_videos", "video_grid_thw")):
-        items = [it for it in p.items if it.kind == kind]
-        if items:
-            kw[pv] = torch.cat([it.pixel_values for it in items])
-            kw[grid] = torch.tensor([list(it.grid_thw) for it in items])
+    kw = hf_media_kwargs(p)
     videos = [it for it in p.items if it.kind == "video"]
     if videos:
         kw["second_per_grid_ts"] = torch.tensor([2 / it.sample_fps for it in videos])

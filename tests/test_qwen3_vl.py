@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import IMG, VID, chat, greedy_tokens, image, tiny_engine
+from tiny import IMG, VID, chat, greedy_tokens, hf_media_kwargs, image, tiny_engine
 
 from qvl.models.qwen3_vl import processing
 
@@ -43,17 +43,6 @@ CASES = {
     "video": (VID + "What happens?", {"video": [video(3, fps=2)]}),
     "image_video": (IMG + "then" + VID + "Compare.", {"image": [image(5, 140, 84)], "video": [video(7, fps=1)]}),
 }
-
-
-def _hf_inputs(p) -> dict:
-    kw: dict = {}
-    for kind, pv, grid in (("image", "pixel_values", "image_grid_thw"),
-                           ("video", "pixel_values_videos", "video_grid_thw")):
-        items = [it for it in p.items if it.kind == kind]
-        if items:
-            kw[pv] = torch.cat([it.pixel_values for it in items])
-            kw[grid] = torch.tensor([list(it.grid_thw) for it in items])
-    return kw
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +150,7 @@ def test_logits_and_positions_match_transformers(pair, case):
     model, config, hf, proc = pair
     text, mm = CASES[case]
     p = proc.process_prompt(chat(text), mm or None)
-    kw = _hf_inputs(p)
+    kw = hf_media_kwargs(p)
     ids = torch.tensor([p.token_ids])
     pos, delta = hf.model.get_rope_index(ids, kw.get("image_grid_thw"), kw.get("video_grid_thw"))
     assert torch.equal(p.positions, pos[:, 0]) and p.rope_delta == int(delta)
@@ -328,7 +317,7 @@ def test_greedy_engine_matches_transformers(pair, engine_reference):
         ids = torch.tensor([p.token_ids])
         with torch.no_grad():
             ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                              max_new_tokens=N_NEW, eos_token_id=None, pad_token_id=0, **_hf_inputs(p))
+                              max_new_tokens=N_NEW, eos_token_id=None, pad_token_id=0, **hf_media_kwargs(p))
         assert toks == ref[0, ids.shape[1]:].tolist(), case
     assert len({tuple(t) for t in got}) == len(got)
 

@@ -64,13 +64,15 @@ def app_server(app, name: str = "test-uvicorn"):
 
 
 class ServerProcess:
-    """`python -m qvl.server.launch MODEL ...` in a subprocess; waits for /health; SIGTERM on stop()."""
+    """`python -m qvl.server.launch MODEL ...` (or `command`, e.g. qvl.cli's serve) in a subprocess; waits for
+    /health; SIGTERM on stop()."""
 
-    def __init__(self, model: Path, extra_args: list[str], log_path: Path, env: dict | None = None):
+    def __init__(self, model: Path, extra_args: list[str], log_path: Path, env: dict | None = None,
+                 command: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "qvl.server.launch", str(model), "--host", "127.0.0.1",
+        cmd = [*(command or [sys.executable, "-m", "qvl.server.launch"]), str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--device", "cpu", "--dtype", "float32", "--threads", "1", *extra_args]
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,

@@ -28,7 +28,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from tiny import IMG, VID, chat, greedy_tokens, image, tiny_engine
+from test_server import ServerProcess
+from tiny import IMG, VID, chat, greedy_tokens, hf_media_kwargs, image, tiny_engine
 
 from qvl.parallel import group as tp_group
 
@@ -98,31 +99,12 @@ def qvl(*args, env=None, **kw) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, **kw)
 
 
-class Served:
+class Served(ServerProcess):
     """`qvl serve MODEL -tp 2` on a free port, healthy."""
 
     def __init__(self, model: Path, log: Path):
-        self.port = tp_group.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        self._log = open(log, "w")
-        self.proc = qvl("serve", str(model), "-tp", "2", "--host", "127.0.0.1", "--port", str(self.port), *RUN_FLAGS,
-                        "--no-ui", stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.proc.kill()
-        raise AssertionError(f"server not healthy in 120 s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
+        super().__init__(model, ["-tp", "2", *RUN_FLAGS, "--no-ui"], log, env={"PYTHONPATH": str(ROOT)},
+                         command=[sys.executable, "-m", "qvl.cli", "serve"])
 
     def workers(self) -> list[int]:
         """The server's tensor-parallel worker processes (its children running qvl's spawn target)."""
@@ -164,13 +146,7 @@ def hf_greedy(path, ps) -> list[list[int]]:
                                                          dtype=torch.float32).eval()
     out = []
     for p in ps:
-        kw = {}
-        for kind, pv, grid in (("image", "pixel_values", "image_grid_thw"),
-                               ("video", "pixel_values_videos", "video_grid_thw")):
-            items = [it for it in p.items if it.kind == kind]
-            if items:
-                kw[pv] = torch.cat([it.pixel_values for it in items])
-                kw[grid] = torch.tensor([list(it.grid_thw) for it in items])
+        kw = hf_media_kwargs(p)
         ids = torch.tensor([p.token_ids])
         with torch.no_grad():
             out.append(hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,

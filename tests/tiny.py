@@ -384,3 +384,17 @@ def greedy_tokens(eng, prompts, num: int) -> list[list[int]]:
 
     params = SamplingParams(temperature=0, max_tokens=num, min_tokens=num)
     return [o.outputs[0].token_ids for o in LLM.from_engine(eng).generate(prompts, params, use_tqdm=False)]
+
+
+def hf_media_kwargs(p) -> dict:
+    """transformers generate/forward kwargs for a ProcessedPrompt's media: images and videos split."""
+    import torch
+
+    kw: dict = {}
+    for kind, pv, grid in (("image", "pixel_values", "image_grid_thw"),
+                           ("video", "pixel_values_videos", "video_grid_thw")):
+        items = [it for it in p.items if it.kind == kind]
+        if items:
+            kw[pv] = torch.cat([it.pixel_values for it in items])
+            kw[grid] = torch.tensor([list(it.grid_thw) for it in items])
+    return kw
