@@ -26,11 +26,11 @@ shares it with the embedding). `pack_linears` packs nothing when the copies woul
 `unpack_linears` restores plain F.linear. The packed tensors are not parameters: state_dict is unchanged,
 and they are a snapshot: after changing a weight, unpack and pack again.
 
-The LM head (`head=`, exact=False only): where qvl's own bf16 kernel runs (AVX-512 BF16, out % 16 == 0;
-qvl.layers.quant_kernels), its copy is in that kernel's 16-row panels instead of oneDNN's layout, the same
-bytes: at one row of the 2B's 151936 x 1536 head it read 12.4 GB/s where oneDNN's packed kernel read
-7.3 (1.7x; 1.35x at 4 rows, even at 16, 0.84x at 32, 1 thread, interleaved, machine shared with other
-jobs), so the head, read whole every token, stops being the slowest linear of a quantized decode.
+qvl's panels (exact=False): where qvl's own bf16 kernel runs (AVX-512 BF16, out % 16 == 0;
+qvl.layers.quant_kernels), a linear's copy is in that kernel's 16-row panels instead of oneDNN's layout, the
+same bytes. At one row it read 21 GB/s of weight where oneDNN's packed kernel read 11 (the 2B's 8960 x 1536
+and 1536 x 8960: 1299 vs 2545 us, 1308 vs 2462; the 151936 x 1536 head 21.8 vs 14.3 GB/s), about even at 16
+rows, 0.84x at 32 (1 thread, interleaved, `python bench/quant.py --kernels --head`, machine shared).
 
 Knows nothing about the model: it sees nn.Linear modules only.
 """
@@ -113,39 +113,36 @@ def _is_packed(m: nn.Linear) -> bool:
 
 def pack_linears(linears: Iterable[nn.Linear], *, max_bytes: int | None = None, exact: bool = True,
                  head: nn.Linear | None = None) -> int:
-    """Give each linear a packed path for up to MAX_ROWS rows; exact: only where, and for as many rows
-    as, the probe finds F.linear's bits. `head` (exact=False): the LM head, in the panel layout where
-    qvl's bf16 kernel runs (module docstring), else packed like the others.
+    """Give each linear (and `head`, the LM head) a packed path for up to MAX_ROWS rows; exact: oneDNN's
+    layout, only where, and for as many rows as, the probe finds F.linear's bits; exact=False: qvl's bf16
+    panel layout where that kernel runs (module docstring), else oneDNN's, no probe.
 
     Returns how many of `linears` (and the head) are packed afterwards (already packed ones count and
     are left as they are). Packs nothing when the dtype/device is unsupported or the new copies would
     exceed max_bytes.
     """
-    linears = list(linears)
-    panel_head = (head is not None and not exact and not _is_packed(head) and head.weight.dtype == torch.bfloat16
-                  and packing_supported(head.weight.dtype, head.weight.device) and _panels_fit(head))
-    if head is not None and not panel_head:
-        linears.append(head)
+    linears = list(linears) + ([head] if head is not None else [])
     todo = [m for m in linears if not _is_packed(m) and m.weight.dtype == torch.bfloat16]
-    extra = [head] if panel_head else []
-    need = sum(m.weight.numel() * m.weight.element_size() for m in todo + extra)
-    if max_bytes is not None and need > max_bytes:
-        return sum(_is_packed(m) for m in linears + ([head] if panel_head else []))
-    if panel_head:
-        head.forward = _PanelForward(head, qk.pack_bf16(head.weight), MAX_ROWS)
-    if (todo and packing_supported(todo[0].weight.dtype, todo[0].weight.device)):
-        threads = torch.get_num_threads()
-        max_rows: dict[tuple, int] = {}            # (out, in, bias) -> probe verdict
-        for m in todo:
-            key = (*m.weight.shape, m.bias is not None)
-            if max_rows.get(key) == 0:
-                continue
-            packed = _pack(m.weight)
-            if key not in max_rows:
-                max_rows[key] = _max_identical_rows(m, packed, threads) if exact else MAX_ROWS
-            if max_rows[key]:
-                m.forward = _PackedForward(m, packed, threads, max_rows[key])
-    return sum(_is_packed(m) for m in linears + ([head] if panel_head else []))
+    need = sum(m.weight.numel() * m.weight.element_size() for m in todo)
+    if not todo or (max_bytes is not None and need > max_bytes):
+        return sum(_is_packed(m) for m in linears)
+    if not packing_supported(todo[0].weight.dtype, todo[0].weight.device):
+        return sum(_is_packed(m) for m in linears)
+    threads = torch.get_num_threads()
+    max_rows: dict[tuple, int] = {}            # (out, in, bias) -> probe verdict
+    for m in todo:
+        if not exact and _panels_fit(m):        # qvl's bf16 panel kernel: same bytes, faster (module docstring)
+            m.forward = _PanelForward(m, qk.pack_bf16(m.weight), MAX_ROWS)
+            continue
+        key = (*m.weight.shape, m.bias is not None)
+        if max_rows.get(key) == 0:
+            continue
+        packed = _pack(m.weight)
+        if key not in max_rows:
+            max_rows[key] = _max_identical_rows(m, packed, threads) if exact else MAX_ROWS
+        if max_rows[key]:
+            m.forward = _PackedForward(m, packed, threads, max_rows[key])
+    return sum(_is_packed(m) for m in linears)
 
 
 def unpack_linears(linears: Iterable[nn.Linear]) -> None:
