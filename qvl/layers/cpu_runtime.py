@@ -8,10 +8,11 @@ on any machine) and returns a `CpuRuntime` saying what it chose:
   * float32, float16, or a model not on the CPU: nothing changes ("plain": F.linear everywhere;
     float32 stays the exact reference).
   * bf16 on a CPU with native bf16 dot products (AVX512-BF16 or AMX, and torch's oneDNN has bf16
-    kernels): "onednn-packed": the text decoder's and the LM head's linears get prepacked oneDNN
-    weights for decode-sized inputs (up to 32 rows; qvl.layers.packed_linear, exact=False: held to
-    the bf16 criterion, not to F.linear's bits; the head in qvl's own panel layout where that kernel runs), if the copies fit in `max_bytes` (the engine passes
-    half the RAM its KV pool leaves). Prefill and the
+    kernels): "onednn-packed": the text decoder's and the LM head's linears get a packed copy of their
+    weights for decode-sized inputs (up to 32 rows; qvl.layers.packed_linear, exact=False: held to the
+    bf16 criterion, not to F.linear's bits): qvl's own 16-row panels where that kernel runs (AVX-512
+    BF16), else oneDNN's blocked layout, if the copies fit in `max_bytes` (the engine passes half the RAM
+    its KV pool leaves). Prefill and the
     vision tower keep F.linear: oneDNN's own bf16 GEMM is already near the machine's bf16 rate there.
   * bf16 on a CPU without them (AVX2; AVX-512F without BF16, where oneDNN would emulate bf16):
     "fp32-from-bf16": every linear of the model, vision tower included, computes inputs of 16 rows or
