@@ -31,7 +31,9 @@ Measured, per --threads value, medians of --repeats:
 Pairs compared: bf16 / bf16, int8 / Q8_0 (both 8-bit, one scale per 32 weights in Q8_0, per output row in
 qvl), int4 / Q4_K_M (Q4_K_M keeps some tensors at Q6_K; qvl's int4 keeps one fp32 scale per 128). The
 LM head is float in qvl (tied to the embedding) and quantized in llama.cpp's Q8_0 / Q4_K_M, so at equal
-speed per byte llama.cpp reads fewer bytes per token: the table gives each side's GGUF / weight size.
+speed per byte llama.cpp reads fewer bytes per token. So the table also gives each side's weight GB
+(qvl: bench/quant.py's `_weight_bytes`, what one decode step reads; llama.cpp: llama-bench's model size,
+the GGUF's tensors; the tied embedding / head counted once in both) and decode GB/s = tok/s x GB.
 Prints a table, ratios qvl / llama.cpp per format, and one JSON line. Not a test: nothing is asserted.
 """
 from __future__ import annotations
@@ -238,17 +240,20 @@ def main() -> None:
                        qvl_prefill=ours["prefill_tok_s"], llama_prefill=lc["prefill_tok_s"])
             row["decode_ratio"] = round(row["qvl_decode"] / row["llama_decode"], 2)
             row["prefill_ratio"] = round(row["qvl_prefill"] / row["llama_prefill"], 2)
+            row["qvl_decode_gb_s"] = round(row["qvl_decode"] * row["qvl_weight_gb"], 1)   # weight read / s
+            row["llama_decode_gb_s"] = round(row["llama_decode"] * row["gguf_gb"], 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
 
     print(f"\nQwen2-VL-2B text config, {args.layers} layers, random weights; medians of {args.repeats}; "
           f"load average {load0} at the start, {_load()} at the end ({time.time() - t0:.0f} s)")
     print(f"{'thr':>3} {'qvl':5} {'llama.cpp':9} {'GB qvl/gguf':>12} {'decode qvl':>10} {'llama':>7} {'ratio':>6} "
-          f"{'prefill qvl':>11} {'llama':>7} {'ratio':>6}")
+          f"{'prefill qvl':>11} {'llama':>7} {'ratio':>6} {'decode GB/s qvl/llama':>21}")
     for r in rows:
         print(f"{r['threads']:>3} {r['qvl']:5} {r['llama_cpp']:9} {r['qvl_weight_gb']:5.2f}/{r['gguf_gb']:<6.2f} "
               f"{r['qvl_decode']:10.2f} {r['llama_decode']:7.2f} {r['decode_ratio']:6.2f} "
-              f"{r['qvl_prefill']:11.2f} {r['llama_prefill']:7.2f} {r['prefill_ratio']:6.2f}")
+              f"{r['qvl_prefill']:11.2f} {r['llama_prefill']:7.2f} {r['prefill_ratio']:6.2f} "
+              f"{r['qvl_decode_gb_s']:>13.1f}/{r['llama_decode_gb_s']:<7.1f}")
     print(json.dumps(dict(bench="llama_cpp", layers=args.layers, repeats=args.repeats, sdist=SDIST,
                           load_start=load0, load_end=_load(), rows=rows)))
 
