@@ -34,7 +34,8 @@ LM head is float in qvl (tied to the embedding) and quantized in llama.cpp's Q8_
 speed per byte llama.cpp reads fewer bytes per token. So the table also gives each side's weight GB
 (qvl: bench/quant.py's `_weight_bytes`, what one decode step reads; llama.cpp: llama-bench's model size,
 the GGUF's tensors; the tied embedding / head counted once in both) and decode GB/s = tok/s x GB.
-Prints a table, ratios qvl / llama.cpp per format, and one JSON line. Not a test: nothing is asserted.
+Prints one JSON line per pair as it goes, a table with the ratios qvl / llama.cpp per format, and one
+JSON line for the whole run (rows, load average at start and end). Not a test: nothing is asserted.
 """
 from __future__ import annotations
 
