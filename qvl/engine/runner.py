@@ -239,7 +239,7 @@ class ModelRunner:
         media = self._media_spans(spans)
         return StepBatch(
             input_ids=t_ids, positions=t_pos.view(3, n_total), attn=attn, sample_rows=t_rows,  # (N,), (3, N)
-            seqs=list(out.seqs), spans=spans, sample_seqs=sample_seqs, media=media,
+            spans=spans, sample_seqs=sample_seqs, media=media,
             vision_mask=self._vision_mask(spans, n_total) if media else None)
 
     @torch.inference_mode()

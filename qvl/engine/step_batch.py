@@ -12,7 +12,7 @@ replays (padded to a captured size), so everything the forward reads is here, on
   media          [(seq, item, first row, end row)] the feature rows each span needs (host; vision only)
   sample_rows    (S,) int64      rows whose logits are sampled (a sequence's chunk reaching its end)
 
-Host-side: `seqs` (batch order), `spans` [(seq, start, end)] and `sample_seqs` (the S sequences that sample,
+Host-side: `spans` [(seq, start, end)] (`seqs`: their sequences, batch order) and `sample_seqs` (the S sequences that sample,
 batch order). `to_device(rows, device)` moves a step's integer lists in one copy (pinned on CUDA).
 Knows nothing about models or kernels.
 """
@@ -42,11 +42,15 @@ class StepBatch:
     positions: torch.Tensor                  # (3, N)
     attn: AttentionMetadata
     sample_rows: torch.Tensor                # (S,)
-    seqs: list = field(default_factory=list)
-    spans: list = field(default_factory=list)           # [(seq, start, end)]
+    spans: list = field(default_factory=list)           # [(seq, start, end)], batch order
     sample_seqs: list = field(default_factory=list)
     media: list = field(default_factory=list)           # [(seq, media item, a, b)]
     vision_mask: torch.Tensor | None = None  # (N,) bool
+
+    @property
+    def seqs(self) -> list:
+        """The scheduled sequences, batch order."""
+        return [seq for seq, _, _ in self.spans]
 
     @property
     def num_tokens(self) -> int:
