@@ -30,7 +30,11 @@ qvl's panels (exact=False): where qvl's own bf16 kernel runs (AVX-512 BF16, out 
 qvl.layers.quant_kernels), a linear's copy is in that kernel's 16-row panels instead of oneDNN's layout, the
 same bytes. At one row it read 21 GB/s of weight where oneDNN's packed kernel read 11 (the 2B's 8960 x 1536
 and 1536 x 8960: 1299 vs 2545 us, 1308 vs 2462; the 151936 x 1536 head 21.8 vs 14.3 GB/s), about even at 16
-rows, 0.84x at 32 (1 thread, interleaved, `python bench/quant.py --kernels --head`, machine shared).
+rows, 0.84x at 32 (1 thread, interleaved, `python bench/quant.py --kernels --head`, machine shared). The
+kernel splits a call's panels over torch's thread count with threads of its own, started per call: at 2
+threads the 2B's bf16 decode was even with oneDNN's (6.61 vs 6.67 tok/s) and 16 requests 13% slower (29.4
+vs 33.7 tok/s; `bench/quant.py --variants bf16 --threads 2`), so the decoder's linears take the panels at
+one thread only; the LM head (read whole every token, 7.3 vs 12.4 GB/s through oneDNN) takes them always.
 
 Knows nothing about the model: it sees nn.Linear modules only.
 """
@@ -131,7 +135,9 @@ def pack_linears(linears: Iterable[nn.Linear], *, max_bytes: int | None = None, 
     threads = torch.get_num_threads()
     max_rows: dict[tuple, int] = {}            # (out, in, bias) -> probe verdict
     for m in todo:
-        if not exact and _panels_fit(m):        # qvl's bf16 panel kernel: same bytes, faster (module docstring)
+        # qvl's bf16 panel kernel: same bytes, faster at one thread; the decoder's linears keep oneDNN at more
+        # threads, where the panels' per-call threads lost 13% of 16-request throughput (module docstring)
+        if not exact and _panels_fit(m) and (m is head or threads == 1):
             m.forward = _PanelForward(m, qk.pack_bf16(m.weight), MAX_ROWS)
             continue
         key = (*m.weight.shape, m.bias is not None)
