@@ -107,23 +107,25 @@ def test_abort_during_the_worker_encode_stops_it_and_frees_everything(engines, s
     eng.add_request("img", eng.processor.process_prompt(CHAT, {"image": [_image(4, 224)]}), _greedy(2))
     eng.add_request("txt", ProcessedPrompt.from_token_ids([5, 6, 7]), _greedy(3))
     job = eng.vision._jobs["img"]
+    done = {}
     while not starts:                                # the worker is inside block 0's pre-hook
-        eng.step()
+        done.update((o.request_id, o) for o in eng.step() if o.finished)   # txt may finish meanwhile
     eng.abort_request("img")
     with pytest.raises(VisionCancelled):
         job.future.result(timeout=5)
     assert len(starts) == 1 and eng.vision.num_pending == 0 and "img" not in eng.vision._jobs
-    done = _drain(eng)
+    done.update(_drain(eng))
     assert len(done["txt"].outputs[0].token_ids) == 3 and eng.stats()["kv_blocks_free"] == total
 
     # request_cancel (the server's thread) stops the job too; the next step aborts the request
     starts.clear()
     eng.add_request("img2", eng.processor.process_prompt(CHAT, {"image": [_image(5, 224)]}), _greedy(2))
     eng.add_request("txt2", ProcessedPrompt.from_token_ids([5, 6, 8]), _greedy(8))
+    done = {}
     while not starts:
-        eng.step()
+        done.update((o.request_id, o) for o in eng.step() if o.finished)
     eng.request_cancel("img2")
-    done = _drain(eng)
+    done.update(_drain(eng))
     assert done["img2"].outputs[0].finish_reason == "abort" and len(starts) == 1
     assert len(done["txt2"].outputs[0].token_ids) == 8 and eng.stats()["kv_blocks_free"] == total
 
