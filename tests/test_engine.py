@@ -285,8 +285,8 @@ def test_async_engine_stream_and_abort(tiny_ckpt):
     async def main():
         it = await ae.add_request("a", ps[0], greedy(10))
         it2 = await ae.add_request("b", ps[1], greedy(200))
-        with pytest.raises(ValueError, match="already running"):
-            await ae.add_request("a", ps[0], greedy(10))
+        with pytest.raises(ValueError, match="already running"):      # "b" (200 tokens) is surely still running
+            await ae.add_request("b", ps[0], greedy(10))
         ids, text = [], ""
         async for d in it:
             ids += d.outputs[0].token_ids
