@@ -148,13 +148,21 @@ def random_qwen2_vl(config, seed: int):
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    return randomize(Qwen2VLForConditionalGeneration(config).eval())
+
+
+def randomize(model, *, norms: bool = False):
+    """Weights N(0, 0.15), biases N(0, 0.02), with `norms` norm weights N(1, 0.1) (a missed norm shows)."""
+    import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, 0.15)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.02)
+            elif norms and ("norm" in name or "ln_q" in name):
+                p.normal_(1.0, 0.1)
     return model
 
 def make_tiny_checkpoint(path: str | Path, *, tied: bool = False, seed: int = 0,
@@ -263,15 +271,7 @@ def write_tiny_qwen2_5_vl(path: str | Path, *, tied: bool = False, seed: int = 0
     ids = write_tokenizer(path)
     cfg_dict = tiny_qwen2_5_vl_config_dict(ids, tied=tied)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg_dict)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.15)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02)
-            elif "norm" in name or "ln_q" in name:
-                p.normal_(1.0, 0.1)     # RMSNorm weights away from 1, so a missed norm shows
+    model = randomize(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg_dict)).eval(), norms=True)
     model.save_pretrained(path, safe_serialization=True)
     if layout == "hub":
         (path / "config.json").write_text(json.dumps(cfg_dict, indent=1))
