@@ -18,14 +18,16 @@ from qvl.quant.formats import Quantized
 from qvl.quant.spec import QuantSpec
 from quant_fixtures import write_quantized
 
-NATIVE = qk.native()
+NATIVE = qk.native_int()                  # the integer kernels (AVX-512 VNNI); the bf16 one needs qk.native()
 CASES = {  # tag -> (fixture format, bits, group, on-the-fly method or None, kernel in bf16)
-    "gptq4": ("gptq", 4, 32, None, "int4pack"), "gptq8": ("gptq", 8, 32, None, "qk-int8" if NATIVE else "int8group"),
-    "awq": ("awq", 4, 32, None, "int4pack"), "awq-g64": ("awq", 4, 64, None, "qk-int4" if NATIVE else "int4pack"),
+    "gptq4": ("gptq", 4, 32, None, "qk-int4" if NATIVE else "int4pack"),
+    "gptq8": ("gptq", 8, 32, None, "qk-int8" if NATIVE else "int8group"),
+    "awq": ("awq", 4, 32, None, "qk-int4" if NATIVE else "int4pack"), "awq-g64": ("awq", 4, 64, None, "qk-int4" if NATIVE else "int4pack"),
     "int8": ("gptq", 4, 32, "int8", "qk-int8" if NATIVE else "int8pack"),
     "int4": ("gptq", 4, 32, "int4", "qk-int4" if NATIVE else "int4pack"),
 }
-needs_native = pytest.mark.skipif(not NATIVE, reason="qvl's CPU kernels need g++ and AVX-512 BF16")
+needs_native = pytest.mark.skipif(not NATIVE, reason="qvl's integer CPU kernels need g++ and AVX-512 VNNI")
+needs_bf16 = pytest.mark.skipif(not qk.native(), reason="qvl's bf16 CPU kernel needs g++ and AVX-512 BF16")
 
 
 def _layer(spec, kernel_dtype, qz, n, k, bias, kernel=None):
@@ -60,6 +62,7 @@ def _close(got, want):
     (4, 32, "awq", "int4pack"), (4, 128, "awq", "int4pack"), (8, 256, "sym", "int8pack"),
     (8, 64, "sym", "int8group"),
     pytest.param(4, 128, "awq", "qk-int4", marks=needs_native), pytest.param(4, 64, "sym", "qk-int4", marks=needs_native),
+    pytest.param(4, 32, "awq", "qk-int4", marks=needs_native),
     pytest.param(8, 256, "sym", "qk-int8", marks=needs_native), pytest.param(8, 32, "sym", "qk-int8", marks=needs_native)])
 @pytest.mark.parametrize("rows", [1, 3, 16, 40])
 @pytest.mark.parametrize("n, has_bias", [(96, True), (112, False)])
@@ -89,24 +92,25 @@ def test_scalar_fallbacks_match(rows):
     x = torch.randn(rows, 192, generator=g).bfloat16()
     bias = torch.randn(48, generator=g)
     want = x.float() @ w.t() + bias
-    w4 = qk.pack_int4(qz.q)
-    z = qz.zeros.to(torch.uint8).contiguous()
-    _close(qk.int4_mm(x, w4, qz.scales.contiguous(), z, 0, 64, bias, isa=0), want)
-    blk = qk.dequant4_rows(w4, qz.scales.contiguous(), z, 0, 64, 0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
+    w4, s4 = qk.pack_int4(qz.q), qk.pack_groups(qz.scales)
+    z = qk.pack_groups(qz.zeros.to(torch.uint8))
+    _close(qk.int4_mm(x, w4, s4, z, 0, 64, bias, isa=0), want)
+    blk = qk.dequant4_rows(w4, s4, z, 0, 64, 0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
     assert torch.equal(blk, w.bfloat16())                                    # RNE, as torch rounds
     q8, _ = _random(8, 32, 48, 192, rows, "sym")
     w8 = qk.pack_int8((q8.q.to(torch.int16) - 128).to(torch.int8))
     want8 = x.float() @ formats.dequantize(q8).t()
-    _close(qk.int8_mm(x, w8, q8.scales.contiguous(), 32, None, isa=0), want8)
-    blk8 = qk.dequant8_rows(w8, q8.scales.contiguous(), 32, 0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
+    s8 = qk.pack_groups(q8.scales)
+    _close(qk.int8_mm(x, w8, s8, 32, None, isa=0), want8)
+    blk8 = qk.dequant8_rows(w8, s8, 32, 0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
     assert torch.equal(blk8, formats.dequantize(q8).bfloat16())
-    with pytest.raises(ValueError, match="qvl CPU kernel int8 refused its input"):      # N % 8 != 0
-        qk.int8_mm(x, w8[:36].contiguous(), q8.scales[:, :36].contiguous(), 32, None, isa=0)
-    with pytest.raises(ValueError, match="qvl CPU kernel int4 refused its input"):
-        qk.int4_mm(x[:, :96].contiguous(), w4[:, :48].contiguous(), qz.scales, z, 0, 64, isa=0)          # K = 96: not whole chunks
+    with pytest.raises(ValueError, match="qvl CPU kernel int8 refused its input"):      # N % 16 != 0
+        qk.int8_mm(x, w8[:36].contiguous(), s8, 32, None, isa=0)
+    with pytest.raises(ValueError, match="qvl CPU kernel int4 refused its input"):      # K = 96: not whole groups
+        qk.int4_mm(x[:, :96].contiguous(), w4[:, :48].contiguous(), s4, z, 0, 64, isa=0)
 
 
-@needs_native
+@needs_bf16
 @pytest.mark.parametrize("rows", [1, 4, 7, 19])
 def test_bf16_kernel_and_threads(rows):
     g = torch.Generator().manual_seed(rows)
@@ -134,8 +138,9 @@ def test_kernel_choice(monkeypatch):
         assert choose_kernel(4, 128, 1536, 8960, torch.bfloat16, cpu) == "qk-int4"
         assert choose_kernel(8, 128, 1536, 256, torch.bfloat16, cpu) == "qk-int8"
         assert choose_kernel(8, 1536, 1536, 256, torch.bfloat16, cpu) == "qk-int8"
-        assert choose_kernel(4, 32, 1536, 8960, torch.bfloat16, cpu) == "int4pack"      # group 32: torch's
-        assert choose_kernel(8, 1536, 1536, 100, torch.bfloat16, cpu) == "int8pack"     # out % 8 != 0
+        assert choose_kernel(4, 32, 1536, 8960, torch.bfloat16, cpu) == "qk-int4"
+        assert choose_kernel(4, 16, 1536, 8960, torch.bfloat16, cpu) == "dequant"       # group 16: no fast kernel
+        assert choose_kernel(8, 1536, 1536, 100, torch.bfloat16, cpu) == "int8pack"     # out % 16 != 0
     monkeypatch.setitem(qk._state, "lib", None)            # no library (no g++, QVL_CPU_KERNELS=0, failed build)
     assert not qk.native()
     assert choose_kernel(4, 128, 1536, 8960, torch.bfloat16, cpu) == "int4pack"

@@ -17,6 +17,8 @@ on any machine) and returns a `CpuRuntime` saying what it chose:
   * bf16 on a CPU without them (AVX2; AVX-512F without BF16, where oneDNN would emulate bf16):
     "fp32-from-bf16": every linear of the model, vision tower included, computes inputs of 16 rows or
     more in fp32 from its bf16 weight, block by block (qvl.layers.widened_linear); weights stay bf16.
+  * In every bf16 mode, then, the decoder's groups of linears that read one input (q/k/v, gate/up) and
+    run one qvl kernel are fused into one call (qvl.layers.fused_linear; `fused_groups` counts them).
 
 The decision reads what the CPU has, never assumes it: torch's dispatch capability
 (`torch.backends.cpu.get_cpu_capability()`), whether oneDNN has bf16 kernels
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from qvl.layers.fused_linear import fuse_linears, unfuse_linears
 from qvl.layers.packed_linear import pack_linears, packing_supported, unpack_linears
 from qvl.layers.widened_linear import unwiden_linears, widen_linears
 
@@ -73,6 +76,7 @@ class CpuRuntime:
     mode: str                        # "plain" | "onednn-packed" | "fp32-from-bf16"
     num_linears: int                 # linears whose forward was replaced
     features: CpuFeatures | None     # None when the model is not on the CPU
+    fused_groups: int = 0            # groups of linears computed in one call (qvl.layers.fused_linear)
 
 
 def _linears(module: nn.Module) -> list[nn.Linear]:
@@ -89,16 +93,18 @@ def prepare_cpu_model(model: nn.Module, *, max_bytes: int | None = None,
         return CpuRuntime("plain", 0, None)
     features = features or probe_cpu()
     if not features.native_bf16:
-        return CpuRuntime("fp32-from-bf16", widen_linears(_linears(model)), features)
+        n = widen_linears(_linears(model))
+        return CpuRuntime("fp32-from-bf16", n, features, fuse_linears(model.model))
     if not packing_supported(model.dtype, model.device):
-        return CpuRuntime("plain", 0, features)
+        return CpuRuntime("plain", 0, features, fuse_linears(model.model))
     n = pack_linears(_linears(model.model), head=model.lm_head,
                      max_bytes=None if max_bytes is None else max(0, max_bytes), exact=False)
-    return CpuRuntime("onednn-packed" if n else "plain", n, features)
+    return CpuRuntime("onednn-packed" if n else "plain", n, features, fuse_linears(model.model))
 
 
 def restore_cpu_model(model: nn.Module) -> None:
     """Undo prepare_cpu_model: every linear back to F.linear."""
+    unfuse_linears(model)
     linears = _linears(model)
     unpack_linears(linears)
     unwiden_linears(linears)

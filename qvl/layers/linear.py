@@ -11,15 +11,15 @@ nonzero one. When the last tensor arrives the integers are converted to the kern
 loading never holds a whole model of unpacked integers.
 
 Kernels (chosen at construction from dtype, device, shape and the CPU; `kernel` names it):
-  qk-int4   CPU bf16 on AVX-512 BF16, 4 bit, in and group multiples of 64, out of 16: qvl's own kernel
-            (qvl.layers.quant_kernels), fp32 scales, zeros applied exactly; up to MANY_ROWS − 1 input rows
-            it widens the nibbles in registers, from MANY_ROWS rows on (prefill) it dequantizes bf16 blocks
-            of W and runs torch's bf16 GEMM on them.
+  qk-int4   CPU bf16 on AVX-512 VNNI, 4 bit, group a multiple of 32, out of 16: qvl's own kernel
+            (qvl.layers.quant_kernels), fp32 scales and zeros; up to MANY_ROWS − 1 input rows it multiplies
+            the nibbles with int8-quantized activations in registers, from MANY_ROWS rows on (prefill) it
+            dequantizes bf16 blocks of W and runs torch's bf16 GEMM on them.
   qk-int8   the same for 8 bit (q − z as int8), one scale per row or per group (GPTQ-Int8, group 128).
   dequant   W = (q − z)·s in float32, cast to the activation dtype, then F.linear(x, W, b). In float32 this
             is exactly F.linear with the dequantized weight: the reference the tests hold to transformers.
             Also the CUDA path (untested on a GPU here) and the fallback for shapes the others refuse.
-  Where those do not apply (no AVX-512 BF16, no compiler, QVL_CPU_KERNELS=0, other shapes), torch's:
+  Where those do not apply (no AVX-512 VNNI, no compiler, QVL_CPU_KERNELS=0, other shapes), torch's:
   int4pack  CPU bf16, 4 bit, group 32/64/128/256, out % 16 == 0: torch's
             `_weight_int4pack_mm_for_cpu`, W = (q − 8)·s + (8 − z)·s with s and the zero term in bf16.
   int8pack  CPU bf16, 8 bit, one scale per row: torch's `_weight_int8pack_mm` on (q − z) int8, s in bf16.
@@ -50,11 +50,8 @@ def choose_kernel(bits: int, group: int, in_features: int, out_features: int, dt
                   device: torch.device) -> str:
     if dtype != torch.bfloat16 or device.type != "cpu":
         return "dequant"
-    if qk.native() and out_features % 16 == 0:
-        if bits == 4 and in_features % 64 == 0 and group % 64 == 0:
-            return "qk-int4"
-        if bits == 8 and in_features % 32 == 0 and group % 32 == 0:
-            return "qk-int8"
+    if qk.native_int() and out_features % 16 == 0 and group % 32 == 0 and in_features % group == 0:
+        return f"qk-int{bits}"
     if bits == 4 and group in _INT4PACK_GROUPS and out_features % 16 == 0:
         return "int4pack"
     if bits == 8:
@@ -131,8 +128,8 @@ class QuantLinear(nn.Module):
             zeros = qz.zeros.to(torch.uint8)                                                      # (G, N)
             same = bool((zeros == zeros.flatten()[0]).all())     # symmetric formats: one zero everywhere
             self.zc = int(zeros.flatten()[0]) if same else 0
-            self._buffers_set(w4=qk.pack_int4(qz.q), s4=qz.scales.float().contiguous(),              # (N, K/2), (G, N)
-                              z4=None if same else zeros.contiguous())
+            self._buffers_set(w4=qk.pack_int4(qz.q), s4=qk.pack_groups(qz.scales.float()),         # (N, K/2), (P, G, 16)
+                              z4=None if same else qk.pack_groups(zeros))
         elif self.kernel in ("int8pack", "int8group", "qk-int8"):
             w8 = qz.q.to(torch.int16) - qz.zeros.t().repeat_interleave(qz.group, 1).to(torch.int16)  # (N, K)
             if int(w8.min()) < -128 or int(w8.max()) > 127:
@@ -140,7 +137,7 @@ class QuantLinear(nn.Module):
                 return self._set_kernel_tensors(qz)
             w8 = w8.to(torch.int8)
             if self.kernel == "qk-int8":
-                self._buffers_set(w8=qk.pack_int8(w8), s8=qz.scales.float().contiguous())         # (N, K), (G, N)
+                self._buffers_set(w8=qk.pack_int8(w8), s8=qk.pack_groups(qz.scales.float()))      # (N, K), (P, G, 16)
             elif self.kernel == "int8pack":
                 self._buffers_set(w8=w8, s8=qz.scales[0].to(torch.bfloat16))                       # s8 (N,)
             else:

@@ -1,33 +1,40 @@
 """qvl's own CPU matmul kernels for bf16 activations: int4 / int8 weight-only and plain bf16 (few rows).
 
-Why: on the bench machine (AMD EPYC, AVX512-BF16, 1 thread, shared) torch's `_weight_int4pack_mm_for_cpu`
-and `_weight_int8pack_mm` read 7-10 GB/s of weight at one row and took 1.7-2.5x oneDNN's bf16 time at 16
-rows; these kernels widen the integers to exact bf16 values in registers and use `vdpbf16ps` on 16-row
-panels, reading 11-16 GB/s (bf16 head: 21.8 vs oneDNN's 14.3), and int4 at 16 rows matches oneDNN's bf16
-(bench/quant.py --kernels, README "Quantized checkpoints").
+Why: on the bench machine (AMD EPYC, 1 thread, shared) torch's `_weight_int4pack_mm_for_cpu` and
+`_weight_int8pack_mm` read 7-10 GB/s of weight at one row, a copy runs at ~23. These kernels read the
+weight as one sequential stream per 16-row panel: the integers through AVX-512 VNNI on int8-quantized
+activations (qvl/layers/cpu_kernels/vnni.h), bf16 through AVX-512 BF16 (bf16.h); bench/quant.py and
+README "Quantized checkpoints" have the figures.
 
   available() -> bool          the library compiled and loaded (g++ on first use, cached by source hash)
-  native() -> bool             ... and this CPU has AVX-512 BF16 (checked at run time by the library)
-  pack_int4(q (N, K) uint8) -> (N, K/2) uint8, pack_int8(w8 (N, K) int8) -> (N, K): the kernels' layout,
-               panels of 16 output rows, 32 bytes per step of the input dim (one sequential stream each)
+  native() -> bool             ... and this CPU has AVX-512 BF16 (the bf16 kernel; checked at run time)
+  native_int() -> bool         ... and this CPU has AVX-512 VNNI (the integer kernels)
+  pack_int4(q (N, K) uint8) -> (N, K/2) uint8, pack_int8(w8 (N, K) int8) -> (N, K) uint8: the kernels'
+               16-row panels, 64 bytes per step of the input dim (one sequential stream each)
+  pack_groups(t (G, N)) -> (N/16, G, 16): scales and zeros, panel-major (N-concatenation stays a cat)
   QuantWeight(bits, w, s, z, zc, group)   one layer's weight bound to the library (what QuantLinear holds):
-    .matmul(x, bias) -> (M, N) bf16       few rows: integers widened in registers
+    .matmul(x, bias) -> (M, N) bf16       few rows: integers against int8-quantized x in registers
     .dequant_matmul(x, bias) -> (M, N)    many rows: W dequantized in bf16 blocks, each through torch.mm
     .dequant_rows(n0, n1, out)            rows of W = (q − z)·s in bf16
   int4_mm / int8_mm / dequant4_rows / dequant8_rows   the same as one-off calls (tests, bench)
-  pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias) -> (M, N) bf16   (the LM head)
-int4: W = (q − z)·s, w4 from pack_int4, z (G, N) uint8 or None (then zc everywhere); int8: W = w8·s, w8
-from pack_int8. N % 16 == 0. x is (M, K) bf16 contiguous, s fp32 (G, N), bias (N,) or None (added in fp32); `isa=0`
-runs the scalar code (tests).
+  pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias) -> (M, N) bf16
+int4: W = (q − z)·s, w4 from pack_int4, z packed (uint8) or None (then zc everywhere); int8: W = w8·s, w8
+from pack_int8. N % 16 == 0, group % 32 == 0. x is (M, K) bf16 contiguous, s fp32 packed, bias (N,) or
+None (added in fp32); `isa=0` runs the exact scalar code (tests).
 
-Numerics: products of bf16 x and small integers are exact in fp32 and summed in fp32; a group's sum is
-scaled by its fp32 scale (int4: the zero is applied as (128 + z)·Σx, see the source); the result is rounded
-to bf16 once. Held to the bf16 criterion, not to F.linear's bits. dequant_mm rounds W to bf16 first.
+Numerics: integer kernels quantize x per block of 128 columns (absmax/127, the group when 128 does not
+divide it) and sum each block exactly in int32, then scale in fp32; bf16: products exact in fp32, summed
+in fp32; the result is rounded to bf16 once. Held to the bf16 criterion, not to F.linear's bits. isa=0
+and the dequantizers are exact (fp32 sums of bf16 x times the integers; W rounded to bf16 once).
+
+Threads: a call's panels are split over torch.get_num_threads() threads of torch's own OpenMP pool (the
+library links the libgomp torch loaded), whole blocks of 8 panels each: the output does not depend on
+the thread count.
 
 Fallbacks, never an assumed ISA: QVL_CPU_KERNELS=0 in the environment, no g++, a failed compile or a CPU
-without AVX-512 BF16 -> available()/native() is False and qvl.layers.linear keeps torch's kernels.
-The compiled library lives in $QVL_KERNEL_CACHE or ~/.cache/qvl/kernels/<hash>/ (written atomically, so
-concurrent first uses are safe). The kernels release the GIL (ctypes).
+without the ISA -> available() / native() / native_int() is False and qvl.layers.linear keeps torch's
+kernels. The compiled library lives in $QVL_KERNEL_CACHE or ~/.cache/qvl/kernels/<hash>/ (written
+atomically, so concurrent first uses are safe). The kernels release the GIL (ctypes).
 """
 from __future__ import annotations
 
@@ -43,7 +50,6 @@ from pathlib import Path
 
 import torch
 
-from qvl.layers.cpu_kernels_src import SOURCE
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -54,7 +60,22 @@ _SIGS = {"qk_int4": [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I],
          "qk_bf16": [_P, _P, _P, _P, _I, _I, _I, _I],
          "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I],
          "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I]}
+SOURCES = Path(__file__).with_name("cpu_kernels")        # qk.cpp and the headers it includes
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 BLOCK_ELEMS = 1 << 21          # dequant_mm: weight elements per bf16 block (4 MiB, stays in L2/L3)
+
+
+def _compile(cxx: str, so: Path) -> None:
+    """qk.cpp -> so, with OpenMP (torch's libgomp at run time) or, where that does not build, without."""
+    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+        out = Path(tmp) / "qk.so"
+        cmd = [cxx, *_FLAGS, f"-I{SOURCES}", "-o", str(out), str(SOURCES / "qk.cpp")]
+        try:
+            subprocess.run(cmd[:1] + ["-fopenmp"] + cmd[1:], check=True, capture_output=True, timeout=300)
+        except subprocess.CalledProcessError:
+            log.info("qvl CPU kernels: no OpenMP here, building them single-threaded")
+            subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        os.replace(out, so)                     # atomic: a concurrent process sees all or nothing
 
 
 def _build() -> ctypes.CDLL | None:
@@ -64,18 +85,16 @@ def _build() -> ctypes.CDLL | None:
     if cxx is None:
         log.info("qvl CPU kernels: no C++ compiler, using torch's kernels")
         return None
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
+    h = hashlib.sha256(" ".join(_FLAGS).encode())
+    for f in sorted(SOURCES.iterdir()):
+        if f.suffix in (".cpp", ".h"):
+            h.update(f.name.encode() + f.read_bytes())
     root = Path(os.environ.get("QVL_KERNEL_CACHE") or Path.home() / ".cache" / "qvl" / "kernels")
-    so = root / digest / "qk.so"
+    so = root / h.hexdigest()[:16] / "qk.so"
     if not so.is_file():
         try:
             so.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-                cpp, out = Path(tmp) / "qk.cpp", Path(tmp) / "qk.so"
-                cpp.write_text(SOURCE)
-                subprocess.run([cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-o", str(out), str(cpp),
-                                "-lpthread"], check=True, capture_output=True, timeout=300)
-                os.replace(out, so)                 # atomic: a concurrent process sees all or nothing
+            _compile(cxx, so)
         except (OSError, subprocess.SubprocessError) as e:
             err = getattr(e, "stderr", b"") or b""
             log.warning("qvl CPU kernels did not compile (%s %s); using torch's kernels", e,
@@ -89,7 +108,9 @@ def _build() -> ctypes.CDLL | None:
     for name, sig in _SIGS.items():
         getattr(lib, name).argtypes = sig
         getattr(lib, name).restype = _I
-    lib.qk_has_avx512bf16.restype = _I
+    for name in ("qk_has_avx512bf16", "qk_has_avx512vnni"):
+        getattr(lib, name).restype = _I
+    lib.qk_omp_threads.argtypes, lib.qk_omp_threads.restype = [_I], _I
     return lib
 
 
@@ -109,6 +130,11 @@ def native() -> bool:
     return lib is not None and bool(lib.qk_has_avx512bf16())
 
 
+def native_int() -> bool:
+    lib = _lib()
+    return lib is not None and bool(lib.qk_has_avx512vnni())
+
+
 def _ptr(t: torch.Tensor | None):
     if t is not None and not (t.is_contiguous() and t.device.type == "cpu"):
         raise ValueError(f"qvl CPU kernels take contiguous CPU tensors, got shape {tuple(t.shape)} with strides "
@@ -123,23 +149,32 @@ def _check(rc: int, what: str) -> None:
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(N, K) integers in [0, 16) -> the kernels' 16-row panels, stored as (N, K/2) uint8 (N % 16 == 0,
-    K % 4 == 0): per panel and 4 columns, 32 bytes, byte 2r + e = q[r, k + e] | q[r, k + 2 + e] << 4."""
+    K % 8 == 0): per panel and 8 columns, 64 bytes, byte 4r + j = q[r, k + j] | q[r, k + 4 + j] << 4."""
     n, k = q.shape
-    c = q.to(torch.uint8).view(n // 16, 16, k // 4, 2, 2)                                  # (P, r, K/4, half, e)
-    b = c[:, :, :, 0] | (c[:, :, :, 1] << 4)                                                # (P, r, K/4, e)
+    c = q.to(torch.uint8).view(n // 16, 16, k // 8, 2, 4)                                  # (P, r, K/8, half, j)
+    b = c[:, :, :, 0] | (c[:, :, :, 1] << 4)                                                # (P, r, K/8, j)
     return b.transpose(1, 2).contiguous().view(n, k // 2)                                   # (N, K/2) storage
 
 
 def pack_int8(w8: torch.Tensor) -> torch.Tensor:
-    """(N, K) int8 -> the kernels' 16-row panels (N % 16 == 0, K even): per panel and column pair, 32 bytes."""
+    """(N, K) int8 -> the kernels' 16-row panels of w8 + 128 as uint8 (N % 16 == 0, K % 4 == 0): per panel
+    and 4 columns, 64 bytes, bytes 4r .. 4r + 3 = row r's."""
     n, k = w8.shape
-    return w8.view(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous().view(n, k)         # (N, K) storage
+    u = (w8.to(torch.int16) + 128).to(torch.uint8)                                          # (N, K)
+    return u.view(n // 16, 16, k // 4, 4).transpose(1, 2).contiguous().view(n, k)          # (N, K) storage
+
+
+def pack_groups(t: torch.Tensor) -> torch.Tensor:
+    """Per-group scales or zeros (G, N) -> panel-major (N/16, G, 16), contiguous."""
+    g, n = t.shape
+    return t.reshape(g, n // 16, 16).transpose(0, 1).contiguous()                           # (P, G, 16)
 
 
 class QuantWeight:
     """One layer's integer weight bound to the library once (pointers and shapes resolved here, so a decode
-    call costs one ctypes call): bits 4 -> w from pack_int4, z (G, N) uint8 or None (zc everywhere);
-    bits 8 -> w from pack_int8, z unused. Holds its tensors: the pointers stay valid."""
+    call costs one ctypes call): bits 4 -> w from pack_int4, z from pack_groups (uint8) or None (zc
+    everywhere); bits 8 -> w from pack_int8, z unused; s from pack_groups (fp32). Holds its tensors: the
+    pointers stay valid."""
 
     def __init__(self, bits: int, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None = None, zc: int = 0,
                  group: int = 128) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from qvl.models.qwen2_vl.config import ModelConfig
 from qvl.layers.attention import AttentionMetadata, attention
+from qvl.layers.fused_linear import linears
 from qvl.models.qwen2_vl.rope import apply_rotary, mrope_cos_sin
 
 
@@ -36,6 +37,7 @@ class RMSNorm(nn.Module):
 
 class Qwen2Attention(nn.Module):
     qkv_bias = True     # Qwen3 has no bias (and sets its own)
+    fused_linears = (("q_proj", "k_proj", "v_proj"),)     # same input: one kernel call where one applies
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -55,10 +57,10 @@ class Qwen2Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (N, nH, D), k and v (N, nKV, D) before rotary (Qwen3 norms q and k here)."""
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, nH, D)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, nKV, D)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        return q, k, v
+        q, k, v = linears(self, ("q_proj", "k_proj", "v_proj"), x)
+        q = q.view(n, self.num_heads, self.head_dim)  # (N, nH, D)
+        k = k.view(n, self.num_kv_heads, self.head_dim)  # (N, nKV, D)
+        return q, k, v.view(n, self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
@@ -72,6 +74,8 @@ class Qwen2Attention(nn.Module):
 
 
 class Qwen2MLP(nn.Module):
+    fused_linears = (("gate_proj", "up_proj"),)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
@@ -80,10 +84,11 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linears(self, ("gate_proj", "up_proj"), x)  # (N, I) each
         if torch.is_grad_enabled():
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(F.silu(gate) * up)
         # inference: reuse the gate buffer (the (N, I) activations dominate prefill memory)
-        return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class Qwen2DecoderLayer(nn.Module):

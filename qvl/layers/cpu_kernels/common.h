@@ -1,0 +1,79 @@
+// Shared by qvl's CPU kernels: bf16 conversion, the output writer, the panel layouts, the OpenMP split.
+// Plain C ABI, no torch headers. Every AVX-512 function carries its ISA in a `target` attribute and is only
+// called after a run-time check (qk_has_*); the scalar code runs on any x86-64.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <immintrin.h>
+
+namespace qk {
+
+inline uint16_t f32_to_bf16(float f) {                       // round to nearest even (no NaNs here)
+    uint32_t u; std::memcpy(&u, &f, 4);
+    return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+inline float bf16_to_f32(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+
+// Where results go: y (M, N) bf16 = value + bias[n] (bias may be null), rounded once.
+struct Out {
+    uint16_t* y; const float* bias; int N;
+    void put(int m, int n, float v) const { y[size_t(m) * N + n] = f32_to_bf16(bias ? v + bias[n] : v); }
+};
+
+// Every weight is stored in panels of 16 output rows, each panel one sequential stream along the input
+// dim, 64 bytes per step:
+//   bf16: a step is 2 columns, the 16 rows' (k, k+1) pairs side by side (one vdpbf16ps lane each);
+//   int8: a step is 4 columns, row r's w[r, k..k+3] + 128 as 4 unsigned bytes at 4r (one vpdpbusd lane);
+//   int4: a step is 8 columns, byte 4r + j holds q[r, k + j] in its low nibble and q[r, k + 4 + j] in its
+//         high one (one AND, or a shift and an AND, gives the vpdpbusd lane of 4 columns).
+// Per-group scales and zeros are panel-major, (N / 16, G, 16): a panel's are contiguous too, so the panels
+// of several linears concatenated along N are one weight (the fused q/k/v and gate/up).
+inline size_t at8(int n, int k, int K) { return (size_t(n / 16) * (K / 4) + k / 4) * 64 + (n % 16) * 4 + k % 4; }
+inline size_t at4(int n, int k, int K) { return (size_t(n / 16) * (K / 8) + k / 8) * 64 + (n % 16) * 4 + k % 4; }
+inline int nib4(const uint8_t* w, int n, int k, int K) { const uint8_t b = w[at4(n, k, K)]; return k % 8 < 4 ? b & 15 : b >> 4; }
+inline size_t atg(int n, int g, int G) { return (size_t(n / 16) * G + g) * 16 + n % 16; }
+
+// Panels [0, P) split over `nthreads` threads of torch's own OpenMP pool (the library links the libgomp
+// torch has loaded: its threads are awake right after torch's ops, no second pool competes for the
+// cores), in whole blocks of 8 panels; every output is computed by one thread from the same inputs, so
+// the result does not depend on the thread count.
+template <typename F>
+void parallel(int P, int nthreads, F f) {
+    const int blocks = (P + 7) / 8, nt = nthreads < blocks ? nthreads : blocks;
+    if (nt <= 1) return f(0, P);
+    const int per = (blocks + nt - 1) / nt * 8;
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; ++t) {
+        const int p0 = t * per, p1 = p0 + per < P ? p0 + per : P;
+        if (p0 < p1) f(p0, p1);
+    }
+}
+
+// Panels [p0, p1) in blocks of 8 (128 output rows, whose weights stay in L2 while every input row passes
+// them: the weight is read from memory once per call, whatever M); inside a block, tiles of NB panels x
+// MT input rows with NB x MT = 8 independent accumulator chains.
+template <int MT, typename Tile>
+void block_rows(int M, int pb, int pe, int& m, Tile tile) {
+    constexpr int NB = 8 / MT;
+    for (; m + MT <= M; m += MT) {
+        int p = pb;
+        for (; p + NB <= pe; p += NB) tile(std::integral_constant<int, NB>{}, std::integral_constant<int, MT>{}, p, m);
+        for (; p < pe; ++p) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, MT>{}, p, m);
+    }
+}
+
+template <typename Tile>
+void tiles(int M, int p0, int p1, Tile tile) {
+    for (int pb = p0; pb < p1; pb += 8) {
+        const int pe = pb + 8 < p1 ? pb + 8 : p1;
+        int m = 0;
+        block_rows<8>(M, pb, pe, m, tile);
+        block_rows<4>(M, pb, pe, m, tile);
+        block_rows<2>(M, pb, pe, m, tile);
+        block_rows<1>(M, pb, pe, m, tile);
+    }
+}
+
+}  // namespace qk

@@ -1,0 +1,127 @@
+// qvl's CPU kernels, the C ABI that qvl.layers.quant_kernels calls through ctypes (compiled on first use).
+//   qk_int4(x, w, s, z, zc, y, bias, M, N, K, group, isa, nthreads)   4-bit weights (q − z)·s
+//   qk_int8(x, w, s, y, bias, M, N, K, group, isa, nthreads)          8-bit weights w·s (w = q − z as int8)
+//   qk_bf16(x, w, y, bias, M, N, K, nthreads)                         bf16 weights in 16-row panels
+//   qk_dequant4 / qk_dequant8(..., out, ..., n0, n1)                  rows of W as bf16 (any CPU)
+// x (M, K) bf16, y (M, N) bf16 = x · Wᵀ + bias (fp32 bias or null, added in fp32, rounded once); layouts
+// in common.h. isa 1: the AVX-512 kernel (VNNI for the integers, BF16 for bf16), 0: the scalar reference.
+// Return 0, or -1 (shape refused) / -2 (ISA missing): the caller falls back, never guesses.
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common.h"
+#include "scalar.h"
+#include "vnni.h"
+#include "bf16.h"
+
+using namespace qk;
+
+namespace {
+
+bool avx512_base() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+// The activation block of the VNNI kernels: 128 columns, or the group when 128 does not divide it.
+int block_of(int group) { return group % 128 == 0 ? 128 : group; }
+
+int run_int(int bits, const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc,
+            Out y, int M, int N, int K, int group, int nthreads) {
+    const int XB = block_of(group), nb = K / XB;
+    std::vector<int8_t> xq(size_t(M) * K);
+    std::vector<float> sx(size_t(M) * nb), sm(size_t(M) * nb);
+    quantize_rows(x, M, K, XB, xq.data(), sx.data(), sm.data());
+    const float zf = bits == 4 ? float(zc) : 128.f;
+    const uint8_t* zp = bits == 4 ? z : nullptr;
+    parallel(N / 16, nthreads, [&](int p0, int p1) {
+        tiles(M, p0, p1, [&](auto nbk, auto mt, int p, int m) {
+            constexpr int NB = decltype(nbk)::value, MT = decltype(mt)::value;
+            if (bits == 4) int_panels<4, NB, MT>(xq.data(), sx.data(), sm.data(), w, s, zp, zf, y, K, group, XB, p, m);
+            else int_panels<8, NB, MT>(xq.data(), sx.data(), sm.data(), w, s, zp, zf, y, K, group, XB, p, m);
+        });
+    });
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int qk_has_avx512bf16() {
+    static const int has = avx512_base() && __builtin_cpu_supports("avx512bf16");
+    return has;
+}
+
+int qk_has_avx512vnni() {
+    static const int has = avx512_base() && __builtin_cpu_supports("avx512vnni");
+    return has;
+}
+
+// The number of OpenMP threads a parallel region gets (tests: the library shares torch's pool).
+int qk_omp_threads(int nthreads) {
+    int got = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp master
+        {
+#ifdef _OPENMP
+            got = omp_get_num_threads();
+#endif
+        }
+    }
+    return got;
+}
+
+// y = x · ((q − z)·s)ᵀ + bias; s, z (N/16, G, 16); z null: zc everywhere. Needs K % group == 0, group % 32 == 0.
+int qk_int4(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* yp,
+            const float* bias, int M, int N, int K, int group, int isa, int nthreads) {
+    const Out y{yp, bias, N};
+    if (group <= 0 || K % group || group % 32 || N % 16) return -1;
+    if (isa == 1) return qk_has_avx512vnni() ? run_int(4, x, w, s, z, zc, y, M, N, K, group, nthreads) : -2;
+    parallel(N / 16, nthreads, [&](int p0, int p1) {
+        int_scalar(x, [&](int n, int k) { return nib4(w, n, k, K); }, s, z, zc, y, M, N, K, group, p0 * 16, p1 * 16);
+    });
+    return 0;
+}
+
+// y = x · (w·s)ᵀ + bias, w stored + 128 (u8); s (N/16, G, 16). Needs K % group == 0, group % 32 == 0.
+int qk_int8(const uint16_t* x, const uint8_t* w, const float* s, uint16_t* yp, const float* bias, int M, int N,
+            int K, int group, int isa, int nthreads) {
+    const Out y{yp, bias, N};
+    if (group <= 0 || K % group || group % 32 || N % 16) return -1;
+    if (isa == 1) return qk_has_avx512vnni() ? run_int(8, x, w, s, nullptr, 0, y, M, N, K, group, nthreads) : -2;
+    parallel(N / 16, nthreads, [&](int p0, int p1) {
+        int_scalar(x, [&](int n, int k) { return int(w[at8(n, k, K)]) - 128; }, s, nullptr, 0, y, M, N, K, group,
+                   p0 * 16, p1 * 16);
+    });
+    return 0;
+}
+
+// y = x · wᵀ + bias, w in 16-row bf16 panels (N % 16 == 0, K even); AVX-512 BF16 only, else -2.
+int qk_bf16(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bias, int M, int N, int K, int nthreads) {
+    const Out y{yp, bias, N};
+    if (N % 16 || K % 2) return -1;
+    if (!qk_has_avx512bf16()) return -2;
+    parallel(N / 16, nthreads, [&](int p0, int p1) { bf16_mm(x, w, y, M, K, p0, p1); });
+    return 0;
+}
+
+// out (n1 − n0, K) bf16 = rows [n0, n1) of the dequantized weight (any CPU).
+int qk_dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
+                int group, int n0, int n1) {
+    if (group <= 0 || K % group || group % 32 || N % 16 || n0 % 16 || n1 % 16 || n0 < 0 || n1 > N) return -1;
+    dequant4(w, s, z, zc, out, N, K, group, n0, n1);
+    return 0;
+}
+
+int qk_dequant8(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int n1) {
+    if (group <= 0 || K % group || group % 32 || N % 16 || n0 % 16 || n1 % 16 || n0 < 0 || n1 > N) return -1;
+    dequant8(w, s, out, N, K, group, n0, n1);
+    return 0;
+}
+
+}  // extern "C"
