@@ -62,12 +62,14 @@ QK_VNNI void int_panels(const int8_t* xq, const float* sx, const float* sm, cons
             _mm_prefetch((const char*)(s + (size_t(p0 + a) * G + g) * 16), _MM_HINT_T0);
             if (z) _mm_prefetch((const char*)(z + (size_t(p0 + a) * G + g) * 16), _MM_HINT_T0);
         }
-        for (int k = blk * XB; k < (blk + 1) * XB; k += STEP) {
+        const uint8_t* wk = w + size_t(p0) * stride + size_t(blk) * (XB / STEP) * 64;
+        const int8_t* xk = xq + size_t(m0) * K + size_t(blk) * XB;
+        for (int step = 0; step < XB / STEP; ++step, wk += 64, xk += STEP) {
             __m512i xv[MT][NX];
             for (int b = 0; b < MT; ++b)
-                for (int j = 0; j < NX; ++j) xv[b][j] = bcast4(xq + size_t(m0 + b) * K + k + 4 * j);
+                for (int j = 0; j < NX; ++j) xv[b][j] = bcast4(xk + size_t(b) * K + 4 * j);
             for (int a = 0; a < NB; ++a) {
-                const __m512i v = _mm512_loadu_si512(w + (p0 + a) * stride + size_t(k / STEP) * 64);
+                const __m512i v = _mm512_loadu_si512(wk + a * stride);
                 if (BITS == 4) {
                     const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
                     for (int b = 0; b < MT; ++b)
