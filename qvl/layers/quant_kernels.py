@@ -58,8 +58,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 _SIGS = {"qk_int4": [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I],
          "qk_int8": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
          "qk_bf16": [_P, _P, _P, _P, _I, _I, _I, _I],
-         "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I],
-         "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I]}
+         "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I, _I],
+         "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I]}
 SOURCES = Path(__file__).with_name("cpu_kernels")        # qk.cpp and the headers it includes
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 BLOCK_ELEMS = 1 << 21          # dequant_mm: weight elements per bf16 block (4 MiB, stays in L2/L3)
@@ -186,11 +186,11 @@ class QuantWeight:
         if bits == 4:
             mm, dq = lib.qk_int4, lib.qk_dequant4
             self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, zp, zc, yp, bp, m, n, k, group, isa, nt)
-            self._dq = lambda op, n0, n1: dq(wp, sp, zp, zc, op, n, k, group, n0, n1)
+            self._dq = lambda op, n0, n1, tr, isa, nt: dq(wp, sp, zp, zc, op, n, k, group, n0, n1, tr, isa, nt)
         else:
             mm, dq = lib.qk_int8, lib.qk_dequant8
             self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, yp, bp, m, n, k, group, isa, nt)
-            self._dq = lambda op, n0, n1: dq(wp, sp, op, n, k, group, n0, n1)
+            self._dq = lambda op, n0, n1, tr, isa, nt: dq(wp, sp, op, n, k, group, n0, n1, tr, isa, nt)
         self._bias: tuple = (None, None)
 
     def bias32(self, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -211,12 +211,21 @@ class QuantWeight:
         return y
 
     def dequant_rows(self, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-        """out (n1 − n0, K) bf16 = rows [n0, n1) of W = (q − z)·s (n0, n1 multiples of 16)."""
-        _check(self._dq(_ptr(out), n0, n1), f"dequant{self.bits}")
+        """out (n1 − n0, K) bf16 = rows [n0, n1) of W = (q − z)·s (n0, n1 multiples of 16; the scalar code)."""
+        _check(self._dq(_ptr(_sized(out, n1 - n0, self.k)), n0, n1, 0, 0, torch.get_num_threads()),
+               f"dequant{self.bits}")
+        return out
+
+    def dequant_t(self, n0: int, n1: int, out: torch.Tensor, *, isa: int | None = None) -> torch.Tensor:
+        """out (K, n1 − n0) bf16 = Wᵀ, columns [n0, n1) (the many-row GEMM's operand); isa 1: AVX-512 BF16
+        (cpu_kernels/dequant.h), 0: the scalar code, None: 1 where native(). Same bits either way."""
+        isa = (1 if native() else 0) if isa is None else isa
+        _check(self._dq(_ptr(_sized(out, self.k, n1 - n0)), n0, n1, 1, isa, torch.get_num_threads()),
+               f"dequant{self.bits}")
         return out
 
     def dequant_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return dequant_mm(x, self.dequant_rows, self.n, bias)
+        return dequant_mm(x, self.dequant_t, self.n, bias)
 
 
 def int4_mm(x, w4, s, z, zc: int, group: int, bias=None, *, isa: int = 1) -> torch.Tensor:
@@ -251,16 +260,22 @@ def dequant8_rows(w8, s, group: int, n0: int, n1: int, out: torch.Tensor) -> tor
     return QuantWeight(8, w8, s, group=group).dequant_rows(n0, n1, out)
 
 
-def dequant_mm(x: torch.Tensor, dequant, n: int, bias=None) -> torch.Tensor:
-    """x (M, K) · Wᵀ for many rows: `dequant(n0, n1, out)` writes rows [n0, n1) of W as bf16 into
-    out (n1 − n0, K); each block goes through torch's bf16 GEMM (oneDNN), so the integer-to-bf16 work is
+def _sized(out: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if out.dtype != torch.bfloat16 or tuple(out.shape) != (rows, cols):
+        raise ValueError(f"qvl CPU dequantizer: out must be ({rows}, {cols}) bf16, got {tuple(out.shape)} {out.dtype}")
+    return out
+
+
+def dequant_mm(x: torch.Tensor, dequant_t, n: int, bias=None) -> torch.Tensor:
+    """x (M, K) · Wᵀ for many rows: `dequant_t(n0, n1, out)` writes columns [n0, n1) of Wᵀ as bf16 into
+    out (K, n1 − n0); each block goes through torch's bf16 GEMM (oneDNN), so the integer-to-bf16 work is
     paid once per block, not once per input row."""
     m, k = x.shape
-    rows = max(16, min(n, BLOCK_ELEMS // k) // 16 * 16)                # whole 16-row panels
-    scratch = torch.empty(rows, k, dtype=torch.bfloat16)                                   # (b, K)
+    cols = max(16, min(n, BLOCK_ELEMS // k) // 16 * 16)                # whole 16-row panels
+    scratch = torch.empty(k * cols, dtype=torch.bfloat16)
     y = torch.empty(m, n, dtype=torch.bfloat16)                                            # (M, N)
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        blk = dequant(n0, n1, scratch[:n1 - n0])                                           # (b, K)
-        y[:, n0:n1] = torch.mm(x, blk.t()) if bias is None else torch.addmm(bias[n0:n1].to(x.dtype), x, blk.t())
+    for n0 in range(0, n, cols):
+        n1 = min(n, n0 + cols)
+        blk = dequant_t(n0, n1, scratch[:k * (n1 - n0)].view(k, n1 - n0))                  # (K, b)
+        y[:, n0:n1] = torch.mm(x, blk) if bias is None else torch.addmm(bias[n0:n1].to(x.dtype), x, blk)
     return y

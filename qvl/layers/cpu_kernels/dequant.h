@@ -1,0 +1,70 @@
+// AVX-512 dequantizers of the many-row path: whole panels of W = (q − z)·s written *transposed*, Wᵀ (K, ld)
+// bf16, for torch.mm(x, Wᵀ). One panel step's 16 rows are then 16 contiguous outputs of one column, so a
+// step of 64 bytes becomes 8 (int4) or 4 (int8) full-vector stores, and every lane of a vector is one row:
+// the panel-major scales and zeros (16 rows side by side, common.h) are the vectors as loaded.
+//   column j of a step: dword lane r = bytes 4r .. 4r + 3, so `>> 8j` and a mask give lane r's byte 4r + j
+//   (int4: low nibble, or `>> 8j + 4` the high one), OR'd into 2^23 (0x4B000000): the float 2^23 + u,
+//   exactly; − (2^23 + z) is then exactly u − z, times s rounds once in fp32 (as formats.dequantize), and
+//   vcvtneps2bf16 rounds that to bf16, nearest even (as torch). Bit for bit the scalar dequantizers'
+//   output, subnormal products aside: vcvtneps2bf16 flushes |W| < 2^-126 to zero (no real scale does that).
+#pragma once
+#include "common.h"
+
+#define QK_DQ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+namespace qk {
+
+// One column: 16 rows' u (the masked byte or nibble) -> bf16 (u − z)·s, stored at o (32 bytes).
+QK_DQ inline void dq_col(__m512i v, int shift, __m512i mask, __m512 zm, __m512 sc, uint16_t* o) {
+    const __m512i magic = _mm512_set1_epi32(0x4B000000);
+    const __m512i u = _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, shift), mask, magic, 0xEA);   // (a & b) | c
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(_mm512_castsi512_ps(u), zm), sc);
+    _mm256_storeu_si256((__m256i*)o, (__m256i)_mm512_cvtneps_pbh(f));
+}
+
+// Panels [p0, p1) of the int4 weight into out (K, ld): out[k, n − n0] = W[n, k].
+QK_DQ void dequant4_t(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int K, int group,
+                      int n0, int ld, int p0, int p1) {
+    const int G = K / group;
+    const __m512i m4 = _mm512_set1_epi32(15);
+    for (int p = p0; p < p1; ++p) {
+        uint16_t* col = out + (p * 16 - n0);
+        for (int g = 0; g < G; ++g) {
+            const __m512 sc = _mm512_loadu_ps(s + atg(p * 16, g, G));
+            const __m512i zi = z ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + atg(p * 16, g, G))))
+                                 : _mm512_set1_epi32(zc);
+            const __m512 zm = _mm512_castsi512_ps(_mm512_or_si512(zi, _mm512_set1_epi32(0x4B000000)));  // 2^23 + z
+            const uint8_t* src = w + (size_t(p) * (K / 8) + size_t(g) * group / 8) * 64;
+            for (int k = g * group; k < (g + 1) * group; k += 8, src += 64) {
+                const __m512i v = _mm512_loadu_si512(src);
+                uint16_t* o = col + size_t(k) * ld;
+                for (int j = 0; j < 4; ++j) {                     // unrolled: the shifts are immediates
+                    dq_col(v, 8 * j, m4, zm, sc, o + size_t(j) * ld);
+                    dq_col(v, 8 * j + 4, m4, zm, sc, o + size_t(j + 4) * ld);
+                }
+            }
+        }
+    }
+}
+
+// Panels [p0, p1) of the int8 weight (stored w + 128) into out (K, ld).
+QK_DQ void dequant8_t(const uint8_t* w, const float* s, uint16_t* out, int K, int group, int n0, int ld, int p0,
+                      int p1) {
+    const int G = K / group;
+    const __m512i m8 = _mm512_set1_epi32(255);
+    const __m512 zm = _mm512_set1_ps(8388608.f + 128.f);                                      // 2^23 + 128
+    for (int p = p0; p < p1; ++p) {
+        uint16_t* col = out + (p * 16 - n0);
+        for (int g = 0; g < G; ++g) {
+            const __m512 sc = _mm512_loadu_ps(s + atg(p * 16, g, G));
+            const uint8_t* src = w + (size_t(p) * (K / 4) + size_t(g) * group / 4) * 64;
+            for (int k = g * group; k < (g + 1) * group; k += 4, src += 64) {
+                const __m512i v = _mm512_loadu_si512(src);
+                uint16_t* o = col + size_t(k) * ld;
+                for (int j = 0; j < 4; ++j) dq_col(v, 8 * j, m8, zm, sc, o + size_t(j) * ld);
+            }
+        }
+    }
+}
+
+}  // namespace qk
