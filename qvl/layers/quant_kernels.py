@@ -58,8 +58,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 _SIGS = {"qk_int4": [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I],
          "qk_int8": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
          "qk_bf16": [_P, _P, _P, _P, _I, _I, _I, _I],
-         "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I, _I],
-         "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I]}
+         "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I],
+         "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I]}
 SOURCES = Path(__file__).with_name("cpu_kernels")        # qk.cpp and the headers it includes
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 BLOCK_ELEMS = 1 << 21          # dequant_mm: weight elements per bf16 block (4 MiB, stays in L2/L3)
@@ -186,11 +186,11 @@ class QuantWeight:
         if bits == 4:
             mm, dq = lib.qk_int4, lib.qk_dequant4
             self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, zp, zc, yp, bp, m, n, k, group, isa, nt)
-            self._dq = lambda op, n0, n1, tr, isa, nt: dq(wp, sp, zp, zc, op, n, k, group, n0, n1, tr, isa, nt)
+            self._dq = lambda op, ld, n0, n1, tr, isa, nt: dq(wp, sp, zp, zc, op, ld, n, k, group, n0, n1, tr, isa, nt)
         else:
             mm, dq = lib.qk_int8, lib.qk_dequant8
             self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, yp, bp, m, n, k, group, isa, nt)
-            self._dq = lambda op, n0, n1, tr, isa, nt: dq(wp, sp, op, n, k, group, n0, n1, tr, isa, nt)
+            self._dq = lambda op, ld, n0, n1, tr, isa, nt: dq(wp, sp, op, ld, n, k, group, n0, n1, tr, isa, nt)
         self._bias: tuple = (None, None)
 
     def bias32(self, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -211,16 +211,17 @@ class QuantWeight:
         return y
 
     def dequant_rows(self, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-        """out (n1 − n0, K) bf16 = rows [n0, n1) of W = (q − z)·s (n0, n1 multiples of 16; the scalar code)."""
-        _check(self._dq(_ptr(_sized(out, n1 - n0, self.k)), n0, n1, 0, 0, torch.get_num_threads()),
+        """out (n1 − n0, K) bf16 (rows may be strided) = rows [n0, n1) of W = (q − z)·s (n0, n1 multiples of
+        16; the scalar code)."""
+        _check(self._dq(*_rows_of(out, n1 - n0, self.k), n0, n1, 0, 0, torch.get_num_threads()),
                f"dequant{self.bits}")
         return out
 
     def dequant_t(self, n0: int, n1: int, out: torch.Tensor, *, isa: int | None = None) -> torch.Tensor:
-        """out (K, n1 − n0) bf16 = Wᵀ, columns [n0, n1) (the many-row GEMM's operand); isa 1: AVX-512 BF16
-        (cpu_kernels/dequant.h), 0: the scalar code, None: 1 where native(). Same bits either way."""
+        """out (K, n1 − n0) bf16 (rows may be strided) = Wᵀ, columns [n0, n1) (the many-row GEMM's operand);
+        isa 1: AVX-512 BF16 (cpu_kernels/dequant.h), 0: the scalar code, None: 1 where native(). Same bits."""
         isa = (1 if native() else 0) if isa is None else isa
-        _check(self._dq(_ptr(_sized(out, self.k, n1 - n0)), n0, n1, 1, isa, torch.get_num_threads()),
+        _check(self._dq(*_rows_of(out, self.k, n1 - n0), n0, n1, 1, isa, torch.get_num_threads()),
                f"dequant{self.bits}")
         return out
 
@@ -260,10 +261,21 @@ def dequant8_rows(w8, s, group: int, n0: int, n1: int, out: torch.Tensor) -> tor
     return QuantWeight(8, w8, s, group=group).dequant_rows(n0, n1, out)
 
 
-def _sized(out: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    if out.dtype != torch.bfloat16 or tuple(out.shape) != (rows, cols):
-        raise ValueError(f"qvl CPU dequantizer: out must be ({rows}, {cols}) bf16, got {tuple(out.shape)} {out.dtype}")
-    return out
+def _rows_of(out: torch.Tensor, rows: int, cols: int) -> tuple[int, int]:
+    """(pointer, row stride) of a dequantizer's output: (rows, cols) bf16 on CPU, unit column stride."""
+    if (out.dtype != torch.bfloat16 or tuple(out.shape) != (rows, cols) or out.device.type != "cpu"
+            or out.stride(1) != 1 or out.stride(0) < cols):
+        raise ValueError(f"qvl CPU dequantizer: out must be ({rows}, {cols}) bf16 on CPU with unit column stride, "
+                         f"got {tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
+    return out.data_ptr(), out.stride(0)
+
+
+def _block_stride(cols: int) -> int:
+    """Row stride of the Wᵀ blocks: an odd number of 64-byte lines (32 bf16) >= cols. Rows then start on a
+    line (a pair of panels writes whole lines) and the K rows' stores spread over every L1 set; 1024 or
+    2048 columns put them all in a few (measured 2-4x slower)."""
+    lines = (cols + 31) // 32
+    return (lines + 1 - lines % 2) * 32
 
 
 def dequant_mm(x: torch.Tensor, dequant_t, n: int, bias=None) -> torch.Tensor:
@@ -272,10 +284,10 @@ def dequant_mm(x: torch.Tensor, dequant_t, n: int, bias=None) -> torch.Tensor:
     paid once per block, not once per input row."""
     m, k = x.shape
     cols = max(16, min(n, BLOCK_ELEMS // k) // 16 * 16)                # whole 16-row panels
-    scratch = torch.empty(k * cols, dtype=torch.bfloat16)
+    scratch = torch.empty(k, _block_stride(cols), dtype=torch.bfloat16)                    # (K, ld)
     y = torch.empty(m, n, dtype=torch.bfloat16)                                            # (M, N)
     for n0 in range(0, n, cols):
         n1 = min(n, n0 + cols)
-        blk = dequant_t(n0, n1, scratch[:k * (n1 - n0)].view(k, n1 - n0))                  # (K, b)
+        blk = dequant_t(n0, n1, scratch[:, :n1 - n0])                                       # (K, b), strided
         y[:, n0:n1] = torch.mm(x, blk) if bias is None else torch.addmm(bias[n0:n1].to(x.dtype), x, blk)
     return y
