@@ -14,8 +14,10 @@ README "Quantized checkpoints" have the figures.
   pack_groups(t (G, N)) -> (N/16, G, 16): scales and zeros, panel-major (N-concatenation stays a cat)
   QuantWeight(bits, w, s, z, zc, group)   one layer's weight bound to the library (what QuantLinear holds):
     .matmul(x, bias) -> (M, N) bf16       few rows: integers against int8-quantized x in registers
-    .dequant_matmul(x, bias) -> (M, N)    many rows: W dequantized in bf16 blocks, each through torch.mm
-    .dequant_rows(n0, n1, out)            rows of W = (q − z)·s in bf16
+    .dequant_matmul(x, bias) -> (M, N)    many rows: Wᵀ dequantized in bf16 blocks, each through torch.mm
+    .dequant_t(n0, n1, out)               columns [n0, n1) of Wᵀ = ((q − z)·s)ᵀ in bf16, out (K, n1 − n0):
+                                          AVX-512 BF16 (cpu_kernels/dequant.h) where native(), else scalar
+    .dequant_rows(n0, n1, out)            rows of W in bf16, out (n1 − n0, K) (the scalar code)
   int4_mm / int8_mm / dequant4_rows / dequant8_rows   the same as one-off calls (tests, bench)
   pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias) -> (M, N) bf16
 int4: W = (q − z)·s, w4 from pack_int4, z packed (uint8) or None (then zc everywhere); int8: W = w8·s, w8
