@@ -291,5 +291,8 @@ def dequant_mm(x: torch.Tensor, dequant_t, n: int, bias=None) -> torch.Tensor:
     for n0 in range(0, n, cols):
         n1 = min(n, n0 + cols)
         blk = dequant_t(n0, n1, scratch[:, :n1 - n0])                                       # (K, b), strided
-        y[:, n0:n1] = torch.mm(x, blk) if bias is None else torch.addmm(bias[n0:n1].to(x.dtype), x, blk)
+        if bias is None:                    # straight into y's columns (BLAS's ldc: no copy of the block)
+            torch.mm(x, blk, out=y[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1].to(x.dtype), x, blk, out=y[:, n0:n1])
     return y
