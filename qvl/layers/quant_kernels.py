@@ -27,7 +27,8 @@ None (added in fp32); `isa=0` runs the exact scalar code (tests).
 Numerics: integer kernels quantize x per block of 128 columns (absmax/127, the group when 128 does not
 divide it) and sum each block exactly in int32, then scale in fp32; bf16: products exact in fp32, summed
 in fp32; the result is rounded to bf16 once. Held to the bf16 criterion, not to F.linear's bits. isa=0
-and the dequantizers are exact (fp32 sums of bf16 x times the integers; W rounded to bf16 once).
+and the dequantizers are exact (fp32 sums of bf16 x times the integers; W rounded to bf16 once; the
+AVX-512 dequantizer reads a subnormal fp32 W as 0, no real scale makes one).
 
 Threads: a call's panels are split over torch.get_num_threads() threads of torch's own OpenMP pool (the
 library links the libgomp torch loaded), whole blocks of 8 panels each: the output does not depend on

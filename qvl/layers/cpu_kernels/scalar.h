@@ -1,5 +1,6 @@
 // Portable code (any x86-64): the exact fp32 reference of the integer kernels (isa 0: tests, CPUs without
-// AVX-512 VNNI) and the dequantizers of the many-row path (W as bf16 blocks for torch's GEMM).
+// AVX-512 VNNI) and the dequantizers of the many-row path (W or Wᵀ as bf16 blocks for torch's GEMM; the
+// fallback of dequant.h's AVX-512 ones on CPUs without AVX-512 BF16, and their bit-exact reference).
 #pragma once
 #include "common.h"
 
