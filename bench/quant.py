@@ -21,7 +21,8 @@ subprocess (load_model in bf16 + an LLMEngine without tokenizer):
 --kernels times each CPU bf16 candidate (torch's F.linear, the oneDNN prepacked bf16 weight, qvl's own
 qk-int8 / qk-int4 / bf16 kernels, both qk paths (in-register and dequant + GEMM) from 8 rows on, int8pack,
 int8group, int4pack, dequantize + F.linear) on the 2B decoder shapes (--head: and the LM head) at 1, 16
-and 256 rows, interleaved, with the GB/s of weight each moves beside the copy bandwidth.
+and 256 rows, interleaved, each call on a weight evicted from the caches first, with the GB/s of weight
+each moves beside the copy bandwidth.
 Medians over --repeats. --threads defaults to 1 (on a shared machine oneDNN/OpenMP threads spin-wait on each
 other). Prints one JSON line per variant and a table. Not a test: nothing is asserted.
 """
@@ -214,7 +215,9 @@ def child(args) -> None:
 
 def kernels(args) -> None:
     """Per-linear time of every CPU bf16 candidate on the 2B decoder shapes (+ the LM head with --head),
-    at each of --rows, and the GB/s of weight each moves (copy bandwidth measured in the same run)."""
+    at each of --rows, and the GB/s of weight each moves (copy bandwidth measured in the same run). Before
+    each timed call 64 MiB pass through the caches, so every kernel reads its weight from memory, as in a
+    model whose weights are far larger than the L3."""
     import torch.nn.functional as F
 
     from decode import copy_bandwidth
@@ -255,6 +258,7 @@ def kernels(args) -> None:
                 m._set_kernel_tensors(onthefly.quantize(w, bits, group))
                 nbytes = sum(b.numel() * b.element_size() for b in m.buffers())
                 cands[f"{label} {m.kernel}"] = (m, nbytes)
+        evict = torch.zeros(16 << 20)                    # twice the L3 of the bench machine
         for rows in args.rows:
             x = torch.randn(rows, k, generator=g).bfloat16()
             times = {name: [] for name in cands}
@@ -266,6 +270,7 @@ def kernels(args) -> None:
                         for many in ((False, True) if "qk-" in name and rows >= 8 else (None,)):
                             if many is not None:             # both qk paths: in-register and dequant + GEMM
                                 qlinear.MANY_ROWS = 1 if many else 1 << 30
+                            evict.sum()              # 64 MiB read through the caches (clean lines): W comes from memory
                             t0 = time.perf_counter()
                             f(x)
                             times.setdefault(name + (" (dequant+GEMM)" if many else ""), []).append(
