@@ -146,8 +146,9 @@ def _throughput(eng, vocab: int, prompt_len: int, new: int, n: int) -> float:
 
 
 def profile_decode(model, eng, ids, new: int, bw: float) -> dict:
-    """One batch-1 decode of `new` tokens with a timer around every decoder linear and the LM head:
-    ms per token and GB/s of weight per group (q/k/v/o/gate/up/down, lm_head), the rest as `other`."""
+    """One batch-1 decode of `new` tokens with a timer around every decoder linear and the LM head (and
+    every fused call, e.g. `q_proj+k_proj+v_proj`): ms per token and GB/s of weight per group, the rest
+    as `other`."""
     import torch.nn as nn
 
     from decode import qvl_decode
@@ -155,21 +156,38 @@ def profile_decode(model, eng, ids, new: int, bw: float) -> dict:
     from qvl.layers.linear import QuantLinear
 
     spent, nbytes, hooks, t0 = {}, {}, [], {}
+
+    def size(m) -> int:
+        return sum(t.numel() * t.element_size() for t in (m.buffers() if isinstance(m, QuantLinear) else [m.weight])
+                   if t is not None)
     for name, m in model.named_modules():
         if not (isinstance(m, (QuantLinear, nn.Linear)) and (name.startswith("model.") or name == "lm_head")):
             continue
         group = name.rsplit(".", 1)[-1]
-        size = sum(t.numel() * t.element_size() for t in (m.buffers() if isinstance(m, QuantLinear)
-                                                          else [m.weight]) if t is not None)
-        nbytes[group] = nbytes.get(group, 0) + size
+        nbytes[group] = nbytes.get(group, 0) + size(m)
         hooks.append(m.register_forward_pre_hook(lambda mod, inp, k=id(m): t0.__setitem__(k, time.perf_counter())))
         hooks.append(m.register_forward_hook(lambda mod, inp, out, k=id(m), g=group: spent.__setitem__(
             g, spent.get(g, 0.0) + time.perf_counter() - t0[k])))
+    fused = []                        # fused q/k/v and gate/up calls (qvl.layers.fused_linear) bypass the hooks
+    for m in model.modules():
+        for names, f in m.__dict__.get("_fused_linears", {}).items():
+            group = "+".join(names)
+            nbytes[group] = nbytes.get(group, 0) + sum(size(getattr(m, n)) for n in names)
+
+            def timed(x, run=f.run, g=group):
+                t = time.perf_counter()
+                y = run(x)
+                spent[g] = spent.get(g, 0.0) + time.perf_counter() - t
+                return y
+            f.run = timed
+            fused.append(f)
     start = time.perf_counter()
     tok_s = qvl_decode(eng, ids, new, "cpu")[0]
     total = time.perf_counter() - start
     for h in hooks:
         h.remove()
+    for f in fused:
+        del f.run
     steps = new                                       # prefill + new − 1 decode steps: per token, roughly
     out = {g: dict(ms_per_token=round(spent[g] / steps * 1e3, 2), gb_s=round(nbytes[g] / (spent[g] / steps) / 1e9, 1))
            for g in spent}
