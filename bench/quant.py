@@ -21,7 +21,8 @@ subprocess (load_model in bf16 + an LLMEngine without tokenizer):
 --kernels times each CPU bf16 candidate (torch's F.linear, the oneDNN prepacked bf16 weight, qvl's own
 qk-int8 / qk-int4 / bf16 kernels, both qk paths (in-register and dequant + GEMM) from 8 rows on, int8pack,
 int8group, int4pack, dequantize + F.linear) on the 2B decoder shapes (--head: and the LM head) at 1, 16
-and 256 rows, interleaved, with the GB/s of weight each moves beside the copy bandwidth.
+and 256 rows, interleaved, each call on a weight evicted from the caches first, with the GB/s of weight
+each moves beside the copy bandwidth.
 Medians over --repeats. --threads defaults to 1 (on a shared machine oneDNN/OpenMP threads spin-wait on each
 other). Prints one JSON line per variant and a table. Not a test: nothing is asserted.
 """
@@ -145,8 +146,9 @@ def _throughput(eng, vocab: int, prompt_len: int, new: int, n: int) -> float:
 
 
 def profile_decode(model, eng, ids, new: int, bw: float) -> dict:
-    """One batch-1 decode of `new` tokens with a timer around every decoder linear and the LM head:
-    ms per token and GB/s of weight per group (q/k/v/o/gate/up/down, lm_head), the rest as `other`."""
+    """One batch-1 decode of `new` tokens with a timer around every decoder linear and the LM head (and
+    every fused call, e.g. `q_proj+k_proj+v_proj`): ms per token and GB/s of weight per group, the rest
+    as `other`."""
     import torch.nn as nn
 
     from decode import qvl_decode
@@ -154,21 +156,38 @@ def profile_decode(model, eng, ids, new: int, bw: float) -> dict:
     from qvl.layers.linear import QuantLinear
 
     spent, nbytes, hooks, t0 = {}, {}, [], {}
+
+    def size(m) -> int:
+        return sum(t.numel() * t.element_size() for t in (m.buffers() if isinstance(m, QuantLinear) else [m.weight])
+                   if t is not None)
     for name, m in model.named_modules():
         if not (isinstance(m, (QuantLinear, nn.Linear)) and (name.startswith("model.") or name == "lm_head")):
             continue
         group = name.rsplit(".", 1)[-1]
-        size = sum(t.numel() * t.element_size() for t in (m.buffers() if isinstance(m, QuantLinear)
-                                                          else [m.weight]) if t is not None)
-        nbytes[group] = nbytes.get(group, 0) + size
+        nbytes[group] = nbytes.get(group, 0) + size(m)
         hooks.append(m.register_forward_pre_hook(lambda mod, inp, k=id(m): t0.__setitem__(k, time.perf_counter())))
         hooks.append(m.register_forward_hook(lambda mod, inp, out, k=id(m), g=group: spent.__setitem__(
             g, spent.get(g, 0.0) + time.perf_counter() - t0[k])))
+    fused = []                        # fused q/k/v and gate/up calls (qvl.layers.fused_linear) bypass the hooks
+    for m in model.modules():
+        for names, f in m.__dict__.get("_fused_linears", {}).items():
+            group = "+".join(names)
+            nbytes[group] = nbytes.get(group, 0) + sum(size(getattr(m, n)) for n in names)
+
+            def timed(x, run=f.run, g=group):
+                t = time.perf_counter()
+                y = run(x)
+                spent[g] = spent.get(g, 0.0) + time.perf_counter() - t
+                return y
+            f.run = timed
+            fused.append(f)
     start = time.perf_counter()
     tok_s = qvl_decode(eng, ids, new, "cpu")[0]
     total = time.perf_counter() - start
     for h in hooks:
         h.remove()
+    for f in fused:
+        del f.run
     steps = new                                       # prefill + new − 1 decode steps: per token, roughly
     out = {g: dict(ms_per_token=round(spent[g] / steps * 1e3, 2), gb_s=round(nbytes[g] / (spent[g] / steps) / 1e9, 1))
            for g in spent}
@@ -214,7 +233,9 @@ def child(args) -> None:
 
 def kernels(args) -> None:
     """Per-linear time of every CPU bf16 candidate on the 2B decoder shapes (+ the LM head with --head),
-    at each of --rows, and the GB/s of weight each moves (copy bandwidth measured in the same run)."""
+    at each of --rows, and the GB/s of weight each moves (copy bandwidth measured in the same run). Before
+    each timed call 64 MiB pass through the caches, so every kernel reads its weight from memory, as in a
+    model whose weights are far larger than the L3."""
     import torch.nn.functional as F
 
     from decode import copy_bandwidth
@@ -255,6 +276,7 @@ def kernels(args) -> None:
                 m._set_kernel_tensors(onthefly.quantize(w, bits, group))
                 nbytes = sum(b.numel() * b.element_size() for b in m.buffers())
                 cands[f"{label} {m.kernel}"] = (m, nbytes)
+        evict = torch.zeros(16 << 20)                    # twice the L3 of the bench machine
         for rows in args.rows:
             x = torch.randn(rows, k, generator=g).bfloat16()
             times = {name: [] for name in cands}
@@ -266,6 +288,7 @@ def kernels(args) -> None:
                         for many in ((False, True) if "qk-" in name and rows >= 8 else (None,)):
                             if many is not None:             # both qk paths: in-register and dequant + GEMM
                                 qlinear.MANY_ROWS = 1 if many else 1 << 30
+                            evict.sum()              # 64 MiB read through the caches (clean lines): W comes from memory
                             t0 = time.perf_counter()
                             f(x)
                             times.setdefault(name + (" (dequant+GEMM)" if many else ""), []).append(

@@ -1,7 +1,7 @@
 """Fused q/k/v and gate/up calls (qvl.layers.fused_linear): one kernel call gives each member's own output
 bit for bit below MANY_ROWS rows (int4 with per-group and constant zeros, int8, bf16 panels), the members'
 tensors become views of the fused weight (no new memory, the members still compute alone), groups that
-mix kernels are left alone, and unfusing goes back to the members' calls."""
+mix kernels or whose integer panels cannot be concatenated are left alone, and unfusing goes back to the members' calls."""
 import pytest
 import torch
 import torch.nn as nn
@@ -49,7 +49,7 @@ def _members(block, x):
 @torch.no_grad()
 def test_fused_quant_equals_members(bits, zeros):
     block = Block([_quant(bits, n, 192, i, "awq" if zeros == "mixed" and i == 1 else zeros)
-                   for i, n in enumerate((96, 32, 48))])
+                   for i, n in enumerate((128, 256, 48))])
     x = torch.randn(5, 192).bfloat16()
     want = _members(block, x)
     before = sum(t.numel() for m in block.children() for t in m.buffers())
@@ -59,7 +59,7 @@ def test_fused_quant_equals_members(bits, zeros):
     assert all(torch.equal(a, b) for a, b in zip(_members(block, x), want))       # members on their views
     w = block.a.w4 if bits == 4 else block.a.w8
     assert w._base is not None                                                     # a view of the fusion
-    made = (96 + 48) * (192 // 64) if zeros == "mixed" else 0     # constant zeros written out beside per-group ones
+    made = (128 + 48) * (192 // 64) if zeros == "mixed" else 0     # constant zeros written out beside per-group ones
     assert sum(t.numel() for m in block.children() for t in m.buffers()) == before + made
     many = torch.randn(qlinear.MANY_ROWS, 192).bfloat16()                          # dequant + one GEMM
     for a, b in zip(linears(block, NAMES, many), _members(block, many)):
@@ -100,3 +100,5 @@ def test_mixed_or_plain_groups_are_left_alone():
             m._set_kernel_tensors(onthefly.quantize(w, bits, 128))
             mods.append(m)
         assert fuse_linears(Block(mods)) == 0                                       # int4 beside int8
+        partial = Block([_quant(4, n, 192, i, "sym") for i, n in enumerate((48, 128, 128))])
+        assert fuse_linears(partial) == 0          # a first member of 48 rows ends inside a block of 128

@@ -14,7 +14,8 @@ concatenated along the output dim, and each member's own tensors become views of
 memory is added). One call then reads one sequential stream: for the 2B at batch 1 that is 4 kernel
 calls a layer instead of 7, and k/v_proj (256 rows each) stop paying a call and a panel ramp of their own.
 
-  qk-int4 / qk-int8 QuantLinears (same bits, group, in_features, zeros' form): every row count, the
+  qk-int4 / qk-int8 QuantLinears (same bits, group, in_features; every member but the last a multiple of
+      128 rows, the kernels' block of interleaved panels): every row count, the
       fused QuantWeight's in-register path below MANY_ROWS rows, its dequant + GEMM path from there on.
   bf16 linears on qvl's panels (qvl.layers.packed_linear._PanelForward): up to their max_rows, else each
       member's own forward (prefill: F.linear on the plain weights).
@@ -120,6 +121,8 @@ def _fusable(mods: list[nn.Module]) -> type[_Fused] | None:
         m0 = mods[0]
         same = all(m.kernel == m0.kernel and m.group == m0.group and m.in_features == m0.in_features
                    for m in mods)
+        # the integer panels are interleaved in blocks of 128 rows: all but the last member fill whole blocks
+        same = same and all(m.out_features % 128 == 0 for m in mods[:-1])
         return _FusedQuant if same and m0.kernel in ("qk-int4", "qk-int8") else None
     if all(type(m) is nn.Linear and isinstance(m.__dict__.get("forward"), _PanelForward) for m in mods):
         return _FusedPanels if len({m.in_features for m in mods}) == 1 else None

@@ -10,7 +10,8 @@ README "Quantized checkpoints" have the figures.
   native() -> bool             ... and this CPU has AVX-512 BF16 (the bf16 kernel; checked at run time)
   native_int() -> bool         ... and this CPU has AVX-512 VNNI (the integer kernels)
   pack_int4(q (N, K) uint8) -> (N, K/2) uint8, pack_int8(w8 (N, K) int8) -> (N, K) uint8: the kernels'
-               16-row panels, 64 bytes per step of the input dim (one sequential stream each)
+               16-row panels, 64 bytes per step of the input dim, interleaved in blocks of 8 panels
+               (one sequential stream a block); weights with N % 128 == 0 concatenate along N as a cat
   pack_groups(t (G, N)) -> (N/16, G, 16): scales and zeros, panel-major (N-concatenation stays a cat)
   QuantWeight(bits, w, s, z, zc, group)   one layer's weight bound to the library (what QuantLinear holds):
     .matmul(x, bias) -> (M, N) bf16       few rows: integers against int8-quantized x in registers
@@ -150,21 +151,33 @@ def _check(rc: int, what: str) -> None:
         raise ValueError(f"qvl CPU kernel {what} refused its input (code {rc}: -1 shape, -2 ISA)")
 
 
+def _blocked(panels: torch.Tensor) -> torch.Tensor:
+    """(P, steps, 64) bytes, panel after panel -> blocks of 8 panels interleaved per step (the last block
+    may hold fewer): (P * steps * 64,) in the kernels' order (cpu_kernels/common.h)."""
+    p, steps, _ = panels.shape
+    full = p // 8 * 8
+    head = panels[:full].view(p // 8, 8, steps, 64).transpose(1, 2).reshape(-1)            # (B, steps, 8, 64)
+    tail = panels[full:].transpose(0, 1).reshape(-1)                                        # (steps, P - full, 64)
+    return torch.cat((head, tail))
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) integers in [0, 16) -> the kernels' 16-row panels, stored as (N, K/2) uint8 (N % 16 == 0,
-    K % 8 == 0): per panel and 8 columns, 64 bytes, byte 4r + j = q[r, k + j] | q[r, k + 4 + j] << 4."""
+    """(N, K) integers in [0, 16) -> the kernels' layout, stored as (N, K/2) uint8 (N % 16 == 0, K % 8 ==
+    0): per panel of 16 rows and 8 columns, 64 bytes, byte 4r + j = q[r, k + j] | q[r, k + 4 + j] << 4;
+    panels interleaved in blocks of 8."""
     n, k = q.shape
     c = q.to(torch.uint8).view(n // 16, 16, k // 8, 2, 4)                                  # (P, r, K/8, half, j)
-    b = c[:, :, :, 0] | (c[:, :, :, 1] << 4)                                                # (P, r, K/8, j)
-    return b.transpose(1, 2).contiguous().view(n, k // 2)                                   # (N, K/2) storage
+    b = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).transpose(1, 2)                              # (P, K/8, r, j)
+    return _blocked(b.reshape(n // 16, k // 8, 64)).view(n, k // 2)                        # (N, K/2) storage
 
 
 def pack_int8(w8: torch.Tensor) -> torch.Tensor:
-    """(N, K) int8 -> the kernels' 16-row panels of w8 + 128 as uint8 (N % 16 == 0, K % 4 == 0): per panel
-    and 4 columns, 64 bytes, bytes 4r .. 4r + 3 = row r's."""
+    """(N, K) int8 -> the kernels' layout of w8 + 128 as uint8 (N % 16 == 0, K % 4 == 0): per panel and 4
+    columns, 64 bytes, bytes 4r .. 4r + 3 = row r's; panels interleaved in blocks of 8."""
     n, k = w8.shape
     u = (w8.to(torch.int16) + 128).to(torch.uint8)                                          # (N, K)
-    return u.view(n // 16, 16, k // 4, 4).transpose(1, 2).contiguous().view(n, k)          # (N, K) storage
+    b = u.view(n // 16, 16, k // 4, 4).transpose(1, 2)                                      # (P, K/4, r, 4)
+    return _blocked(b.reshape(n // 16, k // 4, 64)).view(n, k)                             # (N, K) storage
 
 
 def pack_groups(t: torch.Tensor) -> torch.Tensor:

@@ -22,17 +22,29 @@ struct Out {
     void put(int m, int n, float v) const { y[size_t(m) * N + n] = f32_to_bf16(bias ? v + bias[n] : v); }
 };
 
-// Every weight is stored in panels of 16 output rows, each panel one sequential stream along the input
-// dim, 64 bytes per step:
-//   bf16: a step is 2 columns, the 16 rows' (k, k+1) pairs side by side (one vdpbf16ps lane each);
+// Every weight is stored in panels of 16 output rows, 64 bytes per step of the input dim:
+//   bf16: a step is 2 columns, the 16 rows' (k, k+1) pairs side by side (one vdpbf16ps lane each); a panel
+//         is one sequential stream (panels one after the other);
 //   int8: a step is 4 columns, row r's w[r, k..k+3] + 128 as 4 unsigned bytes at 4r (one vpdpbusd lane);
 //   int4: a step is 8 columns, byte 4r + j holds q[r, k + j] in its low nibble and q[r, k + 4 + j] in its
 //         high one (one AND, or a shift and an AND, gives the vpdpbusd lane of 4 columns).
-// Per-group scales and zeros are panel-major, (N / 16, G, 16): a panel's are contiguous too, so the panels
-// of several linears concatenated along N are one weight (the fused q/k/v and gate/up).
-inline size_t at8(int n, int k, int K) { return (size_t(n / 16) * (K / 4) + k / 4) * 64 + (n % 16) * 4 + k % 4; }
-inline size_t at4(int n, int k, int K) { return (size_t(n / 16) * (K / 8) + k / 8) * 64 + (n % 16) * 4 + k % 4; }
-inline int nib4(const uint8_t* w, int n, int k, int K) { const uint8_t b = w[at4(n, k, K)]; return k % 8 < 4 ? b & 15 : b >> 4; }
+// The integer panels are interleaved in blocks of 8 (128 output rows; the last block may hold fewer):
+// per step the block's panels' 64 bytes lie side by side, so the decode kernel, which walks a whole block
+// at once, reads one sequential stream (8 separate panel streams read 16-18 GB/s where a copy read 20-21,
+// one stream 20-22, 2-core EPYC, shared). Per-group scales and zeros are panel-major, (N / 16, G, 16).
+// Several linears concatenated along N are one weight (the fused q/k/v and gate/up) when every one but
+// the last fills whole blocks (N % 128 == 0).
+struct Blocks {                        // where panel p's step t starts, in bytes, for steps of 64 bytes
+    int P; size_t steps;               // panels, steps per panel
+    size_t at(int p, size_t t) const {
+        const int b = p / 8, in = (P - b * 8) < 8 ? P - b * 8 : 8;
+        return (size_t(b) * 8 * steps + t * in + p % 8) * 64;
+    }
+    size_t step_bytes(int p) const { const int b = p / 8; return size_t((P - b * 8) < 8 ? P - b * 8 : 8) * 64; }
+};
+inline size_t at8(int n, int k, int N, int K) { return Blocks{N / 16, size_t(K / 4)}.at(n / 16, k / 4) + (n % 16) * 4 + k % 4; }
+inline size_t at4(int n, int k, int N, int K) { return Blocks{N / 16, size_t(K / 8)}.at(n / 16, k / 8) + (n % 16) * 4 + k % 4; }
+inline int nib4(const uint8_t* w, int n, int k, int N, int K) { const uint8_t b = w[at4(n, k, N, K)]; return k % 8 < 4 ? b & 15 : b >> 4; }
 inline size_t atg(int n, int g, int G) { return (size_t(n / 16) * G + g) * 16 + n % 16; }
 
 // Panels [0, P) split over `nthreads` threads of torch's own OpenMP pool (the library links the libgomp
@@ -64,12 +76,16 @@ void block_rows(int M, int pb, int pe, int& m, Tile tile) {
     }
 }
 
-template <typename Tile>
-void tiles(int M, int p0, int p1, Tile tile) {
+// block(pb, pe) runs before a block's tiles (the integer kernels prefetch the block there). MAXMT: the
+// most rows a tile takes (4 for the integers: a broadcast x word then serves 2 panels, which costs
+// fewer instructions per multiply than 8 rows x 1 panel, measured at 16 rows).
+template <int MAXMT, typename Tile, typename Block>
+void tiles(int M, int p0, int p1, Tile tile, Block block) {
     for (int pb = p0; pb < p1; pb += 8) {
         const int pe = pb + 8 < p1 ? pb + 8 : p1;
+        block(pb, pe);
         int m = 0;
-        block_rows<8>(M, pb, pe, m, tile);
+        if (MAXMT >= 8) block_rows<8>(M, pb, pe, m, tile);
         block_rows<4>(M, pb, pe, m, tile);
         block_rows<2>(M, pb, pe, m, tile);
         block_rows<1>(M, pb, pe, m, tile);

@@ -38,11 +38,20 @@ int run_int(int bits, const uint16_t* x, const uint8_t* w, const float* s, const
     quantize_rows(x, M, K, XB, xq.data(), sx.data(), sm.data());
     const float zf = bits == 4 ? float(zc) : 128.f;
     const uint8_t* zp = bits == 4 ? z : nullptr;
+    const Blocks blocks{N / 16, size_t(K / (bits == 4 ? 8 : 4))};
     parallel(N / 16, nthreads, [&](int p0, int p1) {
-        tiles(M, p0, p1, [&](auto nbk, auto mt, int p, int m) {
+        tiles<4>(M, p0, p1, [&](auto nbk, auto mt, int p, int m) {
             constexpr int NB = decltype(nbk)::value, MT = decltype(mt)::value;
             if (bits == 4) int_panels<4, NB, MT>(xq.data(), sx.data(), sm.data(), w, s, zp, zf, y, K, group, XB, p, m);
             else int_panels<8, NB, MT>(xq.data(), sx.data(), sm.data(), w, s, zp, zf, y, K, group, XB, p, m);
+        }, [&](int pb, int pe) {
+            // More than one row: the tiles read a block panel by panel (a 512-byte stride), so the block
+            // is pulled into L2 in storage order first. One row reads the block in order anyway.
+            if (M == 1) return;
+            const char* a = (const char*)(w + blocks.at(pb, 0));
+            const size_t bytes = blocks.step_bytes(pb) * blocks.steps;
+            for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(a + off, _MM_HINT_T1);
+            (void)pe;
         });
     });
     return 0;
@@ -84,7 +93,7 @@ int qk_int4(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* 
     if (group <= 0 || K % group || group % 32 || N % 16) return -1;
     if (isa == 1) return qk_has_avx512vnni() ? run_int(4, x, w, s, z, zc, y, M, N, K, group, nthreads) : -2;
     parallel(N / 16, nthreads, [&](int p0, int p1) {
-        int_scalar(x, [&](int n, int k) { return nib4(w, n, k, K); }, s, z, zc, y, M, N, K, group, p0 * 16, p1 * 16);
+        int_scalar(x, [&](int n, int k) { return nib4(w, n, k, N, K); }, s, z, zc, y, M, N, K, group, p0 * 16, p1 * 16);
     });
     return 0;
 }
@@ -96,7 +105,7 @@ int qk_int8(const uint16_t* x, const uint8_t* w, const float* s, uint16_t* yp, c
     if (group <= 0 || K % group || group % 32 || N % 16) return -1;
     if (isa == 1) return qk_has_avx512vnni() ? run_int(8, x, w, s, nullptr, 0, y, M, N, K, group, nthreads) : -2;
     parallel(N / 16, nthreads, [&](int p0, int p1) {
-        int_scalar(x, [&](int n, int k) { return int(w[at8(n, k, K)]) - 128; }, s, nullptr, 0, y, M, N, K, group,
+        int_scalar(x, [&](int n, int k) { return int(w[at8(n, k, N, K)]) - 128; }, s, nullptr, 0, y, M, N, K, group,
                    p0 * 16, p1 * 16);
     });
     return 0;

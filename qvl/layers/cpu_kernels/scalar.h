@@ -37,7 +37,7 @@ void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16
             float zz[16];
             for (int r = 0; r < 16; ++r) zz[r] = float(z ? z[atg(p * 16 + r, g, G)] : zc);
             for (int k = g * group; k < (g + 1) * group; k += 8) {
-                const uint8_t* src = w + (size_t(p) * (K / 8) + k / 8) * 64;
+                const uint8_t* src = w + Blocks{N / 16, size_t(K / 8)}.at(p, k / 8);
                 for (int r = 0; r < 16; ++r) {
                     uint16_t* o = out + size_t(p * 16 + r - n0) * rs + size_t(k) * cs;
                     for (int j = 0; j < 4; ++j) {
@@ -57,7 +57,7 @@ void dequant8(const uint8_t* w, const float* s, uint16_t* out, int K, int group,
         for (int g = 0; g < G; ++g) {
             const float* sc = s + atg(p * 16, g, G);
             for (int k = g * group; k < (g + 1) * group; k += 4) {
-                const uint8_t* src = w + (size_t(p) * (K / 4) + k / 4) * 64;
+                const uint8_t* src = w + Blocks{N / 16, size_t(K / 4)}.at(p, k / 4);
                 for (int r = 0; r < 16; ++r) {
                     uint16_t* o = out + size_t(p * 16 + r - n0) * rs + size_t(k) * cs;
                     for (int j = 0; j < 4; ++j) o[j * cs] = f32_to_bf16(float(int(src[4 * r + j]) - 128) * sc[r]);

@@ -51,7 +51,8 @@ QK_VNNI void int_panels(const int8_t* xq, const float* sx, const float* sm, cons
                         const uint8_t* z, float zc, Out y, int K, int group, int XB, int p0, int m0) {
     constexpr int STEP = BITS == 4 ? 8 : 4, NX = BITS == 4 ? 2 : 1;
     const int G = K / group, nb = K / XB;
-    const size_t stride = size_t(K / STEP) * 64;                     // bytes per panel
+    const Blocks blocks{y.N / 16, size_t(K / STEP)};
+    const size_t step = blocks.step_bytes(p0);                       // the tile's panels share a block
     const __m512i m4 = _mm512_set1_epi8(15);
     alignas(64) float tot[NB][MT][16] = {};
     for (int blk = 0; blk < nb; ++blk) {
@@ -62,14 +63,14 @@ QK_VNNI void int_panels(const int8_t* xq, const float* sx, const float* sm, cons
             _mm_prefetch((const char*)(s + (size_t(p0 + a) * G + g) * 16), _MM_HINT_T0);
             if (z) _mm_prefetch((const char*)(z + (size_t(p0 + a) * G + g) * 16), _MM_HINT_T0);
         }
-        const uint8_t* wk = w + size_t(p0) * stride + size_t(blk) * (XB / STEP) * 64;
+        const uint8_t* wk = w + blocks.at(p0, size_t(blk) * (XB / STEP));
         const int8_t* xk = xq + size_t(m0) * K + size_t(blk) * XB;
-        for (int step = 0; step < XB / STEP; ++step, wk += 64, xk += STEP) {
+        for (int t = 0; t < XB / STEP; ++t, wk += step, xk += STEP) {
             __m512i xv[MT][NX];
             for (int b = 0; b < MT; ++b)
                 for (int j = 0; j < NX; ++j) xv[b][j] = bcast4(xk + size_t(b) * K + 4 * j);
             for (int a = 0; a < NB; ++a) {
-                const __m512i v = _mm512_loadu_si512(wk + a * stride);
+                const __m512i v = _mm512_loadu_si512(wk + a * 64);
                 if (BITS == 4) {
                     const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
                     for (int b = 0; b < MT; ++b)
