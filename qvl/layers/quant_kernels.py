@@ -300,6 +300,7 @@ def dequant_mm(x: torch.Tensor, dequant_t, n: int, bias=None) -> torch.Tensor:
     paid once per block, not once per input row."""
     m, k = x.shape
     cols = max(16, min(n, BLOCK_ELEMS // k) // 16 * 16)                # whole 16-row panels
+    cols = cols // 128 * 128 or cols                # whole blocks of 8 panels (one sequential read each)
     scratch = torch.empty(k, _block_stride(cols), dtype=torch.bfloat16)                    # (K, ld)
     y = torch.empty(m, n, dtype=torch.bfloat16)                                            # (M, N)
     for n0 in range(0, n, cols):

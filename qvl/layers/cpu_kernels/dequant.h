@@ -22,28 +22,29 @@ QK_DQ inline void dq_col(__m512i v, int shift, __m512i mask, __m512 zm, __m512 s
     _mm256_storeu_si256((__m256i*)o, (__m256i)_mm512_cvtneps_pbh(f));
 }
 
-// NP panels side by side from panel p: their outputs of one column are NP·32 contiguous bytes, whole cache
-// lines for NP = 2 (one panel would write each line in two halves, a K-long pass apart: two fetches of it).
+// NP panels side by side from panel p, all in one block of 8 (p % NP == 0): per step their NP·64 bytes
+// are contiguous (common.h's Blocks) and their outputs of one column NP·32 contiguous bytes, whole cache
+// lines for even NP (one panel writes each line in two halves, a K-long pass apart: two fetches of it).
 template <int NP>
-QK_DQ inline void dq4_panels(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int K,
-                             int group, int n0, int ld, int p) {
+QK_DQ inline void dq4_panels(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out,
+                             Blocks B, int K, int group, int n0, int ld, int p) {
     const int G = K / group;
+    const size_t step = B.step_bytes(p);
     const __m512i m4 = _mm512_set1_epi32(15), magic = _mm512_set1_epi32(0x4B000000);
     uint16_t* col = out + (p * 16 - n0);
     for (int g = 0; g < G; ++g) {
         __m512 sc[NP], zm[NP];
-        const uint8_t* src[NP];
         for (int i = 0; i < NP; ++i) {
             sc[i] = _mm512_loadu_ps(s + atg((p + i) * 16, g, G));
             const __m512i zi = z ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + atg((p + i) * 16, g, G))))
                                  : _mm512_set1_epi32(zc);
             zm[i] = _mm512_castsi512_ps(_mm512_or_si512(zi, magic));                            // 2^23 + z
-            src[i] = w + (size_t(p + i) * (K / 8) + size_t(g) * group / 8) * 64;
         }
-        for (int k = g * group, st = 0; k < (g + 1) * group; k += 8, st += 64) {
+        const uint8_t* src = w + B.at(p, size_t(g) * group / 8);
+        for (int k = g * group; k < (g + 1) * group; k += 8, src += step) {
             uint16_t* o = col + size_t(k) * ld;
             for (int i = 0; i < NP; ++i) {
-                const __m512i v = _mm512_loadu_si512(src[i] + st);
+                const __m512i v = _mm512_loadu_si512(src + 64 * i);
                 for (int j = 0; j < 4; ++j) {                     // unrolled: the shifts are immediates
                     dq_col(v, 8 * j, m4, zm[i], sc[i], o + size_t(j) * ld + 16 * i);
                     dq_col(v, 8 * j + 4, m4, zm[i], sc[i], o + size_t(j + 4) * ld + 16 * i);
@@ -54,42 +55,50 @@ QK_DQ inline void dq4_panels(const uint8_t* w, const float* s, const uint8_t* z,
 }
 
 template <int NP>
-QK_DQ inline void dq8_panels(const uint8_t* w, const float* s, uint16_t* out, int K, int group, int n0, int ld, int p) {
+QK_DQ inline void dq8_panels(const uint8_t* w, const float* s, uint16_t* out, Blocks B, int K, int group, int n0,
+                             int ld, int p) {
     const int G = K / group;
+    const size_t step = B.step_bytes(p);
     const __m512i m8 = _mm512_set1_epi32(255);
     const __m512 zm = _mm512_set1_ps(8388608.f + 128.f);                                      // 2^23 + 128
     uint16_t* col = out + (p * 16 - n0);
     for (int g = 0; g < G; ++g) {
         __m512 sc[NP];
-        const uint8_t* src[NP];
-        for (int i = 0; i < NP; ++i) {
-            sc[i] = _mm512_loadu_ps(s + atg((p + i) * 16, g, G));
-            src[i] = w + (size_t(p + i) * (K / 4) + size_t(g) * group / 4) * 64;
-        }
-        for (int k = g * group, st = 0; k < (g + 1) * group; k += 4, st += 64) {
+        for (int i = 0; i < NP; ++i) sc[i] = _mm512_loadu_ps(s + atg((p + i) * 16, g, G));
+        const uint8_t* src = w + B.at(p, size_t(g) * group / 4);
+        for (int k = g * group; k < (g + 1) * group; k += 4, src += step) {
             uint16_t* o = col + size_t(k) * ld;
             for (int i = 0; i < NP; ++i) {
-                const __m512i v = _mm512_loadu_si512(src[i] + st);
+                const __m512i v = _mm512_loadu_si512(src + 64 * i);
                 for (int j = 0; j < 4; ++j) dq_col(v, 8 * j, m8, zm, sc[i], o + size_t(j) * ld + 16 * i);
             }
         }
     }
 }
 
-// Panels [p0, p1) of the int4 weight into out (K, ld): out[k, n − n0] = W[n, k].
-QK_DQ void dequant4_t(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int K, int group,
-                      int n0, int ld, int p0, int p1) {
-    int p = p0;
-    for (; p + 2 <= p1; p += 2) dq4_panels<2>(w, s, z, zc, out, K, group, n0, ld, p);
-    if (p < p1) dq4_panels<1>(w, s, z, zc, out, K, group, n0, ld, p);
+// Panels [p0, p1) through `run<NP>(p)`: whole blocks of 8 where they lie in the range (one sequential read
+// of the block), pairs up to and after them, single panels to reach an even one and at the end.
+template <typename Run>
+inline void dq_walk(int p0, int p1, Run run) {
+    for (int p = p0; p < p1;) {
+        if (p % 8 == 0 && p + 8 <= p1) { run(std::integral_constant<int, 8>{}, p); p += 8; }
+        else if (p % 2 == 0 && p + 2 <= p1) { run(std::integral_constant<int, 2>{}, p); p += 2; }
+        else { run(std::integral_constant<int, 1>{}, p); p += 1; }
+    }
+}
+
+// Panels [p0, p1) of the int4 weight (N rows in all) into out (K, ld): out[k, n − n0] = W[n, k].
+QK_DQ void dequant4_t(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
+                      int group, int n0, int ld, int p0, int p1) {
+    const Blocks B{N / 16, size_t(K / 8)};
+    dq_walk(p0, p1, [&](auto np, int p) { dq4_panels<decltype(np)::value>(w, s, z, zc, out, B, K, group, n0, ld, p); });
 }
 
 // Panels [p0, p1) of the int8 weight (stored w + 128) into out (K, ld).
-QK_DQ void dequant8_t(const uint8_t* w, const float* s, uint16_t* out, int K, int group, int n0, int ld, int p0,
-                      int p1) {
-    int p = p0;
-    for (; p + 2 <= p1; p += 2) dq8_panels<2>(w, s, out, K, group, n0, ld, p);
-    if (p < p1) dq8_panels<1>(w, s, out, K, group, n0, ld, p);
+QK_DQ void dequant8_t(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int ld,
+                      int p0, int p1) {
+    const Blocks B{N / 16, size_t(K / 4)};
+    dq_walk(p0, p1, [&](auto np, int p) { dq8_panels<decltype(np)::value>(w, s, out, B, K, group, n0, ld, p); });
 }
 
 }  // namespace qk

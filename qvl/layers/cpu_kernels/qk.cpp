@@ -137,9 +137,9 @@ int qk_dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint
     if (const int rc = dq_check(N, K, group, n0, n1, ld, trans, isa)) return rc;
     parallel((n1 - n0) / 16, nthreads, [&](int a, int b) {
         const int pa = n0 / 16 + a, pb = n0 / 16 + b;
-        if (isa == 1) dequant4_t(w, s, z, zc, out, K, group, n0, ld, pa, pb);
-        else if (trans) dequant4(w, s, z, zc, out + (pa * 16 - n0), K, group, pa * 16, pb * 16, 1, size_t(ld));
-        else dequant4(w, s, z, zc, out + size_t(pa * 16 - n0) * ld, K, group, pa * 16, pb * 16, size_t(ld), 1);
+        if (isa == 1) dequant4_t(w, s, z, zc, out, N, K, group, n0, ld, pa, pb);
+        else if (trans) dequant4(w, s, z, zc, out + (pa * 16 - n0), N, K, group, pa * 16, pb * 16, 1, size_t(ld));
+        else dequant4(w, s, z, zc, out + size_t(pa * 16 - n0) * ld, N, K, group, pa * 16, pb * 16, size_t(ld), 1);
     });
     return 0;
 }
@@ -149,9 +149,9 @@ int qk_dequant8(const uint8_t* w, const float* s, uint16_t* out, int ld, int N, 
     if (const int rc = dq_check(N, K, group, n0, n1, ld, trans, isa)) return rc;
     parallel((n1 - n0) / 16, nthreads, [&](int a, int b) {
         const int pa = n0 / 16 + a, pb = n0 / 16 + b;
-        if (isa == 1) dequant8_t(w, s, out, K, group, n0, ld, pa, pb);
-        else if (trans) dequant8(w, s, out + (pa * 16 - n0), K, group, pa * 16, pb * 16, 1, size_t(ld));
-        else dequant8(w, s, out + size_t(pa * 16 - n0) * ld, K, group, pa * 16, pb * 16, size_t(ld), 1);
+        if (isa == 1) dequant8_t(w, s, out, N, K, group, n0, ld, pa, pb);
+        else if (trans) dequant8(w, s, out + (pa * 16 - n0), N, K, group, pa * 16, pb * 16, 1, size_t(ld));
+        else dequant8(w, s, out + size_t(pa * 16 - n0) * ld, N, K, group, pa * 16, pb * 16, size_t(ld), 1);
     });
     return 0;
 }

@@ -28,8 +28,8 @@ void int_scalar(const uint16_t* x, Q q, const float* s, const uint8_t* z, int zc
 // Rows [n0, n1) (whole panels) of W = (q − z)·s as bf16: W[n, k] -> out[(n − n0)·rs + k·cs] (rs = K, cs = 1:
 // W row-major; rs = 1, cs = ld: Wᵀ (K, ld), dequant.h's layout on CPUs without its ISA).
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int K, int group,
-              int n0, int n1, size_t rs, size_t cs) {
+void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
+              int group, int n0, int n1, size_t rs, size_t cs) {
     const int G = K / group;
     for (int p = n0 / 16; p < n1 / 16; ++p)
         for (int g = 0; g < G; ++g) {
@@ -50,8 +50,8 @@ void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void dequant8(const uint8_t* w, const float* s, uint16_t* out, int K, int group, int n0, int n1, size_t rs,
-              size_t cs) {
+void dequant8(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int n1,
+              size_t rs, size_t cs) {
     const int G = K / group;
     for (int p = n0 / 16; p < n1 / 16; ++p)
         for (int g = 0; g < G; ++g) {
