@@ -4,6 +4,8 @@ the library's portable fallbacks and its refusal to build, and end to end by the
 greedy tokens equal until the first difference, where each side's token is in the other's top 5)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +110,59 @@ def test_scalar_fallbacks_match(rows):
         qk.int8_mm(x, w8[:36].contiguous(), s8, 32, None, isa=0)
     with pytest.raises(ValueError, match="qvl CPU kernel int4 refused its input"):      # K = 96: not whole groups
         qk.int4_mm(x[:, :96].contiguous(), w4[:, :48].contiguous(), s4, z, 0, 64, isa=0)
+
+
+def _bound(bits, qz, zeros):
+    if bits == 4:
+        z = qk.pack_groups(qz.zeros.to(torch.uint8)) if zeros == "awq" else None
+        return qk.QuantWeight(4, qk.pack_int4(qz.q), qk.pack_groups(qz.scales), z, 8, qz.group)
+    return qk.QuantWeight(8, qk.pack_int8((qz.q.to(torch.int16) - 128).to(torch.int8)), qk.pack_groups(qz.scales),
+                          group=qz.group)
+
+
+# The many-row path's dequantizers: Wᵀ blocks (AVX-512 BF16, dequant.h, and the scalar code) and W rows,
+# into strided outputs, equal formats.dequantize rounded to bf16 bit for bit, at 1 and 3 threads; 208 rows =
+# 13 panels (blocks of 8 and 5: the vector code's whole-block, pair and single-panel steps; a thread each),
+# from panel 0 and from panel 1 (no whole block).
+@pytest.mark.skipif(not qk.available(), reason="no C++ compiler for qvl's CPU kernels")
+@pytest.mark.parametrize("bits, group, zeros", [(4, 32, "awq"), (4, 128, "sym"), (8, 64, "sym"), (8, 256, "sym")])
+def test_dequantizers_exact_over_threads(bits, group, zeros, monkeypatch):
+    qz, g = _random(bits, group, 208, 512, bits + group, zeros)
+    want = formats.dequantize(qz).bfloat16()                                             # (N, K)
+    w = _bound(bits, qz, zeros)
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 3):
+            torch.set_num_threads(nt)
+            for isa, n0 in itertools.product((0, 1) if qk.native() else (0,), (0, 16)):
+                out = torch.zeros(512, 224, dtype=torch.bfloat16)                         # (K, ld)
+                w.dequant_t(n0, 208, out[:, :208 - n0], isa=isa)
+                assert torch.equal(out[:, :208 - n0], want[n0:].t()) and not out[:, 208 - n0:].any(), (nt, isa)
+            rows = torch.zeros(208, 520, dtype=torch.bfloat16)                            # (N, ld)
+            assert torch.equal(w.dequant_rows(0, 208, rows[:, :512]), want) and not rows[:, 512:].any()
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(qk, "BLOCK_ELEMS", 48 * 512)                   # blocks of 48 columns: 4 + a tail of 16
+    x = torch.randn(40, 512, generator=g).bfloat16()
+    bias = torch.randn(208, generator=g).bfloat16()
+    _close(w.dequant_matmul(x, bias), x.float() @ want.float().t() + bias.float())
+    for bad in (lambda: w.dequant_t(0, 200, torch.empty(512, 200, dtype=torch.bfloat16)),     # n1 % 16
+                lambda: w.dequant_t(0, 32, torch.empty(512, 48, dtype=torch.bfloat16)),       # wrong shape
+                lambda: w.dequant_t(0, 32, torch.empty(32, 512, dtype=torch.bfloat16).t()),   # column stride 32
+                lambda: w.dequant_rows(0, 32, torch.empty(32, 512))):                         # float32
+        with pytest.raises(ValueError, match="qvl CPU (kernel dequant|dequantizer)"):
+            bad()
+
+
+@needs_bf16
+def test_vector_dequantizer_flushes_subnormals():
+    """vcvtneps2bf16 reads subnormal inputs as zero: the one documented difference from the scalar code
+    (products below 2^-126; no real scale makes them)."""
+    qz = Quantized(torch.arange(16, dtype=torch.uint8).repeat(16, 8), torch.zeros(1, 16), torch.full((1, 16), 1e-40), 128)
+    w = _bound(4, qz, "awq")
+    vec, ref = (w.dequant_t(0, 16, torch.empty(128, 16, dtype=torch.bfloat16), isa=isa) for isa in (1, 0))
+    assert torch.equal(ref, formats.dequantize(qz).bfloat16().t()) and ref.float().abs().max() > 0
+    assert not vec.any()
 
 
 @needs_bf16

@@ -15,8 +15,10 @@ README "Quantized checkpoints" have the figures.
   pack_groups(t (G, N)) -> (N/16, G, 16): scales and zeros, panel-major (N-concatenation stays a cat)
   QuantWeight(bits, w, s, z, zc, group)   one layer's weight bound to the library (what QuantLinear holds):
     .matmul(x, bias) -> (M, N) bf16       few rows: integers against int8-quantized x in registers
-    .dequant_matmul(x, bias) -> (M, N)    many rows: W dequantized in bf16 blocks, each through torch.mm
-    .dequant_rows(n0, n1, out)            rows of W = (q − z)·s in bf16
+    .dequant_matmul(x, bias) -> (M, N)    many rows: Wᵀ dequantized in bf16 blocks, each through torch.mm
+    .dequant_t(n0, n1, out)               columns [n0, n1) of Wᵀ = ((q − z)·s)ᵀ in bf16, out (K, n1 − n0):
+                                          AVX-512 BF16 (cpu_kernels/dequant.h) where native(), else scalar
+    .dequant_rows(n0, n1, out)            rows of W in bf16, out (n1 − n0, K) (the scalar code)
   int4_mm / int8_mm / dequant4_rows / dequant8_rows   the same as one-off calls (tests, bench)
   pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias) -> (M, N) bf16
 int4: W = (q − z)·s, w4 from pack_int4, z packed (uint8) or None (then zc everywhere); int8: W = w8·s, w8
@@ -26,7 +28,8 @@ None (added in fp32); `isa=0` runs the exact scalar code (tests).
 Numerics: integer kernels quantize x per block of 128 columns (absmax/127, the group when 128 does not
 divide it) and sum each block exactly in int32, then scale in fp32; bf16: products exact in fp32, summed
 in fp32; the result is rounded to bf16 once. Held to the bf16 criterion, not to F.linear's bits. isa=0
-and the dequantizers are exact (fp32 sums of bf16 x times the integers; W rounded to bf16 once).
+and the dequantizers are exact (fp32 sums of bf16 x times the integers; W rounded to bf16 once; the
+AVX-512 dequantizer reads a subnormal fp32 W as 0, no real scale makes one).
 
 Threads: a call's panels are split over torch.get_num_threads() threads of torch's own OpenMP pool (the
 library links the libgomp torch loaded), whole blocks of 8 panels each: the output does not depend on
@@ -59,8 +62,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 _SIGS = {"qk_int4": [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I],
          "qk_int8": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
          "qk_bf16": [_P, _P, _P, _P, _I, _I, _I, _I],
-         "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I],
-         "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I]}
+         "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I],
+         "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I]}
 SOURCES = Path(__file__).with_name("cpu_kernels")        # qk.cpp and the headers it includes
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 BLOCK_ELEMS = 1 << 21          # dequant_mm: weight elements per bf16 block (4 MiB, stays in L2/L3)
@@ -199,11 +202,11 @@ class QuantWeight:
         if bits == 4:
             mm, dq = lib.qk_int4, lib.qk_dequant4
             self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, zp, zc, yp, bp, m, n, k, group, isa, nt)
-            self._dq = lambda op, n0, n1: dq(wp, sp, zp, zc, op, n, k, group, n0, n1)
+            self._dq = lambda op, ld, n0, n1, tr, isa, nt: dq(wp, sp, zp, zc, op, ld, n, k, group, n0, n1, tr, isa, nt)
         else:
             mm, dq = lib.qk_int8, lib.qk_dequant8
             self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, yp, bp, m, n, k, group, isa, nt)
-            self._dq = lambda op, n0, n1: dq(wp, sp, op, n, k, group, n0, n1)
+            self._dq = lambda op, ld, n0, n1, tr, isa, nt: dq(wp, sp, op, ld, n, k, group, n0, n1, tr, isa, nt)
         self._bias: tuple = (None, None)
 
     def bias32(self, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -224,12 +227,22 @@ class QuantWeight:
         return y
 
     def dequant_rows(self, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-        """out (n1 − n0, K) bf16 = rows [n0, n1) of W = (q − z)·s (n0, n1 multiples of 16)."""
-        _check(self._dq(_ptr(out), n0, n1), f"dequant{self.bits}")
+        """out (n1 − n0, K) bf16 (rows may be strided) = rows [n0, n1) of W = (q − z)·s (n0, n1 multiples of
+        16; the scalar code)."""
+        _check(self._dq(*_rows_of(out, n1 - n0, self.k), n0, n1, 0, 0, torch.get_num_threads()),
+               f"dequant{self.bits}")
+        return out
+
+    def dequant_t(self, n0: int, n1: int, out: torch.Tensor, *, isa: int | None = None) -> torch.Tensor:
+        """out (K, n1 − n0) bf16 (rows may be strided) = Wᵀ, columns [n0, n1) (the many-row GEMM's operand);
+        isa 1: AVX-512 BF16 (cpu_kernels/dequant.h), 0: the scalar code, None: 1 where native(). Same bits."""
+        isa = (1 if native() else 0) if isa is None else isa
+        _check(self._dq(*_rows_of(out, self.k, n1 - n0), n0, n1, 1, isa, torch.get_num_threads()),
+               f"dequant{self.bits}")
         return out
 
     def dequant_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return dequant_mm(x, self.dequant_rows, self.n, bias)
+        return dequant_mm(x, self.dequant_t, self.n, bias)
 
 
 def int4_mm(x, w4, s, z, zc: int, group: int, bias=None, *, isa: int = 1) -> torch.Tensor:
@@ -264,16 +277,37 @@ def dequant8_rows(w8, s, group: int, n0: int, n1: int, out: torch.Tensor) -> tor
     return QuantWeight(8, w8, s, group=group).dequant_rows(n0, n1, out)
 
 
-def dequant_mm(x: torch.Tensor, dequant, n: int, bias=None) -> torch.Tensor:
-    """x (M, K) · Wᵀ for many rows: `dequant(n0, n1, out)` writes rows [n0, n1) of W as bf16 into
-    out (n1 − n0, K); each block goes through torch's bf16 GEMM (oneDNN), so the integer-to-bf16 work is
+def _rows_of(out: torch.Tensor, rows: int, cols: int) -> tuple[int, int]:
+    """(pointer, row stride) of a dequantizer's output: (rows, cols) bf16 on CPU, unit column stride."""
+    if (out.dtype != torch.bfloat16 or tuple(out.shape) != (rows, cols) or out.device.type != "cpu"
+            or out.stride(1) != 1 or out.stride(0) < cols):
+        raise ValueError(f"qvl CPU dequantizer: out must be ({rows}, {cols}) bf16 on CPU with unit column stride, "
+                         f"got {tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
+    return out.data_ptr(), out.stride(0)
+
+
+def _block_stride(cols: int) -> int:
+    """Row stride of the Wᵀ blocks: an odd number of 64-byte lines (32 bf16) >= cols. Rows then start on a
+    line (a pair of panels writes whole lines) and the K rows' stores spread over every L1 set; 1024 or
+    2048 columns put them all in a few (measured 2-4x slower)."""
+    lines = (cols + 31) // 32
+    return (lines + 1 - lines % 2) * 32
+
+
+def dequant_mm(x: torch.Tensor, dequant_t, n: int, bias=None) -> torch.Tensor:
+    """x (M, K) · Wᵀ for many rows: `dequant_t(n0, n1, out)` writes columns [n0, n1) of Wᵀ as bf16 into
+    out (K, n1 − n0); each block goes through torch's bf16 GEMM (oneDNN), so the integer-to-bf16 work is
     paid once per block, not once per input row."""
     m, k = x.shape
-    rows = max(16, min(n, BLOCK_ELEMS // k) // 16 * 16)                # whole 16-row panels
-    scratch = torch.empty(rows, k, dtype=torch.bfloat16)                                   # (b, K)
+    cols = max(16, min(n, BLOCK_ELEMS // k) // 16 * 16)                # whole 16-row panels
+    cols = cols // 128 * 128 or cols                # whole blocks of 8 panels (one sequential read each)
+    scratch = torch.empty(k, _block_stride(cols), dtype=torch.bfloat16)                    # (K, ld)
     y = torch.empty(m, n, dtype=torch.bfloat16)                                            # (M, N)
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        blk = dequant(n0, n1, scratch[:n1 - n0])                                           # (b, K)
-        y[:, n0:n1] = torch.mm(x, blk.t()) if bias is None else torch.addmm(bias[n0:n1].to(x.dtype), x, blk.t())
+    for n0 in range(0, n, cols):
+        n1 = min(n, n0 + cols)
+        blk = dequant_t(n0, n1, scratch[:, :n1 - n0])                                       # (K, b), strided
+        if bias is None:                    # straight into y's columns (BLAS's ldc: no copy of the block)
+            torch.mm(x, blk, out=y[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1].to(x.dtype), x, blk, out=y[:, n0:n1])
     return y

@@ -2,7 +2,7 @@
 //   qk_int4(x, w, s, z, zc, y, bias, M, N, K, group, isa, nthreads)   4-bit weights (q − z)·s
 //   qk_int8(x, w, s, y, bias, M, N, K, group, isa, nthreads)          8-bit weights w·s (w = q − z as int8)
 //   qk_bf16(x, w, y, bias, M, N, K, nthreads)                         bf16 weights in 16-row panels
-//   qk_dequant4 / qk_dequant8(..., out, ..., n0, n1)                  rows of W as bf16 (any CPU)
+//   qk_dequant4 / qk_dequant8(..., out, ld, ..., n0, n1, trans, isa, nthreads)   rows of W as bf16 (any CPU)
 // x (M, K) bf16, y (M, N) bf16 = x · Wᵀ + bias (fp32 bias or null, added in fp32, rounded once); layouts
 // in common.h. isa 1: the AVX-512 kernel (VNNI for the integers, BF16 for bf16), 0: the scalar reference.
 // Return 0, or -1 (shape refused) / -2 (ISA missing): the caller falls back, never guesses.
@@ -15,6 +15,7 @@
 #include "scalar.h"
 #include "vnni.h"
 #include "bf16.h"
+#include "dequant.h"
 
 using namespace qk;
 
@@ -119,17 +120,39 @@ int qk_bf16(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bia
     return 0;
 }
 
-// out (n1 − n0, K) bf16 = rows [n0, n1) of the dequantized weight (any CPU).
-int qk_dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
-                int group, int n0, int n1) {
-    if (group <= 0 || K % group || group % 32 || N % 16 || n0 % 16 || n1 % 16 || n0 < 0 || n1 > N) return -1;
-    dequant4(w, s, z, zc, out, N, K, group, n0, n1);
+// Rows [n0, n1) of the dequantized weight as bf16: trans 0 -> out (n1 − n0, K) = W rows, trans 1 -> out
+// (K, n1 − n0) = Wᵀ columns (the many-row GEMM's operand); ld: out's row stride in elements. isa 1:
+// dequant.h (AVX-512 BF16, trans 1 only), 0: the scalar code (any CPU). Panels split over nthreads; either
+// way the same bits.
+namespace {
+int dq_check(int N, int K, int group, int n0, int n1, int ld, int trans, int isa) {
+    if (group <= 0 || K % group || group % 32 || N % 16 || n0 % 16 || n1 % 16 || n0 < 0 || n1 > N || n0 > n1) return -1;
+    if (ld < (trans ? n1 - n0 : K) || (isa == 1 && trans != 1)) return -1;
+    return isa == 1 && !qk_has_avx512bf16() ? -2 : 0;
+}
+}  // namespace
+
+int qk_dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int ld, int N, int K,
+                int group, int n0, int n1, int trans, int isa, int nthreads) {
+    if (const int rc = dq_check(N, K, group, n0, n1, ld, trans, isa)) return rc;
+    parallel((n1 - n0) / 16, nthreads, [&](int a, int b) {
+        const int pa = n0 / 16 + a, pb = n0 / 16 + b;
+        if (isa == 1) dequant4_t(w, s, z, zc, out, N, K, group, n0, ld, pa, pb);
+        else if (trans) dequant4(w, s, z, zc, out + (pa * 16 - n0), N, K, group, pa * 16, pb * 16, 1, size_t(ld));
+        else dequant4(w, s, z, zc, out + size_t(pa * 16 - n0) * ld, N, K, group, pa * 16, pb * 16, size_t(ld), 1);
+    });
     return 0;
 }
 
-int qk_dequant8(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int n1) {
-    if (group <= 0 || K % group || group % 32 || N % 16 || n0 % 16 || n1 % 16 || n0 < 0 || n1 > N) return -1;
-    dequant8(w, s, out, N, K, group, n0, n1);
+int qk_dequant8(const uint8_t* w, const float* s, uint16_t* out, int ld, int N, int K, int group, int n0, int n1,
+                int trans, int isa, int nthreads) {
+    if (const int rc = dq_check(N, K, group, n0, n1, ld, trans, isa)) return rc;
+    parallel((n1 - n0) / 16, nthreads, [&](int a, int b) {
+        const int pa = n0 / 16 + a, pb = n0 / 16 + b;
+        if (isa == 1) dequant8_t(w, s, out, N, K, group, n0, ld, pa, pb);
+        else if (trans) dequant8(w, s, out + (pa * 16 - n0), N, K, group, pa * 16, pb * 16, 1, size_t(ld));
+        else dequant8(w, s, out + size_t(pa * 16 - n0) * ld, N, K, group, pa * 16, pb * 16, size_t(ld), 1);
+    });
     return 0;
 }
 

@@ -1,5 +1,6 @@
 // Portable code (any x86-64): the exact fp32 reference of the integer kernels (isa 0: tests, CPUs without
-// AVX-512 VNNI) and the dequantizers of the many-row path (W as bf16 blocks for torch's GEMM).
+// AVX-512 VNNI) and the dequantizers of the many-row path (W or Wᵀ as bf16 blocks for torch's GEMM; the
+// fallback of dequant.h's AVX-512 ones on CPUs without AVX-512 BF16, and their bit-exact reference).
 #pragma once
 #include "common.h"
 
@@ -24,10 +25,11 @@ void int_scalar(const uint16_t* x, Q q, const float* s, const uint8_t* z, int zc
         }
 }
 
-// Rows [n0, n1) (whole panels) of W = (q − z)·s as bf16 (N, K) row-major: out[n − n0, k].
+// Rows [n0, n1) (whole panels) of W = (q − z)·s as bf16: W[n, k] -> out[(n − n0)·rs + k·cs] (rs = K, cs = 1:
+// W row-major; rs = 1, cs = ld: Wᵀ (K, ld), dequant.h's layout on CPUs without its ISA).
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
-              int group, int n0, int n1) {
+              int group, int n0, int n1, size_t rs, size_t cs) {
     const int G = K / group;
     for (int p = n0 / 16; p < n1 / 16; ++p)
         for (int g = 0; g < G; ++g) {
@@ -37,10 +39,10 @@ void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16
             for (int k = g * group; k < (g + 1) * group; k += 8) {
                 const uint8_t* src = w + Blocks{N / 16, size_t(K / 8)}.at(p, k / 8);
                 for (int r = 0; r < 16; ++r) {
-                    uint16_t* o = out + size_t(p * 16 + r - n0) * K + k;
+                    uint16_t* o = out + size_t(p * 16 + r - n0) * rs + size_t(k) * cs;
                     for (int j = 0; j < 4; ++j) {
-                        o[j] = f32_to_bf16((float(src[4 * r + j] & 15) - zz[r]) * sc[r]);
-                        o[4 + j] = f32_to_bf16((float(src[4 * r + j] >> 4) - zz[r]) * sc[r]);
+                        o[j * cs] = f32_to_bf16((float(src[4 * r + j] & 15) - zz[r]) * sc[r]);
+                        o[(4 + j) * cs] = f32_to_bf16((float(src[4 * r + j] >> 4) - zz[r]) * sc[r]);
                     }
                 }
             }
@@ -48,7 +50,8 @@ void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void dequant8(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int n1) {
+void dequant8(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int n1,
+              size_t rs, size_t cs) {
     const int G = K / group;
     for (int p = n0 / 16; p < n1 / 16; ++p)
         for (int g = 0; g < G; ++g) {
@@ -56,8 +59,8 @@ void dequant8(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int
             for (int k = g * group; k < (g + 1) * group; k += 4) {
                 const uint8_t* src = w + Blocks{N / 16, size_t(K / 4)}.at(p, k / 4);
                 for (int r = 0; r < 16; ++r) {
-                    uint16_t* o = out + size_t(p * 16 + r - n0) * K + k;
-                    for (int j = 0; j < 4; ++j) o[j] = f32_to_bf16(float(int(src[4 * r + j]) - 128) * sc[r]);
+                    uint16_t* o = out + size_t(p * 16 + r - n0) * rs + size_t(k) * cs;
+                    for (int j = 0; j < 4; ++j) o[j * cs] = f32_to_bf16(float(int(src[4 * r + j]) - 128) * sc[r]);
                 }
             }
         }
