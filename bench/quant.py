@@ -277,6 +277,7 @@ def kernels(args) -> None:
                 nbytes = sum(b.numel() * b.element_size() for b in m.buffers())
                 cands[f"{label} {m.kernel}"] = (m, nbytes)
         evict = torch.zeros(16 << 20)                    # twice the L3 of the bench machine
+        many_rows = qlinear.MANY_ROWS
         for rows in args.rows:
             x = torch.randn(rows, k, generator=g).bfloat16()
             times = {name: [] for name in cands}
@@ -293,7 +294,7 @@ def kernels(args) -> None:
                             f(x)
                             times.setdefault(name + (" (dequant+GEMM)" if many else ""), []).append(
                                 time.perf_counter() - t0)
-            qlinear.MANY_ROWS = 32
+            qlinear.MANY_ROWS = many_rows
             res = {name: round(statistics.median(t[2:]) * 1e6) for name, t in times.items() if t}
             gbs = {name: round(cands[name.split(" (")[0]][1] / (us * 1e-6) / 1e9, 1) for name, us in res.items()}
             print(json.dumps(dict(bench="quant-kernels", out=n, inp=k, rows=rows, threads=args.threads,

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from qvl.layers.fused_linear import fuse_linears, unfuse_linears
+from qvl.layers.quant_kernels import cpu_flags
 from qvl.layers.packed_linear import pack_linears, packing_supported, unpack_linears
 from qvl.layers.widened_linear import unwiden_linears, widen_linears
 
@@ -57,15 +58,7 @@ class CpuFeatures:
 
 def probe_cpu() -> CpuFeatures:
     """What this process's CPU offers (as capped by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)."""
-    flags = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = frozenset(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = cpu_flags()
     onednn = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
               and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     return CpuFeatures(torch.backends.cpu.get_cpu_capability(), onednn, flags)

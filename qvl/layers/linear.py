@@ -13,8 +13,8 @@ loading never holds a whole model of unpacked integers.
 Kernels (chosen at construction from dtype, device, shape and the CPU; `kernel` names it):
   qk-int4   CPU bf16 on AVX-512 VNNI, 4 bit, group a multiple of 32, out of 16: qvl's own kernel
             (qvl.layers.quant_kernels), fp32 scales and zeros; up to MANY_ROWS − 1 input rows it multiplies
-            the nibbles with int8-quantized activations in registers, from MANY_ROWS rows on (prefill) it
-            dequantizes bf16 blocks of W and runs torch's bf16 GEMM on them.
+            the nibbles with int8-quantized activations in registers; from MANY_ROWS rows on (prefill, on
+            CPUs with AMX only) it dequantizes bf16 blocks of W and runs torch's bf16 GEMM on them.
   qk-int8   the same for 8 bit (q − z as int8), one scale per row or per group (GPTQ-Int8, group 128).
   dequant   W = (q − z)·s in float32, cast to the activation dtype, then F.linear(x, W, b). In float32 this
             is exactly F.linear with the dequantized weight: the reference the tests hold to transformers.
@@ -38,10 +38,12 @@ from qvl.quant import formats, onthefly
 from qvl.quant.spec import QuantSpec
 
 _INT4PACK_GROUPS = (32, 64, 128, 256)
-# From this many input rows on, qk-int4/qk-int8 dequantize W block by block and use torch's bf16 GEMM
-# (the integer-to-bf16 work is then paid once per block instead of once per 4 rows); measured crossover
-# in bench/quant.py --kernels (README "Quantized checkpoints").
-MANY_ROWS = 32
+# From this many input rows on, qk-int4/qk-int8 dequantize W block by block and use torch's bf16 GEMM.
+# That pays only where oneDNN's bf16 GEMM runs on AMX tiles: on AVX-512 VNNI without AMX the in-register
+# path (64 int8 multiply-adds an instruction against vdpbf16ps's 32) took half the dequant + GEMM's time
+# at 32, 128 and 512 rows (8960 x 1536 int4, 1 thread: 3.5 vs 9.0, 10.8 vs 22.8, 42.8 vs 79.0 ms), so
+# there it runs at every row count (bench/quant.py --kernels --rows 1 16 256).
+MANY_ROWS = 32 if "amx_bf16" in (qk.cpu_flags() or ()) else 1 << 30
 _FORMAT_TENSORS = {"gptq": ("qweight", "qzeros", "scales"), "awq": ("qweight", "qzeros", "scales"),
                    "int8": ("weight",), "int4": ("weight",)}
 

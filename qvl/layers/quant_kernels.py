@@ -139,6 +139,18 @@ def native_int() -> bool:
     return lib is not None and bool(lib.qk_has_avx512vnni())
 
 
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's /proc/cpuinfo flags; None where unknown (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 def _ptr(t: torch.Tensor | None):
     if t is not None and not (t.is_contiguous() and t.device.type == "cpu"):
         raise ValueError(f"qvl CPU kernels take contiguous CPU tensors, got shape {tuple(t.shape)} with strides "
