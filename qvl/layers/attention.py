@@ -198,8 +198,8 @@ class ReferenceBackend:
         plan = metadata.plan(k_cache.shape[1], k_cache.device, pad_slot=(k_cache.shape[0] - 1) * k_cache.shape[1])
         flat_k = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks*block_size, nKV, D)
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
-        flat_k.index_copy_(0, plan.slot_mapping, k.to(k_cache.dtype))
-        flat_v.index_copy_(0, plan.slot_mapping, v.to(v_cache.dtype))
+        flat_k.index_copy_(0, plan.slot_mapping, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+        flat_v.index_copy_(0, plan.slot_mapping, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
 
         decode_out = None
         if plan.decode_start is not None or plan.decode_slots is not None:

@@ -36,14 +36,15 @@ def _sdpa(q, k, v, *, scale: float, mask) -> torch.Tensor:
 def _fp32_matmuls(q, k, v, *, scale: float, mask) -> torch.Tensor:
     b, nh, d = q.shape
     nkv = k.shape[2]
+    if b == 1 and mask is None:
+        # One sequence: bmm on the (nKV, ...) operands torch.matmul would fold the batch to itself (the same
+        # values and strides, so the same bits) without its broadcast and reshape ops around each product.
+        qg = q.view(nkv, nh // nkv, d).float()                             # (nKV, g, D)
+        probs = torch.bmm(qg, k[0].permute(1, 2, 0).float()).mul_(scale).softmax(dim=-1)  # (nKV, g, L)
+        return torch.bmm(probs, v[0].transpose(0, 1).float()).view(b, nh, d).to(q.dtype)  # (1, nH, D)
     qg = q.view(b, nkv, nh // nkv, d).float()                              # (B, nKV, g, D)
     kt = k.permute(0, 2, 3, 1).float()                                     # (B, nKV, D, L)
     vt = v.transpose(1, 2).float()                                         # (B, nKV, L, D)
-    if b == 1 and mask is None:
-        # One sequence: bmm on the (nKV, ...) views torch.matmul would fold to itself (the same operands and
-        # strides, so the same bits) without its broadcast and reshape ops around each product.
-        probs = torch.bmm(qg[0], kt[0]).mul_(scale).softmax(dim=-1)        # (nKV, g, L)
-        return torch.bmm(probs, vt[0]).view(b, nh, d).to(q.dtype)          # (1, nH, D)
     scores = torch.matmul(qg, kt).mul_(scale)                              # (B, nKV, g, L)
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))                          # mask (B, 1, 1, L) broadcasts

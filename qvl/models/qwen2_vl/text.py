@@ -30,10 +30,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        # x * rsqrt(mean(x^2) + eps) in fp32, then the cast, then the weight (SPEC 6). The statistics' add and
-        # rsqrt run in place on the fresh (N, 1) mean (same bits, two fewer allocations; torch's F.rms_norm is
-        # the same ops behind one more dispatch on the CPU, so it is not used).
-        xf = xf * xf.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        # x * rsqrt(mean(x^2) + eps) in fp32, then the cast, then the weight (SPEC 6). x * x is what pow(x, 2)
+        # computes (same bits) with the multiply kernel this norm runs anyway: at batch 1 a decode step's small
+        # ops cost mostly their code's cache misses after each linear, so fewer distinct kernels is faster.
+        # The add and rsqrt run in place on the fresh (N, 1) mean (same bits; torch's F.rms_norm is these
+        # ops behind one more dispatch on the CPU).
+        xf = xf * (xf * xf).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         return self.weight * xf.to(x.dtype)
 
 
