@@ -1,11 +1,13 @@
 """The decode step's fewer-op paths give the same bits as the expressions they replace.
 
   * the reference backend's lone-decode-sequence view (consecutive blocks) == its gather (scattered blocks),
-    fp32 and bf16, and the view is taken only when the blocks are consecutive;
+    fp32 and bf16, and the view is taken only when the blocks are consecutive; new K/V written by a slice
+    when their slots are one run land exactly where index_copy_ puts them;
   * decode_attention's one-row bmm path (bf16 on the CPU) == the batched matmul formula;
   * apply_rotary with (N, D) or (N, 1, D) tables == x * cos + rotate_half(x) * sin (transformers' form);
   * RMSNorm == fp32 x * rsqrt(mean(x^2) + eps), cast, then weight (QWEN2VL_SPEC 6);
-  * argmax_rows == torch.argmax (first maximum, NaN counts as the maximum, all -inf rows).
+  * argmax_rows == torch.argmax (first maximum, NaN counts as the maximum, all -inf rows);
+  * the sampler's ban-only path (min_tokens) bans in the caller's logits and gives them back bit for bit.
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import torch
 
 from qvl.layers.attention import REFERENCE, AttentionMetadata
 from qvl.layers.decode_attention import decode_attention
-from qvl.layers.sampler import argmax_rows
+from qvl.layers.sampler import Sampler, SamplingBatch, argmax_rows
 from qvl.models.qwen2_vl.rope import apply_rotary, mrope_cos_sin, rotate_half
 from qvl.models.qwen2_vl.text import RMSNorm
+from qvl.sampling_params import SamplingParams
 
 NB, BS, NKV, NH, D = 12, 4, 2, 6, 16          # cache blocks (the last one is the padding block), block size
 
@@ -76,6 +79,24 @@ def test_lone_decode_row_beside_a_prefill_chunk(dtype):
     assert torch.equal(view_out, gather_out)
 
 
+@pytest.mark.parametrize("slots, run", [([9, 10, 11, 12, 13], 9), ([9, 10, 12], None), ([17], 17)])
+def test_new_kv_land_on_their_slots(slots, run):
+    g = torch.Generator().manual_seed(3)
+    kc, vc = (torch.randn(NB, BS, NKV, D, generator=g).bfloat16() for _ in range(2))
+    before_k, before_v = kc.clone(), vc.clone()
+    n = len(slots)
+    k, v = torch.randn(n, NKV, D, generator=g), torch.randn(n, NKV, D, generator=g)   # fp32: cast on write
+    ctx = max(slots) + 1                                    # one sequence whose context is blocks 0.. in order
+    md = AttentionMetadata([n], [ctx], slot_mapping=torch.tensor(slots),
+                           block_tables=[list(range(-(-ctx // BS)))])
+    REFERENCE.forward(torch.randn(n, NH, D).bfloat16(), k, v, scale=0.25, metadata=md, k_cache=kc, v_cache=vc)
+    assert md.plan(BS, torch.device("cpu"), (NB - 1) * BS).write_start == run
+    ref_k, ref_v = before_k.view(-1, NKV, D), before_v.view(-1, NKV, D)
+    ref_k.index_copy_(0, torch.tensor(slots), k.bfloat16())
+    ref_v.index_copy_(0, torch.tensor(slots), v.bfloat16())
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+
+
 def test_view_not_taken_with_several_decode_rows_or_a_table_gap():
     md = AttentionMetadata([1, 1], [5, 5], slot_mapping=torch.tensor([4, 12]), block_tables=[[0, 1], [2, 3]])
     assert md.plan(BS, torch.device("cpu"), (NB - 1) * BS).decode_start is None
@@ -132,3 +153,20 @@ def test_argmax_rows_is_torch_argmax():
     for t in (rows, wide, wide[:, ::3]):
         got = argmax_rows(t)
         assert got.dtype == torch.int64 and torch.equal(got, t.argmax(dim=-1))
+
+
+def test_ban_only_sampling_restores_the_callers_logits():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 50, generator=g)
+    logits[0, 7] = logits[1, 3] = logits[2, 9] = 100.0                     # each row's best is banned
+    before = logits.clone()
+    greedy, hot = SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1, logprobs=2)
+    banned = [[7, 7], [3, 11], [9]]
+    out = Sampler()(logits, SamplingBatch([greedy, greedy, hot], [[1], [2], [3]], [1, 1, 1],
+                                         [None, None, torch.Generator().manual_seed(0)], banned_token_ids=banned))
+    assert torch.equal(logits, before)
+    masked = before.clone()
+    for i, ids in enumerate(banned):
+        masked[i, ids] = float("-inf")
+    assert out.token_ids[:2] == masked[:2].argmax(-1).tolist()
+    assert out.token_ids[2] != 9 and out.logprobs[2] == torch.log_softmax(before[2], -1)[out.token_ids[2]].item()

@@ -17,7 +17,8 @@ Contract:
         token) are gathered into one padded batch (one index_select per cache) and attend in one call
         (qvl.layers.decode_attention), masked only when their context lengths differ (a lone CPU decode
         sequence whose blocks are consecutive reads its context as a view of the cache instead, the same
-        values and layout without the copy); rows shorter than
+        values and layout without the copy; new K/V whose slots are one run are written by a slice copy);
+        rows shorter than
         the longest read the padding block's first slot (weight 0), so no unwritten slot, which may hold NaN
         from recycled memory (0 * NaN = NaN), is ever read. Prefill chunks attend one sequence at a time (a
         padded batch mask would be quadratic). Its index tensors are derived once per step, on the first
@@ -54,6 +55,8 @@ class CachePlan:
     prefill: list[tuple[int, int, torch.Tensor]]  # (first row, end row, context slots (Lc,)) per chunk
     decode_start: int | None = None         # one CPU decode sequence whose context is one run of slots:
                                             # its first slot (read as a view; decode_slots is then None)
+    write_start: int | None = None          # CPU, slot_mapping one ascending run: its first slot (the new
+                                            # K/V are written by one slice copy instead of index_copy_)
 
 
 @dataclass
@@ -127,6 +130,17 @@ class AttentionMetadata:
         blocks = self.block_tables[i, :need].tolist()
         return blocks[0] * block_size if blocks == list(range(blocks[0], blocks[0] + need)) else None
 
+    @staticmethod
+    def _write_run(slot_mapping: torch.Tensor) -> int | None:
+        """The first slot when the new tokens' slots are one ascending run (a decode token; a chunk inside
+        consecutive blocks), else None. Host reads: CPU only."""
+        n = slot_mapping.shape[0]
+        if slot_mapping.device.type != "cpu" or n == 0:
+            return None
+        if n > 1 and not bool((slot_mapping[1:] - slot_mapping[:-1] == 1).all()):
+            return None
+        return int(slot_mapping[0])
+
     def plan(self, block_size: int, device: torch.device, pad_slot: int) -> CachePlan:
         """This step's CachePlan for a cache of `block_size` on `device` whose zeroed padding slot is
         `pad_slot` (built once, then reused)."""
@@ -158,7 +172,8 @@ class AttentionMetadata:
                 rows = torch.tensor([self.starts[i] for i in decode], device=device)        # (Bd,)
         prefill = [(self.starts[i], self.starts[i + 1], self._context_slots([i], block_size, pad_slot, device)[0])
                    for i, lq in enumerate(self.seq_lens_q) if lq > 1]
-        plan = CachePlan(self.slot_mapping.to(device), rows, slots, shape, mask, prefill, start)
+        slot_mapping = self.slot_mapping.to(device)
+        plan = CachePlan(slot_mapping, rows, slots, shape, mask, prefill, start, self._write_run(slot_mapping))
         self._derived[key] = plan
         return plan
 
@@ -198,8 +213,12 @@ class ReferenceBackend:
         plan = metadata.plan(k_cache.shape[1], k_cache.device, pad_slot=(k_cache.shape[0] - 1) * k_cache.shape[1])
         flat_k = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks*block_size, nKV, D)
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
-        flat_k.index_copy_(0, plan.slot_mapping, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
-        flat_v.index_copy_(0, plan.slot_mapping, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
+        if plan.write_start is not None:        # the same slots as slot_mapping, by a slice (copy_ casts)
+            flat_k.narrow(0, plan.write_start, k.shape[0]).copy_(k)
+            flat_v.narrow(0, plan.write_start, v.shape[0]).copy_(v)
+        else:
+            flat_k.index_copy_(0, plan.slot_mapping, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+            flat_v.index_copy_(0, plan.slot_mapping, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
 
         decode_out = None
         if plan.decode_start is not None or plan.decode_slots is not None:
