@@ -18,11 +18,11 @@ Contract:
         (qvl.layers.decode_attention), masked only when their context lengths differ (a lone CPU decode
         sequence whose blocks are consecutive reads its context as a view of the cache instead, the same
         values and layout without the copy; new K/V whose slots are one run are written by a slice copy);
-        rows shorter than
-        the longest read the padding block's first slot (weight 0), so no unwritten slot, which may hold NaN
-        from recycled memory (0 * NaN = NaN), is ever read. Prefill chunks attend one sequence at a time (a
-        padded batch mask would be quadratic). Its index tensors are derived once per step, on the first
-        layer that asks, and cached on the metadata (`CachePlan`): one metadata object describes one step.
+        rows shorter than the longest read the padding block's first slot (weight 0), so no unwritten slot,
+        which may hold NaN from recycled memory (0 * NaN = NaN), is ever read. Prefill chunks attend one
+        sequence at a time (a padded batch mask would be quadratic). Its index tensors are derived once per
+        step, on the first layer that asks, and cached on the metadata (`CachePlan`): one metadata object
+        describes one step.
       - "paged" (qvl.layers.attention_paged): Triton kernels reading K/V through the block table (CUDA).
   * `attention(q, k, v, *, scale, metadata=None, k_cache=None, v_cache=None, backend=None)` is what a layer
     calls: metadata None -> one sequence, plain causal attention, no cache (scoring / tests); metadata

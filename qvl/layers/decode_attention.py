@@ -10,7 +10,8 @@ Two paths:
     sequences x 16 heads x 130 keys x 64 dims in bf16 it took 2.6 ms on this project's machine, the
     matmuls 0.26 ms, and 8 layers of it were 30% of a 16-row decode step of the mid bench config. The
     upcast K/V are a copy of the gathered context, which is a copy already; fp32 scores and softmax
-    are what SDPA computes internally too (held to the bf16 criterion).
+    are what SDPA computes internally too (held to the bf16 criterion). One unmasked row (batch-1
+    decode) runs the same two products as 3-D bmm calls (the same bits, fewer ops).
   * otherwise (float32 on the CPU: the exact reference; CUDA): SDPA, unchanged.
 
 Knows nothing about caches, blocks or the model.

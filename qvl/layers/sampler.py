@@ -49,7 +49,7 @@ class SamplingBatch:
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """(B, V) -> (B,) int64: each row's first maximal index (a NaN counts as the maximum), as torch.argmax.
     On the CPU numpy's vectorized argmax gives the same index about 12x sooner (134 -> 11 us per 152k-vocab
-    row on this project's machine: a greedy step's largest cost outside the model)."""
+    row on this project's machine: the greedy sampler's largest cost, x16 at 16 rows)."""
     if x.device.type == "cpu" and x.dtype == torch.float32:
         return torch.from_numpy(x.detach().numpy().argmax(axis=-1))
     return x.argmax(dim=-1)
