@@ -15,11 +15,14 @@ Contract:
     KVCache zeroes it and never puts it in a block table.
       - `ReferenceBackend` ("reference"): the CPU default and the test oracle. Decode sequences (one new
         token) are gathered into one padded batch (one index_select per cache) and attend in one call
-        (qvl.layers.decode_attention), masked only when their context lengths differ; rows shorter than
-        the longest read the padding block's first slot (weight 0), so no unwritten slot, which may hold NaN
-        from recycled memory (0 * NaN = NaN), is ever read. Prefill chunks attend one sequence at a time (a
-        padded batch mask would be quadratic). Its index tensors are derived once per step, on the first
-        layer that asks, and cached on the metadata (`CachePlan`): one metadata object describes one step.
+        (qvl.layers.decode_attention), masked only when their context lengths differ (a lone CPU decode
+        sequence whose blocks are consecutive reads its context as a view of the cache instead, the same
+        values and layout without the copy; new K/V whose slots are one run are written by a slice copy);
+        rows shorter than the longest read the padding block's first slot (weight 0), so no unwritten slot,
+        which may hold NaN from recycled memory (0 * NaN = NaN), is ever read. Prefill chunks attend one
+        sequence at a time (a padded batch mask would be quadratic). Its index tensors are derived once per
+        step, on the first layer that asks, and cached on the metadata (`CachePlan`): one metadata object
+        describes one step.
       - "paged" (qvl.layers.attention_paged): Triton kernels reading K/V through the block table (CUDA).
   * `attention(q, k, v, *, scale, metadata=None, k_cache=None, v_cache=None, backend=None)` is what a layer
     calls: metadata None -> one sequence, plain causal attention, no cache (scoring / tests); metadata
@@ -50,6 +53,10 @@ class CachePlan:
     decode_shape: tuple[int, int]           # (Bd, L)
     decode_mask: torch.Tensor | None        # (Bd, 1, 1, L) bool, None when all contexts are L long
     prefill: list[tuple[int, int, torch.Tensor]]  # (first row, end row, context slots (Lc,)) per chunk
+    decode_start: int | None = None         # one CPU decode sequence whose context is one run of slots:
+                                            # its first slot (read as a view; decode_slots is then None)
+    write_start: int | None = None          # CPU, slot_mapping one ascending run: its first slot (the new
+                                            # K/V are written by one slice copy instead of index_copy_)
 
 
 @dataclass
@@ -111,6 +118,29 @@ class AttentionMetadata:
         slots = tables[:, pos // block_size] * block_size + pos % block_size                   # (b, L)
         return slots.masked_fill_(pos[None, :] >= torch.tensor(lens, device=device)[:, None], pad_slot)
 
+    def _single_run(self, i: int, block_size: int) -> int | None:
+        """First KV slot of sequence i's context when its blocks are consecutive ids (a lone request's
+        usually are: the block manager hands out free blocks in order), else None. Host read of one
+        table row: CPU only (a CUDA read would synchronize)."""
+        n = self.context_lens[i]
+        need = -(-n // block_size)
+        have = self._table_lens[i] if self._table_lens is not None else self.block_tables.shape[1]
+        if n == 0 or have < need:
+            return None                     # _context_slots raises the error for a short table
+        blocks = self.block_tables[i, :need].tolist()
+        return blocks[0] * block_size if blocks == list(range(blocks[0], blocks[0] + need)) else None
+
+    @staticmethod
+    def _write_run(slot_mapping: torch.Tensor) -> int | None:
+        """The first slot when the new tokens' slots are one ascending run (a decode token; a chunk inside
+        consecutive blocks), else None. Host reads: CPU only."""
+        n = slot_mapping.shape[0]
+        if slot_mapping.device.type != "cpu" or n == 0:
+            return None
+        if n > 1 and not bool((slot_mapping[1:] - slot_mapping[:-1] == 1).all()):
+            return None
+        return int(slot_mapping[0])
+
     def plan(self, block_size: int, device: torch.device, pad_slot: int) -> CachePlan:
         """This step's CachePlan for a cache of `block_size` on `device` whose zeroed padding slot is
         `pad_slot` (built once, then reused)."""
@@ -123,9 +153,15 @@ class AttentionMetadata:
             raise ValueError(f"slot_mapping has shape {tuple(self.slot_mapping.shape)}, expected "
                              f"({self.num_tokens},)")
         decode = [i for i, lq in enumerate(self.seq_lens_q) if lq == 1]
-        rows = slots = mask = None
+        rows = slots = mask = start = None
         shape = (0, 0)
-        if decode:
+        if len(decode) == 1 and device.type == "cpu":
+            start = self._single_run(decode[0], block_size)
+        if start is not None:
+            shape = (1, self.context_lens[decode[0]])
+            if len(decode) != len(self.seq_lens_q):
+                rows = torch.tensor([self.starts[decode[0]]], device=device)                # (1,)
+        elif decode:
             lens = [self.context_lens[i] for i in decode]
             padded = self._context_slots(decode, block_size, pad_slot, device)              # (Bd, L)
             shape = tuple(padded.shape)
@@ -136,7 +172,8 @@ class AttentionMetadata:
                 rows = torch.tensor([self.starts[i] for i in decode], device=device)        # (Bd,)
         prefill = [(self.starts[i], self.starts[i + 1], self._context_slots([i], block_size, pad_slot, device)[0])
                    for i, lq in enumerate(self.seq_lens_q) if lq > 1]
-        plan = CachePlan(self.slot_mapping.to(device), rows, slots, shape, mask, prefill)
+        slot_mapping = self.slot_mapping.to(device)
+        plan = CachePlan(slot_mapping, rows, slots, shape, mask, prefill, start, self._write_run(slot_mapping))
         self._derived[key] = plan
         return plan
 
@@ -176,14 +213,22 @@ class ReferenceBackend:
         plan = metadata.plan(k_cache.shape[1], k_cache.device, pad_slot=(k_cache.shape[0] - 1) * k_cache.shape[1])
         flat_k = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks*block_size, nKV, D)
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
-        flat_k.index_copy_(0, plan.slot_mapping, k.to(k_cache.dtype))
-        flat_v.index_copy_(0, plan.slot_mapping, v.to(v_cache.dtype))
+        if plan.write_start is not None:        # the same slots as slot_mapping, by a slice (copy_ casts)
+            flat_k.narrow(0, plan.write_start, k.shape[0]).copy_(k)
+            flat_v.narrow(0, plan.write_start, v.shape[0]).copy_(v)
+        else:
+            flat_k.index_copy_(0, plan.slot_mapping, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+            flat_v.index_copy_(0, plan.slot_mapping, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
 
         decode_out = None
-        if plan.decode_slots is not None:
+        if plan.decode_start is not None or plan.decode_slots is not None:
             b, length = plan.decode_shape
-            kb = flat_k.index_select(0, plan.decode_slots).view(b, length, *k.shape[1:])  # (Bd, L, nKV, D)
-            vb = flat_v.index_select(0, plan.decode_slots).view(b, length, *v.shape[1:])
+            if plan.decode_start is not None:   # one run of slots: a view, the same values as the gather
+                kb = flat_k.narrow(0, plan.decode_start, length).unsqueeze(0)             # (1, L, nKV, D)
+                vb = flat_v.narrow(0, plan.decode_start, length).unsqueeze(0)
+            else:
+                kb = flat_k.index_select(0, plan.decode_slots).view(b, length, *k.shape[1:])  # (Bd, L, nKV, D)
+                vb = flat_v.index_select(0, plan.decode_slots).view(b, length, *v.shape[1:])
             qb = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)   # (Bd, nH, D)
             decode_out = decode_attention(qb, kb, vb, scale=scale, mask=plan.decode_mask)  # (Bd, nH, D)
             if plan.decode_rows is None:

@@ -46,6 +46,15 @@ class SamplingBatch:
         return len(self.params)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) int64: each row's first maximal index (a NaN counts as the maximum), as torch.argmax.
+    On the CPU numpy's vectorized argmax gives the same index about 12x sooner (134 -> 11 us per 152k-vocab
+    row on this project's machine: the greedy sampler's largest cost, x16 at 16 rows)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(x.detach().numpy().argmax(axis=-1))
+    return x.argmax(dim=-1)
+
+
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
@@ -149,16 +158,29 @@ class Sampler:
         banned = banned_token_ids is not None and any(banned_token_ids)
         rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         pf = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
-        if banned or rep or pf or bitmask is not None:
+        edits = bool(rep or pf or bitmask is not None or (banned and logits.requires_grad))
+        if edits:
             logits = logits.clone()                # edited in place below; the caller's stays
 
         if bitmask is not None:
             apply_token_bitmask(logits, bitmask)
+        restore = None
         if banned:
-            r = [i for i, ids in enumerate(banned_token_ids) for _ in ids]
-            c = [t for ids in banned_token_ids for t in ids]
-            logits[torch.tensor(r, device=dev), torch.tensor(c, device=dev)] = float("-inf")
+            r = torch.tensor([i for i, ids in enumerate(banned_token_ids) for _ in ids], device=dev)
+            c = torch.tensor([t for ids in banned_token_ids for t in ids], device=dev)
+            if not edits:      # bans only (min_tokens): ban in the caller's logits, put its values back below
+                restore = (r, c, logits[r, c])     # instead of copying all (B, V) of them
+            logits[r, c] = float("-inf")
+        try:
+            return self._sample(logits, params, token_ids, num_prompt_tokens, generators, raw_lp, want_lp,
+                                rep, pf)
+        finally:
+            if restore is not None:
+                logits[restore[0], restore[1]] = restore[2]
 
+    def _sample(self, logits, params, token_ids, num_prompt_tokens, generators, raw_lp, want_lp, rep, pf
+                ) -> SamplerOutput:
+        B = logits.shape[0]
         if rep:
             apply_repetition_penalty(logits, rep, [token_ids[i] for i in rep],
                                      [params[i].repetition_penalty for i in rep])
@@ -167,7 +189,7 @@ class Sampler:
                                      [params[i].presence_penalty for i in pf],
                                      [params[i].frequency_penalty for i in pf])
 
-        tokens = logits.argmax(dim=-1)                                          # (B,)
+        tokens = argmax_rows(logits)                                            # (B,)
         rand = [i for i, p in enumerate(params)
                 if not p.greedy and p.temperature >= _EPS_TEMPERATURE]
         if rand:
@@ -212,4 +234,4 @@ class Sampler:
         for j, g in enumerate(generators):
             if g is not None:
                 q[j].exponential_(generator=g)
-        return (probs / q.clamp_min_(1e-30)).argmax(dim=-1)
+        return argmax_rows(probs / q.clamp_min_(1e-30))

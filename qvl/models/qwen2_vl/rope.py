@@ -175,9 +175,14 @@ def mrope_cos_sin(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x (N, heads, D) rotated in x's dtype with mrope_cos_sin's tables (N, D): x*cos + rotate_half(x)*sin,
-    computed as x*cos + swap_halves(x)*sin_signed (same bits, fewer kernels)."""
-    return x * cos.unsqueeze(1) + x.roll(x.shape[-1] // 2, -1) * sin_signed.unsqueeze(1)
+    """x (N, heads, D) rotated in x's dtype with mrope_cos_sin's tables (N, D), or those tables already
+    unsqueezed to (N, 1, D) (a decoder does that once per forward, not once per layer): x*cos +
+    rotate_half(x)*sin, computed as x*cos + swap_halves(x)*sin_signed (same bits, fewer kernels). The
+    swapped copy and the product are fresh tensors, so the multiply and the add run in place on them:
+    each op still rounds to x's dtype on its own, as the out-of-place expression does."""
+    if cos.dim() == 2:
+        cos, sin_signed = cos.unsqueeze(1), sin_signed.unsqueeze(1)  # (N, 1, D)
+    return (x * cos).add_(x.roll(x.shape[-1] // 2, -1).mul_(sin_signed))
 
 
 def vision_cos_sin(

@@ -31,7 +31,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps) in fp32, then the cast, then the weight (SPEC 6). x * x is what pow(x, 2)
+        # computes (same bits) with the multiply kernel this norm runs anyway: at batch 1 a decode step's small
+        # ops cost mostly their code's cache misses after each linear, so fewer distinct kernels is faster.
+        # The add and rsqrt run in place on the fresh (N, 1) mean (same bits; torch's F.rms_norm is these
+        # ops behind one more dispatch on the CPU).
+        xf = xf * (xf * xf).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         return self.weight * xf.to(x.dtype)
 
 
@@ -67,7 +72,7 @@ class Qwen2Attention(nn.Module):
         n = x.shape[0]
         q, k, v = self.project(x)
         qk = apply_rotary(torch.cat((q, k), 1), cos, sin)  # (N, nH + nKV, D): one rotation for both
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        q, k = qk.split((self.num_heads, self.num_kv_heads), 1)  # (N, nH, D), (N, nKV, D)
         o = attention(q, k, v, scale=self.scale, metadata=attn_metadata, k_cache=self.k_cache,
                       v_cache=self.v_cache, backend=self.attn_backend)  # (N, nH, D)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
@@ -119,19 +124,21 @@ class Qwen2Model(nn.Module):
 
     def rope_tables(self, inputs_embeds: torch.Tensor, positions: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (N, D) for positions (3, N) (or (N,): text-only), in the activations' dtype."""
+        """cos, sin (N, 1, D) for positions (3, N) (or (N,): text-only), in the activations' dtype; the
+        head axis is there once so that no layer unsqueezes them again."""
         c = self.config
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(3, -1)  # (3, N): text-only, all streams equal
         if positions.shape != (3, inputs_embeds.shape[0]):
             raise ValueError(f"positions must have shape (3, {inputs_embeds.shape[0]}), got "
                              f"{tuple(positions.shape)}")
-        return mrope_cos_sin(positions.to(inputs_embeds.device), c.head_dim, c.rope_theta,
-                             c.mrope_section, inputs_embeds.dtype, self.interleaved_mrope)  # (N, D) each
+        cos, sin = mrope_cos_sin(positions.to(inputs_embeds.device), c.head_dim, c.rope_theta,
+                                 c.mrope_section, inputs_embeds.dtype, self.interleaved_mrope)  # (N, D) each
+        return cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, D) each
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        cos, sin = self.rope_tables(inputs_embeds, positions)  # (N, D) each
+        cos, sin = self.rope_tables(inputs_embeds, positions)  # (N, 1, D) each
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, attn_metadata)

@@ -45,7 +45,7 @@ class Qwen3TextModel(Qwen2Model):
                 attn_metadata: AttentionMetadata | None = None,
                 deepstack_embeds: Sequence[torch.Tensor] | None = None,
                 vision_mask: torch.Tensor | None = None) -> torch.Tensor:
-        cos, sin = self.rope_tables(inputs_embeds, positions)  # (N, D) each
+        cos, sin = self.rope_tables(inputs_embeds, positions)  # (N, 1, D) each
         deepstack = list(deepstack_embeds or [])
         if deepstack:
             if vision_mask is None:
