@@ -71,8 +71,7 @@ def test_fused_quant_equals_members(bits, zeros, monkeypatch):
 
 @pytest.mark.skipif(not qk.native(), reason="qvl's bf16 CPU kernel needs g++ and AVX-512 BF16")
 @torch.no_grad()
-def test_fused_bf16_panels_equal_members(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)     # the decoder takes the panels at 1 thread
+def test_fused_bf16_panels_equal_members():
     torch.manual_seed(0)
     block = Block([nn.Linear(128, 64), nn.Linear(128, 32), nn.Linear(128, 32, bias=False)]).bfloat16()
     assert pack_linears(list(block.children()), exact=False) == 3

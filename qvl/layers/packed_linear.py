@@ -31,10 +31,11 @@ qvl.layers.quant_kernels), a linear's copy is in that kernel's 16-row panels ins
 same bytes. At one row it read 21 GB/s of weight where oneDNN's packed kernel read 11 (the 2B's 8960 x 1536
 and 1536 x 8960: 1299 vs 2545 us, 1308 vs 2462; the 151936 x 1536 head 21.8 vs 14.3 GB/s), about even at 16
 rows, 0.84x at 32 (1 thread, interleaved, `python bench/quant.py --kernels --head`, machine shared). The
-kernel splits a call's panels over torch's thread count with threads of its own, started per call: at 2
-threads the 2B's bf16 decode was even with oneDNN's (6.61 vs 6.67 tok/s) and 16 requests 13% slower (29.4
-vs 33.7 tok/s; `bench/quant.py --variants bf16 --threads 2`), so the decoder's linears take the panels at
-one thread only; the LM head (read whole every token, 7.3 vs 12.4 GB/s through oneDNN) takes them always.
+kernel splits a call's panels over torch's own OpenMP threads; at 2 threads the 2B's bf16 decode (q/k/v
+and gate/up fused, qvl.layers.fused_linear) ran 15.1-15.2 tok/s on the panels against 9.3-9.5 through
+oneDNN, 16 requests 43.5 against 41.5-41.6 (one process switching between the two, twice each, quiet
+machine; bench/quant.py's decode and 16-request measures), so every shape that fits takes the panels at
+every thread count.
 
 Knows nothing about the model: it sees nn.Linear modules only.
 """
@@ -135,9 +136,8 @@ def pack_linears(linears: Iterable[nn.Linear], *, max_bytes: int | None = None, 
     threads = torch.get_num_threads()
     max_rows: dict[tuple, int] = {}            # (out, in, bias) -> probe verdict
     for m in todo:
-        # qvl's bf16 panel kernel: same bytes, faster at one thread; the decoder's linears keep oneDNN at more
-        # threads, where the panels' per-call threads lost 13% of 16-request throughput (module docstring)
-        if not exact and _panels_fit(m) and (m is head or threads == 1):
+        # qvl's bf16 panel kernel: same bytes, faster (module docstring)
+        if not exact and _panels_fit(m):
             m.forward = _PanelForward(m, qk.pack_bf16(m.weight), MAX_ROWS)
             continue
         key = (*m.weight.shape, m.bias is not None)
