@@ -30,6 +30,7 @@ fallback here. Knows nothing about the engine; of the model only `model.model` (
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -86,13 +87,25 @@ def prepare_cpu_model(model: nn.Module, *, max_bytes: int | None = None,
         return CpuRuntime("plain", 0, None)
     features = features or probe_cpu()
     if not features.native_bf16:
-        n = widen_linears(_linears(model))
-        return CpuRuntime("fp32-from-bf16", n, features, fuse_linears(model.model))
-    if not packing_supported(model.dtype, model.device):
-        return CpuRuntime("plain", 0, features, fuse_linears(model.model))
-    n = pack_linears(_linears(model.model), head=model.lm_head,
-                     max_bytes=None if max_bytes is None else max(0, max_bytes), exact=False)
-    return CpuRuntime("onednn-packed" if n else "plain", n, features, fuse_linears(model.model))
+        mode, n = "fp32-from-bf16", widen_linears(_linears(model))
+    elif not packing_supported(model.dtype, model.device):
+        mode, n = "plain", 0
+    else:
+        n = pack_linears(_linears(model.model), head=model.lm_head,
+                         max_bytes=None if max_bytes is None else max(0, max_bytes), exact=False)
+        mode = "onednn-packed" if n else "plain"
+    runtime = CpuRuntime(mode, n, features, fuse_linears(model.model))
+    _trim_heap()
+    return runtime
+
+
+def _trim_heap() -> None:
+    """Give the heap pages that loading, packing and fusing freed back to the OS (glibc's malloc_trim):
+    without it a 2B int8 model's process stayed at 5.08 GB resident instead of 2.78 (bench/quant.py)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc
+        pass
 
 
 def restore_cpu_model(model: nn.Module) -> None:

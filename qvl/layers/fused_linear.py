@@ -9,7 +9,7 @@ A model says which of its linears share an input and calls them through `linears
 
 Without the transform that is `tuple(getattr(module, n)(x) for n in names)`, the exact math. After
 `fuse_linears(model)` (qvl.layers.cpu_runtime applies it after packing), a group whose members all run the
-same qvl CPU kernel is one weight: the members' 16-row panels (and panel-major scales / zeros) are
+same qvl CPU kernel is one weight: the members' 16-row panels (and their blocked scales / zeros) are
 concatenated along the output dim, and each member's own tensors become views of the concatenation (no
 memory is added). One call then reads one sequential stream: for the 2B at batch 1 that is 4 kernel
 calls a layer instead of 7, and k/v_proj (256 rows each) stop paying a call and a panel ramp of their own.

@@ -12,7 +12,7 @@ README "Quantized checkpoints" have the figures.
   pack_int4(q (N, K) uint8) -> (N, K/2) uint8, pack_int8(w8 (N, K) int8) -> (N, K) uint8: the kernels'
                16-row panels, 64 bytes per step of the input dim, interleaved in blocks of 8 panels
                (one sequential stream a block); weights with N % 128 == 0 concatenate along N as a cat
-  pack_groups(t (G, N)) -> (N/16, G, 16): scales and zeros, panel-major (N-concatenation stays a cat)
+  pack_groups(t (G, N)) -> (N/16, G, 16) storage: scales and zeros, blocked like the weights
   QuantWeight(bits, w, s, z, zc, group)   one layer's weight bound to the library (what QuantLinear holds):
     .matmul(x, bias) -> (M, N) bf16       few rows: integers against int8-quantized x in registers
     .dequant_matmul(x, bias) -> (M, N)    many rows: Wᵀ dequantized in bf16 blocks, each through torch.mm
@@ -164,12 +164,13 @@ def _check(rc: int, what: str) -> None:
 
 
 def _blocked(panels: torch.Tensor) -> torch.Tensor:
-    """(P, steps, 64) bytes, panel after panel -> blocks of 8 panels interleaved per step (the last block
-    may hold fewer): (P * steps * 64,) in the kernels' order (cpu_kernels/common.h)."""
-    p, steps, _ = panels.shape
+    """(P, steps, E), panel after panel -> blocks of 8 panels interleaved per step (the last block may hold
+    fewer), flat, in the kernels' order (cpu_kernels/common.h): weights (E = 64 bytes), scales and zeros
+    (steps = groups, E = 16 values)."""
+    p, steps, e = panels.shape
     full = p // 8 * 8
-    head = panels[:full].view(p // 8, 8, steps, 64).transpose(1, 2).reshape(-1)            # (B, steps, 8, 64)
-    tail = panels[full:].transpose(0, 1).reshape(-1)                                        # (steps, P - full, 64)
+    head = panels[:full].view(p // 8, 8, steps, e).transpose(1, 2).reshape(-1)             # (B, steps, 8, E)
+    tail = panels[full:].transpose(0, 1).reshape(-1)                                        # (steps, P - full, E)
     return torch.cat((head, tail))
 
 
@@ -193,9 +194,11 @@ def pack_int8(w8: torch.Tensor) -> torch.Tensor:
 
 
 def pack_groups(t: torch.Tensor) -> torch.Tensor:
-    """Per-group scales or zeros (G, N) -> panel-major (N/16, G, 16), contiguous."""
+    """Per-group scales or zeros (G, N) -> the kernels' order, stored as (N/16, G, 16): per panel and group
+    the 16 rows' values, blocked like the weights (a block's panels side by side per group)."""
     g, n = t.shape
-    return t.reshape(g, n // 16, 16).transpose(0, 1).contiguous()                           # (P, G, 16)
+    panels = t.reshape(g, n // 16, 16).transpose(0, 1)                                     # (P, G, 16)
+    return _blocked(panels).view(n // 16, g, 16)
 
 
 class QuantWeight:

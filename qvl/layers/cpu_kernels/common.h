@@ -31,7 +31,7 @@ struct Out {
 // The integer panels are interleaved in blocks of 8 (128 output rows; the last block may hold fewer):
 // per step the block's panels' 64 bytes lie side by side, so the decode kernel, which walks a whole block
 // at once, reads one sequential stream (8 separate panel streams read 16-18 GB/s where a copy read 20-21,
-// one stream 20-22, 2-core EPYC, shared). Per-group scales and zeros are panel-major, (N / 16, G, 16).
+// one stream 20-22, 2-core EPYC, shared). Per-group scales and zeros are blocked the same way (atg).
 // Several linears concatenated along N are one weight (the fused q/k/v and gate/up) when every one but
 // the last fills whole blocks (N % 128 == 0).
 struct Blocks {                        // where panel p's step t starts, in bytes, for steps of 64 bytes
@@ -45,7 +45,9 @@ struct Blocks {                        // where panel p's step t starts, in byte
 inline size_t at8(int n, int k, int N, int K) { return Blocks{N / 16, size_t(K / 4)}.at(n / 16, k / 4) + (n % 16) * 4 + k % 4; }
 inline size_t at4(int n, int k, int N, int K) { return Blocks{N / 16, size_t(K / 8)}.at(n / 16, k / 8) + (n % 16) * 4 + k % 4; }
 inline int nib4(const uint8_t* w, int n, int k, int N, int K) { const uint8_t b = w[at4(n, k, N, K)]; return k % 8 < 4 ? b & 15 : b >> 4; }
-inline size_t atg(int n, int g, int G) { return (size_t(n / 16) * G + g) * 16 + n % 16; }
+// Scales and zeros, per group of one panel 16 values (the 16 rows'), blocked like the weights: per group
+// the block's panels' values side by side, so a block's scales are one stream too.
+inline size_t atg(int n, int g, int N, int G) { return Blocks{N / 16, size_t(G)}.at(n / 16, g) / 4 + n % 16; }
 
 // Panels [0, P) split over `nthreads` threads of torch's own OpenMP pool (the library links the libgomp
 // torch has loaded: its threads are awake right after torch's ops, no second pool competes for the

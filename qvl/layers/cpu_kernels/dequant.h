@@ -1,7 +1,7 @@
 // AVX-512 dequantizers of the many-row path: whole panels of W = (q − z)·s written *transposed*, Wᵀ (K, ld)
 // bf16, for torch.mm(x, Wᵀ). One panel step's 16 rows are then 16 contiguous outputs of one column, so a
 // step of 64 bytes becomes 8 (int4) or 4 (int8) full-vector stores, and every lane of a vector is one row:
-// the panel-major scales and zeros (16 rows side by side, common.h) are the vectors as loaded.
+// the scales and zeros (a panel's 16 rows side by side per group, common.h) are the vectors as loaded.
 //   column j of a step: dword lane r = bytes 4r .. 4r + 3, so `>> 8j` and a mask give lane r's byte 4r + j
 //   (int4: low nibble, or `>> 8j + 4` the high one), OR'd into 2^23 (0x4B000000): the float 2^23 + u,
 //   exactly; − (2^23 + z) is then exactly u − z, times s rounds once in fp32 (as formats.dequantize), and
@@ -35,8 +35,8 @@ QK_DQ inline void dq4_panels(const uint8_t* w, const float* s, const uint8_t* z,
     for (int g = 0; g < G; ++g) {
         __m512 sc[NP], zm[NP];
         for (int i = 0; i < NP; ++i) {
-            sc[i] = _mm512_loadu_ps(s + atg((p + i) * 16, g, G));
-            const __m512i zi = z ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + atg((p + i) * 16, g, G))))
+            sc[i] = _mm512_loadu_ps(s + atg((p + i) * 16, g, B.P * 16, G));
+            const __m512i zi = z ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + atg((p + i) * 16, g, B.P * 16, G))))
                                  : _mm512_set1_epi32(zc);
             zm[i] = _mm512_castsi512_ps(_mm512_or_si512(zi, magic));                            // 2^23 + z
         }
@@ -64,7 +64,7 @@ QK_DQ inline void dq8_panels(const uint8_t* w, const float* s, uint16_t* out, Bl
     uint16_t* col = out + (p * 16 - n0);
     for (int g = 0; g < G; ++g) {
         __m512 sc[NP];
-        for (int i = 0; i < NP; ++i) sc[i] = _mm512_loadu_ps(s + atg((p + i) * 16, g, G));
+        for (int i = 0; i < NP; ++i) sc[i] = _mm512_loadu_ps(s + atg((p + i) * 16, g, B.P * 16, G));
         const uint8_t* src = w + B.at(p, size_t(g) * group / 4);
         for (int k = g * group; k < (g + 1) * group; k += 4, src += step) {
             uint16_t* o = col + size_t(k) * ld;

@@ -16,10 +16,10 @@ void int_scalar(const uint16_t* x, Q q, const float* s, const uint8_t* z, int zc
             float tot = 0.f;
             for (int g = 0; g < G; ++g) {
                 float acc = 0.f;
-                const float zz = float(z ? z[atg(n, g, G)] : zc);
+                const float zz = float(z ? z[atg(n, g, N, G)] : zc);
                 for (int k = g * group; k < (g + 1) * group; ++k)
                     acc += bf16_to_f32(x[size_t(m) * K + k]) * (float(q(n, k)) - zz);
-                tot += acc * s[atg(n, g, G)];
+                tot += acc * s[atg(n, g, N, G)];
             }
             y.put(m, n, tot);
         }
@@ -33,9 +33,9 @@ void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16
     const int G = K / group;
     for (int p = n0 / 16; p < n1 / 16; ++p)
         for (int g = 0; g < G; ++g) {
-            const float* sc = s + atg(p * 16, g, G);
+            const float* sc = s + atg(p * 16, g, N, G);
             float zz[16];
-            for (int r = 0; r < 16; ++r) zz[r] = float(z ? z[atg(p * 16 + r, g, G)] : zc);
+            for (int r = 0; r < 16; ++r) zz[r] = float(z ? z[atg(p * 16 + r, g, N, G)] : zc);
             for (int k = g * group; k < (g + 1) * group; k += 8) {
                 const uint8_t* src = w + Blocks{N / 16, size_t(K / 8)}.at(p, k / 8);
                 for (int r = 0; r < 16; ++r) {
@@ -55,7 +55,7 @@ void dequant8(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int
     const int G = K / group;
     for (int p = n0 / 16; p < n1 / 16; ++p)
         for (int g = 0; g < G; ++g) {
-            const float* sc = s + atg(p * 16, g, G);
+            const float* sc = s + atg(p * 16, g, N, G);
             for (int k = g * group; k < (g + 1) * group; k += 4) {
                 const uint8_t* src = w + Blocks{N / 16, size_t(K / 4)}.at(p, k / 4);
                 for (int r = 0; r < 16; ++r) {

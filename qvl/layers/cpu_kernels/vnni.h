@@ -60,8 +60,8 @@ QK_VNNI void int_panels(const int8_t* xq, const float* sx, const float* sm, cons
         for (int a = 0; a < NB; ++a) for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_setzero_si512();
         const int g = blk * XB / group;
         for (int a = 0; a < NB; ++a) {      // this block's scales (and zeros): one line per panel, not in a stream
-            _mm_prefetch((const char*)(s + (size_t(p0 + a) * G + g) * 16), _MM_HINT_T0);
-            if (z) _mm_prefetch((const char*)(z + (size_t(p0 + a) * G + g) * 16), _MM_HINT_T0);
+            _mm_prefetch((const char*)(s + atg((p0 + a) * 16, g, y.N, G)), _MM_HINT_T0);
+            if (z) _mm_prefetch((const char*)(z + atg((p0 + a) * 16, g, y.N, G)), _MM_HINT_T0);
         }
         const uint8_t* wk = w + blocks.at(p0, size_t(blk) * (XB / STEP));
         const int8_t* xk = xq + size_t(m0) * K + size_t(blk) * XB;
@@ -81,7 +81,7 @@ QK_VNNI void int_panels(const int8_t* xq, const float* sx, const float* sm, cons
             }
         }
         for (int a = 0; a < NB; ++a) {
-            const size_t gi = (size_t(p0 + a) * G + g) * 16;
+            const size_t gi = atg((p0 + a) * 16, g, y.N, G);
             const __m512 sv = _mm512_loadu_ps(s + gi);
             const __m512 zf = z ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + gi))))
                                 : _mm512_set1_ps(zc);
