@@ -303,16 +303,6 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _is_other_rank() -> bool:
-    """RANK > 0 of a multi-process group in the environment: torchrun starts the same command on every rank,
-    and only rank 0 runs it; the others serve its steps (cmd_worker)."""
-    import os
-
-    from qvl.parallel.group import GroupSpec
-
-    return GroupSpec.env_present() and os.environ.get("RANK", "0").strip() not in ("", "0")
-
-
 def cmd_worker(args) -> int:
     """Rank RANK > 0 of a multi-node tensor-parallel group (qvl.parallel.worker); exit 0 when rank 0 stops it."""
     import dataclasses
@@ -376,11 +366,21 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    group = sys.modules.get("qvl.parallel.group")           # imported by tensor-parallel runs only
+    if argv is None and group is not None:   # the `qvl` command, not a caller's main([...]): a TP rank leaves here
+        group.exit_process(rc)
+    return rc
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "tokens": cmd_tokens,
                "bench": cmd_bench, "batch": cmd_batch, "worker": cmd_worker}[args.command]
-    if args.command in ("run", "chat", "serve", "bench", "batch") and _is_other_rank():
-        handler = cmd_worker
+    if args.command in ("run", "chat", "serve", "bench", "batch"):
+        from qvl.parallel.group import GroupSpec       # torchrun starts the same command on every rank:
+        if GroupSpec.other_rank_env():                 # only rank 0 runs it, the others serve its steps
+            handler = cmd_worker
     try:
         return handler(args)
     except (CLIError, ValueError, FileNotFoundError) as e:

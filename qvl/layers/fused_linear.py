@@ -10,8 +10,8 @@ A model says which of its linears share an input and calls them through `linears
 Without the transform that is `tuple(getattr(module, n)(x) for n in names)`, the exact math. After
 `fuse_linears(model)` (qvl.layers.cpu_runtime applies it after packing), a group whose members all run the
 same qvl CPU kernel is one weight: the members' 16-row panels (and their blocked scales / zeros) are
-concatenated along the output dim, and each member's own tensors become views of the concatenation (no
-memory is added). One call then reads one sequential stream: for the 2B at batch 1 that is 4 kernel
+concatenated along the output dim (on huge pages, qvl.layers.huge_pages), and each member's own tensors
+become views of the concatenation (no memory is added). One call then reads one sequential stream: for the 2B at batch 1 that is 4 kernel
 calls a layer instead of 7, and k/v_proj (256 rows each) stop paying a call and a panel ramp of their own.
 
   qk-int4 / qk-int8 QuantLinears (same bits, group, in_features; every member but the last a multiple of
@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from qvl.layers import linear as qlinear
 from qvl.layers import quant_kernels as qk
+from qvl.layers.huge_pages import empty_huge
 from qvl.layers.linear import QuantLinear
 from qvl.layers.packed_linear import _PanelForward
 
@@ -87,7 +88,9 @@ class _FusedPanels(_Fused):
     def __init__(self, mods: list[nn.Linear]) -> None:
         super().__init__([m.out_features for m in mods], mods[0].in_features)
         fwds = [m.__dict__["forward"] for m in mods]
-        self.panels = torch.cat([f.packed for f in fwds])                                  # (n, K) panels
+        parts = [f.packed for f in fwds]
+        self.panels = torch.cat(parts, out=empty_huge((sum(t.shape[0] for t in parts), parts[0].shape[1]),
+                                                      parts[0].dtype))                     # (n, K) panels
         start = 0
         for f, size in zip(fwds, self.sizes):
             f.packed = self.panels[start:start + size]                                     # the member's view
@@ -105,7 +108,8 @@ class _FusedPanels(_Fused):
 
 def _cat_tensors(parts: list[torch.Tensor], mods: list[nn.Module], buf: str) -> torch.Tensor:
     """cat along dim 0; each member's buffer `buf` becomes its view of the result."""
-    whole, start = torch.cat(parts), 0
+    shape = (sum(t.shape[0] for t in parts), *parts[0].shape[1:])
+    whole, start = torch.cat(parts, out=empty_huge(shape, parts[0].dtype)), 0
     for m, t in zip(mods, parts):
         m.register_buffer(buf, whole[start:start + t.shape[0]])
         start += t.shape[0]

@@ -21,6 +21,7 @@ README "Quantized checkpoints" have the figures.
     .dequant_rows(n0, n1, out)            rows of W in bf16, out (n1 − n0, K) (the scalar code)
   int4_mm / int8_mm / dequant4_rows / dequant8_rows   the same as one-off calls (tests, bench)
   pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias) -> (M, N) bf16
+Packed weights, scales and zeros of 64 KiB and more live on transparent huge pages (qvl.layers.huge_pages).
 int4: W = (q − z)·s, w4 from pack_int4, z packed (uint8) or None (then zc everywhere); int8: W = w8·s, w8
 from pack_int8. N % 16 == 0, group % 32 == 0. x is (M, K) bf16 contiguous, s fp32 packed, bias (N,) or
 None (added in fp32); `isa=0` runs the exact scalar code (tests).
@@ -54,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from qvl.layers.huge_pages import empty_huge, on_huge_pages
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -181,7 +183,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     c = q.to(torch.uint8).view(n // 16, 16, k // 8, 2, 4)                                  # (P, r, K/8, half, j)
     b = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).transpose(1, 2)                              # (P, K/8, r, j)
-    return _blocked(b.reshape(n // 16, k // 8, 64)).view(n, k // 2)                        # (N, K/2) storage
+    return on_huge_pages(_blocked(b.reshape(n // 16, k // 8, 64)).view(n, k // 2))         # (N, K/2) storage
 
 
 def pack_int8(w8: torch.Tensor) -> torch.Tensor:
@@ -190,7 +192,7 @@ def pack_int8(w8: torch.Tensor) -> torch.Tensor:
     n, k = w8.shape
     u = (w8.to(torch.int16) + 128).to(torch.uint8)                                          # (N, K)
     b = u.view(n // 16, 16, k // 4, 4).transpose(1, 2)                                      # (P, K/4, r, 4)
-    return _blocked(b.reshape(n // 16, k // 4, 64)).view(n, k)                             # (N, K) storage
+    return on_huge_pages(_blocked(b.reshape(n // 16, k // 4, 64)).view(n, k))              # (N, K) storage
 
 
 def pack_groups(t: torch.Tensor) -> torch.Tensor:
@@ -198,7 +200,7 @@ def pack_groups(t: torch.Tensor) -> torch.Tensor:
     the 16 rows' values, blocked like the weights (a block's panels side by side per group)."""
     g, n = t.shape
     panels = t.reshape(g, n // 16, 16).transpose(0, 1)                                     # (P, G, 16)
-    return _blocked(panels).view(n // 16, g, 16)
+    return on_huge_pages(_blocked(panels).view(n // 16, g, 16))
 
 
 class QuantWeight:
@@ -272,7 +274,9 @@ def pack_bf16(w: torch.Tensor) -> torch.Tensor:
     """(N, K) bf16 -> the bf16 kernel's 16-row panels (N % 16 == 0, K even), stored as (N, K): per panel and
     column pair, the 16 rows' two values side by side."""
     n, k = w.shape
-    return w.detach().view(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous().view(n, k)   # (N, K) storage
+    panels = empty_huge((n // 16, k // 2, 16, 2), torch.bfloat16)
+    panels.copy_(w.detach().view(n // 16, 16, k // 2, 2).transpose(1, 2))                   # (P, K/2, 16, 2)
+    return panels.view(n, k)                                                                # (N, K) storage
 
 
 def bf16_mm(x, w, bias=None) -> torch.Tensor:
