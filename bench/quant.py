@@ -268,7 +268,7 @@ def kernels(args) -> None:
                     ("int8 g128", "gptq", 8, 128, "qk-int8"), ("int8 g128", "gptq", 8, 128, "int8group"),
                     ("int4 g128", "int4", 4, 128, "qk-int4"), ("int4 g128", "int4", 4, 128, "int4pack"),
                     ("int4 g128", "int4", 4, 128, "dequant")):
-                if kernel.startswith("qk") and not qk.native():
+                if kernel.startswith("qk") and not qk.native_int():
                     continue
                 m = QuantLinear(k, n, False, QuantSpec(method, bits, group), dtype=torch.bfloat16,
                                 device=torch.device("cpu"))

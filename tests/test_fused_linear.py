@@ -44,7 +44,7 @@ def _members(block, x):
     return tuple(getattr(block, n)(x) for n in NAMES)
 
 
-@pytest.mark.skipif(not qk.native_int(), reason="qvl's integer CPU kernels need g++ and AVX-512 VNNI")
+@pytest.mark.skipif(not qk.native_int(), reason="qvl's integer CPU kernels need g++ and AVX-512 VNNI or AVX2")
 @pytest.mark.parametrize("bits, zeros", [(4, "awq"), (4, "sym"), (8, "sym"), (4, "mixed")])
 @torch.no_grad()
 def test_fused_quant_equals_members(bits, zeros, monkeypatch):

@@ -21,7 +21,7 @@ from qvl.quant.formats import Quantized
 from qvl.quant.spec import QuantSpec
 from quant_fixtures import write_quantized
 
-NATIVE = qk.native_int()                  # the integer kernels (AVX-512 VNNI); the bf16 one needs qk.native()
+NATIVE = qk.native_int()                  # the integer kernels (AVX-512 VNNI or AVX2); the bf16 one needs qk.native()
 CASES = {  # tag -> (fixture format, bits, group, on-the-fly method or None, kernel in bf16)
     "gptq4": ("gptq", 4, 32, None, "qk-int4" if NATIVE else "int4pack"),
     "gptq8": ("gptq", 8, 32, None, "qk-int8" if NATIVE else "int8group"),
@@ -29,7 +29,7 @@ CASES = {  # tag -> (fixture format, bits, group, on-the-fly method or None, ker
     "int8": ("gptq", 4, 32, "int8", "qk-int8" if NATIVE else "int8pack"),
     "int4": ("gptq", 4, 32, "int4", "qk-int4" if NATIVE else "int4pack"),
 }
-needs_native = pytest.mark.skipif(not NATIVE, reason="qvl's integer CPU kernels need g++ and AVX-512 VNNI")
+needs_native = pytest.mark.skipif(not NATIVE, reason="qvl's integer CPU kernels need g++ and AVX-512 VNNI or AVX2")
 needs_bf16 = pytest.mark.skipif(not qk.native(), reason="qvl's bf16 CPU kernel needs g++ and AVX-512 BF16")
 
 
@@ -114,6 +114,25 @@ def test_scalar_fallbacks_match(rows):
         qk.int8_mm(x, w8[:36].contiguous(), s8, 32, None, isa=0)
     with pytest.raises(ValueError, match="qvl CPU kernel int4 refused its input"):      # K = 96: not whole groups
         qk.int4_mm(x[:, :96].contiguous(), w4[:, :48].contiguous(), s4, z, 0, 64, isa=0)
+
+
+@needs_native
+@pytest.mark.parametrize("bits, zeros", [(4, "awq"), (4, "sym"), (8, "sym")])
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+def test_avx2_and_vnni_kernels_agree(bits, zeros, rows):
+    """The AVX2 integer kernel (every x86-64 CPU with AVX2 + FMA) against the exact fp32 reference, and,
+    where the CPU has AVX-512 VNNI too, bit for bit equal to the VNNI kernel (the same int32 block sums and
+    fp32 epilogue). 144 rows: a block of 8 panels and a partial one of 1."""
+    group = 64 if bits == 4 else 256
+    qz, g = _random(bits, group, 144, 256, bits + rows, zeros)
+    w = _bound(bits, qz, zeros)
+    x = torch.randn(rows, 256, generator=g).bfloat16()
+    bias = torch.randn(144, generator=g)
+    want = x.float() @ formats.dequantize(qz).t() + bias
+    avx2 = w.matmul(x, bias, isa=2)
+    _close(avx2, want)
+    if qk.int_isa() == 1:
+        assert torch.equal(w.matmul(x, bias, isa=1), avx2)
 
 
 def _bound(bits, qz, zeros):

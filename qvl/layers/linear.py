@@ -11,7 +11,7 @@ nonzero one. When the last tensor arrives the integers are converted to the kern
 loading never holds a whole model of unpacked integers.
 
 Kernels (chosen at construction from dtype, device, shape and the CPU; `kernel` names it):
-  qk-int4   CPU bf16 on AVX-512 VNNI, 4 bit, group a multiple of 32, out of 16: qvl's own kernel
+  qk-int4   CPU bf16 on AVX-512 VNNI or AVX2, 4 bit, group a multiple of 32, out of 16: qvl's own kernel
             (qvl.layers.quant_kernels), fp32 scales and zeros; up to MANY_ROWS − 1 input rows it multiplies
             the nibbles with int8-quantized activations in registers; from MANY_ROWS rows on (prefill, on
             CPUs with AMX only) it dequantizes bf16 blocks of W and runs torch's bf16 GEMM on them.
@@ -19,7 +19,7 @@ Kernels (chosen at construction from dtype, device, shape and the CPU; `kernel` 
   dequant   W = (q − z)·s in float32, cast to the activation dtype, then F.linear(x, W, b). In float32 this
             is exactly F.linear with the dequantized weight: the reference the tests hold to transformers.
             Also the CUDA path (untested on a GPU here) and the fallback for shapes the others refuse.
-  Where those do not apply (no AVX-512 VNNI, no compiler, QVL_CPU_KERNELS=0, other shapes), torch's:
+  Where those do not apply (no AVX2, no compiler, QVL_CPU_KERNELS=0, other shapes), torch's:
   int4pack  CPU bf16, 4 bit, group 32/64/128/256, out % 16 == 0: torch's
             `_weight_int4pack_mm_for_cpu`, W = (q − 8)·s + (8 − z)·s with s and the zero term in bf16.
   int8pack  CPU bf16, 8 bit, one scale per row: torch's `_weight_int8pack_mm` on (q − z) int8, s in bf16.
@@ -42,7 +42,8 @@ _INT4PACK_GROUPS = (32, 64, 128, 256)
 # That pays only where oneDNN's bf16 GEMM runs on AMX tiles: on AVX-512 VNNI without AMX the in-register
 # path (64 int8 multiply-adds an instruction against vdpbf16ps's 32) took half the dequant + GEMM's time
 # at 32, 128 and 512 rows (8960 x 1536 int4, 1 thread: 3.5 vs 9.0, 10.8 vs 22.8, 42.8 vs 79.0 ms), so
-# there it runs at every row count (bench/quant.py --kernels --rows 1 16 256).
+# there it runs at every row count (bench/quant.py --kernels --rows 1 16 256). On AVX2 (Zen 3, no AVX-512)
+# torch's bf16 GEMM is emulated and dequant + GEMM took 40-60x the in-register path's time at 16-256 rows.
 MANY_ROWS = 32 if "amx_bf16" in (qk.cpu_flags() or ()) else 1 << 30
 _FORMAT_TENSORS = {"gptq": ("qweight", "qzeros", "scales"), "awq": ("qweight", "qzeros", "scales"),
                    "int8": ("weight",), "int4": ("weight",)}

@@ -2,13 +2,14 @@
 
 Why: on the bench machine (AMD EPYC, 1 thread, shared) torch's `_weight_int4pack_mm_for_cpu` and
 `_weight_int8pack_mm` read 7-10 GB/s of weight at one row, a copy runs at ~23. These kernels read the
-weight as one sequential stream per 16-row panel: the integers through AVX-512 VNNI on int8-quantized
-activations (qvl/layers/cpu_kernels/vnni.h), bf16 through AVX-512 BF16 (bf16.h); bench/quant.py and
-README "Quantized checkpoints" have the figures.
+weight as one sequential stream per 16-row panel: the integers on int8-quantized activations through
+AVX-512 VNNI (qvl/layers/cpu_kernels/vnni.h) or, on CPUs without it, AVX2 (avx2.h, the same bits), bf16
+through AVX-512 BF16 (bf16.h); bench/quant.py and README "Quantized checkpoints" have the figures.
 
   available() -> bool          the library compiled and loaded (g++ on first use, cached by source hash)
   native() -> bool             ... and this CPU has AVX-512 BF16 (the bf16 kernel; checked at run time)
-  native_int() -> bool         ... and this CPU has AVX-512 VNNI (the integer kernels)
+  int_isa() -> int             the integer kernels' best ISA here: 1 AVX-512 VNNI, 2 AVX2 + FMA, 0 none
+  native_int() -> bool         int_isa() > 0: the integer kernels run vectorized on this CPU
   pack_int4(q (N, K) uint8) -> (N, K/2) uint8, pack_int8(w8 (N, K) int8) -> (N, K) uint8: the kernels'
                16-row panels, 64 bytes per step of the input dim, interleaved in blocks of 8 panels
                (one sequential stream a block); weights with N % 128 == 0 concatenate along N as a cat
@@ -24,7 +25,7 @@ README "Quantized checkpoints" have the figures.
 Packed weights, scales and zeros of 64 KiB and more live on transparent huge pages (qvl.layers.huge_pages).
 int4: W = (q − z)·s, w4 from pack_int4, z packed (uint8) or None (then zc everywhere); int8: W = w8·s, w8
 from pack_int8. N % 16 == 0, group % 32 == 0. x is (M, K) bf16 contiguous, s fp32 packed, bias (N,) or
-None (added in fp32); `isa=0` runs the exact scalar code (tests).
+None (added in fp32); `isa=0` runs the exact scalar code (tests), 1 / 2 VNNI / AVX2, None the best.
 
 Numerics: integer kernels quantize x per block of 128 columns (absmax/127, the group when 128 does not
 divide it) and sum each block exactly in int32, then scale in fp32; bf16: products exact in fp32, summed
@@ -114,7 +115,7 @@ def _build() -> ctypes.CDLL | None:
     for name, sig in _SIGS.items():
         getattr(lib, name).argtypes = sig
         getattr(lib, name).restype = _I
-    for name in ("qk_has_avx512bf16", "qk_has_avx512vnni"):
+    for name in ("qk_has_avx512bf16", "qk_has_avx512vnni", "qk_int_isa"):
         getattr(lib, name).restype = _I
     lib.qk_omp_threads.argtypes, lib.qk_omp_threads.restype = [_I], _I
     return lib
@@ -136,9 +137,13 @@ def native() -> bool:
     return lib is not None and bool(lib.qk_has_avx512bf16())
 
 
-def native_int() -> bool:
+def int_isa() -> int:
     lib = _lib()
-    return lib is not None and bool(lib.qk_has_avx512vnni())
+    return 0 if lib is None else int(lib.qk_int_isa())
+
+
+def native_int() -> bool:
+    return int_isa() > 0
 
 
 def cpu_flags() -> frozenset[str] | None:
@@ -225,6 +230,7 @@ class QuantWeight:
             self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, yp, bp, m, n, k, group, isa, nt)
             self._dq = lambda op, ld, n0, n1, tr, isa, nt: dq(wp, sp, op, ld, n, k, group, n0, n1, tr, isa, nt)
         self._bias: tuple = (None, None)
+        self.isa = int_isa()
 
     def bias32(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         """The fp32 copy the kernels add, made once per bias tensor."""
@@ -234,8 +240,9 @@ class QuantWeight:
             self._bias = (bias, bias.float().contiguous())
         return self._bias[1]
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, isa: int = 1) -> torch.Tensor:
-        """(M, K) bf16 -> (M, N) bf16, integers widened in registers (few rows)."""
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, isa: int | None = None) -> torch.Tensor:
+        """(M, K) bf16 -> (M, N) bf16, integers widened in registers; isa None: int_isa()."""
+        isa = self.isa if isa is None else isa
         if x.shape[-1] != self.k:
             raise ValueError(f"qvl CPU kernel: input has {x.shape[-1]} columns, the weight {self.k}")
         y = torch.empty(x.shape[0], self.n, dtype=torch.bfloat16)                          # (M, N)
@@ -262,11 +269,11 @@ class QuantWeight:
         return dequant_mm(x, self.dequant_t, self.n, bias)
 
 
-def int4_mm(x, w4, s, z, zc: int, group: int, bias=None, *, isa: int = 1) -> torch.Tensor:
+def int4_mm(x, w4, s, z, zc: int, group: int, bias=None, *, isa: int | None = None) -> torch.Tensor:
     return QuantWeight(4, w4, s, z, zc, group).matmul(x, bias, isa=isa)
 
 
-def int8_mm(x, w8, s, group: int, bias=None, *, isa: int = 1) -> torch.Tensor:
+def int8_mm(x, w8, s, group: int, bias=None, *, isa: int | None = None) -> torch.Tensor:
     return QuantWeight(8, w8, s, group=group).matmul(x, bias, isa=isa)
 
 

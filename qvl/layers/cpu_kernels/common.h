@@ -67,10 +67,11 @@ void parallel(int P, int nthreads, F f) {
 
 // Panels [p0, p1) in blocks of 8 (128 output rows, whose weights stay in L2 while every input row passes
 // them: the weight is read from memory once per call, whatever M); inside a block, tiles of NB panels x
-// MT input rows with NB x MT = 8 independent accumulator chains.
-template <int MT, typename Tile>
+// MT input rows with NB x MT = PROD independent accumulator chains (8 zmm; 4 panels' worth for AVX2,
+// whose panels take two ymm each).
+template <int MT, int PROD, typename Tile>
 void block_rows(int M, int pb, int pe, int& m, Tile tile) {
-    constexpr int NB = 8 / MT;
+    constexpr int NB = PROD / MT;
     for (; m + MT <= M; m += MT) {
         int p = pb;
         for (; p + NB <= pe; p += NB) tile(std::integral_constant<int, NB>{}, std::integral_constant<int, MT>{}, p, m);
@@ -79,18 +80,19 @@ void block_rows(int M, int pb, int pe, int& m, Tile tile) {
 }
 
 // block(pb, pe) runs before a block's tiles (the integer kernels prefetch the block there). MAXMT: the
-// most rows a tile takes (4 for the integers: a broadcast x word then serves 2 panels, which costs
-// fewer instructions per multiply than 8 rows x 1 panel, measured at 16 rows).
-template <int MAXMT, typename Tile, typename Block>
+// most rows a tile takes (4 for the VNNI integers: a broadcast x word then serves 2 panels, which costs
+// fewer instructions per multiply than 8 rows x 1 panel, measured at 16 rows); MAXMT <= PROD. PROD1: the
+// panels of a one-row tile (8, a whole block: its reads are then one sequential stream, not two strided).
+template <int MAXMT, int PROD, int PROD1 = PROD, typename Tile, typename Block>
 void tiles(int M, int p0, int p1, Tile tile, Block block) {
     for (int pb = p0; pb < p1; pb += 8) {
         const int pe = pb + 8 < p1 ? pb + 8 : p1;
         block(pb, pe);
         int m = 0;
-        if (MAXMT >= 8) block_rows<8>(M, pb, pe, m, tile);
-        block_rows<4>(M, pb, pe, m, tile);
-        block_rows<2>(M, pb, pe, m, tile);
-        block_rows<1>(M, pb, pe, m, tile);
+        if constexpr (MAXMT >= 8) block_rows<8, PROD>(M, pb, pe, m, tile);
+        if constexpr (MAXMT >= 4) block_rows<4, PROD>(M, pb, pe, m, tile);
+        block_rows<2, PROD>(M, pb, pe, m, tile);
+        block_rows<1, PROD1>(M, pb, pe, m, tile);
     }
 }
 

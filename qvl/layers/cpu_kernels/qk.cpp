@@ -4,7 +4,8 @@
 //   qk_bf16(x, w, y, bias, M, N, K, nthreads)                         bf16 weights in 16-row panels
 //   qk_dequant4 / qk_dequant8(..., out, ld, ..., n0, n1, trans, isa, nthreads)   rows of W as bf16 (any CPU)
 // x (M, K) bf16, y (M, N) bf16 = x · Wᵀ + bias (fp32 bias or null, added in fp32, rounded once); layouts
-// in common.h. isa 1: the AVX-512 kernel (VNNI for the integers, BF16 for bf16), 0: the scalar reference.
+// in common.h. isa 1: the AVX-512 kernel (VNNI for the integers, BF16 for bf16), 2: AVX2 (integers;
+// avx2.h, the same bits as VNNI), 0: the scalar reference.
 // Return 0, or -1 (shape refused) / -2 (ISA missing): the caller falls back, never guesses.
 #include <vector>
 #ifdef _OPENMP
@@ -14,6 +15,7 @@
 #include "common.h"
 #include "scalar.h"
 #include "vnni.h"
+#include "avx2.h"
 #include "bf16.h"
 #include "dequant.h"
 
@@ -30,31 +32,56 @@ bool avx512_base() {
 // The activation block of the VNNI kernels: 128 columns, or the group when 128 does not divide it.
 int block_of(int group) { return group % 128 == 0 ? 128 : group; }
 
+// isa 1: AVX-512 VNNI (vnni.h), 2: AVX2 (avx2.h); the caller has checked the CPU has it.
 int run_int(int bits, const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc,
-            Out y, int M, int N, int K, int group, int nthreads) {
+            Out y, int M, int N, int K, int group, int isa, int nthreads) {
     const int XB = block_of(group), nb = K / XB;
     std::vector<int8_t> xq(size_t(M) * K);
     std::vector<float> sx(size_t(M) * nb), sm(size_t(M) * nb);
-    quantize_rows(x, M, K, XB, xq.data(), sx.data(), sm.data());
-    const float zf = bits == 4 ? float(zc) : 128.f;
+    if (isa == 1) quantize_rows(x, M, K, XB, xq.data(), sx.data(), sm.data());
+    else quantize_rows_avx2(x, M, K, XB, xq.data(), sx.data(), sm.data());
+    const float zf = bits == 4 ? float(zc) : isa == 1 ? 128.f : 0.f;   // avx2.h sums w·xq itself
     const uint8_t* zp = bits == 4 ? z : nullptr;
     const Blocks blocks{N / 16, size_t(K / (bits == 4 ? 8 : 4))};
+    const int8_t* xp = xq.data();
+    const float *sxp = sx.data(), *smp = sm.data();
+    auto block = [&](int pb, int pe) {
+        // More than one row: the tiles read a block panel by panel (a 512-byte stride), so the block
+        // is pulled into L2 in storage order first. One row reads the block in order anyway.
+        if (M == 1) return;
+        const char* a = (const char*)(w + blocks.at(pb, 0));
+        const size_t bytes = blocks.step_bytes(pb) * blocks.steps;
+        for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(a + off, _MM_HINT_T1);
+        (void)pe;
+    };
     parallel(N / 16, nthreads, [&](int p0, int p1) {
-        tiles<4>(M, p0, p1, [&](auto nbk, auto mt, int p, int m) {
-            constexpr int NB = decltype(nbk)::value, MT = decltype(mt)::value;
-            if (bits == 4) int_panels<4, NB, MT>(xq.data(), sx.data(), sm.data(), w, s, zp, zf, y, K, group, XB, p, m);
-            else int_panels<8, NB, MT>(xq.data(), sx.data(), sm.data(), w, s, zp, zf, y, K, group, XB, p, m);
-        }, [&](int pb, int pe) {
-            // More than one row: the tiles read a block panel by panel (a 512-byte stride), so the block
-            // is pulled into L2 in storage order first. One row reads the block in order anyway.
-            if (M == 1) return;
-            const char* a = (const char*)(w + blocks.at(pb, 0));
-            const size_t bytes = blocks.step_bytes(pb) * blocks.steps;
-            for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(a + off, _MM_HINT_T1);
-            (void)pe;
-        });
+        if (isa == 1)
+            tiles<4, 8>(M, p0, p1, [&](auto nbk, auto mt, int p, int m) {
+                constexpr int NB = decltype(nbk)::value, MT = decltype(mt)::value;
+                if (bits == 4) int_panels<4, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
+                else int_panels<8, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
+            }, block);
+        else
+            tiles<2, 4, 8>(M, p0, p1, [&](auto nbk, auto mt, int p, int m) {
+                constexpr int NB = decltype(nbk)::value, MT = decltype(mt)::value;
+                if (bits == 4) int_panels_avx2<4, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
+                else int_panels_avx2<8, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
+            }, block);
     });
     return 0;
+}
+
+// The best integer kernel this CPU runs: 1 (AVX-512 VNNI), 2 (AVX2 + FMA) or 0 (the scalar code only).
+int best_int_isa() {
+    __builtin_cpu_init();
+    if (avx512_base() && __builtin_cpu_supports("avx512vnni")) return 1;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 2 : 0;
+}
+
+// isa 1 or 2 as asked, if this CPU has it (-2 if not).
+int int_isa_ok(int isa) {
+    static const int best = best_int_isa();
+    return isa == 1 ? best == 1 : isa == 2 ? best != 0 : 0;
 }
 
 }  // namespace
@@ -66,9 +93,12 @@ int qk_has_avx512bf16() {
     return has;
 }
 
-int qk_has_avx512vnni() {
-    static const int has = avx512_base() && __builtin_cpu_supports("avx512vnni");
-    return has;
+int qk_has_avx512vnni() { return int_isa_ok(1); }
+
+// The integer kernels' best isa here: 1 AVX-512 VNNI, 2 AVX2, 0 none (the scalar code, isa 0, runs anywhere).
+int qk_int_isa() {
+    static const int best = best_int_isa();
+    return best;
 }
 
 // The number of OpenMP threads a parallel region gets (tests: the library shares torch's pool).
@@ -91,7 +121,7 @@ int qk_int4(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* 
             const float* bias, int M, int N, int K, int group, int isa, int nthreads) {
     const Out y{yp, bias, N};
     if (group <= 0 || K % group || group % 32 || N % 16) return -1;
-    if (isa == 1) return qk_has_avx512vnni() ? run_int(4, x, w, s, z, zc, y, M, N, K, group, nthreads) : -2;
+    if (isa) return int_isa_ok(isa) ? run_int(4, x, w, s, z, zc, y, M, N, K, group, isa, nthreads) : -2;
     parallel(N / 16, nthreads, [&](int p0, int p1) {
         int_scalar(x, [&](int n, int k) { return nib4(w, n, k, N, K); }, s, z, zc, y, M, N, K, group, p0 * 16, p1 * 16);
     });
@@ -103,7 +133,7 @@ int qk_int8(const uint16_t* x, const uint8_t* w, const float* s, uint16_t* yp, c
             int K, int group, int isa, int nthreads) {
     const Out y{yp, bias, N};
     if (group <= 0 || K % group || group % 32 || N % 16) return -1;
-    if (isa == 1) return qk_has_avx512vnni() ? run_int(8, x, w, s, nullptr, 0, y, M, N, K, group, nthreads) : -2;
+    if (isa) return int_isa_ok(isa) ? run_int(8, x, w, s, nullptr, 0, y, M, N, K, group, isa, nthreads) : -2;
     parallel(N / 16, nthreads, [&](int p0, int p1) {
         int_scalar(x, [&](int n, int k) { return int(w[at8(n, k, N, K)]) - 128; }, s, nullptr, 0, y, M, N, K, group,
                    p0 * 16, p1 * 16);

@@ -1,0 +1,136 @@
+// AVX2 integer kernels for few input rows, for CPUs without AVX-512 VNNI: vnni.h's math, on the same
+// panels (common.h), with vpmaddubsw + vpmaddwd for vpdpbusd. A 64-byte panel step is two 256-bit
+// halves (rows 0-7, 8-15). vpmaddubsw adds pairs of u8 x s8 products in int16 with saturation, so:
+//   int4: u = q in [0, 16) against xq in [-127, 127]: a pair is at most 2·15·127, the two nibble halves of
+//         a step 7620, far from 2^15; then vpmaddwd by 1 widens to int32. Exact, as vpdpbusd.
+//   int8: the stored u = w + 128 would overflow a pair (2·255·127); the kernel flips it back to w (int8)
+//         and multiplies |w| by xq carrying w's sign (vpsignb, llama.cpp's trick): a pair is at most
+//         2·128·127 < 2^15. It sums w·xq directly, so the zero term is 0 (vnni.h subtracts 128·Σxq).
+// The int32 block sums are the VNNI kernel's exactly (the same quantized x, quantize_rows_avx2 rounding
+// as quantize_rows), and so is the fp32 epilogue, op for op: the two ISAs give the same bits.
+#pragma once
+#include "common.h"
+
+#define QK_AVX2 __attribute__((target("avx2,fma")))
+#ifndef QK_PF
+#define QK_PF 4              // steps ahead the AVX2 tiles prefetch their panels (2 KiB for a whole block)
+#endif
+
+namespace qk {
+
+QK_AVX2 inline __m256 bf16x8(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+QK_AVX2 inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+QK_AVX2 inline int hsum8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// quantize_rows (vnni.h), 8 lanes at a time; XB % 32 == 0.
+QK_AVX2 void quantize_rows_avx2(const uint16_t* x, int M, int K, int XB, int8_t* xq, float* sx, float* sm) {
+    const int nb = K / XB;
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);   // undo the packs' 128-bit lanes
+    for (int m = 0; m < M; ++m)
+        for (int b = 0; b < nb; ++b) {
+            const uint16_t* src = x + size_t(m) * K + size_t(b) * XB;
+            __m256 amax = _mm256_setzero_ps();
+            for (int k = 0; k < XB; k += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(bf16x8(src + k), magnitude));
+            const float a = hmax8(amax);
+            const __m256 inv = _mm256_set1_ps(a > 0.f ? 127.f / a : 0.f);
+            __m256i sum = _mm256_setzero_si256();
+            int8_t* dst = xq + size_t(m) * K + size_t(b) * XB;
+            for (int k = 0; k < XB; k += 32) {
+                __m256i q[4];
+                for (int j = 0; j < 4; ++j) {
+                    q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(bf16x8(src + k + 8 * j), inv));   // nearest even
+                    sum = _mm256_add_epi32(sum, q[j]);
+                }
+                const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+                _mm256_storeu_si256((__m256i*)(dst + k), _mm256_permutevar8x32_epi32(p, order));
+            }
+            sx[size_t(m) * nb + b] = a / 127.f;
+            sm[size_t(m) * nb + b] = float(hsum8(sum));
+        }
+}
+
+// int_panels (vnni.h) on AVX2: NB panels x MT rows, each panel two halves of 8 rows. Tiles of 2 rows x 2
+// panels (their 8 accumulators and 4 broadcast x words fit the 16 ymm registers) and of 1 row x 8 panels
+// (a whole block: 16 accumulators, some kept in L1, but one sequential read, which is what one row is
+// bound by). 8960 x 1536, 1 thread, Zen 3, weight from DRAM: int4 at 1 row 0.76-0.79 ms with 8 panels,
+// 1.43-1.45 with 4 (two interleaved half-streams); at 16 rows 4.5 ms with 2 x 2 tiles, 5.6 with 4 x 2.
+template <int BITS, int NB, int MT>
+QK_AVX2 void int_panels_avx2(const int8_t* xq, const float* sx, const float* sm, const uint8_t* w, const float* s,
+                             const uint8_t* z, float zc, Out y, int K, int group, int XB, int p0, int m0) {
+    constexpr int STEP = BITS == 4 ? 8 : 4, NX = BITS == 4 ? 2 : 1;
+    const int G = K / group, nb = K / XB;
+    const Blocks blocks{y.N / 16, size_t(K / STEP)};
+    const size_t step = blocks.step_bytes(p0);
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+    alignas(32) float tot[NB][MT][16] = {};
+    for (int blk = 0; blk < nb; ++blk) {
+        __m256i acc[NB][MT][2];
+        for (int a = 0; a < NB; ++a) for (int b = 0; b < MT; ++b) acc[a][b][0] = acc[a][b][1] = _mm256_setzero_si256();
+        const int g = blk * XB / group;
+        for (int a = 0; a < NB; ++a) {
+            _mm_prefetch((const char*)(s + atg((p0 + a) * 16, g, y.N, G)), _MM_HINT_T0);
+            if (z) _mm_prefetch((const char*)(z + atg((p0 + a) * 16, g, y.N, G)), _MM_HINT_T0);
+        }
+        const uint8_t* wk = w + blocks.at(p0, size_t(blk) * (XB / STEP));
+        const int8_t* xk = xq + size_t(m0) * K + size_t(blk) * XB;
+        for (int t = 0; t < XB / STEP; ++t, wk += step, xk += STEP) {
+            __m256i xv[MT][NX];
+            for (int b = 0; b < MT; ++b)
+                for (int j = 0; j < NX; ++j) {
+                    int32_t v;
+                    std::memcpy(&v, xk + size_t(b) * K + 4 * j, 4);
+                    xv[b][j] = _mm256_set1_epi32(v);
+                }
+            for (int a = 0; a < NB; ++a) _mm_prefetch((const char*)(wk + QK_PF * step + a * 64), _MM_HINT_T0);
+            for (int a = 0; a < NB; ++a)
+                for (int h = 0; h < 2; ++h) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i*)(wk + a * 64 + 32 * h));
+                    if (BITS == 4) {
+                        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        for (int b = 0; b < MT; ++b) {
+                            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xv[b][0]),
+                                                               _mm256_maddubs_epi16(hi, xv[b][NX - 1]));
+                            acc[a][b][h] = _mm256_add_epi32(acc[a][b][h], _mm256_madd_epi16(p, ones));
+                        }
+                    } else {
+                        const __m256i ws = _mm256_xor_si256(v, flip), aw = _mm256_abs_epi8(ws);
+                        for (int b = 0; b < MT; ++b) {
+                            const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[b][0], ws));
+                            acc[a][b][h] = _mm256_add_epi32(acc[a][b][h], _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                }
+        }
+        for (int a = 0; a < NB; ++a)
+            for (int h = 0; h < 2; ++h) {
+                const size_t gi = atg((p0 + a) * 16, g, y.N, G) + 8 * h;
+                const __m256 sv = _mm256_loadu_ps(s + gi);
+                const __m256 zf = z ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(z + gi))))
+                                    : _mm256_set1_ps(zc);
+                for (int b = 0; b < MT; ++b) {
+                    const size_t i = size_t(m0 + b) * nb + blk;
+                    const __m256 d = _mm256_fnmadd_ps(zf, _mm256_set1_ps(sm[i]), _mm256_cvtepi32_ps(acc[a][b][h]));
+                    _mm256_store_ps(tot[a][b] + 8 * h, _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_set1_ps(sx[i])),
+                                                                       _mm256_load_ps(tot[a][b] + 8 * h)));
+                }
+            }
+    }
+    for (int a = 0; a < NB; ++a)
+        for (int b = 0; b < MT; ++b)
+            for (int i = 0; i < 16; ++i) y.put(m0 + b, (p0 + a) * 16 + i, tot[a][b][i]);
+}
+
+}  // namespace qk
