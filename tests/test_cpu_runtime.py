@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from qvl.engine.llm_engine import LLMEngine
 from qvl.layers import cpu_runtime
+from qvl.layers import quant_kernels as qk
 from qvl.layers.cpu_runtime import CpuFeatures, prepare_cpu_model, probe_cpu, restore_cpu_model
 from qvl.layers.decode_attention import decode_attention
 from qvl.layers.widened_linear import is_widened, unwiden_linears, widen_linears
@@ -83,6 +84,15 @@ def test_prepare_picks_by_dtype_and_features(tiny_ckpt):
     rt = prepare_cpu_model(bf16, features=AVX2)
     assert rt.mode == "fp32-from-bf16" and rt.num_linears == n_all and rt.features == AVX2
     assert is_widened(bf16.visual.blocks[0].mlp.fc1)                          # the vision tower too
+    decoder = [m for m in bf16.model.modules() if isinstance(m, nn.Linear)] + [bf16.lm_head]
+    if qk.bf16_isa():                      # and the decoder's on AVX2 panels for few rows, widened beyond
+        assert rt.panel_linears == len(decoder) and rt.fused_groups > 0
+        mlp = bf16.model.layers[0].mlp
+        x = torch.randn(40, mlp.down_proj.in_features).bfloat16()
+        with torch.no_grad():
+            want = F.linear(x.float(), mlp.down_proj.weight.float())
+            for rows in (1, 5, 40):                                               # panels, panels, fp32 blocks
+                assert (mlp.down_proj(x[:rows]).float() - want[:rows]).abs().max() <= 0.01 * want.abs().max()
     restore_cpu_model(bf16)
     assert not any("forward" in m.__dict__ for m in bf16.modules())
     native = CpuFeatures("AVX512", True, frozenset({"avx512_bf16"}))
@@ -112,6 +122,7 @@ def test_engine_forced_avx2_path_meets_bf16_criterion(tiny_ckpt, monkeypatch):
     kw = dict(device="cpu", max_model_len=256, kv_cache_memory=4 << 20, enable_prefix_caching=False)
     eng = LLMEngine.from_pretrained(str(tiny_ckpt), dtype="bfloat16", **kw)
     assert eng.cpu_runtime.mode == "fp32-from-bf16" and eng.cpu_runtime.features == AVX2
+    assert eng.cpu_runtime.panel_linears > 0 or not qk.bf16_isa()
     chats = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
              for q in ("Describe this image in every detail you can see, please.", "How many? 1 2 3")]
     ref = _generate(LLMEngine.from_pretrained(str(tiny_ckpt), dtype="float32", **kw), chats, 12)

@@ -188,24 +188,26 @@ def test_vector_dequantizer_flushes_subnormals():
     assert not vec.any()
 
 
-@needs_bf16
+@pytest.mark.parametrize("isa", [pytest.param(1, marks=needs_bf16),
+                                 pytest.param(2, marks=pytest.mark.skipif(qk.bf16_isa() == 0, reason="no AVX2 + FMA"))])
 @pytest.mark.parametrize("rows", [1, 4, 7, 19])
-def test_bf16_kernel_and_threads(rows):
+def test_bf16_kernel_and_threads(rows, isa):
+    """The bf16 panel kernel, AVX-512 BF16 (isa 1) and AVX2 + FMA (isa 2): fp32 sums of exact products."""
     g = torch.Generator().manual_seed(rows)
     w = (torch.randn(208, 320, generator=g) * 0.05).bfloat16()         # 13 panels of 16: 4 + 4 + 4 + 1
     x = torch.randn(rows, 320, generator=g).bfloat16()
     bias = torch.randn(208, generator=g)
     panels = qk.pack_bf16(w)
-    _close(qk.bf16_mm(x, panels, bias), x.float() @ w.float().t() + bias)
+    _close(qk.bf16_mm(x, panels, bias, isa=isa), x.float() @ w.float().t() + bias)
     with pytest.raises(ValueError, match="qvl CPU kernel bf16 refused its input"):
-        qk.bf16_mm(x, w[:200].contiguous())                                # N % 16 != 0
+        qk.bf16_mm(x, w[:200].contiguous(), isa=isa)                      # N % 16 != 0
     threads = torch.get_num_threads()
     try:                                      # columns split over threads: each output's sum is unchanged
         torch.set_num_threads(1)
         wide = qk.pack_bf16((torch.randn(2048, 320, generator=g) * 0.05).bfloat16())   # 128 panels: split
-        one = qk.bf16_mm(x, wide)
+        one = qk.bf16_mm(x, wide, isa=isa)
         torch.set_num_threads(3)
-        assert torch.equal(qk.bf16_mm(x, wide), one)
+        assert torch.equal(qk.bf16_mm(x, wide, isa=isa), one)
     finally:
         torch.set_num_threads(threads)
 

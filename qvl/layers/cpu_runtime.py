@@ -17,6 +17,10 @@ on any machine) and returns a `CpuRuntime` saying what it chose:
   * bf16 on a CPU without them (AVX2; AVX-512F without BF16, where oneDNN would emulate bf16):
     "fp32-from-bf16": every linear of the model, vision tower included, computes inputs of 16 rows or
     more in fp32 from its bf16 weight, block by block (qvl.layers.widened_linear); weights stay bf16.
+    Where the CPU has AVX2 + FMA, the text decoder's and the LM head's linears also get a copy of their
+    weights in qvl's 16-row panels (within `max_bytes`), which its AVX2 kernel reads for up to 32 rows
+    (qvl.layers.packed_linear.panel_linears: 2x F.linear's speed at one row, 5x at 15); more rows
+    (prefill) take the fp32 blocks.
   * In every bf16 mode, then, the decoder's groups of linears that read one input (q/k/v, gate/up) and
     run one qvl kernel are fused into one call (qvl.layers.fused_linear; `fused_groups` counts them).
 
@@ -38,7 +42,7 @@ import torch.nn as nn
 
 from qvl.layers.fused_linear import fuse_linears, unfuse_linears
 from qvl.layers.quant_kernels import cpu_flags
-from qvl.layers.packed_linear import pack_linears, packing_supported, unpack_linears
+from qvl.layers.packed_linear import pack_linears, packing_supported, panel_linears, unpack_linears
 from qvl.layers.widened_linear import unwiden_linears, widen_linears
 
 _NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -71,6 +75,7 @@ class CpuRuntime:
     num_linears: int                 # linears whose forward was replaced
     features: CpuFeatures | None     # None when the model is not on the CPU
     fused_groups: int = 0            # groups of linears computed in one call (qvl.layers.fused_linear)
+    panel_linears: int = 0           # fp32-from-bf16: linears on qvl's AVX2 bf16 panels for few rows
 
 
 def _linears(module: nn.Module) -> list[nn.Linear]:
@@ -85,16 +90,19 @@ def prepare_cpu_model(model: nn.Module, *, max_bytes: int | None = None,
     """
     if model.device.type != "cpu" or model.dtype != torch.bfloat16:
         return CpuRuntime("plain", 0, None)
-    features = features or probe_cpu()
+    features, panels = features or probe_cpu(), 0
     if not features.native_bf16:
         mode, n = "fp32-from-bf16", widen_linears(_linears(model))
+        if features.flags is None or {"avx2", "fma"} <= features.flags:
+            panels = panel_linears(_linears(model.model) + [model.lm_head],
+                                   max_bytes=None if max_bytes is None else max(0, max_bytes))
     elif not packing_supported(model.dtype, model.device):
         mode, n = "plain", 0
     else:
         n = pack_linears(_linears(model.model), head=model.lm_head,
                          max_bytes=None if max_bytes is None else max(0, max_bytes), exact=False)
         mode = "onednn-packed" if n else "plain"
-    runtime = CpuRuntime(mode, n, features, fuse_linears(model.model))
+    runtime = CpuRuntime(mode, n, features, fuse_linears(model.model), panels)
     _trim_heap()
     return runtime
 

@@ -95,7 +95,7 @@ class _FusedPanels(_Fused):
         for f, size in zip(fwds, self.sizes):
             f.packed = self.panels[start:start + size]                                     # the member's view
             start += size
-        self.max_rows = min(f.max_rows for f in fwds)
+        self.max_rows, self.isa = min(f.max_rows for f in fwds), fwds[0].isa
         biases = [m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_features) for m in mods]
         self.bias = torch.cat(biases) if any(m.bias is not None for m in mods) else None     # (n,) fp32
 
@@ -103,7 +103,7 @@ class _FusedPanels(_Fused):
         return super().takes(x) and 0 < x.shape[0] <= self.max_rows
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        return qk.bf16_mm(x, self.panels, self.bias)
+        return qk.bf16_mm(x, self.panels, self.bias, isa=self.isa)
 
 
 def _cat_tensors(parts: list[torch.Tensor], mods: list[nn.Module], buf: str) -> torch.Tensor:
@@ -129,7 +129,7 @@ def _fusable(mods: list[nn.Module]) -> type[_Fused] | None:
         same = same and all(m.out_features % 128 == 0 for m in mods[:-1])
         return _FusedQuant if same and m0.kernel in ("qk-int4", "qk-int8") else None
     if all(type(m) is nn.Linear and isinstance(m.__dict__.get("forward"), _PanelForward) for m in mods):
-        return _FusedPanels if len({m.in_features for m in mods}) == 1 else None
+        return _FusedPanels if len({(m.in_features, m.__dict__["forward"].isa) for m in mods}) == 1 else None
     return None
 
 

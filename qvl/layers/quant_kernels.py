@@ -7,7 +7,9 @@ AVX-512 VNNI (qvl/layers/cpu_kernels/vnni.h) or, on CPUs without it, AVX2 (avx2.
 through AVX-512 BF16 (bf16.h); bench/quant.py and README "Quantized checkpoints" have the figures.
 
   available() -> bool          the library compiled and loaded (g++ on first use, cached by source hash)
-  native() -> bool             ... and this CPU has AVX-512 BF16 (the bf16 kernel; checked at run time)
+  native() -> bool             ... and this CPU has AVX-512 BF16 (native bf16 dot products; checked at run time)
+  bf16_isa() -> int            the bf16 kernel's best ISA here: 1 AVX-512 BF16, 2 AVX2 + FMA (fp32 FMAs on
+                               the widened weight, cpu_kernels/bf16.h), 0 none
   int_isa() -> int             the integer kernels' best ISA here: 1 AVX-512 VNNI, 2 AVX2 + FMA, 0 none
   native_int() -> bool         int_isa() > 0: the integer kernels run vectorized on this CPU
   pack_int4(q (N, K) uint8) -> (N, K/2) uint8, pack_int8(w8 (N, K) int8) -> (N, K) uint8: the kernels'
@@ -21,7 +23,7 @@ through AVX-512 BF16 (bf16.h); bench/quant.py and README "Quantized checkpoints"
                                           AVX-512 BF16 (cpu_kernels/dequant.h) where native(), else scalar
     .dequant_rows(n0, n1, out)            rows of W in bf16, out (n1 − n0, K) (the scalar code)
   int4_mm / int8_mm / dequant4_rows / dequant8_rows   the same as one-off calls (tests, bench)
-  pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias) -> (M, N) bf16
+  pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias, isa=None) -> (M, N) bf16
 Packed weights, scales and zeros of 64 KiB and more live on transparent huge pages (qvl.layers.huge_pages).
 int4: W = (q − z)·s, w4 from pack_int4, z packed (uint8) or None (then zc everywhere); int8: W = w8·s, w8
 from pack_int8. N % 16 == 0, group % 32 == 0. x is (M, K) bf16 contiguous, s fp32 packed, bias (N,) or
@@ -64,7 +66,7 @@ _state: dict = {}
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _SIGS = {"qk_int4": [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I],
          "qk_int8": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
-         "qk_bf16": [_P, _P, _P, _P, _I, _I, _I, _I],
+         "qk_bf16": [_P, _P, _P, _P, _I, _I, _I, _I, _I],
          "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I],
          "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I]}
 SOURCES = Path(__file__).with_name("cpu_kernels")        # qk.cpp and the headers it includes
@@ -115,7 +117,7 @@ def _build() -> ctypes.CDLL | None:
     for name, sig in _SIGS.items():
         getattr(lib, name).argtypes = sig
         getattr(lib, name).restype = _I
-    for name in ("qk_has_avx512bf16", "qk_has_avx512vnni", "qk_int_isa"):
+    for name in ("qk_has_avx512bf16", "qk_has_avx512vnni", "qk_int_isa", "qk_bf16_isa"):
         getattr(lib, name).restype = _I
     lib.qk_omp_threads.argtypes, lib.qk_omp_threads.restype = [_I], _I
     return lib
@@ -144,6 +146,13 @@ def int_isa() -> int:
 
 def native_int() -> bool:
     return int_isa() > 0
+
+
+def bf16_isa() -> int:
+    if "bf16_isa" not in _state:                  # asked on every bf16_mm call: cached
+        lib = _lib()
+        _state["bf16_isa"] = 0 if lib is None else int(lib.qk_bf16_isa())
+    return _state["bf16_isa"]
 
 
 def cpu_flags() -> frozenset[str] | None:
@@ -286,12 +295,13 @@ def pack_bf16(w: torch.Tensor) -> torch.Tensor:
     return panels.view(n, k)                                                                # (N, K) storage
 
 
-def bf16_mm(x, w, bias=None) -> torch.Tensor:
-    """x (M, K) bf16 · Wᵀ with w = pack_bf16(W)."""
+def bf16_mm(x, w, bias=None, *, isa: int | None = None) -> torch.Tensor:
+    """x (M, K) bf16 · Wᵀ with w = pack_bf16(W); isa 1 AVX-512 BF16, 2 AVX2 + FMA, None bf16_isa()."""
+    isa = bf16_isa() if isa is None else isa
     m, k = x.shape
     y = torch.empty(m, w.shape[0], dtype=torch.bfloat16)                                   # (M, N)
     b = None if bias is None else bias.float().contiguous()
-    _check(_lib().qk_bf16(_ptr(x), _ptr(w), _ptr(y), _ptr(b), m, w.shape[0], k, torch.get_num_threads()), "bf16")
+    _check(_lib().qk_bf16(_ptr(x), _ptr(w), _ptr(y), _ptr(b), m, w.shape[0], k, isa, torch.get_num_threads()), "bf16")
     return y
 
 

@@ -1,11 +1,11 @@
 // qvl's CPU kernels, the C ABI that qvl.layers.quant_kernels calls through ctypes (compiled on first use).
 //   qk_int4(x, w, s, z, zc, y, bias, M, N, K, group, isa, nthreads)   4-bit weights (q − z)·s
 //   qk_int8(x, w, s, y, bias, M, N, K, group, isa, nthreads)          8-bit weights w·s (w = q − z as int8)
-//   qk_bf16(x, w, y, bias, M, N, K, nthreads)                         bf16 weights in 16-row panels
+//   qk_bf16(x, w, y, bias, M, N, K, isa, nthreads)                    bf16 weights in 16-row panels
 //   qk_dequant4 / qk_dequant8(..., out, ld, ..., n0, n1, trans, isa, nthreads)   rows of W as bf16 (any CPU)
 // x (M, K) bf16, y (M, N) bf16 = x · Wᵀ + bias (fp32 bias or null, added in fp32, rounded once); layouts
 // in common.h. isa 1: the AVX-512 kernel (VNNI for the integers, BF16 for bf16), 2: AVX2 (integers;
-// avx2.h, the same bits as VNNI), 0: the scalar reference.
+// avx2.h, the same bits as VNNI; bf16: bf16.h's AVX2 + FMA kernel), 0: the scalar reference.
 // Return 0, or -1 (shape refused) / -2 (ISA missing): the caller falls back, never guesses.
 #include <vector>
 #ifdef _OPENMP
@@ -141,12 +141,28 @@ int qk_int8(const uint16_t* x, const uint8_t* w, const float* s, uint16_t* yp, c
     return 0;
 }
 
-// y = x · wᵀ + bias, w in 16-row bf16 panels (N % 16 == 0, K even); AVX-512 BF16 only, else -2.
-int qk_bf16(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bias, int M, int N, int K, int nthreads) {
+// The bf16 kernel's best isa here: 1 AVX-512 BF16, 2 AVX2 + FMA, 0 none.
+int qk_bf16_isa() {
+    __builtin_cpu_init();
+    static const int best = qk_has_avx512bf16() ? 1 : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 2 : 0;
+    return best;
+}
+
+// y = x · wᵀ + bias, w in 16-row bf16 panels (N % 16 == 0, K even); isa 1 AVX-512 BF16, 2 AVX2 (-2 if
+// this CPU lacks it).
+int qk_bf16(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bias, int M, int N, int K, int isa,
+            int nthreads) {
     const Out y{yp, bias, N};
-    if (N % 16 || K % 2) return -1;
-    if (!qk_has_avx512bf16()) return -2;
-    parallel(N / 16, nthreads, [&](int p0, int p1) { bf16_mm(x, w, y, M, K, p0, p1); });
+    if (N % 16 || K % 2 || (isa != 1 && isa != 2)) return -1;
+    const int best = qk_bf16_isa();
+    if (best == 0 || (isa == 1 && best != 1)) return -2;
+    if (isa == 1) {
+        parallel(N / 16, nthreads, [&](int p0, int p1) { bf16_mm(x, w, y, M, K, p0, p1); });
+        return 0;
+    }
+    std::vector<float> xf(size_t(M) * K);
+    for (size_t i = 0; i < xf.size(); ++i) xf[i] = bf16_to_f32(x[i]);
+    parallel(N / 16, nthreads, [&](int p0, int p1) { bf16_mm_avx2(xf.data(), w, y, M, K, p0, p1); });
     return 0;
 }
 
