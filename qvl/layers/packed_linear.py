@@ -37,6 +37,10 @@ oneDNN, 16 requests 43.5 against 41.5-41.6 (one process switching between the tw
 machine; bench/quant.py's decode and 16-request measures), so every shape that fits takes the panels at
 every thread count.
 
+CPUs without native bf16 (AVX2): `panel_linears(linears)` gives the same panels and qvl's AVX2 + FMA bf16
+kernel for up to MAX_ROWS rows; more rows keep the forward the linear had (the CPU runtime widens first:
+qvl.layers.widened_linear's fp32 blocks), and unpacking restores it.
+
 Knows nothing about the model: it sees nn.Linear modules only.
 """
 from __future__ import annotations
