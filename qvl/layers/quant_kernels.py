@@ -4,7 +4,8 @@ Why: on the bench machine (AMD EPYC, 1 thread, shared) torch's `_weight_int4pack
 `_weight_int8pack_mm` read 7-10 GB/s of weight at one row, a copy runs at ~23. These kernels read the
 weight as one sequential stream per 16-row panel: the integers on int8-quantized activations through
 AVX-512 VNNI (qvl/layers/cpu_kernels/vnni.h) or, on CPUs without it, AVX2 (avx2.h, the same bits), bf16
-through AVX-512 BF16 (bf16.h); bench/quant.py and README "Quantized checkpoints" have the figures.
+through AVX-512 BF16 or AVX2 + FMA (bf16.h); bench/quant.py and README "Quantized checkpoints" have the
+figures.
 
   available() -> bool          the library compiled and loaded (g++ on first use, cached by source hash)
   native() -> bool             ... and this CPU has AVX-512 BF16 (native bf16 dot products; checked at run time)
