@@ -80,10 +80,7 @@ QK_AVX2 void int_panels_avx2(const int8_t* xq, const float* sx, const float* sm,
         __m256i acc[NB][MT][2];
         for (int a = 0; a < NB; ++a) for (int b = 0; b < MT; ++b) acc[a][b][0] = acc[a][b][1] = _mm256_setzero_si256();
         const int g = blk * XB / group;
-        for (int a = 0; a < NB; ++a) {
-            _mm_prefetch((const char*)(s + atg((p0 + a) * 16, g, y.N, G)), _MM_HINT_T0);
-            if (z) _mm_prefetch((const char*)(z + atg((p0 + a) * 16, g, y.N, G)), _MM_HINT_T0);
-        }
+        prefetch_group(s, z, p0, NB, g, y.N, G);
         const uint8_t* wk = w + blocks.at(p0, size_t(blk) * (XB / STEP));
         const int8_t* xk = xq + size_t(m0) * K + size_t(blk) * XB;
         for (int t = 0; t < XB / STEP; ++t, wk += step, xk += STEP) {

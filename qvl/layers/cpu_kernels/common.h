@@ -48,6 +48,14 @@ inline int nib4(const uint8_t* w, int n, int k, int N, int K) { const uint8_t b 
 // Scales and zeros, per group of one panel 16 values (the 16 rows'), blocked like the weights: per group
 // the block's panels' values side by side, so a block's scales are one stream too.
 inline size_t atg(int n, int g, int N, int G) { return Blocks{N / 16, size_t(G)}.at(n / 16, g) / 4 + n % 16; }
+// Group g's scales (and zeros, z may be null) of panels [p0, p0 + np) into L1: one line per panel, not in
+// a stream (the integer kernels call it before a block of the input dim).
+inline void prefetch_group(const float* s, const uint8_t* z, int p0, int np, int g, int N, int G) {
+    for (int a = 0; a < np; ++a) {
+        _mm_prefetch((const char*)(s + atg((p0 + a) * 16, g, N, G)), _MM_HINT_T0);
+        if (z) _mm_prefetch((const char*)(z + atg((p0 + a) * 16, g, N, G)), _MM_HINT_T0);
+    }
+}
 
 // Panels [0, P) split over `nthreads` threads of torch's own OpenMP pool (the library links the libgomp
 // torch has loaded: its threads are awake right after torch's ops, no second pool competes for the

@@ -59,10 +59,7 @@ QK_VNNI void int_panels(const int8_t* xq, const float* sx, const float* sm, cons
         __m512i acc[NB][MT];
         for (int a = 0; a < NB; ++a) for (int b = 0; b < MT; ++b) acc[a][b] = _mm512_setzero_si512();
         const int g = blk * XB / group;
-        for (int a = 0; a < NB; ++a) {      // this block's scales (and zeros): one line per panel, not in a stream
-            _mm_prefetch((const char*)(s + atg((p0 + a) * 16, g, y.N, G)), _MM_HINT_T0);
-            if (z) _mm_prefetch((const char*)(z + atg((p0 + a) * 16, g, y.N, G)), _MM_HINT_T0);
-        }
+        prefetch_group(s, z, p0, NB, g, y.N, G);
         const uint8_t* wk = w + blocks.at(p0, size_t(blk) * (XB / STEP));
         const int8_t* xk = xq + size_t(m0) * K + size_t(blk) * XB;
         for (int t = 0; t < XB / STEP; ++t, wk += step, xk += STEP) {
