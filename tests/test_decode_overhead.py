@@ -6,6 +6,8 @@
   * decode_attention's one-row bmm path (bf16 on the CPU) == the batched matmul formula;
   * apply_rotary with (N, D) or (N, 1, D) tables == x * cos + rotate_half(x) * sin (transformers' form);
   * RMSNorm == fp32 x * rsqrt(mean(x^2) + eps), cast, then weight (QWEN2VL_SPEC 6);
+    these three also through qvl.layers.cpu_ops's single calls (bf16, where the library runs: the same
+    bits on these inputs; tests/test_cpu_ops.py holds them to the expressions more widely);
   * argmax_rows == torch.argmax (first maximum, NaN counts as the maximum, all -inf rows);
   * the sampler's ban-only path (min_tokens) bans in the caller's logits and gives them back bit for bit.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qvl.layers import cpu_ops
 from qvl.layers.attention import REFERENCE, AttentionMetadata
 from qvl.layers.decode_attention import decode_attention
 from qvl.layers.sampler import Sampler, SamplingBatch, argmax_rows
@@ -104,8 +107,10 @@ def test_view_not_taken_with_several_decode_rows_or_a_table_gap():
     assert md.plan(BS, torch.device("cpu"), (NB - 1) * BS).decode_start is None
 
 
+@pytest.mark.parametrize("glue", [True, False])          # qvl.layers.cpu_ops's one call, or torch's ops
 @pytest.mark.parametrize("length", [1, 7, 130])
-def test_one_row_bf16_decode_attention_equals_matmul_formula(length):
+def test_one_row_bf16_decode_attention_equals_matmul_formula(length, glue, monkeypatch):
+    monkeypatch.setattr(cpu_ops, "ENABLED", glue)
     g = torch.Generator().manual_seed(length)
     q = torch.randn(1, 12, 128, generator=g).bfloat16()
     k, v = (torch.randn(1, length, 2, 128, generator=g).bfloat16() for _ in range(2))
@@ -116,8 +121,10 @@ def test_one_row_bf16_decode_attention_equals_matmul_formula(length):
     assert torch.equal(decode_attention(q, k, v, scale=scale), ref)
 
 
+@pytest.mark.parametrize("glue", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_apply_rotary_matches_rotate_half_form(dtype):
+def test_apply_rotary_matches_rotate_half_form(dtype, glue, monkeypatch):
+    monkeypatch.setattr(cpu_ops, "ENABLED", glue)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 7, 32, generator=g).to(dtype)
     pos = torch.randint(0, 4000, (3, 5), generator=g)
@@ -130,8 +137,10 @@ def test_apply_rotary_matches_rotate_half_form(dtype):
     assert torch.equal(apply_rotary(x, cos[:, None], sin_signed[:, None]), ref)
 
 
+@pytest.mark.parametrize("glue", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_bits(dtype):
+def test_rms_norm_bits(dtype, glue, monkeypatch):
+    monkeypatch.setattr(cpu_ops, "ENABLED", glue)
     g = torch.Generator().manual_seed(1)
     norm = RMSNorm(96, eps=1e-6)
     with torch.no_grad():

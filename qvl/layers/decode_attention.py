@@ -11,7 +11,9 @@ Two paths:
     matmuls 0.26 ms, and 8 layers of it were 30% of a 16-row decode step of the mid bench config. The
     upcast K/V are a copy of the gathered context, which is a copy already; fp32 scores and softmax
     are what SDPA computes internally too (held to the bf16 criterion). One unmasked row (batch-1
-    decode) runs the same two products as 3-D bmm calls (the same bits, fewer ops).
+    decode) runs the same two products as 3-D bmm calls (the same bits, fewer ops). In bf16 with
+    qvl's CPU library (AVX2 + FMA, head_dim % 16 == 0) the same fp32 math is one call instead
+    (qvl.layers.cpu_ops.decode_attention: 10 torch ops fewer per layer).
   * otherwise (float32 on the CPU: the exact reference; CUDA): SDPA, unchanged.
 
 Knows nothing about caches, blocks or the model.
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from qvl.layers import cpu_ops
 
 _HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -57,6 +61,8 @@ def _fp32_matmuls(q, k, v, *, scale: float, mask) -> torch.Tensor:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, nH, D) over k, v (B, L, nKV, D) -> (B, nH, D)."""
+    if cpu_ops.fast(q) and q.shape[-1] % 16 == 0:
+        return cpu_ops.decode_attention(q, k, v, scale=scale, mask=mask)  # the same math in one call
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         return _fp32_matmuls(q, k, v, scale=scale, mask=mask)
     out = _sdpa(q.unsqueeze(2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),

@@ -64,12 +64,17 @@ from qvl.layers.huge_pages import empty_huge, on_huge_pages
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {}
-_P, _I = ctypes.c_void_p, ctypes.c_int
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGS = {"qk_int4": [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I],
          "qk_int8": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
          "qk_bf16": [_P, _P, _P, _P, _I, _I, _I, _I, _I],
          "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I],
-         "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I]}
+         "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I],
+         # the glue ops (qvl.layers.cpu_ops); _L strides in elements, _F eps / scale
+         "qk_rms_norm": [_P, _L, _P, _P, _L, _I, _I, _F],
+         "qk_rotary": [_P, _L, _P, _P, _P, _L, _I, _I, _I],
+         "qk_silu_mul": [_P, _L, _P, _L, _P, _L, _I, _I],
+         "qk_decode_attention": [_P, _L, _P, _L, _L, _P, _L, _L, _P, _P, _I, _I, _I, _I, _I, _F, _I]}
 SOURCES = Path(__file__).with_name("cpu_kernels")        # qk.cpp and the headers it includes
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 BLOCK_ELEMS = 1 << 21          # dequant_mm: weight elements per bf16 block (4 MiB, stays in L2/L3)
@@ -118,7 +123,7 @@ def _build() -> ctypes.CDLL | None:
     for name, sig in _SIGS.items():
         getattr(lib, name).argtypes = sig
         getattr(lib, name).restype = _I
-    for name in ("qk_has_avx512bf16", "qk_has_avx512vnni", "qk_int_isa", "qk_bf16_isa"):
+    for name in ("qk_has_avx512bf16", "qk_has_avx512vnni", "qk_int_isa", "qk_bf16_isa", "qk_glue_ok"):
         getattr(lib, name).restype = _I
     lib.qk_omp_threads.argtypes, lib.qk_omp_threads.restype = [_I], _I
     return lib

@@ -3,6 +3,7 @@
 //   qk_int8(x, w, s, y, bias, M, N, K, group, isa, nthreads)          8-bit weights w·s (w = q − z as int8)
 //   qk_bf16(x, w, y, bias, M, N, K, isa, nthreads)                    bf16 weights in 16-row panels
 //   qk_dequant4 / qk_dequant8(..., out, ld, ..., n0, n1, trans, isa, nthreads)   rows of W as bf16 (any CPU)
+//   qk_rms_norm, qk_rotary, qk_silu_mul, qk_decode_attention: glue.h's ops (AVX2 + FMA, qk_glue_ok())
 // x (M, K) bf16, y (M, N) bf16 = x · Wᵀ + bias (fp32 bias or null, added in fp32, rounded once); layouts
 // in common.h. isa 1: the AVX-512 kernel (VNNI for the integers, BF16 for bf16), 2: AVX2 (integers;
 // avx2.h, the same bits as VNNI; bf16: bf16.h's AVX2 + FMA kernel), 0: the scalar reference.
@@ -18,6 +19,7 @@
 #include "avx2.h"
 #include "bf16.h"
 #include "dequant.h"
+#include "glue.h"
 
 using namespace qk;
 
@@ -199,6 +201,43 @@ int qk_dequant8(const uint8_t* w, const float* s, uint16_t* out, int ld, int N, 
         else if (trans) dequant8(w, s, out + (pa * 16 - n0), N, K, group, pa * 16, pb * 16, 1, size_t(ld));
         else dequant8(w, s, out + size_t(pa * 16 - n0) * ld, N, K, group, pa * 16, pb * 16, size_t(ld), 1);
     });
+    return 0;
+}
+
+// glue.h: 0, -1 (shape refused) or -2 (no AVX2 + FMA here); strides in elements.
+int qk_glue_ok() {
+    static const int ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return ok;
+}
+
+int qk_rms_norm(const uint16_t* x, long sx, const uint16_t* w, uint16_t* y, long sy, int rows, int H, float eps) {
+    if (!qk_glue_ok()) return -2;
+    if (H % 8) return -1;
+    rms_norm(x, sx, w, y, sy, rows, H, eps);
+    return 0;
+}
+
+int qk_rotary(const uint16_t* x, long sx, const uint16_t* cs, const uint16_t* sn, uint16_t* y, long sy, int N,
+              int heads, int D) {
+    if (!qk_glue_ok()) return -2;
+    if (D % 16) return -1;
+    rotary(x, sx, cs, sn, y, sy, N, heads, D);
+    return 0;
+}
+
+int qk_silu_mul(const uint16_t* g, long sg, const uint16_t* u, long su, uint16_t* y, long sy, int rows, int I) {
+    if (!qk_glue_ok()) return -2;
+    if (I % 8) return -1;
+    silu_mul(g, sg, u, su, y, sy, rows, I);
+    return 0;
+}
+
+int qk_decode_attention(const uint16_t* q, long sq, const uint16_t* k, long skb, long skl, const uint16_t* v,
+                        long svb, long svl, const uint8_t* mask, uint16_t* out, int B, int L, int nH, int nKV,
+                        int D, float scale, int nthreads) {
+    if (!qk_glue_ok()) return -2;
+    if (D % 16 || nKV <= 0 || nH % nKV) return -1;
+    decode_attention(q, sq, k, skb, skl, v, svb, svl, mask, out, B, L, nH, nKV, D, scale, nthreads);
     return 0;
 }
 

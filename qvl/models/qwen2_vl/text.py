@@ -5,6 +5,7 @@ over a flat batch of tokens (see qvl.layers.attention for what the metadata mean
     h   = x + o_proj(Attn(RMSNorm(x)))              q/k/v with bias, o_proj without; GQA
     out = h + down_proj(silu(gate_proj(n)) * up_proj(n)),  n = RMSNorm(h)
 RMSNorm casts the normalized value to the input dtype *before* the weight multiply (QWEN2VL_SPEC 6).
+On CPU bf16 the norm, the rotary and silu(gate) * up run as one call each (qvl.layers.cpu_ops).
 Rotary tables come from qvl.models.qwen2_vl.rope (M-RoPE, cos/sin cast to the activation dtype).
 
 Each `Qwen2Attention` carries `k_cache` / `v_cache` (None until a KVCache attaches them, shape
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qvl.models.qwen2_vl.config import ModelConfig
+from qvl.layers import cpu_ops
 from qvl.layers.attention import AttentionMetadata, attention
 from qvl.layers.fused_linear import linears
 from qvl.models.qwen2_vl.rope import apply_rotary, mrope_cos_sin
@@ -30,6 +32,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_ops.fast(x) and self.weight.dtype == x.dtype:
+            return cpu_ops.rms_norm(x, self.weight, self.eps)      # the same math in one call (CPU bf16)
         xf = x.float()
         # x * rsqrt(mean(x^2) + eps) in fp32, then the cast, then the weight (SPEC 6). x * x is what pow(x, 2)
         # computes (same bits) with the multiply kernel this norm runs anyway: at batch 1 a decode step's small
@@ -93,6 +97,8 @@ class Qwen2MLP(nn.Module):
         if torch.is_grad_enabled():
             return self.down_proj(F.silu(gate) * up)
         # inference: reuse the gate buffer (the (N, I) activations dominate prefill memory)
+        if cpu_ops.fast(gate):
+            return self.down_proj(cpu_ops.silu_mul(gate, up))
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
