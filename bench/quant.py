@@ -17,13 +17,19 @@ subprocess (load_model in bf16 + an LLMEngine without tokenizer):
   decode_tok_s  batch 1: --prompt-len random tokens, --new-tokens greedy tokens, (new − 1) / (last − first)
   batch16_tok_s 16 requests at once, generated tokens / wall time (prefill included)
   roofline      weight bytes one decode step reads (decoder linears in their stored form + norms + LM head)
-                / copy bandwidth (read + write of 512 MiB, measured in the same subprocess)
+                / copy bandwidth (read + write of 512 MiB, measured in the same subprocess right before each
+                decode repeat; of_roofline is the median of the repeats' own ratios)
+  --glue-ab     also --profile's decode (1-token prompt, timers on the linears) with qvl.layers.cpu_ops (the
+                C++ norm / rotary / attention / SiLU calls) off and on, alternating in the same process: the
+                medians of the time outside the linears and of tok/s, and of the paired tok/s speedups
 --kernels times each CPU bf16 candidate (torch's F.linear, the oneDNN prepacked bf16 weight, qvl's own
 qk-int8 / qk-int4 / bf16 kernels, both qk paths (in-register and dequant + GEMM) from 8 rows on, int8pack,
 int8group, int4pack, dequantize + F.linear) on the 2B decoder shapes (--head: and the LM head) at 1, 16
 and 256 rows, interleaved, each call on a weight evicted from the caches first, with the GB/s of weight
 each moves beside the copy bandwidth.
-Medians over --repeats. --threads defaults to 1 (on a shared machine oneDNN/OpenMP threads spin-wait on each
+Medians over --repeats. On a machine whose memory bandwidth moves from minute to minute, the ratios between
+variants measured here come from different moments: bench/quant_interleaved.py runs the variants in one
+process, taking turns, and takes each round's own ratio. --threads defaults to 1 (on a shared machine oneDNN/OpenMP threads spin-wait on each
 other). Prints one JSON line per variant and a table. Not a test: nothing is asserted.
 """
 from __future__ import annotations
@@ -217,18 +223,37 @@ def child(args) -> None:
         print(json.dumps(dict(variant=args.child, **profile_decode(model, eng, prompt, args.new_tokens,
                                                                    copy_bandwidth("cpu")))))
         return
-    dec = statistics.median(qvl_decode(eng, ids, args.new_tokens, dev)[0] for _ in range(args.repeats))
+    wbytes = _weight_bytes(model)
+    decs, bws = [], []                # the copy bandwidth beside each decode: the machine's load moves
+    for _ in range(args.repeats):
+        bws.append(copy_bandwidth(dev))
+        decs.append(qvl_decode(eng, ids, args.new_tokens, dev)[0])
+    dec, bw = statistics.median(decs), statistics.median(bws)
+    of_roof = statistics.median(d * wbytes / b for d, b in zip(decs, bws))
     thr = statistics.median(_throughput(eng, vocab, args.prompt_len, args.new_tokens, 16)
                             for _ in range(max(1, args.repeats - 1)))
-    bw = copy_bandwidth(dev)
-    wbytes = _weight_bytes(model)
+    ab = {}
+    if args.glue_ab:                  # qvl.layers.cpu_ops off and on, alternating, in this process
+        from qvl.layers import cpu_ops
+
+        runs = {True: [], False: []}
+        for _ in range(args.repeats):
+            for on in (False, True):
+                cpu_ops.ENABLED = on
+                runs[on].append(profile_decode(model, eng, ids[:1], args.new_tokens, bw))
+        cpu_ops.ENABLED = True
+        tok = {on: [r["decode_tok_s_with_timers"] for r in v] for on, v in runs.items()}
+        other = {on: [r["profile"]["other"]["ms_per_token"] for r in v] for on, v in runs.items()}
+        ab = dict(glue_off_other_ms=statistics.median(other[False]), glue_on_other_ms=statistics.median(other[True]),
+                  glue_off_tok_s=statistics.median(tok[False]), glue_on_tok_s=statistics.median(tok[True]),
+                  glue_speedup=round(statistics.median(a / b for a, b in zip(tok[True], tok[False])), 3))
     kernels = sorted({getattr(m, "kernel", None) for m in model.modules()} - {None})
     print(json.dumps(dict(variant=args.child, kernels=kernels or ["bf16 F.linear / packed"],
                           threads=torch.get_num_threads(), layers=config.num_hidden_layers,
                           rss_gb=round(rss / 1e9, 2), load_rss_gb=round((rss - before) / 1e9, 2),
                           weight_gb_per_token=round(wbytes / 1e9, 3), copy_bw_gb_s=round(bw / 1e9, 1),
                           decode_tok_s=round(dec, 2), roofline_tok_s=round(bw / wbytes, 2),
-                          of_roofline=round(dec * wbytes / bw, 3), batch16_tok_s=round(thr, 1))))
+                          of_roofline=round(of_roof, 3), batch16_tok_s=round(thr, 1), **ab)))
 
 
 def kernels(args) -> None:
@@ -317,6 +342,8 @@ def main() -> None:
     ap.add_argument("--head", action="store_true", help="--kernels: also the 151936 x 1536 LM head")
     ap.add_argument("--profile", action="store_true",
                     help="per-group time of one batch-1 decode (decoder linears, LM head, other) instead")
+    ap.add_argument("--glue-ab", action="store_true",
+                    help="also batch-1 decode with qvl.layers.cpu_ops off and on, alternating in one process")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -335,7 +362,8 @@ def main() -> None:
     for name in variants:
         cmd = [sys.executable, __file__, "--child", name, "--workdir", str(work), "--threads", str(args.threads), "--device", args.device,
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--repeats", str(args.repeats)] + (["--profile"] if args.profile else [])
+               "--repeats", str(args.repeats)] + (["--profile"] if args.profile else []) \
+            + (["--glue-ab"] if args.glue_ab else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
