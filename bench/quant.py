@@ -26,8 +26,7 @@ subprocess (load_model in bf16 + an LLMEngine without tokenizer):
 qk-int8 / qk-int4 / bf16 kernels, both qk paths (in-register and dequant + GEMM) from 8 rows on, int8pack,
 int8group, int4pack, dequantize + F.linear) on the 2B decoder shapes (--head: and the LM head) at 1, 16
 and 256 rows, interleaved, each call on a weight evicted from the caches first, with the GB/s of weight
-each moves beside the copy bandwidth (--hot: without the eviction, the same call just before each timed one,
-so a weight that fits the L3 shows what the kernel itself can do).
+each moves beside the copy bandwidth.
 Medians over --repeats. On a machine whose memory bandwidth moves from minute to minute, the ratios between
 variants measured here come from different moments: bench/quant_interleaved.py runs the variants in one
 process, taking turns, and takes each round's own ratio. --threads defaults to 1 (on a shared machine oneDNN/OpenMP threads spin-wait on each
@@ -315,10 +314,7 @@ def kernels(args) -> None:
                         for many in ((False, True) if "qk-" in name and rows >= 8 else (None,)):
                             if many is not None:             # both qk paths: in-register and dequant + GEMM
                                 qlinear.MANY_ROWS = 1 if many else 1 << 30
-                            if args.hot:             # the same call just before: W in the caches where it fits
-                                f(x)
-                            else:                    # 64 MiB read through the caches (clean lines): W from memory
-                                evict.sum()
+                            evict.sum()              # 64 MiB read through the caches (clean lines): W comes from memory
                             t0 = time.perf_counter()
                             f(x)
                             times.setdefault(name + (" (dequant+GEMM)" if many else ""), []).append(
@@ -344,8 +340,6 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="only the per-linear kernel timings")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 256], help="--kernels: input rows")
     ap.add_argument("--head", action="store_true", help="--kernels: also the 151936 x 1536 LM head")
-    ap.add_argument("--hot", action="store_true", help="--kernels: each call right after the same call (no "
-                    "eviction): a weight that fits the L3 is then read from it, which shows a kernel's own limit")
     ap.add_argument("--profile", action="store_true",
                     help="per-group time of one batch-1 decode (decoder linears, LM head, other) instead")
     ap.add_argument("--glue-ab", action="store_true",
