@@ -2,9 +2,9 @@
 
 At batch 1 a decode step's torch ops between the linears (RMSNorm is 9 of them, rotary 4, decode
 attention 10, SiLU and the product 2) each pay a dispatch and the cache misses of their own code right
-after a linear has streamed megabytes of weight through the caches: on the 2B int4 decode they were
-~25 ms of a ~130 ms step (1 thread, Zen 3). Here each is one call into qvl's CPU library
-(qvl/layers/cpu_kernels/glue.h, AVX2 + FMA):
+after a linear has streamed megabytes of weight through the caches. Here each is one call into qvl's CPU
+library (qvl/layers/cpu_kernels/glue.h, AVX2 + FMA): on the 2B int4 decode (1 thread, Zen 3) the time
+outside the linears and the LM head went from 32.3 to 23.9 ms a token (`bench/quant.py --glue-ab`).
 
     fast(x) -> bool       the ops below apply to x: CPU, bf16, no grad, the library built, AVX2 + FMA here
                           and ENABLED (a module switch: bench/quant.py --glue-ab turns it off and on
