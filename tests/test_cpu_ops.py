@@ -101,3 +101,18 @@ def test_decode_attention_strided_cache_and_threads():
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
     assert torch.equal(one, cpu_ops.decode_attention(q, kb.contiguous(), vb.contiguous(), scale=0.1))
+
+
+def test_shapes_the_library_refuses_take_the_torch_expressions():
+    from qvl.models.qwen2_vl.rope import apply_rotary
+    from qvl.models.qwen2_vl.text import RMSNorm
+
+    norm = RMSNorm(12, eps=1e-6).bfloat16()
+    x = _rand(3, 12, seed=13, scale=5)
+    xf = x.float()
+    with torch.inference_mode():
+        assert torch.equal(norm(x), norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16())
+        q, cos, sin = _rand(2, 3, 8, seed=14), _rand(2, 8, seed=15), _rand(2, 8, seed=16)      # head_dim 8
+        assert torch.equal(apply_rotary(q, cos, sin), (q * cos[:, None]).add_(q.roll(4, -1).mul_(sin[:, None])))
+    with pytest.raises(ValueError, match="rms_norm refused shape"):
+        cpu_ops.rms_norm(x, norm.weight, 1e-6)

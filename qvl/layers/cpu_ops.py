@@ -21,8 +21,9 @@ in another order and take e^x from a polynomial (~1 ulp of fp32), so a few outpu
 decode_attention computes scores, softmax and the weighted sum in fp32 (as the CPU bf16 path of
 qvl.layers.decode_attention does) and rounds once. Held to the bf16 criterion. Each output row (each
 sequence and head for attention) is computed alone: results do not depend on the batch or thread count.
-Tensors need unit stride in their last dim (rotary / attention: the heads contiguous too); others go to
-the torch expression (fast() does not look at strides: the functions make what they need contiguous).
+Shapes: RMSNorm and silu_mul need the last dim % 8 == 0, rotary and attention head_dim % 16 == 0, rotary
+one table row per token (the callers check; the C++ refuses others with a ValueError). Strides: fast()
+does not look at them, the functions make what they need contiguous (a view where it already is).
 """
 from __future__ import annotations
 

@@ -182,7 +182,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
     rotate_half(x)*sin, computed as x*cos + swap_halves(x)*sin_signed (same bits, fewer kernels). The
     swapped copy and the product are fresh tensors, so the multiply and the add run in place on them:
     each op still rounds to x's dtype on its own, as the out-of-place expression does."""
-    if x.dim() == 3 and cos.dtype == x.dtype and cpu_ops.fast(x):
+    if (x.dim() == 3 and x.shape[-1] % 16 == 0 and cos.dtype == x.dtype and cos.shape[0] == x.shape[0]
+            and cpu_ops.fast(x)):
         return cpu_ops.rotary(x, cos, sin_signed)           # the same bits in one call (CPU bf16)
     if cos.dim() == 2:
         cos, sin_signed = cos.unsqueeze(1), sin_signed.unsqueeze(1)  # (N, 1, D)

@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_ops.fast(x) and self.weight.dtype == x.dtype:
+        if cpu_ops.fast(x) and self.weight.dtype == x.dtype and x.shape[-1] % 8 == 0:
             return cpu_ops.rms_norm(x, self.weight, self.eps)      # the same math in one call (CPU bf16)
         xf = x.float()
         # x * rsqrt(mean(x^2) + eps) in fp32, then the cast, then the weight (SPEC 6). x * x is what pow(x, 2)
@@ -97,7 +97,7 @@ class Qwen2MLP(nn.Module):
         if torch.is_grad_enabled():
             return self.down_proj(F.silu(gate) * up)
         # inference: reuse the gate buffer (the (N, I) activations dominate prefill memory)
-        if cpu_ops.fast(gate):
+        if cpu_ops.fast(gate) and gate.shape[-1] % 8 == 0:
             return self.down_proj(cpu_ops.silu_mul(gate, up))
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
