@@ -10,29 +10,23 @@
 #pragma once
 #include <cmath>
 #include <vector>
-#include "common.h"
-
-#define QK_GLUE __attribute__((target("avx2,fma")))
+#include "avx2.h"                    // bf16x8, QK_AVX2
 
 namespace qk {
 
-QK_GLUE inline __m256 load_bf16x8(const uint16_t* p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
-QK_GLUE inline __m256 round_bf16x8(__m256 v) {              // to the nearest bf16, kept as fp32 (no NaNs here)
+QK_AVX2 inline __m256 round_bf16x8(__m256 v) {              // to the nearest bf16, kept as fp32 (no NaNs here)
     const __m256i u = _mm256_castps_si256(v);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
     return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int(0xFFFF0000u))));
 }
 
-QK_GLUE inline void store_bf16x8(uint16_t* p, __m256 v) {   // v already a bf16 value (round_bf16x8)
+QK_AVX2 inline void store_bf16x8(uint16_t* p, __m256 v) {   // v already a bf16 value (round_bf16x8)
     const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
     _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 }
 
-QK_GLUE inline float hsum_ps(__m256 v) {
+QK_AVX2 inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
@@ -40,7 +34,7 @@ QK_GLUE inline float hsum_ps(__m256 v) {
 
 // e^x: 2^n · e^r with n = round(x · log2 e), r = x − n · ln 2 (ln 2 in two parts), e^r by the degree-6
 // polynomial of Cephes' expf; x clamped to [-87.3, 88.4] (e^x of a smaller x is 2^-126, not 0).
-QK_GLUE inline __m256 exp8(__m256 x) {
+QK_AVX2 inline __m256 exp8(__m256 x) {
     x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -55,28 +49,28 @@ QK_GLUE inline __m256 exp8(__m256 x) {
 }
 
 // rows of H: x row r at x + r * sx, y row r at y + r * sy; w (H,). H % 8 == 0.
-QK_GLUE void rms_norm(const uint16_t* x, long sx, const uint16_t* w, uint16_t* y, long sy, int rows, int H, float eps) {
+QK_AVX2 void rms_norm(const uint16_t* x, long sx, const uint16_t* w, uint16_t* y, long sy, int rows, int H, float eps) {
     for (int r = 0; r < rows; ++r) {
         const uint16_t* xr = x + r * sx;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         int k = 0;
         for (; k + 16 <= H; k += 16) {
-            const __m256 u = load_bf16x8(xr + k), v = load_bf16x8(xr + k + 8);
+            const __m256 u = bf16x8(xr + k), v = bf16x8(xr + k + 8);
             a0 = _mm256_fmadd_ps(u, u, a0);
             a1 = _mm256_fmadd_ps(v, v, a1);
         }
-        for (; k < H; k += 8) { const __m256 u = load_bf16x8(xr + k); a0 = _mm256_fmadd_ps(u, u, a0); }
+        for (; k < H; k += 8) { const __m256 u = bf16x8(xr + k); a0 = _mm256_fmadd_ps(u, u, a0); }
         const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(hsum_ps(_mm256_add_ps(a0, a1)) / float(H) + eps));
         for (k = 0; k < H; k += 8) {
-            const __m256 n = round_bf16x8(_mm256_mul_ps(load_bf16x8(xr + k), inv));
-            store_bf16x8(y + r * sy + k, round_bf16x8(_mm256_mul_ps(load_bf16x8(w + k), n)));
+            const __m256 n = round_bf16x8(_mm256_mul_ps(bf16x8(xr + k), inv));
+            store_bf16x8(y + r * sy + k, round_bf16x8(_mm256_mul_ps(bf16x8(w + k), n)));
         }
     }
 }
 
 // x (N, heads, D): token n's heads at x + n * sx (heads · D contiguous); cos, sin (N, D) contiguous; y the
 // same shape at y + n * sy. D % 16 == 0.
-QK_GLUE void rotary(const uint16_t* x, long sx, const uint16_t* cs, const uint16_t* sn, uint16_t* y, long sy,
+QK_AVX2 void rotary(const uint16_t* x, long sx, const uint16_t* cs, const uint16_t* sn, uint16_t* y, long sy,
                     int N, int heads, int D) {
     const int half = D / 2;
     for (int n = 0; n < N; ++n)
@@ -85,28 +79,28 @@ QK_GLUE void rotary(const uint16_t* x, long sx, const uint16_t* cs, const uint16
             uint16_t* yh = y + n * sy + h * D;
             for (int d = 0; d < D; d += 8) {
                 const int o = d < half ? d + half : d - half;
-                const __m256 a = round_bf16x8(_mm256_mul_ps(load_bf16x8(xh + d), load_bf16x8(cs + size_t(n) * D + d)));
-                const __m256 b = round_bf16x8(_mm256_mul_ps(load_bf16x8(xh + o), load_bf16x8(sn + size_t(n) * D + d)));
+                const __m256 a = round_bf16x8(_mm256_mul_ps(bf16x8(xh + d), bf16x8(cs + size_t(n) * D + d)));
+                const __m256 b = round_bf16x8(_mm256_mul_ps(bf16x8(xh + o), bf16x8(sn + size_t(n) * D + d)));
                 store_bf16x8(yh + d, round_bf16x8(_mm256_add_ps(a, b)));
             }
         }
 }
 
 // g, u rows of I at g + r * sg, u + r * su; y row r at y + r * sy (may be g). I % 8 == 0.
-QK_GLUE void silu_mul(const uint16_t* g, long sg, const uint16_t* u, long su, uint16_t* y, long sy, int rows, int I) {
+QK_AVX2 void silu_mul(const uint16_t* g, long sg, const uint16_t* u, long su, uint16_t* y, long sy, int rows, int I) {
     const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
     for (int r = 0; r < rows; ++r)
         for (int k = 0; k < I; k += 8) {
-            const __m256 x = load_bf16x8(g + r * sg + k);
+            const __m256 x = bf16x8(g + r * sg + k);
             const __m256 s = round_bf16x8(_mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x)))));
-            store_bf16x8(y + r * sy + k, round_bf16x8(_mm256_mul_ps(s, load_bf16x8(u + r * su + k))));
+            store_bf16x8(y + r * sy + k, round_bf16x8(_mm256_mul_ps(s, bf16x8(u + r * su + k))));
         }
 }
 
 // q (B, nH, D) at q + b * sq (nH · D contiguous); k, v (B, L, nKV, D): sequence b's key l at
 // k + b * skb + l * skl (nKV · D contiguous), the same for v; mask (B, L) bytes (1 = attend) or null; out
 // (B, nH, D) contiguous. Query head i reads kv head i / (nH / nKV). A row with no key attended gives 0.
-QK_GLUE void decode_attention(const uint16_t* q, long sq, const uint16_t* k, long skb, long skl, const uint16_t* v,
+QK_AVX2 void decode_attention(const uint16_t* q, long sq, const uint16_t* k, long skb, long skl, const uint16_t* v,
                               long svb, long svl, const uint8_t* mask, uint16_t* out, int B, int L, int nH, int nKV,
                               int D, float scale, int nthreads) {
     const int g = nH / nKV;
@@ -114,15 +108,15 @@ QK_GLUE void decode_attention(const uint16_t* q, long sq, const uint16_t* k, lon
     for (int bh = 0; bh < B * nH; ++bh) {
         const int b = bh / nH, h = bh % nH, j = h / g;
         std::vector<float> qf(D), p((L + 7) / 8 * 8, -INFINITY), acc(D, 0.f);
-        for (int d = 0; d < D; d += 8) _mm256_storeu_ps(&qf[d], load_bf16x8(q + b * sq + h * D + d));
+        for (int d = 0; d < D; d += 8) _mm256_storeu_ps(&qf[d], bf16x8(q + b * sq + h * D + d));
         float mx = -INFINITY;
         for (int l = 0; l < L; ++l) {
             if (mask && !mask[size_t(b) * L + l]) continue;                  // p[l] stays -inf
             const uint16_t* kl = k + b * skb + l * skl + j * D;
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
             for (int d = 0; d < D; d += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d]), load_bf16x8(kl + d), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d + 8]), load_bf16x8(kl + d + 8), a1);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d]), bf16x8(kl + d), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d + 8]), bf16x8(kl + d + 8), a1);
             }
             p[l] = hsum_ps(_mm256_add_ps(a0, a1)) * scale;
             mx = p[l] > mx ? p[l] : mx;
@@ -143,7 +137,7 @@ QK_GLUE void decode_attention(const uint16_t* q, long sq, const uint16_t* k, lon
             const __m256 w = _mm256_set1_ps(p[l] * inv);
             const uint16_t* vl = v + b * svb + l * svl + j * D;
             for (int d = 0; d < D; d += 8)
-                _mm256_storeu_ps(&acc[d], _mm256_fmadd_ps(w, load_bf16x8(vl + d), _mm256_loadu_ps(&acc[d])));
+                _mm256_storeu_ps(&acc[d], _mm256_fmadd_ps(w, bf16x8(vl + d), _mm256_loadu_ps(&acc[d])));
         }
         for (int d = 0; d < D; d += 8) store_bf16x8(out + size_t(bh) * D + d, round_bf16x8(_mm256_loadu_ps(&acc[d])));
     }
