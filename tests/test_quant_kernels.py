@@ -119,14 +119,17 @@ def test_scalar_fallbacks_match(rows):
 @needs_native
 @pytest.mark.parametrize("bits, zeros", [(4, "awq"), (4, "sym"), (8, "sym")])
 @pytest.mark.parametrize("rows", [1, 2, 3, 16])
-def test_avx2_and_vnni_kernels_agree(bits, zeros, rows):
+@pytest.mark.parametrize("long", [False, True])
+def test_avx2_and_vnni_kernels_agree(bits, zeros, rows, long):
     """The AVX2 integer kernel (every x86-64 CPU with AVX2 + FMA) against the exact fp32 reference, and,
     where the CPU has AVX-512 VNNI too, bit for bit equal to the VNNI kernel (the same int32 block sums and
-    fp32 epilogue). 144 rows: a block of 8 panels and a partial one of 1."""
+    fp32 epilogue). 144 rows: a block of 8 panels and a partial one of 1. Long inputs: 25 (int4) / 14 (int8)
+    x blocks, which the one-row AVX2 kernel reads as 4 segments of 7 / 4 blocks, the last ones short."""
     group = 64 if bits == 4 else 256
-    qz, g = _random(bits, group, 144, 256, bits + rows, zeros)
+    k = (1600 if bits == 4 else 1792) if long else 256
+    qz, g = _random(bits, group, 144, k, bits + rows, zeros)
     w = _bound(bits, qz, zeros)
-    x = torch.randn(rows, 256, generator=g).bfloat16()
+    x = torch.randn(rows, k, generator=g).bfloat16()
     bias = torch.randn(144, generator=g)
     want = x.float() @ formats.dequantize(qz).t() + bias
     avx2 = w.matmul(x, bias, isa=2)

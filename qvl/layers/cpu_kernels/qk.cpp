@@ -66,7 +66,10 @@ int run_int(int bits, const uint16_t* x, const uint8_t* w, const float* s, const
         else
             tiles<2, 4, 8>(M, p0, p1, [&](auto nbk, auto mt, int p, int m) {
                 constexpr int NB = decltype(nbk)::value, MT = decltype(mt)::value;
-                if (bits == 4) int_panels_avx2<4, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
+                if constexpr (MT == 1 && NB == 8) {
+                    if (bits == 4) int_row_avx2<4, 4>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
+                    else int_row_avx2<8, 4>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
+                } else if (bits == 4) int_panels_avx2<4, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
                 else int_panels_avx2<8, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
             }, block);
     });
