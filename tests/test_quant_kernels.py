@@ -91,44 +91,52 @@ def test_kernel_matches_fp32_reference(bits, group, zeros, kernel, rows, n, has_
 
 @pytest.mark.skipif(not qk.available(), reason="no C++ compiler for qvl's CPU kernels")
 @pytest.mark.parametrize("rows", [1, 5])
-def test_scalar_fallbacks_match(rows):
-    """The library's portable paths (isa=0 and the target_clones dequantizers) on any CPU."""
+@pytest.mark.parametrize("il", [1, 8])
+def test_scalar_fallbacks_match(rows, il):
+    """The library's portable paths (isa=0 and the target_clones dequantizers) on any CPU, on both panel
+    orders (il 8: 48 rows = a partial block of 3 panels)."""
     qz, g = _random(4, 64, 48, 192, rows)
     w = formats.dequantize(qz)                                                            # (N, K) fp32
     x = torch.randn(rows, 192, generator=g).bfloat16()
     bias = torch.randn(48, generator=g)
     want = x.float() @ w.t() + bias
-    w4, s4 = qk.pack_int4(qz.q), qk.pack_groups(qz.scales)
+    w4, s4 = qk.pack_int4(qz.q, il), qk.pack_groups(qz.scales)
     z = qk.pack_groups(qz.zeros.to(torch.uint8))
-    _close(qk.int4_mm(x, w4, s4, z, 0, 64, bias, isa=0), want)
-    blk = qk.dequant4_rows(w4, s4, z, 0, 64, 0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
+    b4 = qk.QuantWeight(4, w4, s4, z, 0, 64, il)
+    _close(b4.matmul(x, bias, isa=0), want)
+    blk = b4.dequant_rows(0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
     assert torch.equal(blk, w.bfloat16())                                    # RNE, as torch rounds
     q8, _ = _random(8, 32, 48, 192, rows, "sym")
-    w8 = qk.pack_int8((q8.q.to(torch.int16) - 128).to(torch.int8))
+    w8 = qk.pack_int8((q8.q.to(torch.int16) - 128).to(torch.int8), il)
     want8 = x.float() @ formats.dequantize(q8).t()
     s8 = qk.pack_groups(q8.scales)
-    _close(qk.int8_mm(x, w8, s8, 32, None, isa=0), want8)
-    blk8 = qk.dequant8_rows(w8, s8, 32, 0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
+    b8 = qk.QuantWeight(8, w8, s8, group=32, il=il)
+    _close(b8.matmul(x, isa=0), want8)
+    blk8 = b8.dequant_rows(0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
     assert torch.equal(blk8, formats.dequantize(q8).bfloat16())
     with pytest.raises(ValueError, match="qvl CPU kernel int8 refused its input"):      # N % 16 != 0
         qk.int8_mm(x, w8[:36].contiguous(), s8, 32, None, isa=0)
     with pytest.raises(ValueError, match="qvl CPU kernel int4 refused its input"):      # K = 96: not whole groups
         qk.int4_mm(x[:, :96].contiguous(), w4[:, :48].contiguous(), s4, z, 0, 64, isa=0)
+    with pytest.raises(ValueError, match="qvl CPU kernel int4 refused its input"):      # no such panel order
+        qk.QuantWeight(4, w4, s4, z, 0, 64, il=4).matmul(x, isa=0)
 
 
 @needs_native
 @pytest.mark.parametrize("bits, zeros", [(4, "awq"), (4, "sym"), (8, "sym")])
 @pytest.mark.parametrize("rows", [1, 2, 3, 16])
 @pytest.mark.parametrize("long", [False, True])
-def test_avx2_and_vnni_kernels_agree(bits, zeros, rows, long):
+@pytest.mark.parametrize("il", [1, 8])
+def test_avx2_and_vnni_kernels_agree(bits, zeros, rows, long, il):
     """The AVX2 integer kernel (every x86-64 CPU with AVX2 + FMA) against the exact fp32 reference, and,
     where the CPU has AVX-512 VNNI too, bit for bit equal to the VNNI kernel (the same int32 block sums and
     fp32 epilogue). 144 rows: a block of 8 panels and a partial one of 1. Long inputs: 25 (int4) / 14 (int8)
-    x blocks, which the one-row AVX2 kernel reads as 4 segments of 7 / 4 blocks, the last ones short."""
+    x blocks, which the one-row AVX2 kernel reads on il 8 as 4 segments of 7 / 4 blocks, the last ones short
+    (on il 1: 4-panel tiles, each panel a stream). Both panel orders, whatever this CPU packs by default."""
     group = 64 if bits == 4 else 256
     k = (1600 if bits == 4 else 1792) if long else 256
     qz, g = _random(bits, group, 144, k, bits + rows, zeros)
-    w = _bound(bits, qz, zeros)
+    w = _bound(bits, qz, zeros, il)
     x = torch.randn(rows, k, generator=g).bfloat16()
     bias = torch.randn(144, generator=g)
     want = x.float() @ formats.dequantize(qz).t() + bias
@@ -138,12 +146,12 @@ def test_avx2_and_vnni_kernels_agree(bits, zeros, rows, long):
         assert torch.equal(w.matmul(x, bias, isa=1), avx2)
 
 
-def _bound(bits, qz, zeros):
+def _bound(bits, qz, zeros, il=None):
     if bits == 4:
         z = qk.pack_groups(qz.zeros.to(torch.uint8)) if zeros == "awq" else None
-        return qk.QuantWeight(4, qk.pack_int4(qz.q), qk.pack_groups(qz.scales), z, 8, qz.group)
-    return qk.QuantWeight(8, qk.pack_int8((qz.q.to(torch.int16) - 128).to(torch.int8)), qk.pack_groups(qz.scales),
-                          group=qz.group)
+        return qk.QuantWeight(4, qk.pack_int4(qz.q, il), qk.pack_groups(qz.scales), z, 8, qz.group, il)
+    return qk.QuantWeight(8, qk.pack_int8((qz.q.to(torch.int16) - 128).to(torch.int8), il), qk.pack_groups(qz.scales),
+                          group=qz.group, il=il)
 
 
 # The many-row path's dequantizers: Wᵀ blocks (AVX-512 BF16, dequant.h, and the scalar code) and W rows,
@@ -152,10 +160,11 @@ def _bound(bits, qz, zeros):
 # from panel 0 and from panel 1 (no whole block).
 @pytest.mark.skipif(not qk.available(), reason="no C++ compiler for qvl's CPU kernels")
 @pytest.mark.parametrize("bits, group, zeros", [(4, 32, "awq"), (4, 128, "sym"), (8, 64, "sym"), (8, 256, "sym")])
-def test_dequantizers_exact_over_threads(bits, group, zeros, monkeypatch):
+@pytest.mark.parametrize("il", [1, 8])
+def test_dequantizers_exact_over_threads(bits, group, zeros, il, monkeypatch):
     qz, g = _random(bits, group, 208, 512, bits + group, zeros)
     want = formats.dequantize(qz).bfloat16()                                             # (N, K)
-    w = _bound(bits, qz, zeros)
+    w = _bound(bits, qz, zeros, il)
     threads = torch.get_num_threads()
     try:
         for nt in (1, 3):

@@ -13,17 +13,19 @@ figures.
                                the widened weight, cpu_kernels/bf16.h), 0 none
   int_isa() -> int             the integer kernels' best ISA here: 1 AVX-512 VNNI, 2 AVX2 + FMA, 0 none
   native_int() -> bool         int_isa() > 0: the integer kernels run vectorized on this CPU
-  pack_int4(q (N, K) uint8) -> (N, K/2) uint8, pack_int8(w8 (N, K) int8) -> (N, K) uint8: the kernels'
-               16-row panels, 64 bytes per step of the input dim, interleaved in blocks of 8 panels
-               (one sequential stream a block); weights with N % 128 == 0 concatenate along N as a cat
+  pack_int4(q (N, K) uint8, il) -> (N, K/2) uint8, pack_int8(w8 (N, K) int8, il) -> (N, K) uint8: the
+               kernels' 16-row panels, 64 bytes per step of the input dim, interleaved in blocks of 8
+               panels (il 8: one sequential stream a block, the VNNI kernel's) or panel after panel (il
+               1, the AVX2 kernels'); interleave() -> this CPU's choice, the default; weights with
+               N % 128 == 0 concatenate along N as a cat
   pack_groups(t (G, N)) -> (N/16, G, 16) storage: scales and zeros, blocked like the weights
-  QuantWeight(bits, w, s, z, zc, group)   one layer's weight bound to the library (what QuantLinear holds):
+  QuantWeight(bits, w, s, z, zc, group, il)   one layer's weight bound to the library (what QuantLinear holds):
     .matmul(x, bias) -> (M, N) bf16       few rows: integers against int8-quantized x in registers
     .dequant_matmul(x, bias) -> (M, N)    many rows: Wᵀ dequantized in bf16 blocks, each through torch.mm
     .dequant_t(n0, n1, out)               columns [n0, n1) of Wᵀ = ((q − z)·s)ᵀ in bf16, out (K, n1 − n0):
                                           AVX-512 BF16 (cpu_kernels/dequant.h) where native(), else scalar
     .dequant_rows(n0, n1, out)            rows of W in bf16, out (n1 − n0, K) (the scalar code)
-  int4_mm / int8_mm / dequant4_rows / dequant8_rows   the same as one-off calls (tests, bench)
+  int4_mm / int8_mm   the same as one-off calls (tests)
   pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias, isa=None) -> (M, N) bf16
 Packed weights, scales and zeros of 64 KiB and more live on transparent huge pages (qvl.layers.huge_pages).
 int4: W = (q − z)·s, w4 from pack_int4, z packed (uint8) or None (then zc everywhere); int8: W = w8·s, w8
@@ -65,11 +67,11 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {}
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-_SIGS = {"qk_int4": [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I],
-         "qk_int8": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
+_SIGS = {"qk_int4": [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I],
+         "qk_int8": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I],
          "qk_bf16": [_P, _P, _P, _P, _I, _I, _I, _I, _I],
-         "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I],
-         "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I],
+         "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I],
+         "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I],
          # the glue ops (qvl.layers.cpu_ops); _L strides in elements, _F eps / scale
          "qk_rms_norm": [_P, _L, _P, _P, _L, _I, _I, _F],
          "qk_rotary": [_P, _L, _P, _P, _P, _L, _I, _I, _I],
@@ -185,10 +187,20 @@ def _check(rc: int, what: str) -> None:
         raise ValueError(f"qvl CPU kernel {what} refused its input (code {rc}: -1 shape, -2 ISA)")
 
 
-def _blocked(panels: torch.Tensor) -> torch.Tensor:
-    """(P, steps, E), panel after panel -> blocks of 8 panels interleaved per step (the last block may hold
-    fewer), flat, in the kernels' order (cpu_kernels/common.h): weights (E = 64 bytes), scales and zeros
-    (steps = groups, E = 16 values)."""
+def interleave() -> int:
+    """How pack_int4 / pack_int8 order their panels here (cpu_kernels/common.h): 8, in blocks of 8 panels
+    interleaved per step, where the VNNI kernel runs (a block is then one stream); 1, panel after panel,
+    for the AVX2 kernels (a one-row tile reads 4 panels as 4 streams: int8 1.30x, int4 1.16-1.39x the
+    blocked layout's rate from DRAM on Zen 3, 1 thread). Every kernel reads both."""
+    return 8 if int_isa() == 1 else 1
+
+
+def _blocked(panels: torch.Tensor, il: int = 8) -> torch.Tensor:
+    """(P, steps, E), panel after panel -> flat in the kernels' order (cpu_kernels/common.h): il 8, blocks
+    of 8 panels interleaved per step (the last block may hold fewer); il 1, as they are. Weights (E = 64
+    bytes), scales and zeros (always il 8; steps = groups, E = 16 values)."""
+    if il == 1:
+        return panels.reshape(-1)
     p, steps, e = panels.shape
     full = p // 8 * 8
     head = panels[:full].view(p // 8, 8, steps, e).transpose(1, 2).reshape(-1)             # (B, steps, 8, E)
@@ -196,23 +208,25 @@ def _blocked(panels: torch.Tensor) -> torch.Tensor:
     return torch.cat((head, tail))
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
+def pack_int4(q: torch.Tensor, il: int | None = None) -> torch.Tensor:
     """(N, K) integers in [0, 16) -> the kernels' layout, stored as (N, K/2) uint8 (N % 16 == 0, K % 8 ==
     0): per panel of 16 rows and 8 columns, 64 bytes, byte 4r + j = q[r, k + j] | q[r, k + 4 + j] << 4;
-    panels interleaved in blocks of 8."""
+    panels interleaved il (None: interleave()) at a time."""
+    il = interleave() if il is None else il
     n, k = q.shape
     c = q.to(torch.uint8).view(n // 16, 16, k // 8, 2, 4)                                  # (P, r, K/8, half, j)
     b = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).transpose(1, 2)                              # (P, K/8, r, j)
-    return on_huge_pages(_blocked(b.reshape(n // 16, k // 8, 64)).view(n, k // 2))         # (N, K/2) storage
+    return on_huge_pages(_blocked(b.reshape(n // 16, k // 8, 64), il).view(n, k // 2))     # (N, K/2) storage
 
 
-def pack_int8(w8: torch.Tensor) -> torch.Tensor:
+def pack_int8(w8: torch.Tensor, il: int | None = None) -> torch.Tensor:
     """(N, K) int8 -> the kernels' layout of w8 + 128 as uint8 (N % 16 == 0, K % 4 == 0): per panel and 4
-    columns, 64 bytes, bytes 4r .. 4r + 3 = row r's; panels interleaved in blocks of 8."""
+    columns, 64 bytes, bytes 4r .. 4r + 3 = row r's; panels interleaved il (None: interleave()) at a time."""
+    il = interleave() if il is None else il
     n, k = w8.shape
     u = (w8.to(torch.int16) + 128).to(torch.uint8)                                          # (N, K)
     b = u.view(n // 16, 16, k // 4, 4).transpose(1, 2)                                      # (P, K/4, r, 4)
-    return on_huge_pages(_blocked(b.reshape(n // 16, k // 4, 64)).view(n, k))              # (N, K) storage
+    return on_huge_pages(_blocked(b.reshape(n // 16, k // 4, 64), il).view(n, k))          # (N, K) storage
 
 
 def pack_groups(t: torch.Tensor) -> torch.Tensor:
@@ -226,24 +240,25 @@ def pack_groups(t: torch.Tensor) -> torch.Tensor:
 class QuantWeight:
     """One layer's integer weight bound to the library once (pointers and shapes resolved here, so a decode
     call costs one ctypes call): bits 4 -> w from pack_int4, z from pack_groups (uint8) or None (zc
-    everywhere); bits 8 -> w from pack_int8, z unused; s from pack_groups (fp32). Holds its tensors: the
-    pointers stay valid."""
+    everywhere); bits 8 -> w from pack_int8, z unused; s from pack_groups (fp32); il: the interleave w was
+    packed with (None: interleave()). Holds its tensors: the pointers stay valid."""
 
     def __init__(self, bits: int, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None = None, zc: int = 0,
-                 group: int = 128) -> None:
+                 group: int = 128, il: int | None = None) -> None:
         lib = _lib()
+        il = interleave() if il is None else il
         self.bits, self.w, self.s, self.z = bits, w, s, z
         n, k = w.shape[0], w.shape[1] * (2 if bits == 4 else 1)
         self.n, self.k = n, k
         wp, sp, zp = _ptr(w), _ptr(s), _ptr(z)
         if bits == 4:
             mm, dq = lib.qk_int4, lib.qk_dequant4
-            self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, zp, zc, yp, bp, m, n, k, group, isa, nt)
-            self._dq = lambda op, ld, n0, n1, tr, isa, nt: dq(wp, sp, zp, zc, op, ld, n, k, group, n0, n1, tr, isa, nt)
+            self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, zp, zc, yp, bp, m, n, k, group, il, isa, nt)
+            self._dq = lambda op, ld, n0, n1, tr, isa, nt: dq(wp, sp, zp, zc, op, ld, n, k, group, il, n0, n1, tr, isa, nt)
         else:
             mm, dq = lib.qk_int8, lib.qk_dequant8
-            self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, yp, bp, m, n, k, group, isa, nt)
-            self._dq = lambda op, ld, n0, n1, tr, isa, nt: dq(wp, sp, op, ld, n, k, group, n0, n1, tr, isa, nt)
+            self._mm = lambda xp, yp, bp, m, isa, nt: mm(xp, wp, sp, yp, bp, m, n, k, group, il, isa, nt)
+            self._dq = lambda op, ld, n0, n1, tr, isa, nt: dq(wp, sp, op, ld, n, k, group, il, n0, n1, tr, isa, nt)
         self._bias: tuple = (None, None)
         self.isa = int_isa()
 
@@ -309,14 +324,6 @@ def bf16_mm(x, w, bias=None, *, isa: int | None = None) -> torch.Tensor:
     b = None if bias is None else bias.float().contiguous()
     _check(_lib().qk_bf16(_ptr(x), _ptr(w), _ptr(y), _ptr(b), m, w.shape[0], k, isa, torch.get_num_threads()), "bf16")
     return y
-
-
-def dequant4_rows(w4, s, z, zc: int, group: int, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-    return QuantWeight(4, w4, s, z, zc, group).dequant_rows(n0, n1, out)
-
-
-def dequant8_rows(w8, s, group: int, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-    return QuantWeight(8, w8, s, group=group).dequant_rows(n0, n1, out)
 
 
 def _rows_of(out: torch.Tensor, rows: int, cols: int) -> tuple[int, int]:

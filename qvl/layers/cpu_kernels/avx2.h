@@ -9,14 +9,9 @@
 // The int32 block sums are the VNNI kernel's exactly (the same quantized x, quantize_rows_avx2 rounding
 // as quantize_rows), and so is the fp32 epilogue, op for op: the two ISAs give the same bits.
 #pragma once
-#include <vector>
-
 #include "common.h"
 
 #define QK_AVX2 __attribute__((target("avx2,fma")))
-#ifndef QK_PF
-#define QK_PF 4              // steps ahead the AVX2 tiles prefetch their panels (2 KiB for a whole block)
-#endif
 
 namespace qk {
 
@@ -108,11 +103,11 @@ QK_AVX2 inline __m256 block_d_avx2(__m256i acc, const uint8_t* z, float zc, size
 // Zen 3, weight from DRAM: int4 at 16 rows 4.5 ms with 2 x 2 tiles, 5.6 with 4 x 2. One row: int_row_avx2.
 template <int BITS, int NB, int MT>
 QK_AVX2 void int_panels_avx2(const int8_t* xq, const float* sx, const float* sm, const uint8_t* w, const float* s,
-                             const uint8_t* z, float zc, Out y, int K, int group, int XB, int p0, int m0) {
+                             const uint8_t* z, float zc, Out y, int K, int group, int il, int XB, int p0, int m0) {
     constexpr int STEP = BITS == 4 ? 8 : 4;
     const int G = K / group, nb = K / XB;
-    const Blocks blocks{y.N / 16, size_t(K / STEP)};
-    const size_t step = blocks.step_bytes(p0);
+    const Blocks blocks{y.N / 16, size_t(K / STEP), il};
+    const size_t step = blocks.step_bytes(p0), pb = blocks.panel_bytes();
     alignas(32) float tot[NB][MT][16] = {};
     for (int blk = 0; blk < nb; ++blk) {
         __m256i acc[NB][MT][2];
@@ -124,8 +119,7 @@ QK_AVX2 void int_panels_avx2(const int8_t* xq, const float* sx, const float* sm,
         for (int t = 0; t < XB / STEP; ++t, wk += step, xk += STEP) {
             __m256i xv[MT][2];
             for (int b = 0; b < MT; ++b) xwords_avx2<BITS>(xk + size_t(b) * K, xv[b]);
-            for (int a = 0; a < NB; ++a) _mm_prefetch((const char*)(wk + QK_PF * step + a * 64), _MM_HINT_T0);
-            for (int a = 0; a < NB; ++a) step_avx2<BITS, MT>(wk + a * 64, xv, acc[a]);
+            for (int a = 0; a < NB; ++a) step_avx2<BITS, MT>(wk + a * pb, xv, acc[a]);
         }
         for (int a = 0; a < NB; ++a)
             for (int h = 0; h < 2; ++h) {
@@ -142,64 +136,6 @@ QK_AVX2 void int_panels_avx2(const int8_t* xq, const float* sx, const float* sm,
     for (int a = 0; a < NB; ++a)
         for (int b = 0; b < MT; ++b)
             for (int i = 0; i < 16; ++i) y.put(m0 + b, (p0 + a) * 16 + i, tot[a][b][i]);
-}
-
-// One input row over a whole block of 8 panels (p0, full), the input dim cut into S segments of whole
-// x blocks that are read in lockstep, a 64-byte line of each in turn: S sequential streams. One stream
-// reads what the hardware prefetcher keeps ahead of it (Zen 3, 1 thread, a read-only loop: 9.5-11 GB/s);
-// four interleaved streams 1.38-1.5x that, eight 1.08x, four in chunks of 2 KiB or more 1.0x, and a
-// software prefetch ahead of one stream 0.84-0.96x. The blocks' d values wait in `stash` so the fp32
-// epilogue then runs in block order: int_panels_avx2's (and the VNNI kernel's) bits.
-template <int BITS, int S>
-QK_AVX2 void int_row_avx2(const int8_t* xq, const float* sx, const float* sm, const uint8_t* w, const float* s,
-                          const uint8_t* z, float zc, Out y, int K, int group, int XB, int p0, int m0) {
-    constexpr int STEP = BITS == 4 ? 8 : 4;
-    const int G = K / group, nb = K / XB, T = XB / STEP, per = (nb + S - 1) / S;
-    const Blocks blocks{y.N / 16, size_t(K / STEP)};
-    const size_t step = blocks.step_bytes(p0);
-    static thread_local std::vector<float> stash;
-    if (stash.size() < size_t(nb) * 128) stash.resize(size_t(nb) * 128);
-    float* dv = stash.data();                                   // (nb, 8 panels, 16 rows)
-    const int8_t* xr = xq + size_t(m0) * K;
-    for (int i = 0; i < per; ++i) {
-        const int live = (nb - i + per - 1) / per < S ? (nb - i + per - 1) / per : S;   // segments with block i
-        int blk[S];
-        for (int sg = 0; sg < S; ++sg) blk[sg] = sg < live ? sg * per + i : i;   // a dead one redoes i, unused
-        __m256i acc[S][8][1][2];                                    // [1]: step_avx2's one row
-        for (int sg = 0; sg < S; ++sg)
-            for (int a = 0; a < 8; ++a) acc[sg][a][0][0] = acc[sg][a][0][1] = _mm256_setzero_si256();
-        for (int t = 0; t < T; ++t) {
-            __m256i xv[S][1][2];
-            const uint8_t* wk[S];
-            for (int sg = 0; sg < S; ++sg) {
-                xwords_avx2<BITS>(xr + size_t(blk[sg]) * XB + t * STEP, xv[sg][0]);
-                wk[sg] = w + blocks.at(p0, size_t(blk[sg]) * T + t);
-            }
-            for (int a = 0; a < 8; ++a)
-                for (int sg = 0; sg < S; ++sg) step_avx2<BITS, 1>(wk[sg] + a * 64, xv[sg], acc[sg][a]);
-        }
-        for (int sg = 0; sg < live; ++sg) {
-            const int g = blk[sg] * XB / group;
-            for (int a = 0; a < 8; ++a)
-                for (int h = 0; h < 2; ++h)
-                    _mm256_storeu_ps(dv + size_t(blk[sg]) * 128 + a * 16 + 8 * h,
-                                     block_d_avx2(acc[sg][a][0][h], z, zc, atg((p0 + a) * 16, g, y.N, G) + 8 * h,
-                                                  sm[size_t(m0) * nb + blk[sg]]));
-        }
-    }
-    alignas(32) float tot[8][16] = {};
-    for (int b = 0; b < nb; ++b) {
-        const int g = b * XB / group;
-        const __m256 sxv = _mm256_set1_ps(sx[size_t(m0) * nb + b]);
-        for (int a = 0; a < 8; ++a)
-            for (int h = 0; h < 2; ++h) {
-                const __m256 sv = _mm256_loadu_ps(s + atg((p0 + a) * 16, g, y.N, G) + 8 * h);
-                _mm256_store_ps(tot[a] + 8 * h, _mm256_fmadd_ps(_mm256_loadu_ps(dv + size_t(b) * 128 + a * 16 + 8 * h),
-                                                                _mm256_mul_ps(sv, sxv), _mm256_load_ps(tot[a] + 8 * h)));
-            }
-    }
-    for (int a = 0; a < 8; ++a)
-        for (int i = 0; i < 16; ++i) y.put(m0, (p0 + a) * 16 + i, tot[a][i]);
 }
 
 }  // namespace qk

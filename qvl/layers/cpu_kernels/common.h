@@ -28,23 +28,31 @@ struct Out {
 //   int8: a step is 4 columns, row r's w[r, k..k+3] + 128 as 4 unsigned bytes at 4r (one vpdpbusd lane);
 //   int4: a step is 8 columns, byte 4r + j holds q[r, k + j] in its low nibble and q[r, k + 4 + j] in its
 //         high one (one AND, or a shift and an AND, gives the vpdpbusd lane of 4 columns).
-// The integer panels are interleaved in blocks of 8 (128 output rows; the last block may hold fewer):
-// per step the block's panels' 64 bytes lie side by side, so the decode kernel, which walks a whole block
-// at once, reads one sequential stream (8 separate panel streams read 16-18 GB/s where a copy read 20-21,
-// one stream 20-22, 2-core EPYC, shared). Per-group scales and zeros are blocked the same way (atg).
-// Several linears concatenated along N are one weight (the fused q/k/v and gate/up) when every one but
-// the last fills whole blocks (N % 128 == 0).
+// The integer panels come in one of two orders, the packer's choice (`il`, passed with every call):
+//   il 8: interleaved in blocks of 8 (128 output rows; the last block may hold fewer): per step the
+//         block's panels' 64 bytes lie side by side, so a tile over a whole block reads one sequential
+//         stream (the VNNI kernel: 8 separate panel streams read 16-18 GB/s where a copy read 20-21, one
+//         stream 20-22, 2-core Zen 4, shared);
+//   il 1: panel after panel (the AVX2 kernels: a one-row tile over 4 panels reads 4 sequential streams,
+//         which the hardware prefetcher keeps further ahead than one, avx2.h).
+// Either way a block of 8 panels is one contiguous range (the unit of the thread split and of the
+// many-row tiles' L2 prefetch). Per-group scales and zeros are always blocked by 8 (atg). Several linears
+// concatenated along N are one weight (the fused q/k/v and gate/up) when every one but the last fills
+// whole blocks (N % 128 == 0).
 struct Blocks {                        // where panel p's step t starts, in bytes, for steps of 64 bytes
-    int P; size_t steps;               // panels, steps per panel
+    int P; size_t steps; int il = 8;   // panels, steps per panel, interleave (8 or 1)
+    int in(int p) const { const int b = p / 8 * 8; return P - b < 8 ? P - b : 8; }    // panels in p's block
     size_t at(int p, size_t t) const {
-        const int b = p / 8, in = (P - b * 8) < 8 ? P - b * 8 : 8;
-        return (size_t(b) * 8 * steps + t * in + p % 8) * 64;
+        if (il == 1) return (size_t(p) * steps + t) * 64;
+        return (size_t(p / 8) * 8 * steps + t * in(p) + p % 8) * 64;
     }
-    size_t step_bytes(int p) const { const int b = p / 8; return size_t((P - b * 8) < 8 ? P - b * 8 : 8) * 64; }
+    size_t step_bytes(int p) const { return il == 1 ? 64 : size_t(in(p)) * 64; }       // step t to t + 1
+    size_t panel_bytes() const { return il == 1 ? steps * 64 : 64; }   // panel p to p + 1 (in one block)
+    size_t block_bytes(int p) const { return size_t(in(p)) * steps * 64; }            // p's whole block
 };
-inline size_t at8(int n, int k, int N, int K) { return Blocks{N / 16, size_t(K / 4)}.at(n / 16, k / 4) + (n % 16) * 4 + k % 4; }
-inline size_t at4(int n, int k, int N, int K) { return Blocks{N / 16, size_t(K / 8)}.at(n / 16, k / 8) + (n % 16) * 4 + k % 4; }
-inline int nib4(const uint8_t* w, int n, int k, int N, int K) { const uint8_t b = w[at4(n, k, N, K)]; return k % 8 < 4 ? b & 15 : b >> 4; }
+inline size_t at8(int n, int k, int N, int K, int il) { return Blocks{N / 16, size_t(K / 4), il}.at(n / 16, k / 4) + (n % 16) * 4 + k % 4; }
+inline size_t at4(int n, int k, int N, int K, int il) { return Blocks{N / 16, size_t(K / 8), il}.at(n / 16, k / 8) + (n % 16) * 4 + k % 4; }
+inline int nib4(const uint8_t* w, int n, int k, int N, int K, int il) { const uint8_t b = w[at4(n, k, N, K, il)]; return k % 8 < 4 ? b & 15 : b >> 4; }
 // Scales and zeros, per group of one panel 16 values (the 16 rows'), blocked like the weights: per group
 // the block's panels' values side by side, so a block's scales are one stream too.
 inline size_t atg(int n, int g, int N, int G) { return Blocks{N / 16, size_t(G)}.at(n / 16, g) / 4 + n % 16; }
@@ -89,9 +97,8 @@ void block_rows(int M, int pb, int pe, int& m, Tile tile) {
 
 // block(pb, pe) runs before a block's tiles (the integer kernels prefetch the block there). MAXMT: the
 // most rows a tile takes (4 for the VNNI integers: a broadcast x word then serves 2 panels, which costs
-// fewer instructions per multiply than 8 rows x 1 panel, measured at 16 rows); MAXMT <= PROD. PROD1: the
-// panels of a one-row tile (8, a whole block: its reads are then one sequential stream, not two strided).
-template <int MAXMT, int PROD, int PROD1 = PROD, typename Tile, typename Block>
+// fewer instructions per multiply than 8 rows x 1 panel, measured at 16 rows); MAXMT <= PROD.
+template <int MAXMT, int PROD, typename Tile, typename Block>
 void tiles(int M, int p0, int p1, Tile tile, Block block) {
     for (int pb = p0; pb < p1; pb += 8) {
         const int pe = pb + 8 < p1 ? pb + 8 : p1;
@@ -100,7 +107,7 @@ void tiles(int M, int p0, int p1, Tile tile, Block block) {
         if constexpr (MAXMT >= 8) block_rows<8, PROD>(M, pb, pe, m, tile);
         if constexpr (MAXMT >= 4) block_rows<4, PROD>(M, pb, pe, m, tile);
         block_rows<2, PROD>(M, pb, pe, m, tile);
-        block_rows<1, PROD1>(M, pb, pe, m, tile);
+        block_rows<1, PROD>(M, pb, pe, m, tile);
     }
 }
 

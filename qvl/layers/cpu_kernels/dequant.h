@@ -44,7 +44,7 @@ QK_DQ inline void dq4_panels(const uint8_t* w, const float* s, const uint8_t* z,
         for (int k = g * group; k < (g + 1) * group; k += 8, src += step) {
             uint16_t* o = col + size_t(k) * ld;
             for (int i = 0; i < NP; ++i) {
-                const __m512i v = _mm512_loadu_si512(src + 64 * i);
+                const __m512i v = _mm512_loadu_si512(src + B.panel_bytes() * i);
                 for (int j = 0; j < 4; ++j) {                     // unrolled: the shifts are immediates
                     dq_col(v, 8 * j, m4, zm[i], sc[i], o + size_t(j) * ld + 16 * i);
                     dq_col(v, 8 * j + 4, m4, zm[i], sc[i], o + size_t(j + 4) * ld + 16 * i);
@@ -69,7 +69,7 @@ QK_DQ inline void dq8_panels(const uint8_t* w, const float* s, uint16_t* out, Bl
         for (int k = g * group; k < (g + 1) * group; k += 4, src += step) {
             uint16_t* o = col + size_t(k) * ld;
             for (int i = 0; i < NP; ++i) {
-                const __m512i v = _mm512_loadu_si512(src + 64 * i);
+                const __m512i v = _mm512_loadu_si512(src + B.panel_bytes() * i);
                 for (int j = 0; j < 4; ++j) dq_col(v, 8 * j, m8, zm, sc[i], o + size_t(j) * ld + 16 * i);
             }
         }
@@ -89,15 +89,15 @@ inline void dq_walk(int p0, int p1, Run run) {
 
 // Panels [p0, p1) of the int4 weight (N rows in all) into out (K, ld): out[k, n − n0] = W[n, k].
 QK_DQ void dequant4_t(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
-                      int group, int n0, int ld, int p0, int p1) {
-    const Blocks B{N / 16, size_t(K / 8)};
+                      int group, int il, int n0, int ld, int p0, int p1) {
+    const Blocks B{N / 16, size_t(K / 8), il};
     dq_walk(p0, p1, [&](auto np, int p) { dq4_panels<decltype(np)::value>(w, s, z, zc, out, B, K, group, n0, ld, p); });
 }
 
 // Panels [p0, p1) of the int8 weight (stored w + 128) into out (K, ld).
-QK_DQ void dequant8_t(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int ld,
-                      int p0, int p1) {
-    const Blocks B{N / 16, size_t(K / 4)};
+QK_DQ void dequant8_t(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int il, int n0,
+                      int ld, int p0, int p1) {
+    const Blocks B{N / 16, size_t(K / 4), il};
     dq_walk(p0, p1, [&](auto np, int p) { dq8_panels<decltype(np)::value>(w, s, out, B, K, group, n0, ld, p); });
 }
 

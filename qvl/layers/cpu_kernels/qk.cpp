@@ -1,11 +1,11 @@
 // qvl's CPU kernels, the C ABI that qvl.layers.quant_kernels calls through ctypes (compiled on first use).
-//   qk_int4(x, w, s, z, zc, y, bias, M, N, K, group, isa, nthreads)   4-bit weights (q − z)·s
-//   qk_int8(x, w, s, y, bias, M, N, K, group, isa, nthreads)          8-bit weights w·s (w = q − z as int8)
+//   qk_int4(x, w, s, z, zc, y, bias, M, N, K, group, il, isa, nthreads)   4-bit weights (q − z)·s
+//   qk_int8(x, w, s, y, bias, M, N, K, group, il, isa, nthreads)          8-bit weights w·s (w = q − z as int8)
 //   qk_bf16(x, w, y, bias, M, N, K, isa, nthreads)                    bf16 weights in 16-row panels
-//   qk_dequant4 / qk_dequant8(..., out, ld, ..., n0, n1, trans, isa, nthreads)   rows of W as bf16 (any CPU)
+//   qk_dequant4 / qk_dequant8(..., out, ld, ..., il, n0, n1, trans, isa, nthreads)   rows of W as bf16 (any CPU)
 //   qk_rms_norm, qk_rotary, qk_silu_mul, qk_decode_attention: glue.h's ops (AVX2 + FMA, qk_glue_ok())
 // x (M, K) bf16, y (M, N) bf16 = x · Wᵀ + bias (fp32 bias or null, added in fp32, rounded once); layouts
-// in common.h. isa 1: the AVX-512 kernel (VNNI for the integers, BF16 for bf16), 2: AVX2 (integers;
+// in common.h (il: the integer panels' interleave, 8 or 1). isa 1: the AVX-512 kernel (VNNI for the integers, BF16 for bf16), 2: AVX2 (integers;
 // avx2.h, the same bits as VNNI; bf16: bf16.h's AVX2 + FMA kernel), 0: the scalar reference.
 // Return 0, or -1 (shape refused) / -2 (ISA missing): the caller falls back, never guesses.
 #include <vector>
@@ -36,7 +36,7 @@ int block_of(int group) { return group % 128 == 0 ? 128 : group; }
 
 // isa 1: AVX-512 VNNI (vnni.h), 2: AVX2 (avx2.h); the caller has checked the CPU has it.
 int run_int(int bits, const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc,
-            Out y, int M, int N, int K, int group, int isa, int nthreads) {
+            Out y, int M, int N, int K, int group, int il, int isa, int nthreads) {
     const int XB = block_of(group), nb = K / XB;
     std::vector<int8_t> xq(size_t(M) * K);
     std::vector<float> sx(size_t(M) * nb), sm(size_t(M) * nb);
@@ -44,7 +44,7 @@ int run_int(int bits, const uint16_t* x, const uint8_t* w, const float* s, const
     else quantize_rows_avx2(x, M, K, XB, xq.data(), sx.data(), sm.data());
     const float zf = bits == 4 ? float(zc) : isa == 1 ? 128.f : 0.f;   // avx2.h sums w·xq itself
     const uint8_t* zp = bits == 4 ? z : nullptr;
-    const Blocks blocks{N / 16, size_t(K / (bits == 4 ? 8 : 4))};
+    const Blocks blocks{N / 16, size_t(K / (bits == 4 ? 8 : 4)), il};
     const int8_t* xp = xq.data();
     const float *sxp = sx.data(), *smp = sm.data();
     auto block = [&](int pb, int pe) {
@@ -52,7 +52,7 @@ int run_int(int bits, const uint16_t* x, const uint8_t* w, const float* s, const
         // is pulled into L2 in storage order first. One row reads the block in order anyway.
         if (M == 1) return;
         const char* a = (const char*)(w + blocks.at(pb, 0));
-        const size_t bytes = blocks.step_bytes(pb) * blocks.steps;
+        const size_t bytes = blocks.block_bytes(pb);
         for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(a + off, _MM_HINT_T1);
         (void)pe;
     };
@@ -60,17 +60,14 @@ int run_int(int bits, const uint16_t* x, const uint8_t* w, const float* s, const
         if (isa == 1)
             tiles<4, 8>(M, p0, p1, [&](auto nbk, auto mt, int p, int m) {
                 constexpr int NB = decltype(nbk)::value, MT = decltype(mt)::value;
-                if (bits == 4) int_panels<4, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
-                else int_panels<8, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
+                if (bits == 4) int_panels<4, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, il, XB, p, m);
+                else int_panels<8, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, il, XB, p, m);
             }, block);
         else
-            tiles<2, 4, 8>(M, p0, p1, [&](auto nbk, auto mt, int p, int m) {
+            tiles<2, 4>(M, p0, p1, [&](auto nbk, auto mt, int p, int m) {   // one row: 4 panels (il 1: 4 streams)
                 constexpr int NB = decltype(nbk)::value, MT = decltype(mt)::value;
-                if constexpr (MT == 1 && NB == 8) {
-                    if (bits == 4) int_row_avx2<4, 4>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
-                    else int_row_avx2<8, 4>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
-                } else if (bits == 4) int_panels_avx2<4, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
-                else int_panels_avx2<8, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, XB, p, m);
+                if (bits == 4) int_panels_avx2<4, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, il, XB, p, m);
+                else int_panels_avx2<8, NB, MT>(xp, sxp, smp, w, s, zp, zf, y, K, group, il, XB, p, m);
             }, block);
     });
     return 0;
@@ -123,24 +120,24 @@ int qk_omp_threads(int nthreads) {
 
 // y = x · ((q − z)·s)ᵀ + bias; s, z (N/16, G, 16); z null: zc everywhere. Needs K % group == 0, group % 32 == 0.
 int qk_int4(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* yp,
-            const float* bias, int M, int N, int K, int group, int isa, int nthreads) {
+            const float* bias, int M, int N, int K, int group, int il, int isa, int nthreads) {
     const Out y{yp, bias, N};
-    if (group <= 0 || K % group || group % 32 || N % 16) return -1;
-    if (isa) return int_isa_ok(isa) ? run_int(4, x, w, s, z, zc, y, M, N, K, group, isa, nthreads) : -2;
+    if (group <= 0 || K % group || group % 32 || N % 16 || (il != 1 && il != 8)) return -1;
+    if (isa) return int_isa_ok(isa) ? run_int(4, x, w, s, z, zc, y, M, N, K, group, il, isa, nthreads) : -2;
     parallel(N / 16, nthreads, [&](int p0, int p1) {
-        int_scalar(x, [&](int n, int k) { return nib4(w, n, k, N, K); }, s, z, zc, y, M, N, K, group, p0 * 16, p1 * 16);
+        int_scalar(x, [&](int n, int k) { return nib4(w, n, k, N, K, il); }, s, z, zc, y, M, N, K, group, p0 * 16, p1 * 16);
     });
     return 0;
 }
 
 // y = x · (w·s)ᵀ + bias, w stored + 128 (u8); s (N/16, G, 16). Needs K % group == 0, group % 32 == 0.
 int qk_int8(const uint16_t* x, const uint8_t* w, const float* s, uint16_t* yp, const float* bias, int M, int N,
-            int K, int group, int isa, int nthreads) {
+            int K, int group, int il, int isa, int nthreads) {
     const Out y{yp, bias, N};
-    if (group <= 0 || K % group || group % 32 || N % 16) return -1;
-    if (isa) return int_isa_ok(isa) ? run_int(8, x, w, s, nullptr, 0, y, M, N, K, group, isa, nthreads) : -2;
+    if (group <= 0 || K % group || group % 32 || N % 16 || (il != 1 && il != 8)) return -1;
+    if (isa) return int_isa_ok(isa) ? run_int(8, x, w, s, nullptr, 0, y, M, N, K, group, il, isa, nthreads) : -2;
     parallel(N / 16, nthreads, [&](int p0, int p1) {
-        int_scalar(x, [&](int n, int k) { return int(w[at8(n, k, N, K)]) - 128; }, s, nullptr, 0, y, M, N, K, group,
+        int_scalar(x, [&](int n, int k) { return int(w[at8(n, k, N, K, il)]) - 128; }, s, nullptr, 0, y, M, N, K, group,
                    p0 * 16, p1 * 16);
     });
     return 0;
@@ -176,33 +173,34 @@ int qk_bf16(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bia
 // dequant.h (AVX-512 BF16, trans 1 only), 0: the scalar code (any CPU). Panels split over nthreads; either
 // way the same bits.
 namespace {
-int dq_check(int N, int K, int group, int n0, int n1, int ld, int trans, int isa) {
+int dq_check(int N, int K, int group, int il, int n0, int n1, int ld, int trans, int isa) {
     if (group <= 0 || K % group || group % 32 || N % 16 || n0 % 16 || n1 % 16 || n0 < 0 || n1 > N || n0 > n1) return -1;
+    if (il != 1 && il != 8) return -1;
     if (ld < (trans ? n1 - n0 : K) || (isa == 1 && trans != 1)) return -1;
     return isa == 1 && !qk_has_avx512bf16() ? -2 : 0;
 }
 }  // namespace
 
 int qk_dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int ld, int N, int K,
-                int group, int n0, int n1, int trans, int isa, int nthreads) {
-    if (const int rc = dq_check(N, K, group, n0, n1, ld, trans, isa)) return rc;
+                int group, int il, int n0, int n1, int trans, int isa, int nthreads) {
+    if (const int rc = dq_check(N, K, group, il, n0, n1, ld, trans, isa)) return rc;
     parallel((n1 - n0) / 16, nthreads, [&](int a, int b) {
         const int pa = n0 / 16 + a, pb = n0 / 16 + b;
-        if (isa == 1) dequant4_t(w, s, z, zc, out, N, K, group, n0, ld, pa, pb);
-        else if (trans) dequant4(w, s, z, zc, out + (pa * 16 - n0), N, K, group, pa * 16, pb * 16, 1, size_t(ld));
-        else dequant4(w, s, z, zc, out + size_t(pa * 16 - n0) * ld, N, K, group, pa * 16, pb * 16, size_t(ld), 1);
+        if (isa == 1) dequant4_t(w, s, z, zc, out, N, K, group, il, n0, ld, pa, pb);
+        else if (trans) dequant4(w, s, z, zc, out + (pa * 16 - n0), N, K, group, il, pa * 16, pb * 16, 1, size_t(ld));
+        else dequant4(w, s, z, zc, out + size_t(pa * 16 - n0) * ld, N, K, group, il, pa * 16, pb * 16, size_t(ld), 1);
     });
     return 0;
 }
 
-int qk_dequant8(const uint8_t* w, const float* s, uint16_t* out, int ld, int N, int K, int group, int n0, int n1,
-                int trans, int isa, int nthreads) {
-    if (const int rc = dq_check(N, K, group, n0, n1, ld, trans, isa)) return rc;
+int qk_dequant8(const uint8_t* w, const float* s, uint16_t* out, int ld, int N, int K, int group, int il, int n0,
+                int n1, int trans, int isa, int nthreads) {
+    if (const int rc = dq_check(N, K, group, il, n0, n1, ld, trans, isa)) return rc;
     parallel((n1 - n0) / 16, nthreads, [&](int a, int b) {
         const int pa = n0 / 16 + a, pb = n0 / 16 + b;
-        if (isa == 1) dequant8_t(w, s, out, N, K, group, n0, ld, pa, pb);
-        else if (trans) dequant8(w, s, out + (pa * 16 - n0), N, K, group, pa * 16, pb * 16, 1, size_t(ld));
-        else dequant8(w, s, out + size_t(pa * 16 - n0) * ld, N, K, group, pa * 16, pb * 16, size_t(ld), 1);
+        if (isa == 1) dequant8_t(w, s, out, N, K, group, il, n0, ld, pa, pb);
+        else if (trans) dequant8(w, s, out + (pa * 16 - n0), N, K, group, il, pa * 16, pb * 16, 1, size_t(ld));
+        else dequant8(w, s, out + size_t(pa * 16 - n0) * ld, N, K, group, il, pa * 16, pb * 16, size_t(ld), 1);
     });
     return 0;
 }

@@ -29,7 +29,7 @@ void int_scalar(const uint16_t* x, Q q, const float* s, const uint8_t* z, int zc
 // W row-major; rs = 1, cs = ld: Wᵀ (K, ld), dequant.h's layout on CPUs without its ISA).
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
-              int group, int n0, int n1, size_t rs, size_t cs) {
+              int group, int il, int n0, int n1, size_t rs, size_t cs) {
     const int G = K / group;
     for (int p = n0 / 16; p < n1 / 16; ++p)
         for (int g = 0; g < G; ++g) {
@@ -37,7 +37,7 @@ void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16
             float zz[16];
             for (int r = 0; r < 16; ++r) zz[r] = float(z ? z[atg(p * 16 + r, g, N, G)] : zc);
             for (int k = g * group; k < (g + 1) * group; k += 8) {
-                const uint8_t* src = w + Blocks{N / 16, size_t(K / 8)}.at(p, k / 8);
+                const uint8_t* src = w + Blocks{N / 16, size_t(K / 8), il}.at(p, k / 8);
                 for (int r = 0; r < 16; ++r) {
                     uint16_t* o = out + size_t(p * 16 + r - n0) * rs + size_t(k) * cs;
                     for (int j = 0; j < 4; ++j) {
@@ -50,14 +50,14 @@ void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void dequant8(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int n0, int n1,
+void dequant8(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int il, int n0, int n1,
               size_t rs, size_t cs) {
     const int G = K / group;
     for (int p = n0 / 16; p < n1 / 16; ++p)
         for (int g = 0; g < G; ++g) {
             const float* sc = s + atg(p * 16, g, N, G);
             for (int k = g * group; k < (g + 1) * group; k += 4) {
-                const uint8_t* src = w + Blocks{N / 16, size_t(K / 4)}.at(p, k / 4);
+                const uint8_t* src = w + Blocks{N / 16, size_t(K / 4), il}.at(p, k / 4);
                 for (int r = 0; r < 16; ++r) {
                     uint16_t* o = out + size_t(p * 16 + r - n0) * rs + size_t(k) * cs;
                     for (int j = 0; j < 4; ++j) o[j * cs] = f32_to_bf16(float(int(src[4 * r + j]) - 128) * sc[r]);

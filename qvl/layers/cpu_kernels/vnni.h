@@ -48,11 +48,11 @@ QK_VNNI inline __m512i bcast4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4
 // accumulators and the step's MT broadcast x words, shared by all NB panels.
 template <int BITS, int NB, int MT>
 QK_VNNI void int_panels(const int8_t* xq, const float* sx, const float* sm, const uint8_t* w, const float* s,
-                        const uint8_t* z, float zc, Out y, int K, int group, int XB, int p0, int m0) {
+                        const uint8_t* z, float zc, Out y, int K, int group, int il, int XB, int p0, int m0) {
     constexpr int STEP = BITS == 4 ? 8 : 4, NX = BITS == 4 ? 2 : 1;
     const int G = K / group, nb = K / XB;
-    const Blocks blocks{y.N / 16, size_t(K / STEP)};
-    const size_t step = blocks.step_bytes(p0);                       // the tile's panels share a block
+    const Blocks blocks{y.N / 16, size_t(K / STEP), il};
+    const size_t step = blocks.step_bytes(p0), pb = blocks.panel_bytes();   // the tile's panels share a block
     const __m512i m4 = _mm512_set1_epi8(15);
     alignas(64) float tot[NB][MT][16] = {};
     for (int blk = 0; blk < nb; ++blk) {
@@ -67,7 +67,7 @@ QK_VNNI void int_panels(const int8_t* xq, const float* sx, const float* sm, cons
             for (int b = 0; b < MT; ++b)
                 for (int j = 0; j < NX; ++j) xv[b][j] = bcast4(xk + size_t(b) * K + 4 * j);
             for (int a = 0; a < NB; ++a) {
-                const __m512i v = _mm512_loadu_si512(wk + a * 64);
+                const __m512i v = _mm512_loadu_si512(wk + a * pb);
                 if (BITS == 4) {
                     const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
                     for (int b = 0; b < MT; ++b)
