@@ -190,7 +190,7 @@ def _check(rc: int, what: str) -> None:
 def interleave() -> int:
     """How pack_int4 / pack_int8 order their panels here (cpu_kernels/common.h): 8, in blocks of 8 panels
     interleaved per step, where the VNNI kernel runs (a block is then one stream); 1, panel after panel,
-    for the AVX2 kernels (a one-row tile reads 4 panels as 4 streams: int8 1.30x, int4 1.16-1.39x the
+    for the AVX2 kernels (a one-row tile reads 4 panels as 4 streams: int8 1.28x, int4 1.07-1.29x the
     blocked layout's rate from DRAM on Zen 3, 1 thread). Every kernel reads both."""
     return 8 if int_isa() == 1 else 1
 

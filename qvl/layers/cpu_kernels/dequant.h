@@ -23,8 +23,9 @@ QK_DQ inline void dq_col(__m512i v, int shift, __m512i mask, __m512 zm, __m512 s
 }
 
 // NP panels side by side from panel p, all in one block of 8 (p % NP == 0): per step their NP·64 bytes
-// are contiguous (common.h's Blocks) and their outputs of one column NP·32 contiguous bytes, whole cache
-// lines for even NP (one panel writes each line in two halves, a K-long pass apart: two fetches of it).
+// are contiguous on il 8 (common.h's Blocks; on il 1 each panel is a stream of its own) and their outputs
+// of one column NP·32 contiguous bytes, whole cache lines for even NP (one panel writes each line in two
+// halves, a K-long pass apart: two fetches of it).
 template <int NP>
 QK_DQ inline void dq4_panels(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out,
                              Blocks B, int K, int group, int n0, int ld, int p) {

@@ -5,8 +5,9 @@
 //   qk_dequant4 / qk_dequant8(..., out, ld, ..., il, n0, n1, trans, isa, nthreads)   rows of W as bf16 (any CPU)
 //   qk_rms_norm, qk_rotary, qk_silu_mul, qk_decode_attention: glue.h's ops (AVX2 + FMA, qk_glue_ok())
 // x (M, K) bf16, y (M, N) bf16 = x · Wᵀ + bias (fp32 bias or null, added in fp32, rounded once); layouts
-// in common.h (il: the integer panels' interleave, 8 or 1). isa 1: the AVX-512 kernel (VNNI for the integers, BF16 for bf16), 2: AVX2 (integers;
-// avx2.h, the same bits as VNNI; bf16: bf16.h's AVX2 + FMA kernel), 0: the scalar reference.
+// in common.h (il: the integer panels' interleave, 8 or 1). isa 1: the AVX-512 kernel (VNNI for the
+// integers, BF16 for bf16), 2: AVX2 (integers; avx2.h, the same bits as VNNI; bf16: bf16.h's AVX2 + FMA
+// kernel), 0: the scalar reference.
 // Return 0, or -1 (shape refused) / -2 (ISA missing): the caller falls back, never guesses.
 #include <vector>
 #ifdef _OPENMP
