@@ -115,9 +115,9 @@ def test_scalar_fallbacks_match(rows, il):
     blk8 = b8.dequant_rows(0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
     assert torch.equal(blk8, formats.dequantize(q8).bfloat16())
     with pytest.raises(ValueError, match="qvl CPU kernel int8 refused its input"):      # N % 16 != 0
-        qk.int8_mm(x, w8[:36].contiguous(), s8, 32, None, isa=0)
+        qk.QuantWeight(8, w8[:36].contiguous(), s8, group=32, il=il).matmul(x, isa=0)
     with pytest.raises(ValueError, match="qvl CPU kernel int4 refused its input"):      # K = 96: not whole groups
-        qk.int4_mm(x[:, :96].contiguous(), w4[:, :48].contiguous(), s4, z, 0, 64, isa=0)
+        qk.QuantWeight(4, w4[:, :48].contiguous(), s4, z, 0, 64, il).matmul(x[:, :96].contiguous(), isa=0)
     with pytest.raises(ValueError, match="qvl CPU kernel int4 refused its input"):      # no such panel order
         qk.QuantWeight(4, w4, s4, z, 0, 64, il=4).matmul(x, isa=0)
 

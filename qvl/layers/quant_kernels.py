@@ -25,7 +25,6 @@ figures.
     .dequant_t(n0, n1, out)               columns [n0, n1) of Wᵀ = ((q − z)·s)ᵀ in bf16, out (K, n1 − n0):
                                           AVX-512 BF16 (cpu_kernels/dequant.h) where native(), else scalar
     .dequant_rows(n0, n1, out)            rows of W in bf16, out (n1 − n0, K) (the scalar code)
-  int4_mm / int8_mm   the same as one-off calls (tests)
   pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias, isa=None) -> (M, N) bf16
 Packed weights, scales and zeros of 64 KiB and more live on transparent huge pages (qvl.layers.huge_pages).
 int4: W = (q − z)·s, w4 from pack_int4, z packed (uint8) or None (then zc everywhere); int8: W = w8·s, w8
@@ -297,14 +296,6 @@ class QuantWeight:
 
     def dequant_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return dequant_mm(x, self.dequant_t, self.n, bias)
-
-
-def int4_mm(x, w4, s, z, zc: int, group: int, bias=None, *, isa: int | None = None) -> torch.Tensor:
-    return QuantWeight(4, w4, s, z, zc, group).matmul(x, bias, isa=isa)
-
-
-def int8_mm(x, w8, s, group: int, bias=None, *, isa: int | None = None) -> torch.Tensor:
-    return QuantWeight(8, w8, s, group=group).matmul(x, bias, isa=isa)
 
 
 def pack_bf16(w: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ QK_AVX2 inline void step_avx2(const uint8_t* wp, const __m256i (&x)[MT][2], __m2
     }
 }
 
-// The broadcast x words of one step: STEP columns of row m from xk.
+// The broadcast x words of one step from xk (one row's quantized x): int4 columns k..k+7, int8 k..k+3.
 template <int BITS>
 QK_AVX2 inline void xwords_avx2(const int8_t* xk, __m256i (&x)[2]) {
     int32_t v[2] = {0, 0};
