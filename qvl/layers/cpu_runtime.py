@@ -22,7 +22,9 @@ on any machine) and returns a `CpuRuntime` saying what it chose:
     (qvl.layers.packed_linear.panel_linears: 2x F.linear's speed at one row, 5x at 15); more rows
     (prefill) take the fp32 blocks.
   * In every bf16 mode, then, the decoder's groups of linears that read one input (q/k/v, gate/up) and
-    run one qvl kernel are fused into one call (qvl.layers.fused_linear; `fused_groups` counts them).
+    run one qvl kernel are fused into one call (qvl.layers.fused_linear; `fused_groups` counts them),
+    and where every layer's linears then run qvl's kernels (qk-int4 / qk-int8, bf16 panels) a decode
+    step's layers are bound as one C++ call (qvl.layers.cpu_stack; `decode_stack`).
 
 The decision reads what the CPU has, never assumes it: torch's dispatch capability
 (`torch.backends.cpu.get_cpu_capability()`), whether oneDNN has bf16 kernels
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from qvl.layers import cpu_stack
 from qvl.layers.fused_linear import fuse_linears, unfuse_linears
 from qvl.layers.quant_kernels import cpu_flags
 from qvl.layers.packed_linear import pack_linears, packing_supported, panel_linears, unpack_linears
@@ -76,6 +79,7 @@ class CpuRuntime:
     features: CpuFeatures | None     # None when the model is not on the CPU
     fused_groups: int = 0            # groups of linears computed in one call (qvl.layers.fused_linear)
     panel_linears: int = 0           # fp32-from-bf16: linears on qvl's AVX2 bf16 panels for few rows
+    decode_stack: bool = False       # a decode step's decoder layers run as one call (qvl.layers.cpu_stack)
 
 
 def _linears(module: nn.Module) -> list[nn.Linear]:
@@ -102,7 +106,8 @@ def prepare_cpu_model(model: nn.Module, *, max_bytes: int | None = None,
         n = pack_linears(_linears(model.model), head=model.lm_head,
                          max_bytes=None if max_bytes is None else max(0, max_bytes), exact=False)
         mode = "onednn-packed" if n else "plain"
-    runtime = CpuRuntime(mode, n, features, fuse_linears(model.model), panels)
+    fused = fuse_linears(model.model)
+    runtime = CpuRuntime(mode, n, features, fused, panels, cpu_stack.install(model.model))
     _trim_heap()
     return runtime
 
@@ -118,6 +123,7 @@ def _trim_heap() -> None:
 
 def restore_cpu_model(model: nn.Module) -> None:
     """Undo prepare_cpu_model: every linear back to F.linear."""
+    cpu_stack.uninstall(model.model)
     unfuse_linears(model)
     linears = _linears(model)
     unpack_linears(linears)

@@ -199,13 +199,18 @@ class QuantLinear(nn.Module):
             y = y + bias
         return y.view(*lead, self.out_features)                                                  # (..., N)
 
-    def _qk_forward(self, x2: torch.Tensor) -> torch.Tensor:
+    def kernel_weight(self) -> qk.QuantWeight:
+        """The qk-int4 / qk-int8 weight bound to the library (once; again only if a buffer was replaced)."""
         plan, w = self.__dict__.get("_qk"), self._buffers["w4" if self.kernel == "qk-int4" else "w8"]
-        if plan is None or plan.w is not w:                  # bound once (again only if the buffer was replaced)
+        if plan is None or plan.w is not w:
             s = self._buffers["s4" if self.kernel == "qk-int4" else "s8"]
             plan = qk.QuantWeight(4, w, s, self._buffers["z4"], self.zc, self.group) if self.kernel == "qk-int4" \
                 else qk.QuantWeight(8, w, s, group=self.group)
             self.__dict__["_qk"] = plan
+        return plan
+
+    def _qk_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        plan = self.kernel_weight()
         if x2.shape[0] >= MANY_ROWS:
             return plan.dequant_matmul(x2, self.bias)
         return plan.matmul(x2, self.bias)

@@ -246,7 +246,7 @@ class QuantWeight:
                  group: int = 128, il: int | None = None) -> None:
         lib = _lib()
         il = interleave() if il is None else il
-        self.bits, self.w, self.s, self.z = bits, w, s, z
+        self.bits, self.w, self.s, self.z, self.zc, self.group, self.il = bits, w, s, z, zc, group, il
         n, k = w.shape[0], w.shape[1] * (2 if bits == 4 else 1)
         self.n, self.k = n, k
         wp, sp, zp = _ptr(w), _ptr(s), _ptr(z)

@@ -97,6 +97,48 @@ QK_AVX2 void silu_mul(const uint16_t* g, long sg, const uint16_t* u, long su, ui
         }
 }
 
+// One query row qh (D) over L keys: key l's head at k + ko(l), its value at v + vo(l) (element offsets);
+// skip(l) true = not attended. fp32 scores, softmax, fp32 weighted sum of values, rounded once into out
+// (D). No key attended gives 0. The order of every sum depends only on L and the attended keys' values,
+// so any layout of the same keys (a gathered, padded copy or the paged cache) gives the same bits.
+template <typename KO, typename VO, typename Skip>
+QK_AVX2 void attend_row(const uint16_t* qh, const uint16_t* k, const uint16_t* v, KO ko, VO vo, Skip skip, int L,
+                        int D, float scale, uint16_t* out) {
+    std::vector<float> qf(D), p((L + 7) / 8 * 8, -INFINITY), acc(D, 0.f);
+    for (int d = 0; d < D; d += 8) _mm256_storeu_ps(&qf[d], bf16x8(qh + d));
+    float mx = -INFINITY;
+    for (int l = 0; l < L; ++l) {
+        if (skip(l)) continue;                                             // p[l] stays -inf
+        const uint16_t* kl = k + ko(l);
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d]), bf16x8(kl + d), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d + 8]), bf16x8(kl + d + 8), a1);
+        }
+        p[l] = hsum_ps(_mm256_add_ps(a0, a1)) * scale;
+        mx = p[l] > mx ? p[l] : mx;
+    }
+    float sum = 0.f;
+    if (mx != -INFINITY) {
+        const __m256 m8 = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
+        for (int l = 0; l < L; l += 8) {                                   // p is padded with -inf to 8
+            const __m256 s = _mm256_loadu_ps(&p[l]);
+            const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(s, m8)), _mm256_cmp_ps(s, ninf, _CMP_NEQ_OQ));
+            _mm256_storeu_ps(&p[l], e);                                     // masked (-inf) -> 0
+            sum += hsum_ps(e);
+        }
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int l = 0; l < L; ++l) {
+        if (!(p[l] > 0.f)) continue;                                       // masked, underflowed, or no key
+        const __m256 w = _mm256_set1_ps(p[l] * inv);
+        const uint16_t* vl = v + vo(l);
+        for (int d = 0; d < D; d += 8)
+            _mm256_storeu_ps(&acc[d], _mm256_fmadd_ps(w, bf16x8(vl + d), _mm256_loadu_ps(&acc[d])));
+    }
+    for (int d = 0; d < D; d += 8) store_bf16x8(out + d, round_bf16x8(_mm256_loadu_ps(&acc[d])));
+}
+
 // q (B, nH, D) at q + b * sq (nH · D contiguous); k, v (B, L, nKV, D): sequence b's key l at
 // k + b * skb + l * skl (nKV · D contiguous), the same for v; mask (B, L) bytes (1 = attend) or null; out
 // (B, nH, D) contiguous. Query head i reads kv head i / (nH / nKV). A row with no key attended gives 0.
@@ -107,39 +149,9 @@ QK_AVX2 void decode_attention(const uint16_t* q, long sq, const uint16_t* k, lon
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && B * nH > 1)
     for (int bh = 0; bh < B * nH; ++bh) {
         const int b = bh / nH, h = bh % nH, j = h / g;
-        std::vector<float> qf(D), p((L + 7) / 8 * 8, -INFINITY), acc(D, 0.f);
-        for (int d = 0; d < D; d += 8) _mm256_storeu_ps(&qf[d], bf16x8(q + b * sq + h * D + d));
-        float mx = -INFINITY;
-        for (int l = 0; l < L; ++l) {
-            if (mask && !mask[size_t(b) * L + l]) continue;                  // p[l] stays -inf
-            const uint16_t* kl = k + b * skb + l * skl + j * D;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            for (int d = 0; d < D; d += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d]), bf16x8(kl + d), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d + 8]), bf16x8(kl + d + 8), a1);
-            }
-            p[l] = hsum_ps(_mm256_add_ps(a0, a1)) * scale;
-            mx = p[l] > mx ? p[l] : mx;
-        }
-        float sum = 0.f;
-        if (mx != -INFINITY) {
-            const __m256 m8 = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
-            for (int l = 0; l < L; l += 8) {                               // p is padded with -inf to 8
-                const __m256 s = _mm256_loadu_ps(&p[l]);
-                const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(s, m8)), _mm256_cmp_ps(s, ninf, _CMP_NEQ_OQ));
-                _mm256_storeu_ps(&p[l], e);                                 // masked (-inf) -> 0
-                sum += hsum_ps(e);
-            }
-        }
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        for (int l = 0; l < L; ++l) {
-            if (!(p[l] > 0.f)) continue;                                   // masked, underflowed, or no key
-            const __m256 w = _mm256_set1_ps(p[l] * inv);
-            const uint16_t* vl = v + b * svb + l * svl + j * D;
-            for (int d = 0; d < D; d += 8)
-                _mm256_storeu_ps(&acc[d], _mm256_fmadd_ps(w, bf16x8(vl + d), _mm256_loadu_ps(&acc[d])));
-        }
-        for (int d = 0; d < D; d += 8) store_bf16x8(out + size_t(bh) * D + d, round_bf16x8(_mm256_loadu_ps(&acc[d])));
+        attend_row(q + b * sq + h * D, k + b * skb + j * D, v + b * svb + j * D, [&](int l) { return l * skl; },
+                   [&](int l) { return l * svl; }, [&](int l) { return mask && !mask[size_t(b) * L + l]; }, L, D,
+                   scale, out + size_t(bh) * D);
     }
 }
 

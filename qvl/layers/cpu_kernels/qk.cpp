@@ -4,6 +4,7 @@
 //   qk_bf16(x, w, y, bias, M, N, K, isa, nthreads)                    bf16 weights in 16-row panels
 //   qk_dequant4 / qk_dequant8(..., out, ld, ..., il, n0, n1, trans, isa, nthreads)   rows of W as bf16 (any CPU)
 //   qk_rms_norm, qk_rotary, qk_silu_mul, qk_decode_attention: glue.h's ops (AVX2 + FMA, qk_glue_ok())
+//   qk_decode_stack(step): a decode step's decoder layers in one call (stack.h; AVX2 + FMA)
 // x (M, K) bf16, y (M, N) bf16 = x · Wᵀ + bias (fp32 bias or null, added in fp32, rounded once); layouts
 // in common.h (il: the integer panels' interleave, 8 or 1). isa 1: the AVX-512 kernel (VNNI for the
 // integers, BF16 for bf16), 2: AVX2 (integers; avx2.h, the same bits as VNNI; bf16: bf16.h's AVX2 + FMA
@@ -21,6 +22,7 @@
 #include "bf16.h"
 #include "dequant.h"
 #include "glue.h"
+#include "stack.h"
 
 using namespace qk;
 
@@ -241,6 +243,20 @@ int qk_decode_attention(const uint16_t* q, long sq, const uint16_t* k, long skb,
     if (D % 16 || nKV <= 0 || nH % nKV) return -1;
     decode_attention(q, sq, k, skb, skl, v, svb, svl, mask, out, B, L, nH, nKV, D, scale, nthreads);
     return 0;
+}
+
+// stack.h's layers, each linear through the entry point above that its `bits` name; 0, -1 (a shape, an
+// index out of range), -2 (no AVX2 + FMA, or a kernel's ISA missing).
+int qk_decode_stack(const Step* st) {
+    if (!qk_glue_ok()) return -2;
+    if (st->B < 1 || st->D % 16 || st->H % 8 || st->I % 8 || st->nKV <= 0 || st->nH % st->nKV) return -1;
+    return decode_stack(*st, [](const Linear& L, const uint16_t* x, uint16_t* y, int M, int nt) {
+        const auto* w = static_cast<const uint8_t*>(L.w);
+        if (L.bits == 4) return qk_int4(x, w, L.s, L.z, L.zc, y, L.bias, M, L.N, L.K, L.group, L.il, L.isa, nt);
+        if (L.bits == 8) return qk_int8(x, w, L.s, y, L.bias, M, L.N, L.K, L.group, L.il, L.isa, nt);
+        if (L.bits == 16) return qk_bf16(x, static_cast<const uint16_t*>(L.w), y, L.bias, M, L.N, L.K, L.isa, nt);
+        return -1;
+    });
 }
 
 }  // extern "C"

@@ -5,7 +5,8 @@ over a flat batch of tokens (see qvl.layers.attention for what the metadata mean
     h   = x + o_proj(Attn(RMSNorm(x)))              q/k/v with bias, o_proj without; GQA
     out = h + down_proj(silu(gate_proj(n)) * up_proj(n)),  n = RMSNorm(h)
 RMSNorm casts the normalized value to the input dtype *before* the weight multiply (QWEN2VL_SPEC 6).
-On CPU bf16 the norm, the rotary and silu(gate) * up run as one call each (qvl.layers.cpu_ops).
+On CPU bf16 the norm, the rotary and silu(gate) * up run as one call each (qvl.layers.cpu_ops), and a
+decode step's layers, where the CPU runtime transform bound them, as one call (qvl.layers.cpu_stack).
 Rotary tables come from qvl.models.qwen2_vl.rope (M-RoPE, cos/sin cast to the activation dtype).
 
 Each `Qwen2Attention` carries `k_cache` / `v_cache` (None until a KVCache attaches them, shape
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qvl.models.qwen2_vl.config import ModelConfig
-from qvl.layers import cpu_ops
+from qvl.layers import cpu_ops, cpu_stack
 from qvl.layers.attention import AttentionMetadata, attention
 from qvl.layers.fused_linear import linears
 from qvl.models.qwen2_vl.rope import apply_rotary, mrope_cos_sin
@@ -145,6 +146,9 @@ class Qwen2Model(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
         cos, sin = self.rope_tables(inputs_embeds, positions)  # (N, 1, D) each
+        stack = cpu_stack.stack_of(self)       # CPU runtime transform: a decode step's layers in one call
+        if stack is not None and stack.takes(inputs_embeds, attn_metadata):
+            return self.norm(stack(inputs_embeds, cos, sin, attn_metadata))
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, attn_metadata)
