@@ -22,6 +22,9 @@ subprocess (load_model in bf16 + an LLMEngine without tokenizer):
   --glue-ab     also --profile's decode (1-token prompt, timers on the linears) with qvl.layers.cpu_ops (the
                 C++ norm / rotary / attention / SiLU calls) off and on, alternating in the same process: the
                 medians of the time outside the linears and of tok/s, and of the paired tok/s speedups
+  --stack-ab    also batch-1 decode with qvl.layers.cpu_stack (a decode step's layers in one C++ call)
+                unbound and bound, alternating in the same process: median tok/s of each, paired speedup
+(--profile and --glue-ab time the Python layers, so they unbind the stack while they run.)
 --kernels times each CPU bf16 candidate (torch's F.linear, the oneDNN prepacked bf16 weight, qvl's own
 qk-int8 / qk-int4 / bf16 kernels, both qk paths (in-register and dequant + GEMM) from 8 rows on, int8pack,
 int8group, int4pack, dequantize + F.linear) on the 2B decoder shapes (--head: and the LM head) at 1, 16
@@ -161,7 +164,11 @@ def profile_decode(model, eng, ids, new: int, bw: float) -> dict:
 
     from qvl.layers.linear import QuantLinear
 
+    from qvl.layers import cpu_stack
+
     spent, nbytes, hooks, t0 = {}, {}, [], {}
+    bound = cpu_stack.stack_of(model.model) is not None
+    cpu_stack.uninstall(model.model)           # the timers sit on the Python layers' linears
 
     def size(m) -> int:
         return sum(t.numel() * t.element_size() for t in (m.buffers() if isinstance(m, QuantLinear) else [m.weight])
@@ -194,6 +201,8 @@ def profile_decode(model, eng, ids, new: int, bw: float) -> dict:
         h.remove()
     for f in fused:
         del f.run
+    if bound:
+        cpu_stack.install(model.model)
     steps = new                                       # prefill + new − 1 decode steps: per token, roughly
     out = {g: dict(ms_per_token=round(spent[g] / steps * 1e3, 2), gb_s=round(nbytes[g] / (spent[g] / steps) / 1e9, 1))
            for g in spent}
@@ -247,6 +256,20 @@ def child(args) -> None:
         ab = dict(glue_off_other_ms=statistics.median(other[False]), glue_on_other_ms=statistics.median(other[True]),
                   glue_off_tok_s=statistics.median(tok[False]), glue_on_tok_s=statistics.median(tok[True]),
                   glue_speedup=round(statistics.median(a / b for a, b in zip(tok[True], tok[False])), 3))
+    if args.stack_ab:                 # qvl.layers.cpu_stack unbound and bound, alternating, in this process
+        from qvl.layers import cpu_stack
+
+        tok = {True: [], False: []}
+        for _ in range(args.repeats):
+            for on in (False, True):
+                if on:
+                    cpu_stack.install(model.model)
+                else:
+                    cpu_stack.uninstall(model.model)
+                tok[on].append(qvl_decode(eng, ids, args.new_tokens, dev)[0])
+        ab.update(stack_off_tok_s=round(statistics.median(tok[False]), 2),
+                  stack_on_tok_s=round(statistics.median(tok[True]), 2),
+                  stack_speedup=round(statistics.median(a / b for a, b in zip(tok[True], tok[False])), 3))
     kernels = sorted({getattr(m, "kernel", None) for m in model.modules()} - {None})
     print(json.dumps(dict(variant=args.child, kernels=kernels or ["bf16 F.linear / packed"],
                           threads=torch.get_num_threads(), layers=config.num_hidden_layers,
@@ -344,6 +367,8 @@ def main() -> None:
                     help="per-group time of one batch-1 decode (decoder linears, LM head, other) instead")
     ap.add_argument("--glue-ab", action="store_true",
                     help="also batch-1 decode with qvl.layers.cpu_ops off and on, alternating in one process")
+    ap.add_argument("--stack-ab", action="store_true",
+                    help="also batch-1 decode with qvl.layers.cpu_stack unbound and bound, alternating")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -363,7 +388,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", name, "--workdir", str(work), "--threads", str(args.threads), "--device", args.device,
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats)] + (["--profile"] if args.profile else []) \
-            + (["--glue-ab"] if args.glue_ab else [])
+            + (["--glue-ab"] if args.glue_ab else []) + (["--stack-ab"] if args.stack_ab else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
