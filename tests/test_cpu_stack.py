@@ -74,6 +74,9 @@ def test_bound_only_where_every_layer_runs_qvl_kernels(ckpt, monkeypatch):
     from tiny import tiny_engine
 
     assert cpu_stack.stack_of(tiny_engine(ckpt).model.model) is None   # float32: the reference path
+    from qvl.models.qwen3_vl.text import Qwen3Attention, Qwen3DecoderLayer, Qwen3TextModel
+    for cls in (Qwen3TextModel, Qwen3DecoderLayer, Qwen3Attention):     # other math: declared per class
+        assert not cpu_stack._plain(cls.__new__(cls))
 
 
 @torch.no_grad()

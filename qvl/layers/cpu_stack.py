@@ -7,7 +7,8 @@ has streamed megabytes of weight. Here the layers' kernels run back to back in C
 states are the Python path's bit for bit (tests/test_cpu_stack.py).
 
   install(decoder) -> bool      after qvl.layers.fused_linear.fuse_linears: binds the decoder
-                                (a Qwen2Model of Qwen2DecoderLayers) when every layer's q/k/v and gate/up
+                                (a Qwen2Model of Qwen2DecoderLayers: each of its classes declares
+                                `stack_math = "qwen2"` itself) when every layer's q/k/v and gate/up
                                 are one fused qvl kernel call and o_proj / down_proj one qvl kernel each
                                 (qk-int4 / qk-int8 QuantLinears, bf16 on qvl's panels) and the glue ops
                                 run here (AVX2 + FMA); False (nothing bound) otherwise
@@ -135,19 +136,21 @@ class DecodeStack:
         return out
 
 
+def _plain(m: nn.Module) -> bool:
+    """m's own class (not a base) declares the math stack.h computes (qvl.models.qwen2_vl.text)."""
+    return type(m).__dict__.get("stack_math") == "qwen2"
+
+
 def _layer_ok(layer: nn.Module) -> bool:
-    from qvl.models.qwen2_vl.text import Qwen2Attention, Qwen2DecoderLayer, Qwen2MLP, RMSNorm
-    return (type(layer) is Qwen2DecoderLayer and type(layer.self_attn) is Qwen2Attention
-            and type(layer.mlp) is Qwen2MLP and type(layer.input_layernorm) is RMSNorm
-            and type(layer.post_attention_layernorm) is RMSNorm
+    return (all(_plain(m) for m in (layer, layer.self_attn, layer.mlp, layer.input_layernorm,
+                                    layer.post_attention_layernorm))
             and layer.input_layernorm.weight.dtype == torch.bfloat16)
 
 
 def install(decoder: nn.Module) -> bool:
-    from qvl.models.qwen2_vl.text import Qwen2Model
     decoder.__dict__.pop(_STACK, None)
     lib = qk._lib()
-    if type(decoder) is not Qwen2Model or lib is None or not lib.qk_glue_ok() or not len(decoder.layers):
+    if not _plain(decoder) or lib is None or not lib.qk_glue_ok() or not len(decoder.layers):
         return False
     a0 = decoder.layers[0].self_attn
     if a0.head_dim % 16 or decoder.config.hidden_size % 8 or decoder.config.intermediate_size % 8:

@@ -27,6 +27,8 @@ from qvl.models.qwen2_vl.rope import apply_rotary, mrope_cos_sin
 
 
 class RMSNorm(nn.Module):
+    stack_math = "qwen2"     # qvl.layers.cpu_stack's C++ decode step computes this class's math (see Qwen2Model)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -47,6 +49,7 @@ class RMSNorm(nn.Module):
 
 class Qwen2Attention(nn.Module):
     qkv_bias = True     # Qwen3 has no bias (and sets its own)
+    stack_math = "qwen2"
     fused_linears = (("q_proj", "k_proj", "v_proj"),)     # same input: one kernel call where one applies
 
     def __init__(self, config: ModelConfig) -> None:
@@ -85,6 +88,7 @@ class Qwen2Attention(nn.Module):
 
 class Qwen2MLP(nn.Module):
     fused_linears = (("gate_proj", "up_proj"),)
+    stack_math = "qwen2"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -105,6 +109,7 @@ class Qwen2MLP(nn.Module):
 
 class Qwen2DecoderLayer(nn.Module):
     attn_cls = Qwen2Attention
+    stack_math = "qwen2"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -121,6 +126,10 @@ class Qwen2DecoderLayer(nn.Module):
 class Qwen2Model(nn.Module):
     layer_cls = Qwen2DecoderLayer
     interleaved_mrope = False   # Qwen3-VL: True (rope.mrope_cos_sin)
+    # `stack_math`: the C++ decode step of qvl.layers.cpu_stack computes these classes' math. It counts only
+    # where a class declares it itself (cpu_stack reads the class __dict__), so a subclass that changes the
+    # math (Qwen3's q/k norms) runs the Python layers unless it declares it too.
+    stack_math = "qwen2"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
