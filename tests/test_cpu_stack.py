@@ -1,7 +1,8 @@
 """A decode step's decoder layers in one C++ call (qvl.layers.cpu_stack) give the Python layers' results
 bit for bit: greedy tokens and every logprob equal with the stack bound and unbound, over bf16 panels, int8
 and int4 (on-the-fly) weights, one sequence and several of different lengths whose blocks interleave in
-the cache; the stack is bound only where every layer runs qvl's kernels, skips prefill, and refuses an
+the cache, for Qwen2-VL and Qwen3-VL (q/k norms; an image prompt, whose DeepStack prefill runs the Python
+layers); the stack is bound only where every layer runs qvl's kernels, skips prefill, and refuses an
 index outside the cache with a ValueError before writing anything."""
 from __future__ import annotations
 
@@ -46,11 +47,25 @@ def _generate(eng, prompts, n):
     return [(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs]) for o in outs]
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
-def test_stack_equals_python_layers(ckpt, quantization):
-    eng = _engine(ckpt, quantization)
+@pytest.fixture(scope="module")
+def ckpt3(tmp_path_factory):
+    from tiny import write_tiny_qwen3_vl
+
+    return write_tiny_qwen3_vl(tmp_path_factory.mktemp("stack3"), seed=4, text_overrides=dict(
+        hidden_size=128, intermediate_size=256, head_dim=64,
+        rope_scaling={"rope_type": "default", "mrope_section": [12, 10, 10], "mrope_interleaved": True}))
+
+
+@pytest.mark.parametrize("family, quantization", [("qwen2", None), ("qwen2", "int8"), ("qwen2", "int4"),
+                                                  ("qwen3", "int4"), ("qwen3", None)])
+def test_stack_equals_python_layers(ckpt, ckpt3, family, quantization):
+    from tiny import IMG, chat, image
+
+    eng = _engine(ckpt if family == "qwen2" else ckpt3, quantization)
     assert eng.cpu_runtime.decode_stack and cpu_stack.stack_of(eng.model.model) is not None
     prompts = ["Describe this image.", "What color is the circle? " * 3, "Hello"]       # 3 lengths
+    if family == "qwen3":
+        prompts[1] = {"prompt": chat(IMG + "What color is the circle?"), "multi_modal_data": {"image": image(1)}}
     calls = []
     real = cpu_stack.DecodeStack.__call__
     cpu_stack.DecodeStack.__call__ = lambda self, *a: calls.append(a[0].shape[0]) or real(self, *a)
@@ -74,9 +89,14 @@ def test_bound_only_where_every_layer_runs_qvl_kernels(ckpt, monkeypatch):
     from tiny import tiny_engine
 
     assert cpu_stack.stack_of(tiny_engine(ckpt).model.model) is None   # float32: the reference path
-    from qvl.models.qwen3_vl.text import Qwen3Attention, Qwen3DecoderLayer, Qwen3TextModel
-    for cls in (Qwen3TextModel, Qwen3DecoderLayer, Qwen3Attention):     # other math: declared per class
-        assert not cpu_stack._plain(cls.__new__(cls))
+    from qvl.models.qwen2_vl.text import Qwen2DecoderLayer
+
+    class Other(Qwen2DecoderLayer):              # a subclass that does not say what it computes
+        pass
+    layer = eng.model.model.layers[0]
+    other = Other.__new__(Other)
+    other.__dict__ = layer.__dict__                  # the same modules, under the undeclared class
+    assert cpu_stack._layer_ok(layer) and not cpu_stack._layer_ok(other)
 
 
 @torch.no_grad()

@@ -321,16 +321,20 @@ def tiny_qwen3_vl_config_dict(ids: dict[str, int], *, tied: bool = False, vocab_
     }
 
 
-def write_tiny_qwen3_vl(path: str | Path, *, tied: bool = False, seed: int = 0, max_pixels: int = 262144) -> Path:
+def write_tiny_qwen3_vl(path: str | Path, *, tied: bool = False, seed: int = 0, max_pixels: int = 262144,
+                        text_overrides: dict | None = None) -> Path:
     """Write a random tiny Qwen3-VL checkpoint with transformers' save_pretrained (keys as 4.57 and the hub
     store them: `model.visual.*`, `model.language_model.*`), the nested config.json, and a Qwen3-VL
-    preprocessor_config.json (patch 16, mean = std = 0.5)."""
+    preprocessor_config.json (patch 16, mean = std = 0.5). text_overrides: text_config fields to change
+    (a new hidden_size is the vision tower's out_hidden_size too)."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     path = Path(path)
     ids = write_tokenizer(path)
     cfg_dict = tiny_qwen3_vl_config_dict(ids, tied=tied)
+    cfg_dict["text_config"].update(text_overrides or {})
+    cfg_dict["vision_config"]["out_hidden_size"] = cfg_dict["text_config"]["hidden_size"]
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**cfg_dict)).eval()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""A CPU runtime transform: a decode step's Qwen2 decoder layers in one call into qvl's CPU library.
+"""A CPU runtime transform: a decode step's Qwen2 / Qwen3 decoder layers in one call into qvl's CPU library.
 
 Why: at batch 1 the 2B's decode step spends 25-30 ms of its ~130 (int4, 1 thread, Zen 3) outside the
 kernels: ~8000 Python calls and ~3000 torch ops over 28 layers, each running with cold caches after a linear
@@ -7,8 +7,8 @@ has streamed megabytes of weight. Here the layers' kernels run back to back in C
 states are the Python path's bit for bit (tests/test_cpu_stack.py).
 
   install(decoder) -> bool      after qvl.layers.fused_linear.fuse_linears: binds the decoder
-                                (a Qwen2Model of Qwen2DecoderLayers: each of its classes declares
-                                `stack_math = "qwen2"` itself) when every layer's q/k/v and gate/up
+                                (Qwen2's or Qwen3's: each of its classes declares `stack_math` itself,
+                                "qwen2", or "qwen2+qk_norm" for Qwen3's attention) when every layer's q/k/v and gate/up
                                 are one fused qvl kernel call and o_proj / down_proj one qvl kernel each
                                 (qk-int4 / qk-int8 QuantLinears, bf16 on qvl's panels) and the glue ops
                                 run here (AVX2 + FMA); False (nothing bound) otherwise
@@ -20,8 +20,9 @@ states are the Python path's bit for bit (tests/test_cpu_stack.py).
   DecodeStack(x (B, H), cos, sin (B, 1, D), metadata) -> (B, H): the hidden states after the last layer
                                 (before the final norm); each token's K/V written to its cache slot
 
-The model asks for it in its forward (qvl.models.qwen2_vl.text.Qwen2Model); prefill, mixed steps and
-anything `takes` refuses run the Python layers. Index errors (a slot or block outside the cache, a table
+The model asks for it in its forward (qvl.models.qwen2_vl.text.Qwen2Model, Qwen3-VL's Qwen3TextModel when
+no DeepStack rows come with the step); prefill, mixed steps and anything `takes` refuses run the Python
+layers. Index errors (a slot or block outside the cache, a table
 shorter than the context) are a ValueError, before anything is written.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ class _Linear(ctypes.Structure):           # stack.h's Linear
 
 class _Layer(ctypes.Structure):            # stack.h's Layer
     _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
-                ("ln1", _P), ("ln2", _P), ("k_cache", _P), ("v_cache", _P)]
+                ("ln1", _P), ("ln2", _P), ("q_norm", _P), ("k_norm", _P), ("k_cache", _P), ("v_cache", _P)]
 
 
 class _Step(ctypes.Structure):             # stack.h's Step
@@ -136,21 +137,24 @@ class DecodeStack:
         return out
 
 
-def _plain(m: nn.Module) -> bool:
-    """m's own class (not a base) declares the math stack.h computes (qvl.models.qwen2_vl.text)."""
-    return type(m).__dict__.get("stack_math") == "qwen2"
+def _math(m: nn.Module) -> str | None:
+    """The math m's own class (not a base) declares for stack.h (qvl.models.qwen2_vl.text)."""
+    return type(m).__dict__.get("stack_math")
 
 
 def _layer_ok(layer: nn.Module) -> bool:
-    return (all(_plain(m) for m in (layer, layer.self_attn, layer.mlp, layer.input_layernorm,
-                                    layer.post_attention_layernorm))
-            and layer.input_layernorm.weight.dtype == torch.bfloat16)
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    qk = _math(layer.self_attn) == "qwen2+qk_norm"
+    if qk:
+        norms += (layer.self_attn.q_norm, layer.self_attn.k_norm)
+    return (all(_math(m) == "qwen2" for m in (layer, layer.mlp, *norms)) and (qk or _math(layer.self_attn) == "qwen2")
+            and all(n.weight.dtype == torch.bfloat16 for n in norms))
 
 
 def install(decoder: nn.Module) -> bool:
     decoder.__dict__.pop(_STACK, None)
     lib = qk._lib()
-    if not _plain(decoder) or lib is None or not lib.qk_glue_ok() or not len(decoder.layers):
+    if _math(decoder) != "qwen2" or lib is None or not lib.qk_glue_ok() or not len(decoder.layers):
         return False
     a0 = decoder.layers[0].self_attn
     if a0.head_dim % 16 or decoder.config.hidden_size % 8 or decoder.config.intermediate_size % 8:
@@ -164,9 +168,12 @@ def install(decoder: nn.Module) -> bool:
                  _fused(m, ("gate_proj", "up_proj"), keep), _single(m.down_proj, keep))
         if any(p is None for p in parts):
             return False
-        ln1, ln2 = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
-        keep += [ln1, ln2]
-        layers.append(_Layer(*(p[0] for p in parts), ln1.data_ptr(), ln2.data_ptr(), None, None))
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        norms += [a.q_norm, a.k_norm] if _math(a) == "qwen2+qk_norm" else []
+        w = [n.weight.detach() for n in norms]
+        keep += w
+        ptrs = [t.data_ptr() for t in w] + [None] * (4 - len(w))
+        layers.append(_Layer(*(p[0] for p in parts), *ptrs, None, None))
         rows += [p[1] for p in parts]
     lib.qk_decode_stack.argtypes, lib.qk_decode_stack.restype = [ctypes.POINTER(_Step)], ctypes.c_int
     decoder.__dict__[_STACK] = DecodeStack(decoder, layers, min(rows), keep)

@@ -1,7 +1,8 @@
 // A decode step's Qwen2 decoder layers in one call (qvl.layers.cpu_stack): B sequences, one new token each,
 // through every layer with the kernels the Python layers call, in their order and with their rounding, so
 // the result is the Python path's bit for bit:
-//   n = rms_norm(x, ln1); qkv = n · Wqkvᵀ + b; q, k = rotary(qkv's q and k heads); the cache slot of each
+//   n = rms_norm(x, ln1); qkv = n · Wqkvᵀ + b; (Qwen3: q, k = rms_norm per head); q, k = rotary(qkv's q
+//   and k heads); the cache slot of each
 //   token <- k, v; a = attention of q over the token's context (read through the block table); x = bf16(x +
 //   a · Woᵀ); n = rms_norm(x, ln2); gu = n · Wguᵀ; x = bf16(x + silu_mul(gu's gate, gu's up) · Wdownᵀ).
 // What it saves: at batch 1 the 2B's 28 layers are ~8000 Python calls and ~3000 torch ops a token, which
@@ -22,6 +23,7 @@ struct Linear {                 // one weight as the kernels take it (cpu_stack.
 struct Layer {
     Linear qkv, o, gate_up, down;       // qkv: q, k, v concatenated along N; gate_up: gate then up
     const uint16_t *ln1, *ln2;          // the two RMSNorm weights (H,)
+    const uint16_t *q_norm, *k_norm;    // Qwen3's RMSNorm over each q / k head before rotary (D,), or null
     uint16_t *k_cache, *v_cache;        // (num_blocks, block_size, nKV, D)
 };
 
@@ -57,6 +59,12 @@ int decode_stack(const Step& st, Lin linear) {
         const Layer& L = st.layers[li];
         rms_norm(st.x, H, L.ln1, n.data(), H, B, H, st.eps);
         if (int rc = linear(L.qkv, n.data(), qkv.data(), B, st.nthreads)) return rc;
+        if (L.q_norm)                                  // in place: each row's sum is taken before it is written
+            for (int b = 0; b < B; ++b) {
+                uint16_t* r = &qkv[size_t(b) * W];
+                rms_norm(r, D, L.q_norm, r, D, st.nH, D, st.eps);
+                rms_norm(r + nq, D, L.k_norm, r + nq, D, st.nKV, D, st.eps);
+            }
         rotary(qkv.data(), W, st.cos, st.sin, qk.data(), nq + nkv, B, st.nH + st.nKV, D);
         for (int b = 0; b < B; ++b) {
             std::memcpy(L.k_cache + st.slots[b] * nkv, &qk[size_t(b) * (nq + nkv) + nq], size_t(nkv) * 2);

@@ -128,7 +128,7 @@ class Qwen2Model(nn.Module):
     interleaved_mrope = False   # Qwen3-VL: True (rope.mrope_cos_sin)
     # `stack_math`: the C++ decode step of qvl.layers.cpu_stack computes these classes' math. It counts only
     # where a class declares it itself (cpu_stack reads the class __dict__), so a subclass that changes the
-    # math (Qwen3's q/k norms) runs the Python layers unless it declares it too.
+    # math runs the Python layers unless it declares what it computes (Qwen3's attention: "qwen2+qk_norm").
     stack_math = "qwen2"
 
     def __init__(self, config: ModelConfig) -> None:

@@ -14,12 +14,15 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from qvl.layers import cpu_stack
 from qvl.layers.attention import AttentionMetadata
 from qvl.models.qwen2_vl.text import Qwen2Attention, Qwen2DecoderLayer, Qwen2Model, RMSNorm
 from qvl.models.qwen3_vl.config import ModelConfig
 
 
 class Qwen3Attention(Qwen2Attention):
+    stack_math = "qwen2+qk_norm"     # qvl.layers.cpu_stack: Qwen2's attention with q_norm / k_norm per head
+
     def __init__(self, config: ModelConfig) -> None:
         self.qkv_bias = config.attention_bias
         super().__init__(config)
@@ -35,11 +38,13 @@ class Qwen3Attention(Qwen2Attention):
 
 class Qwen3DecoderLayer(Qwen2DecoderLayer):
     attn_cls = Qwen3Attention
+    stack_math = "qwen2"
 
 
 class Qwen3TextModel(Qwen2Model):
     layer_cls = Qwen3DecoderLayer
     interleaved_mrope = True
+    stack_math = "qwen2"             # the layers' math; DeepStack steps run the Python layers (forward)
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata | None = None,
@@ -56,6 +61,9 @@ class Qwen3TextModel(Qwen2Model):
             if bad:
                 raise ValueError(f"deepstack_embeds must be ({m}, {inputs_embeds.shape[1]}) for the {m} vision "
                                  f"rows, got {bad}")
+        stack = cpu_stack.stack_of(self)       # CPU runtime transform: a decode step's layers in one call
+        if not deepstack and stack is not None and stack.takes(inputs_embeds, attn_metadata):
+            return self.norm(stack(inputs_embeds, cos, sin, attn_metadata))
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn_metadata)
