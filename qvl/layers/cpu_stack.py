@@ -105,12 +105,17 @@ class DecodeStack:
 
     def takes(self, x: torch.Tensor, md: AttentionMetadata | None) -> bool:
         if (md is None or not cpu_ops.fast(x) or x.dim() != 2 or not 0 < x.shape[0] <= self.max_rows
-                or md.max_query_len != 1 or md.num_tokens != x.shape[0] or md.slot_mapping is None
+                or md.max_query_len != 1 or md.num_tokens != x.shape[0] or len(md.seq_lens_q) != x.shape[0]
+                or md.slot_mapping is None
                 or not isinstance(md.block_tables, torch.Tensor) or md.block_tables.device.type != "cpu"):
             return False
-        for layer in self.decoder.layers:
+        first = self.decoder.layers[0].self_attn.k_cache
+        for layer in self.decoder.layers:        # every cache bf16, contiguous, of the first one's shape
             a = layer.self_attn
-            if a.k_cache is None or a.k_cache.dtype != torch.bfloat16 or a.attn_backend not in (None, REFERENCE):
+            kc, vc = a.k_cache, a.v_cache
+            if (kc is None or vc is None or kc.dtype != torch.bfloat16 or vc.dtype != torch.bfloat16
+                    or not (kc.is_contiguous() and vc.is_contiguous()) or not kc.shape == vc.shape == first.shape
+                    or kc.shape[2:] != (a.num_kv_heads, a.head_dim) or a.attn_backend not in (None, REFERENCE)):
                 return False
         return True
 
