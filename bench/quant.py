@@ -262,10 +262,7 @@ def child(args) -> None:
         tok = {True: [], False: []}
         for _ in range(args.repeats):
             for on in (False, True):
-                if on:
-                    cpu_stack.install(model.model)
-                else:
-                    cpu_stack.uninstall(model.model)
+                (cpu_stack.install if on else cpu_stack.uninstall)(model.model)
                 tok[on].append(qvl_decode(eng, ids, args.new_tokens, dev)[0])
         ab.update(stack_off_tok_s=round(statistics.median(tok[False]), 2),
                   stack_on_tok_s=round(statistics.median(tok[True]), 2),

@@ -6,12 +6,12 @@ has streamed megabytes of weight. Here the layers' kernels run back to back in C
 (qvl/layers/cpu_kernels/stack.h), the same calls in the same order as the Python layers make, so the hidden
 states are the Python path's bit for bit (tests/test_cpu_stack.py).
 
-  install(decoder) -> bool      after qvl.layers.fused_linear.fuse_linears: binds the decoder
-                                (Qwen2's or Qwen3's: each of its classes declares `stack_math` itself,
-                                "qwen2", or "qwen2+qk_norm" for Qwen3's attention) when every layer's q/k/v and gate/up
-                                are one fused qvl kernel call and o_proj / down_proj one qvl kernel each
-                                (qk-int4 / qk-int8 QuantLinears, bf16 on qvl's panels) and the glue ops
-                                run here (AVX2 + FMA); False (nothing bound) otherwise
+  install(decoder) -> bool      after qvl.layers.fused_linear.fuse_linears: binds the decoder (Qwen2's
+                                or Qwen3's: each of its classes declares `stack_math` itself, "qwen2",
+                                or "qwen2+qk_norm" for Qwen3's attention) when every layer's q/k/v and
+                                gate/up are one fused qvl kernel call and o_proj / down_proj one qvl
+                                kernel each (qk-int4 / qk-int8 QuantLinears, bf16 on qvl's panels) and
+                                the glue ops run here (AVX2 + FMA); False (nothing bound) otherwise
   uninstall(decoder)
   stack_of(decoder) -> DecodeStack | None
   DecodeStack.takes(x, metadata) -> bool    a decode step it runs: every sequence one new token, B rows no
@@ -22,8 +22,8 @@ states are the Python path's bit for bit (tests/test_cpu_stack.py).
 
 The model asks for it in its forward (qvl.models.qwen2_vl.text.Qwen2Model, Qwen3-VL's Qwen3TextModel when
 no DeepStack rows come with the step); prefill, mixed steps and anything `takes` refuses run the Python
-layers. Index errors (a slot or block outside the cache, a table
-shorter than the context) are a ValueError, before anything is written.
+layers. Index errors (a slot or block outside the cache, a table shorter than the context) are a
+ValueError, raised before anything is written.
 """
 from __future__ import annotations
 
@@ -152,8 +152,8 @@ def _layer_ok(layer: nn.Module) -> bool:
     qk = _math(layer.self_attn) == "qwen2+qk_norm"
     if qk:
         norms += (layer.self_attn.q_norm, layer.self_attn.k_norm)
-    return (all(_math(m) == "qwen2" for m in (layer, layer.mlp, *norms)) and (qk or _math(layer.self_attn) == "qwen2")
-            and all(n.weight.dtype == torch.bfloat16 for n in norms))
+    return (all(_math(m) == "qwen2" for m in (layer, layer.mlp, *norms))
+            and (qk or _math(layer.self_attn) == "qwen2") and all(n.weight.dtype == torch.bfloat16 for n in norms))
 
 
 def install(decoder: nn.Module) -> bool:
