@@ -1,10 +1,10 @@
-// A decode step's Qwen2 decoder layers in one call (qvl.layers.cpu_stack): B sequences, one new token each,
-// through every layer with the kernels the Python layers call, in their order and with their rounding, so
-// the result is the Python path's bit for bit:
-//   n = rms_norm(x, ln1); qkv = n · Wqkvᵀ + b; (Qwen3: q, k = rms_norm per head); q, k = rotary(qkv's q
-//   and k heads); the cache slot of each
-//   token <- k, v; a = attention of q over the token's context (read through the block table); x = bf16(x +
-//   a · Woᵀ); n = rms_norm(x, ln2); gu = n · Wguᵀ; x = bf16(x + silu_mul(gu's gate, gu's up) · Wdownᵀ).
+// A decode step's Qwen2 / Qwen3 decoder layers in one call (qvl.layers.cpu_stack): B sequences, one new
+// token each, through every layer with the kernels the Python layers call, in their order and with their
+// rounding, so the result is the Python path's bit for bit:
+//   n = rms_norm(x, ln1); qkv = n · Wqkvᵀ + b; (Qwen3: q, k = rms_norm of each head); q, k = rotary(qkv's
+//   q and k heads); each token's cache slot <- k, v; a = attention of q over the token's context (read
+//   through the block table); x = bf16(x + a · Woᵀ); n = rms_norm(x, ln2); gu = n · Wguᵀ;
+//   x = bf16(x + silu_mul(gu's gate, gu's up) · Wdownᵀ).
 // What it saves: at batch 1 the 2B's 28 layers are ~8000 Python calls and ~3000 torch ops a token, which
 // run with cold caches after each linear has streamed megabytes of weight.
 #pragma once
