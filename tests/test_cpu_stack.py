@@ -116,7 +116,8 @@ def test_refuses_indices_outside_the_cache(ckpt):
         assert stack.takes(x, md)
         with pytest.raises(ValueError, match="decode stack refused"):
             stack(x, cos, sin, md)
-    assert all(torch.equal(a, l.self_attn.k_cache) and torch.equal(b, l.self_attn.v_cache)
+    bits = lambda t: t.view(torch.int16)                 # noqa: E731  (unwritten slots may hold NaN)
+    assert all(torch.equal(bits(a), bits(l.self_attn.k_cache)) and torch.equal(bits(b), bits(l.self_attn.v_cache))
                for (a, b), l in zip(before, dec.layers))
     prefill = AttentionMetadata([2], [2], slot_mapping=torch.tensor([0, 1]), block_tables=[[0]])
     assert not stack.takes(torch.randn(2, SHAPE["hidden_size"]).bfloat16(), prefill)
