@@ -122,10 +122,9 @@ class DecodeStack:
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         h, nh, nkv, d, i = self.dims
         b = x.shape[0]
-        for t, layer in zip(self.layers, self.decoder.layers):
-            kc, vc = layer.self_attn.k_cache, layer.self_attn.v_cache          # (blocks, block_size, nKV, D)
-            t.k_cache, t.v_cache = kc.data_ptr(), vc.data_ptr()
-        kc = self.decoder.layers[0].self_attn.k_cache
+        for t, layer in zip(self.layers, self.decoder.layers):       # the caches, (blocks, block_size, nKV, D)
+            t.k_cache, t.v_cache = layer.self_attn.k_cache.data_ptr(), layer.self_attn.v_cache.data_ptr()
+        kc = self.decoder.layers[0].self_attn.k_cache                 # takes(): all of this one's shape
         out = x.contiguous().clone()                                                            # (B, H)
         cos, sin = cos.reshape(b, d).contiguous(), sin.reshape(b, d).contiguous()              # (B, D)
         slots = md.slot_mapping.to(torch.int64).contiguous()                                   # (B,)
@@ -147,13 +146,15 @@ def _math(m: nn.Module) -> str | None:
     return type(m).__dict__.get("stack_math")
 
 
-def _layer_ok(layer: nn.Module) -> bool:
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    qk = _math(layer.self_attn) == "qwen2+qk_norm"
-    if qk:
-        norms += (layer.self_attn.q_norm, layer.self_attn.k_norm)
-    return (all(_math(m) == "qwen2" for m in (layer, layer.mlp, *norms))
-            and (qk or _math(layer.self_attn) == "qwen2") and all(n.weight.dtype == torch.bfloat16 for n in norms))
+def _norms(layer: nn.Module) -> list[nn.Module] | None:
+    """The layer's RMSNorms in stack.h's order (ln1, ln2, then Qwen3's q_norm, k_norm), or None where a class
+    of the layer does not declare the math stack.h computes or a norm is not bf16."""
+    attn = _math(layer.self_attn)
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    norms += [layer.self_attn.q_norm, layer.self_attn.k_norm] if attn == "qwen2+qk_norm" else []
+    ok = (attn in ("qwen2", "qwen2+qk_norm") and all(_math(m) == "qwen2" for m in (layer, layer.mlp, *norms))
+          and all(n.weight.dtype == torch.bfloat16 for n in norms))
+    return norms if ok else None
 
 
 def install(decoder: nn.Module) -> bool:
@@ -166,15 +167,14 @@ def install(decoder: nn.Module) -> bool:
         return False
     keep, layers, rows = [], [], []
     for layer in decoder.layers:
-        if not _layer_ok(layer):
+        norms = _norms(layer)
+        if norms is None:
             return False
         a, m = layer.self_attn, layer.mlp
         parts = (_fused(a, ("q_proj", "k_proj", "v_proj"), keep), _single(a.o_proj, keep),
                  _fused(m, ("gate_proj", "up_proj"), keep), _single(m.down_proj, keep))
         if any(p is None for p in parts):
             return False
-        norms = [layer.input_layernorm, layer.post_attention_layernorm]
-        norms += [a.q_norm, a.k_norm] if _math(a) == "qwen2+qk_norm" else []
         w = [n.weight.detach() for n in norms]
         keep += w
         ptrs = [t.data_ptr() for t in w] + [None] * (4 - len(w))

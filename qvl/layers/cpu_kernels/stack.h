@@ -49,7 +49,7 @@ int decode_stack(const Step& st, Lin linear) {
         for (int i = 0; i < (st.ctx[b] + st.block_size - 1) / st.block_size; ++i)
             if (st.tables[size_t(b) * st.width + i] < 0 || st.tables[size_t(b) * st.width + i] >= st.num_blocks) return -1;
     }
-    std::vector<uint16_t> n(size_t(B) * H), qkv(size_t(B) * W), qk(size_t(B) * (nq + nkv)), att(size_t(B) * nq),
+    std::vector<uint16_t> n(size_t(B) * H), qkv(size_t(B) * W), rot(size_t(B) * (nq + nkv)), att(size_t(B) * nq),
         o(size_t(B) * H), gu(size_t(B) * 2 * st.I), act(size_t(B) * st.I);
     const int g = st.nH / st.nKV;
     auto add = [&](const uint16_t* d) {                // x = bf16(x + d), torch's bf16 add
@@ -65,9 +65,9 @@ int decode_stack(const Step& st, Lin linear) {
                 rms_norm(r, D, L.q_norm, r, D, st.nH, D, st.eps);
                 rms_norm(r + nq, D, L.k_norm, r + nq, D, st.nKV, D, st.eps);
             }
-        rotary(qkv.data(), W, st.cos, st.sin, qk.data(), nq + nkv, B, st.nH + st.nKV, D);
+        rotary(qkv.data(), W, st.cos, st.sin, rot.data(), nq + nkv, B, st.nH + st.nKV, D);
         for (int b = 0; b < B; ++b) {
-            std::memcpy(L.k_cache + st.slots[b] * nkv, &qk[size_t(b) * (nq + nkv) + nq], size_t(nkv) * 2);
+            std::memcpy(L.k_cache + st.slots[b] * nkv, &rot[size_t(b) * (nq + nkv) + nq], size_t(nkv) * 2);
             std::memcpy(L.v_cache + st.slots[b] * nkv, &qkv[size_t(b) * W + nq + nkv], size_t(nkv) * 2);
         }
 #pragma omp parallel for num_threads(st.nthreads) schedule(static) if (st.nthreads > 1 && B * st.nH > 1)
@@ -75,7 +75,7 @@ int decode_stack(const Step& st, Lin linear) {
             const int b = bh / st.nH, h = bh % st.nH, j = h / g;
             const int32_t* table = st.tables + size_t(b) * st.width;
             const auto at = [&](int l) { return (long(table[l / st.block_size]) * st.block_size + l % st.block_size) * nkv; };
-            attend_row(&qk[size_t(b) * (nq + nkv) + h * D], L.k_cache + j * D, L.v_cache + j * D, at, at,
+            attend_row(&rot[size_t(b) * (nq + nkv) + h * D], L.k_cache + j * D, L.v_cache + j * D, at, at,
                        [](int) { return false; }, st.ctx[b], D, st.scale, &att[size_t(bh) * D]);
         }
         if (int rc = linear(L.o, att.data(), o.data(), B, st.nthreads)) return rc;
