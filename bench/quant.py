@@ -7,7 +7,8 @@ one's memory-bandwidth roofline.
     python bench/quant.py --profile --variants bf16,int4     # where one decode step's time goes
 
 The checkpoint is the Qwen2-VL-2B text config (28 layers, hidden 1536, intermediate 8960, vocab 151936,
-tied head) with random bf16 weights, written once under --workdir; the vision tower is cut to one block
+tied head; --family qwen3-vl: Qwen3-VL-2B's, hidden 2048, intermediate 6144, q/k norms) with random bf16
+weights, written once under --workdir; the vision tower is cut to one block
 (it is not read while decoding; --layers cuts decoder layers too). GPTQ (v1, sym, group 128) and AWQ (gemm,
 group 128) copies are packed from the same weights by tests/quant_fixtures.py. Each variant runs in its own
 subprocess (load_model in bf16 + an LLMEngine without tokenizer):
@@ -58,7 +59,29 @@ VARIANTS = {  # name -> (checkpoint, EngineConfig.quantization)
 }
 
 
-def _config(layers: int) -> dict:
+# Qwen3-VL-2B-Instruct's text config (28 Qwen3 layers, hidden 2048, intermediate 6144, 16 heads of 128 over 8
+# KV heads, q/k norms, tied head) and a one-block vision tower of its shape (not read while decoding).
+QWEN3_2B = dict(
+    model_type="qwen3_vl", architectures=["Qwen3VLForConditionalGeneration"], tie_word_embeddings=True,
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    text_config=dict(model_type="qwen3_vl_text", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                     num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                     hidden_act="silu", rms_norm_eps=1e-6, rope_theta=5e6, max_position_embeddings=32768,
+                     attention_bias=False, bos_token_id=151643, eos_token_id=151645,
+                     rope_scaling=dict(rope_type="default", mrope_section=[24, 20, 20], mrope_interleaved=True)),
+    vision_config=dict(model_type="qwen3_vl", depth=1, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                       hidden_act="gelu_pytorch_tanh", in_channels=3, patch_size=16, spatial_merge_size=2,
+                       temporal_patch_size=2, out_hidden_size=2048, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[0]))
+FAMILIES = ("qwen2-vl", "qwen3-vl")
+
+
+def _config(layers: int, family: str = "qwen2-vl") -> dict:
+    if family == "qwen3-vl":
+        d = json.loads(json.dumps(QWEN3_2B))
+        d["text_config"]["num_hidden_layers"] = layers
+        d["torch_dtype"] = "bfloat16"
+        return d
     from decode import config_dict
 
     d = config_dict("2b")
@@ -68,15 +91,21 @@ def _config(layers: int) -> dict:
     return d
 
 
-def write_float(path: Path, layers: int) -> None:
+def work_dir(args) -> Path:
+    """Where --family's checkpoints live under --workdir (L28/ for Qwen2-VL, qwen3-vl-L28/ for Qwen3-VL)."""
+    prefix = "" if args.family == "qwen2-vl" else f"{args.family}-"
+    return Path(args.workdir) / f"{prefix}L{args.layers}"
+
+
+def write_float(path: Path, layers: int, family: str = "qwen2-vl") -> None:
     from safetensors.torch import save_file
 
-    from qvl.models.qwen2_vl.config import ModelConfig
-    from qvl.models.qwen2_vl.model import Qwen2VLForConditionalGeneration
+    from qvl.models import family_for
 
-    d = _config(layers)
+    d = _config(layers, family)
+    fam = family_for(d["model_type"])
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(ModelConfig.from_dict(d))
+        model = fam.Model(fam.Config.from_dict(d))
     g = torch.Generator().manual_seed(0)
     state = {}
     for name, p in model.named_parameters():        # the tied head is the embedding: stored once
@@ -349,6 +378,8 @@ def kernels(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--family", choices=FAMILIES, default="qwen2-vl",
+                    help="qwen3-vl: Qwen3-VL-2B's decoder (hidden 2048, q/k norms) instead of Qwen2-VL-2B's")
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -372,10 +403,10 @@ def main() -> None:
         return child(args)
     if args.kernels:
         return kernels(args)
-    work = Path(args.workdir) / f"L{args.layers}"
+    work = work_dir(args)
     variants = args.variants.split(",")
     if not (work / "float" / "model.safetensors").is_file():
-        write_float(work / "float", args.layers)
+        write_float(work / "float", args.layers, args.family)
     for name in variants:
         ckpt = VARIANTS[name][0]
         if ckpt != "float" and not (work / ckpt / "model.safetensors").is_file():

@@ -27,12 +27,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from quant import PACKED, VARIANTS, _throughput, _weight_bytes, write_float, write_packed  # noqa: E402
+from quant import (FAMILIES, PACKED, VARIANTS, _throughput, _weight_bytes, work_dir, write_float,  # noqa: E402
+                   write_packed)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default="bf16,int8,int4")
+    ap.add_argument("--family", choices=FAMILIES, default="qwen2-vl", help="as bench/quant.py's")
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -46,11 +48,11 @@ def main() -> None:
     from qvl.build import load_model
 
     torch.set_num_threads(args.threads)
-    work, names = Path(args.workdir) / f"L{args.layers}", args.variants.split(",")
+    work, names = work_dir(args), args.variants.split(",")
     if "bf16" not in names:
         raise SystemExit("--variants must include bf16 (the ratios' reference)")
     if not (work / "float" / "model.safetensors").is_file():
-        write_float(work / "float", args.layers)
+        write_float(work / "float", args.layers, args.family)
     engines, wbytes = {}, {}
     for name in names:
         ckpt, method = VARIANTS[name]
