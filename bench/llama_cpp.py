@@ -5,8 +5,8 @@
     python bench/llama_cpp.py --threads 1,2         # also both sides at 2 threads (a calm machine only)
 
 The weights are bench/quant.py's float checkpoint (Qwen2-VL-2B text config, random bf16 weights from
-`write_float`, vision tower cut to one block), written under --workdir if missing (quant.py's layout, so
-the two benches share it). llama.cpp is not a dependency of qvl: on first use this script builds it under
+bench/quant_checkpoints.py's `write_float`, vision tower cut to one block), written under --workdir if
+missing (quant.py's layout, so the two benches share it). llama.cpp is not a dependency of qvl: on first use this script builds it under
 --cache (default /tmp/qvl-llama) and reuses it afterwards:
   sdist     `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`; its vendor/llama.cpp
             carries convert_hf_to_gguf.py and the sources of llama-quantize and llama-bench
@@ -220,11 +220,10 @@ def main() -> None:
     args.threads = [int(t) for t in args.threads.split(",")]
     if args.child:
         return qvl_child(args)
-    from quant import write_float
+    from quant_checkpoints import ensure_checkpoints
 
     float_dir = Path(args.workdir) / f"L{args.layers}" / "float"
-    if not (float_dir / "model.safetensors").is_file():
-        write_float(float_dir, args.layers)
+    ensure_checkpoints(float_dir.parent, args.layers, "qwen2-vl", {"float"})
     args.float_dir = str(float_dir)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)

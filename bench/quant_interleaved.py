@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from quant import (FAMILIES, PACKED, VARIANTS, _throughput, _weight_bytes, work_dir, write_float,  # noqa: E402
-                   write_packed)
+from quant import VARIANTS, _throughput, _weight_bytes  # noqa: E402
+from quant_checkpoints import FAMILIES, ensure_checkpoints, work_dir  # noqa: E402
 
 
 def main() -> None:
@@ -51,13 +51,10 @@ def main() -> None:
     work, names = work_dir(args), args.variants.split(",")
     if "bf16" not in names:
         raise SystemExit("--variants must include bf16 (the ratios' reference)")
-    if not (work / "float" / "model.safetensors").is_file():
-        write_float(work / "float", args.layers, args.family)
+    ensure_checkpoints(work, args.layers, args.family, {VARIANTS[name][0] for name in names})
     engines, wbytes = {}, {}
     for name in names:
         ckpt, method = VARIANTS[name]
-        if ckpt != "float" and not (work / ckpt / "model.safetensors").is_file():
-            write_packed(work / "float", work / ckpt, *PACKED[ckpt])
         model, config = load_model(work / ckpt, dtype=torch.bfloat16, quantization=method, device="cpu")
         engines[name] = make_engine(model, config, max_num_seqs=16, enable_prefix_caching=False, max_model_len=1024)
         wbytes[name] = _weight_bytes(model)
