@@ -48,7 +48,7 @@ def _random(bits, group, n, k, seed, zeros="awq"):
     groups = k // group
     z = (torch.randint(0, 16, (groups, n), generator=g).float() if zeros == "awq"
          else torch.full((groups, n), float(1 << (bits - 1))))
-    scales = torch.rand(groups, n, generator=g) * 0.02 + 0.001
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half().float()     # fp16 values, as checkpoints
     return Quantized(q, z, scales, group), g
 
 
@@ -100,7 +100,7 @@ def test_scalar_fallbacks_match(rows, il):
     x = torch.randn(rows, 192, generator=g).bfloat16()
     bias = torch.randn(48, generator=g)
     want = x.float() @ w.t() + bias
-    w4, s4 = qk.pack_int4(qz.q, il), qk.pack_groups(qz.scales)
+    w4, s4 = qk.pack_int4(qz.q, il), qk.pack_scales(qz.scales)
     z = qk.pack_groups(qz.zeros.to(torch.uint8))
     b4 = qk.QuantWeight(4, w4, s4, z, 0, 64, il)
     _close(b4.matmul(x, bias, isa=0), want)
@@ -109,7 +109,7 @@ def test_scalar_fallbacks_match(rows, il):
     q8, _ = _random(8, 32, 48, 192, rows, "sym")
     w8 = qk.pack_int8((q8.q.to(torch.int16) - 128).to(torch.int8), il)
     want8 = x.float() @ formats.dequantize(q8).t()
-    s8 = qk.pack_groups(q8.scales)
+    s8 = qk.pack_scales(q8.scales)
     b8 = qk.QuantWeight(8, w8, s8, group=32, il=il)
     _close(b8.matmul(x, isa=0), want8)
     blk8 = b8.dequant_rows(0, 48, torch.empty(48, 192, dtype=torch.bfloat16))
@@ -149,8 +149,8 @@ def test_avx2_and_vnni_kernels_agree(bits, zeros, rows, long, il):
 def _bound(bits, qz, zeros, il=None):
     if bits == 4:
         z = qk.pack_groups(qz.zeros.to(torch.uint8)) if zeros == "awq" else None
-        return qk.QuantWeight(4, qk.pack_int4(qz.q, il), qk.pack_groups(qz.scales), z, 8, qz.group, il)
-    return qk.QuantWeight(8, qk.pack_int8((qz.q.to(torch.int16) - 128).to(torch.int8), il), qk.pack_groups(qz.scales),
+        return qk.QuantWeight(4, qk.pack_int4(qz.q, il), qk.pack_scales(qz.scales), z, 8, qz.group, il)
+    return qk.QuantWeight(8, qk.pack_int8((qz.q.to(torch.int16) - 128).to(torch.int8), il), qk.pack_scales(qz.scales),
                           group=qz.group, il=il)
 
 
@@ -189,15 +189,27 @@ def test_dequantizers_exact_over_threads(bits, group, zeros, il, monkeypatch):
             bad()
 
 
-@needs_bf16
-def test_vector_dequantizer_flushes_subnormals():
-    """vcvtneps2bf16 reads subnormal inputs as zero: the one documented difference from the scalar code
-    (products below 2^-126; no real scale makes them)."""
-    qz = Quantized(torch.arange(16, dtype=torch.uint8).repeat(16, 8), torch.zeros(1, 16), torch.full((1, 16), 1e-40), 128)
+@pytest.mark.skipif(not qk.available(), reason="no C++ compiler for qvl's CPU kernels")
+def test_fp16_scales_exact_and_their_range():
+    """The kernels' scales are fp16: subnormal fp16 scales dequantize exactly in the scalar and the vector
+    code (their smallest product, 2^-24, is a normal fp32), a float32 tensor is refused, and a layer whose
+    scales pass fp16's range runs the float dequant path instead of a wrong kernel."""
+    s = torch.tensor([2.0 ** -24, 3 * 2.0 ** -20, 2.0 ** -14, 1e-3, 0.02, 65504.0]).repeat(3)[:16].half().float()
+    qz = Quantized(torch.arange(16, dtype=torch.uint8).repeat(16, 8), torch.zeros(1, 16), s.view(1, 16), 128)
     w = _bound(4, qz, "awq")
-    vec, ref = (w.dequant_t(0, 16, torch.empty(128, 16, dtype=torch.bfloat16), isa=isa) for isa in (1, 0))
-    assert torch.equal(ref, formats.dequantize(qz).bfloat16().t()) and ref.float().abs().max() > 0
-    assert not vec.any()
+    for isa in (1, 0) if qk.native() else (0,):
+        got = w.dequant_t(0, 16, torch.empty(128, 16, dtype=torch.bfloat16), isa=isa)
+        assert torch.equal(got, formats.dequantize(qz).bfloat16().t()), isa
+    with pytest.raises(ValueError, match="take fp16 scales .* got torch.float32"):
+        qk.QuantWeight(4, w.w, qk.pack_groups(qz.scales), None, 8, 128)
+    assert not qk.fp16_holds(torch.tensor([1e5])) and not qk.fp16_holds(torch.tensor([float("inf")]))
+    with pytest.raises(ValueError, match=r"fp16 scales \(\|s\| <= 65504\); these reach 100000"):
+        qk.pack_scales(torch.tensor([[1e5] * 16]))
+    big = qz._replace(scales=s.view(1, 16) * 4)                                          # up to 262016
+    layer = _layer(QuantSpec("awq", 4, 128), torch.bfloat16, big, 16, 128, None, "qk-int4")
+    assert layer.kernel == "dequant"
+    x = torch.randn(2, 128).bfloat16()
+    _close(layer(x), x.float() @ formats.dequantize(big).t())
 
 
 @pytest.mark.parametrize("isa", [pytest.param(1, marks=needs_bf16),

@@ -42,6 +42,7 @@ def test_integers_scales_and_skip_list(float_ckpt, method, bits, groups):
         w, deq = sd[f"{name}.weight"], m.dequantized_weight()
         step = m.scales.t().repeat_interleave(m.in_features // m.scales.shape[0], 1)   # (N, K)
         assert bool(((w - deq).abs() <= step / 2 + 1e-7).all())                      # round to nearest
+        assert torch.equal(m.scales, m.scales.half().float())                        # fp16 scales (the kernels')
         assert m.dequantized_weight().abs().amax() > 0
 
 
@@ -72,6 +73,18 @@ def test_fp32_equals_transformers_on_own_dequantized_weights(float_ckpt, method)
     assert greedy_tokens(eng, [prompt], 10)[0] == ref_tokens[0, ids.shape[0]:].tolist()
 
 
+def test_scales_beyond_fp16_are_refused_by_name():
+    from qvl.quant import onthefly
+
+    w = torch.zeros(16, 128)
+    w[3, 5] = 9e6                                                # int8: 9e6 / 127 > 65504
+    with pytest.raises(ValueError, match=r"^layers.0.q.weight: int8 on the fly keeps fp16 scales, which hold "
+                                         r"\|w\| up to 8.31901e\+06; this weight reaches 9e\+06$"):
+        onthefly.quantize(w, 8, -1, "layers.0.q.weight")
+    qz = onthefly.quantize(w / 20, 4, 128)                       # 4.5e5 / 7 fits; the zero rows get 2^-24
+    assert float(qz.scales.max()) == float(torch.tensor(4.5e5 / 7).half()) and float(qz.scales.min()) == 2.0 ** -24
+
+
 def test_memory_is_the_integers_not_a_float_copy(float_ckpt):
     """bf16 int4: the decoder linears keep ~0.5 byte per weight (+ scales), no float weight."""
     model, config = load_model(float_ckpt, dtype=torch.bfloat16, quantization="int4")
@@ -79,7 +92,7 @@ def test_memory_is_the_integers_not_a_float_copy(float_ckpt):
     weights = sum(m.in_features * m.out_features for m in quantized)
     held = sum(t.numel() * t.element_size() for m in quantized for n, t in m.named_buffers() if n != "bias")
     assert all(m.kernel in ("int4pack", "qk-int4") for m in quantized)
-    assert weights / 2 <= held <= weights * (0.5 + 4 / 128)
+    assert weights / 2 <= held <= weights * (0.5 + 2 / 128)                         # + an fp16 scale per 128
     assert not any(p.dtype != torch.bfloat16 for p in model.parameters())
 
 

@@ -12,7 +12,7 @@ loading never holds a whole model of unpacked integers.
 
 Kernels (chosen at construction from dtype, device, shape and the CPU; `kernel` names it):
   qk-int4   CPU bf16 on AVX-512 VNNI or AVX2, 4 bit, group a multiple of 32, out of 16: qvl's own kernel
-            (qvl.layers.quant_kernels), fp32 scales and zeros; up to MANY_ROWS − 1 input rows it multiplies
+            (qvl.layers.quant_kernels), fp16 scales, uint8 zeros; up to MANY_ROWS − 1 input rows it multiplies
             the nibbles with int8-quantized activations in registers; from MANY_ROWS rows on (prefill, on
             CPUs with AMX only) it dequantizes bf16 blocks of W and runs torch's bf16 GEMM on them.
   qk-int8   the same for 8 bit (q − z as int8), one scale per row or per group (GPTQ-Int8, group 128).
@@ -111,7 +111,7 @@ class QuantLinear(nn.Module):
             w = p["weight"]
             if tuple(w.shape) != shape:
                 raise ValueError(f"{self.name}.weight has shape {tuple(w.shape)}, expected {shape} from config.json")
-            qz = onthefly.quantize(w, spec.bits, spec.group_size)
+            qz = onthefly.quantize(w, spec.bits, spec.group_size, f"{self.name}.weight")
         if "bias" in p:
             b = p["bias"]
             if tuple(b.shape) != (self.out_features,):
@@ -123,6 +123,8 @@ class QuantLinear(nn.Module):
 
     def _set_kernel_tensors(self, qz: formats.Quantized) -> None:
         dev = self.device
+        if self.kernel in ("qk-int4", "qk-int8") and not qk.fp16_holds(qz.scales):
+            self.kernel = "dequant"                       # scales beyond fp16, the qk kernels' scale type
         if self.kernel == "int4pack":
             w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qz.q.to(torch.int32), 1)  # (N, K/2) uint8
             zero_term = (8 - qz.zeros) * qz.scales                                                # (G, N)
@@ -131,7 +133,7 @@ class QuantLinear(nn.Module):
             zeros = qz.zeros.to(torch.uint8)                                                      # (G, N)
             same = bool((zeros == zeros.flatten()[0]).all())     # symmetric formats: one zero everywhere
             self.zc = int(zeros.flatten()[0]) if same else 0
-            self._buffers_set(w4=qk.pack_int4(qz.q), s4=qk.pack_groups(qz.scales.float()),         # (N, K/2), (P, G, 16)
+            self._buffers_set(w4=qk.pack_int4(qz.q), s4=qk.pack_scales(qz.scales),                 # (N, K/2), (P, G, 16)
                               z4=None if same else qk.pack_groups(zeros))
         elif self.kernel in ("int8pack", "int8group", "qk-int8"):
             w8 = qz.q.to(torch.int16) - qz.zeros.t().repeat_interleave(qz.group, 1).to(torch.int16)  # (N, K)
@@ -140,7 +142,7 @@ class QuantLinear(nn.Module):
                 return self._set_kernel_tensors(qz)
             w8 = w8.to(torch.int8)
             if self.kernel == "qk-int8":
-                self._buffers_set(w8=qk.pack_int8(w8), s8=qk.pack_groups(qz.scales.float()))      # (N, K), (P, G, 16)
+                self._buffers_set(w8=qk.pack_int8(w8), s8=qk.pack_scales(qz.scales))               # (N, K), (P, G, 16)
             elif self.kernel == "int8pack":
                 self._buffers_set(w8=w8, s8=qz.scales[0].to(torch.bfloat16))                       # s8 (N,)
             else:

@@ -11,7 +11,7 @@ figures.
   native() -> bool             ... and this CPU has AVX-512 BF16 (native bf16 dot products; checked at run time)
   bf16_isa() -> int            the bf16 kernel's best ISA here: 1 AVX-512 BF16, 2 AVX2 + FMA (fp32 FMAs on
                                the widened weight, cpu_kernels/bf16.h), 0 none
-  int_isa() -> int             the integer kernels' best ISA here: 1 AVX-512 VNNI, 2 AVX2 + FMA, 0 none
+  int_isa() -> int             the integer kernels' best ISA here: 1 AVX-512 VNNI, 2 AVX2 + FMA + F16C, 0 none
   native_int() -> bool         int_isa() > 0: the integer kernels run vectorized on this CPU
   pack_int4(q (N, K) uint8, il) -> (N, K/2) uint8, pack_int8(w8 (N, K) int8, il) -> (N, K) uint8: the
                kernels' 16-row panels, 64 bytes per step of the input dim, interleaved in blocks of 8
@@ -19,6 +19,9 @@ figures.
                1, the AVX2 kernels'); interleave() -> this CPU's choice, the default; weights with
                N % 128 == 0 concatenate along N as a cat
   pack_groups(t (G, N)) -> (N/16, G, 16) storage: scales and zeros, blocked like the weights
+  pack_scales(s (G, N) float) -> pack_groups of s in fp16, the kernels' scale type (exact for the fp16
+               scales GPTQ / AWQ store and qvl's on-the-fly ones; others round to nearest); ValueError
+               where a scale is beyond fp16 (fp16_holds(s) says so first)
   QuantWeight(bits, w, s, z, zc, group, il)   one layer's weight bound to the library (what QuantLinear holds):
     .matmul(x, bias) -> (M, N) bf16       few rows: integers against int8-quantized x in registers
     .dequant_matmul(x, bias) -> (M, N)    many rows: Wᵀ dequantized in bf16 blocks, each through torch.mm
@@ -28,14 +31,16 @@ figures.
   pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias, isa=None) -> (M, N) bf16
 Packed weights, scales and zeros of 64 KiB and more live on transparent huge pages (qvl.layers.huge_pages).
 int4: W = (q − z)·s, w4 from pack_int4, z packed (uint8) or None (then zc everywhere); int8: W = w8·s, w8
-from pack_int8. N % 16 == 0, group % 32 == 0. x is (M, K) bf16 contiguous, s fp32 packed, bias (N,) or
+from pack_int8. N % 16 == 0, group % 32 == 0. x is (M, K) bf16 contiguous, s from pack_scales, bias (N,) or
 None (added in fp32); `isa=0` runs the exact scalar code (tests), 1 / 2 VNNI / AVX2, None the best.
 
 Numerics: integer kernels quantize x per block of 128 columns (absmax/127, the group when 128 does not
 divide it) and sum each block exactly in int32, then scale in fp32; bf16: products exact in fp32, summed
 in fp32; the result is rounded to bf16 once. Held to the bf16 criterion, not to F.linear's bits. isa=0
-and the dequantizers are exact (fp32 sums of bf16 x times the integers; W rounded to bf16 once; the
-AVX-512 dequantizer reads a subnormal fp32 W as 0, no real scale makes one).
+and the dequantizers are exact (fp32 sums of bf16 x times the integers; W rounded to bf16 once). Scales
+are fp16, the checkpoints' own type, half the bytes of fp32 (whose scales were 1/16 of an int4 weight's):
+the 2B's 112 int4 linears ran 1.03-1.09x as fast in a C++ harness (Zen 5, paired rounds); end to end,
+within the machine's noise (bench/quant_interleaved.py, int4 / bf16 2.43 -> 2.44, medians of 5 runs).
 
 Threads: a call's panels are split over torch.get_num_threads() threads of torch's own OpenMP pool (the
 library links the libgomp torch loaded), whole blocks of 8 panels each: the output does not depend on
@@ -236,14 +241,33 @@ def pack_groups(t: torch.Tensor) -> torch.Tensor:
     return on_huge_pages(_blocked(panels).view(n // 16, g, 16))
 
 
+FP16_MAX = 65504.0
+
+
+def fp16_holds(s: torch.Tensor) -> bool:
+    """Every scale within fp16's range (the kernels' scale type; a real checkpoint's always are)."""
+    return bool(torch.isfinite(s).all()) and float(s.abs().max()) <= FP16_MAX
+
+
+def pack_scales(s: torch.Tensor) -> torch.Tensor:
+    """Per-group scales (G, N) -> fp16 (N/16, G, 16) in pack_groups' order: exact for fp16 values, others
+    rounded to the nearest fp16 (the bf16 kernels are held to the bf16 criterion, not to the bits)."""
+    if not fp16_holds(s):
+        raise ValueError(f"qvl CPU kernels keep fp16 scales (|s| <= {FP16_MAX:g}); these reach "
+                         f"{float(s.abs().max()):g}")
+    return pack_groups(s.to(torch.float16))
+
+
 class QuantWeight:
     """One layer's integer weight bound to the library once (pointers and shapes resolved here, so a decode
     call costs one ctypes call): bits 4 -> w from pack_int4, z from pack_groups (uint8) or None (zc
-    everywhere); bits 8 -> w from pack_int8, z unused; s from pack_groups (fp32); il: the interleave w was
+    everywhere); bits 8 -> w from pack_int8, z unused; s from pack_scales (fp16); il: the interleave w was
     packed with (None: interleave()). Holds its tensors: the pointers stay valid."""
 
     def __init__(self, bits: int, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None = None, zc: int = 0,
                  group: int = 128, il: int | None = None) -> None:
+        if s.dtype != torch.float16:
+            raise ValueError(f"qvl CPU kernels take fp16 scales (pack_scales), got {s.dtype}")
         lib = _lib()
         il = interleave() if il is None else il
         self.bits, self.w, self.s, self.z, self.zc, self.group, self.il = bits, w, s, z, zc, group, il

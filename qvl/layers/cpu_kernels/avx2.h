@@ -12,6 +12,7 @@
 #include "common.h"
 
 #define QK_AVX2 __attribute__((target("avx2,fma")))
+#define QK_AVX2_F16C __attribute__((target("avx2,fma,f16c")))      // + the fp16 scales' widening
 
 namespace qk {
 
@@ -107,7 +108,7 @@ QK_AVX2 inline __m256 block_d_avx2(__m256i acc, const uint8_t* z, float zc, size
 // one-row tile on il 1 against a whole interleaved block (il 8, one stream, prefetched): 1.07-1.13x on
 // 17920 x 1536 int4, 1.22-1.29x on 1536 x 8960, int8 1.28x; at 16 rows 1.05-1.21x.
 template <int BITS, int NB, int MT>
-QK_AVX2 void int_panels_avx2(const int8_t* xq, const float* sx, const float* sm, const uint8_t* w, const float* s,
+QK_AVX2_F16C void int_panels_avx2(const int8_t* xq, const float* sx, const float* sm, const uint8_t* w, const uint16_t* s,
                              const uint8_t* z, float zc, Out y, int K, int group, int il, int XB, int p0, int m0) {
     constexpr int STEP = BITS == 4 ? 8 : 4;
     const int G = K / group, nb = K / XB;
@@ -129,7 +130,7 @@ QK_AVX2 void int_panels_avx2(const int8_t* xq, const float* sx, const float* sm,
         for (int a = 0; a < NB; ++a)
             for (int h = 0; h < 2; ++h) {
                 const size_t gi = atg((p0 + a) * 16, g, y.N, G) + 8 * h;
-                const __m256 sv = _mm256_loadu_ps(s + gi);
+                const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + gi)));
                 for (int b = 0; b < MT; ++b) {
                     const size_t i = size_t(m0 + b) * nb + blk;
                     const __m256 d = block_d_avx2(acc[a][b][h], z, zc, gi, sm[i]);

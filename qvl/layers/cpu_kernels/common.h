@@ -16,6 +16,17 @@ inline uint16_t f32_to_bf16(float f) {                       // round to nearest
 
 inline float bf16_to_f32(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 
+// The integer kernels' scales are IEEE binary16 bit patterns (fp16: what the GPTQ / AWQ checkpoints
+// store; half of fp32's bytes, and the scales are 1/16 of an int4 weight's). Exact, subnormals included.
+inline float f16_to_f32(uint16_t h) {
+    const uint32_t e = (h >> 10) & 31, m = h & 1023, sign = uint32_t(h & 0x8000) << 16;
+    uint32_t u;
+    if (e == 31) u = sign | 0x7F800000u | (m << 13);                    // inf / nan
+    else if (e) u = sign | ((e + 112) << 23) | (m << 13);              // normal: rebias 15 -> 127
+    else { const float f = float(m) * 5.9604644775390625e-8f; return sign ? -f : f; }   // m · 2^-24, exact
+    float f; std::memcpy(&f, &u, 4); return f;
+}
+
 // Where results go: y (M, N) bf16 = value + bias[n] (bias may be null), rounded once.
 struct Out {
     uint16_t* y; const float* bias; int N;
@@ -56,9 +67,9 @@ inline int nib4(const uint8_t* w, int n, int k, int N, int K, int il) { const ui
 // Scales and zeros, per group of one panel 16 values (the 16 rows'), blocked like the weights: per group
 // the block's panels' values side by side, so a block's scales are one stream too.
 inline size_t atg(int n, int g, int N, int G) { return Blocks{N / 16, size_t(G)}.at(n / 16, g) / 4 + n % 16; }
-// Group g's scales (and zeros, z may be null) of panels [p0, p0 + np) into L1: one line per panel, not in
-// a stream (the integer kernels call it before a block of the input dim).
-inline void prefetch_group(const float* s, const uint8_t* z, int p0, int np, int g, int N, int G) {
+// Group g's scales (and zeros, z may be null) of panels [p0, p0 + np) into L1: a line per panel (fp16
+// scales: two panels a line), not in a stream (the integer kernels call it before a block of the input dim).
+inline void prefetch_group(const uint16_t* s, const uint8_t* z, int p0, int np, int g, int N, int G) {
     for (int a = 0; a < np; ++a) {
         _mm_prefetch((const char*)(s + atg((p0 + a) * 16, g, N, G)), _MM_HINT_T0);
         if (z) _mm_prefetch((const char*)(z + atg((p0 + a) * 16, g, N, G)), _MM_HINT_T0);

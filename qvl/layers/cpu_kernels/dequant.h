@@ -6,7 +6,7 @@
 //   (int4: low nibble, or `>> 8j + 4` the high one), OR'd into 2^23 (0x4B000000): the float 2^23 + u,
 //   exactly; − (2^23 + z) is then exactly u − z, times s rounds once in fp32 (as formats.dequantize), and
 //   vcvtneps2bf16 rounds that to bf16, nearest even (as torch). Bit for bit the scalar dequantizers'
-//   output, subnormal products aside: vcvtneps2bf16 flushes |W| < 2^-126 to zero (no real scale does that).
+//   output (vcvtneps2bf16 flushes |W| < 2^-126 to zero, which no fp16 scale, >= 2^-24, makes).
 #pragma once
 #include "common.h"
 
@@ -27,7 +27,7 @@ QK_DQ inline void dq_col(__m512i v, int shift, __m512i mask, __m512 zm, __m512 s
 // of one column NP·32 contiguous bytes, whole cache lines for even NP (one panel writes each line in two
 // halves, a K-long pass apart: two fetches of it).
 template <int NP>
-QK_DQ inline void dq4_panels(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out,
+QK_DQ inline void dq4_panels(const uint8_t* w, const uint16_t* s, const uint8_t* z, int zc, uint16_t* out,
                              Blocks B, int K, int group, int n0, int ld, int p) {
     const int G = K / group;
     const size_t step = B.step_bytes(p);
@@ -36,7 +36,7 @@ QK_DQ inline void dq4_panels(const uint8_t* w, const float* s, const uint8_t* z,
     for (int g = 0; g < G; ++g) {
         __m512 sc[NP], zm[NP];
         for (int i = 0; i < NP; ++i) {
-            sc[i] = _mm512_loadu_ps(s + atg((p + i) * 16, g, B.P * 16, G));
+            sc[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + atg((p + i) * 16, g, B.P * 16, G))));
             const __m512i zi = z ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + atg((p + i) * 16, g, B.P * 16, G))))
                                  : _mm512_set1_epi32(zc);
             zm[i] = _mm512_castsi512_ps(_mm512_or_si512(zi, magic));                            // 2^23 + z
@@ -56,7 +56,7 @@ QK_DQ inline void dq4_panels(const uint8_t* w, const float* s, const uint8_t* z,
 }
 
 template <int NP>
-QK_DQ inline void dq8_panels(const uint8_t* w, const float* s, uint16_t* out, Blocks B, int K, int group, int n0,
+QK_DQ inline void dq8_panels(const uint8_t* w, const uint16_t* s, uint16_t* out, Blocks B, int K, int group, int n0,
                              int ld, int p) {
     const int G = K / group;
     const size_t step = B.step_bytes(p);
@@ -65,7 +65,7 @@ QK_DQ inline void dq8_panels(const uint8_t* w, const float* s, uint16_t* out, Bl
     uint16_t* col = out + (p * 16 - n0);
     for (int g = 0; g < G; ++g) {
         __m512 sc[NP];
-        for (int i = 0; i < NP; ++i) sc[i] = _mm512_loadu_ps(s + atg((p + i) * 16, g, B.P * 16, G));
+        for (int i = 0; i < NP; ++i) sc[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + atg((p + i) * 16, g, B.P * 16, G))));
         const uint8_t* src = w + B.at(p, size_t(g) * group / 4);
         for (int k = g * group; k < (g + 1) * group; k += 4, src += step) {
             uint16_t* o = col + size_t(k) * ld;
@@ -89,14 +89,14 @@ inline void dq_walk(int p0, int p1, Run run) {
 }
 
 // Panels [p0, p1) of the int4 weight (N rows in all) into out (K, ld): out[k, n − n0] = W[n, k].
-QK_DQ void dequant4_t(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
+QK_DQ void dequant4_t(const uint8_t* w, const uint16_t* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
                       int group, int il, int n0, int ld, int p0, int p1) {
     const Blocks B{N / 16, size_t(K / 8), il};
     dq_walk(p0, p1, [&](auto np, int p) { dq4_panels<decltype(np)::value>(w, s, z, zc, out, B, K, group, n0, ld, p); });
 }
 
 // Panels [p0, p1) of the int8 weight (stored w + 128) into out (K, ld).
-QK_DQ void dequant8_t(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int il, int n0,
+QK_DQ void dequant8_t(const uint8_t* w, const uint16_t* s, uint16_t* out, int N, int K, int group, int il, int n0,
                       int ld, int p0, int p1) {
     const Blocks B{N / 16, size_t(K / 4), il};
     dq_walk(p0, p1, [&](auto np, int p) { dq8_panels<decltype(np)::value>(w, s, out, B, K, group, n0, ld, p); });

@@ -38,7 +38,7 @@ bool avx512_base() {
 int block_of(int group) { return group % 128 == 0 ? 128 : group; }
 
 // isa 1: AVX-512 VNNI (vnni.h), 2: AVX2 (avx2.h); the caller has checked the CPU has it.
-int run_int(int bits, const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc,
+int run_int(int bits, const uint16_t* x, const uint8_t* w, const uint16_t* s, const uint8_t* z, int zc,
             Out y, int M, int N, int K, int group, int il, int isa, int nthreads) {
     const int XB = block_of(group), nb = K / XB;
     std::vector<int8_t> xq(size_t(M) * K);
@@ -76,17 +76,23 @@ int run_int(int bits, const uint16_t* x, const uint8_t* w, const float* s, const
     return 0;
 }
 
-// The best integer kernel this CPU runs: 1 (AVX-512 VNNI), 2 (AVX2 + FMA) or 0 (the scalar code only).
+// AVX2 + FMA + F16C: avx2.h's integer kernels (F16C widens their fp16 scales).
+bool avx2_int() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+// The best integer kernel this CPU runs: 1 (AVX-512 VNNI), 2 (AVX2 + FMA + F16C) or 0 (the scalar code only).
 int best_int_isa() {
     __builtin_cpu_init();
     if (avx512_base() && __builtin_cpu_supports("avx512vnni")) return 1;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 2 : 0;
+    return avx2_int() ? 2 : 0;
 }
 
 // isa 1 or 2 as asked, if this CPU has it (-2 if not).
 int int_isa_ok(int isa) {
-    static const int best = best_int_isa();
-    return isa == 1 ? best == 1 : isa == 2 ? best != 0 : 0;
+    static const int best = best_int_isa(), avx2 = avx2_int();
+    return isa == 1 ? best == 1 : isa == 2 ? avx2 : 0;
 }
 
 }  // namespace
@@ -121,8 +127,8 @@ int qk_omp_threads(int nthreads) {
     return got;
 }
 
-// y = x · ((q − z)·s)ᵀ + bias; s, z (N/16, G, 16); z null: zc everywhere. Needs K % group == 0, group % 32 == 0.
-int qk_int4(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* yp,
+// y = x · ((q − z)·s)ᵀ + bias; s (N/16, G, 16) fp16, z (N/16, G, 16) uint8; z null: zc everywhere. Needs K % group == 0, group % 32 == 0.
+int qk_int4(const uint16_t* x, const uint8_t* w, const uint16_t* s, const uint8_t* z, int zc, uint16_t* yp,
             const float* bias, int M, int N, int K, int group, int il, int isa, int nthreads) {
     const Out y{yp, bias, N};
     if (group <= 0 || K % group || group % 32 || N % 16 || (il != 1 && il != 8)) return -1;
@@ -133,8 +139,8 @@ int qk_int4(const uint16_t* x, const uint8_t* w, const float* s, const uint8_t* 
     return 0;
 }
 
-// y = x · (w·s)ᵀ + bias, w stored + 128 (u8); s (N/16, G, 16). Needs K % group == 0, group % 32 == 0.
-int qk_int8(const uint16_t* x, const uint8_t* w, const float* s, uint16_t* yp, const float* bias, int M, int N,
+// y = x · (w·s)ᵀ + bias, w stored + 128 (u8); s (N/16, G, 16) fp16. Needs K % group == 0, group % 32 == 0.
+int qk_int8(const uint16_t* x, const uint8_t* w, const uint16_t* s, uint16_t* yp, const float* bias, int M, int N,
             int K, int group, int il, int isa, int nthreads) {
     const Out y{yp, bias, N};
     if (group <= 0 || K % group || group % 32 || N % 16 || (il != 1 && il != 8)) return -1;
@@ -184,7 +190,7 @@ int dq_check(int N, int K, int group, int il, int n0, int n1, int ld, int trans,
 }
 }  // namespace
 
-int qk_dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int ld, int N, int K,
+int qk_dequant4(const uint8_t* w, const uint16_t* s, const uint8_t* z, int zc, uint16_t* out, int ld, int N, int K,
                 int group, int il, int n0, int n1, int trans, int isa, int nthreads) {
     if (const int rc = dq_check(N, K, group, il, n0, n1, ld, trans, isa)) return rc;
     parallel((n1 - n0) / 16, nthreads, [&](int a, int b) {
@@ -196,7 +202,7 @@ int qk_dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint
     return 0;
 }
 
-int qk_dequant8(const uint8_t* w, const float* s, uint16_t* out, int ld, int N, int K, int group, int il, int n0,
+int qk_dequant8(const uint8_t* w, const uint16_t* s, uint16_t* out, int ld, int N, int K, int group, int il, int n0,
                 int n1, int trans, int isa, int nthreads) {
     if (const int rc = dq_check(N, K, group, il, n0, n1, ld, trans, isa)) return rc;
     parallel((n1 - n0) / 16, nthreads, [&](int a, int b) {

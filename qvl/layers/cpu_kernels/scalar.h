@@ -8,7 +8,7 @@ namespace qk {
 
 // y[m, n] = sum_g s[g, n] * sum_{k in g} x[m, k] * (q[n, k] - z[g, n]), fp32; q(n, k) reads one weight.
 template <typename Q>
-void int_scalar(const uint16_t* x, Q q, const float* s, const uint8_t* z, int zc, Out y, int M, int N, int K,
+void int_scalar(const uint16_t* x, Q q, const uint16_t* s, const uint8_t* z, int zc, Out y, int M, int N, int K,
                 int group, int n0, int n1) {
     const int G = K / group;
     for (int m = 0; m < M; ++m)
@@ -19,7 +19,7 @@ void int_scalar(const uint16_t* x, Q q, const float* s, const uint8_t* z, int zc
                 const float zz = float(z ? z[atg(n, g, N, G)] : zc);
                 for (int k = g * group; k < (g + 1) * group; ++k)
                     acc += bf16_to_f32(x[size_t(m) * K + k]) * (float(q(n, k)) - zz);
-                tot += acc * s[atg(n, g, N, G)];
+                tot += acc * f16_to_f32(s[atg(n, g, N, G)]);
             }
             y.put(m, n, tot);
         }
@@ -28,13 +28,13 @@ void int_scalar(const uint16_t* x, Q q, const float* s, const uint8_t* z, int zc
 // Rows [n0, n1) (whole panels) of W = (q − z)·s as bf16: W[n, k] -> out[(n − n0)·rs + k·cs] (rs = K, cs = 1:
 // W row-major; rs = 1, cs = ld: Wᵀ (K, ld), dequant.h's layout on CPUs without its ISA).
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
+void dequant4(const uint8_t* w, const uint16_t* s, const uint8_t* z, int zc, uint16_t* out, int N, int K,
               int group, int il, int n0, int n1, size_t rs, size_t cs) {
     const int G = K / group;
     for (int p = n0 / 16; p < n1 / 16; ++p)
         for (int g = 0; g < G; ++g) {
-            const float* sc = s + atg(p * 16, g, N, G);
-            float zz[16];
+            float sc[16], zz[16];
+            for (int r = 0; r < 16; ++r) sc[r] = f16_to_f32(s[atg(p * 16 + r, g, N, G)]);
             for (int r = 0; r < 16; ++r) zz[r] = float(z ? z[atg(p * 16 + r, g, N, G)] : zc);
             for (int k = g * group; k < (g + 1) * group; k += 8) {
                 const uint8_t* src = w + Blocks{N / 16, size_t(K / 8), il}.at(p, k / 8);
@@ -50,12 +50,13 @@ void dequant4(const uint8_t* w, const float* s, const uint8_t* z, int zc, uint16
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void dequant8(const uint8_t* w, const float* s, uint16_t* out, int N, int K, int group, int il, int n0, int n1,
+void dequant8(const uint8_t* w, const uint16_t* s, uint16_t* out, int N, int K, int group, int il, int n0, int n1,
               size_t rs, size_t cs) {
     const int G = K / group;
     for (int p = n0 / 16; p < n1 / 16; ++p)
         for (int g = 0; g < G; ++g) {
-            const float* sc = s + atg(p * 16, g, N, G);
+            float sc[16];
+            for (int r = 0; r < 16; ++r) sc[r] = f16_to_f32(s[atg(p * 16 + r, g, N, G)]);
             for (int k = g * group; k < (g + 1) * group; k += 4) {
                 const uint8_t* src = w + Blocks{N / 16, size_t(K / 4), il}.at(p, k / 4);
                 for (int r = 0; r < 16; ++r) {

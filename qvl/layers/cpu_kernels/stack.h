@@ -16,7 +16,7 @@ namespace qk {
 
 struct Linear {                 // one weight as the kernels take it (cpu_stack.py's _Linear, field for field)
     int bits;                   // 4, 8 (QuantWeight's integers) or 16 (pack_bf16's panels)
-    const void* w; const float* s; const uint8_t* z; int zc, group, il, isa;
+    const void* w; const uint16_t* s; const uint8_t* z; int zc, group, il, isa;
     int N, K; const float* bias;   // bias fp32 (N,) or null
 };
 

@@ -1,7 +1,7 @@
 // AVX-512 VNNI integer kernels for few input rows (decode): x is quantized to int8 per block of the input
 // dim (absmax / 127, one fp32 scale a block, as llama.cpp's Q8 activations), each block's dot products
 // with the unsigned weight bytes are summed exactly in int32 by vpdpbusd (64 multiply-adds an
-// instruction, twice vdpbf16ps's), then scaled in fp32:
+// instruction, twice vdpbf16ps's), then scaled in fp32 (s: fp16, common.h):
 //   y[m, n] = sum_b  s[g(b), n] * sx[m, b] * (sum_{k in b} xq[m, k] * u[n, k]  −  zu[g(b), n] * sum_{k in b} xq[m, k])
 // with u the stored byte and zu what it is offset by (int4: u = q, zu = z; int8: u = w + 128, zu = 128).
 // A block lies in one weight group (XB = 128 when the group is a multiple of 128, else the group).
@@ -47,7 +47,7 @@ QK_VNNI inline __m512i bcast4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4
 // The running fp32 sums live in memory (touched once a block), so the registers hold the NB x MT int32
 // accumulators and the step's MT broadcast x words, shared by all NB panels.
 template <int BITS, int NB, int MT>
-QK_VNNI void int_panels(const int8_t* xq, const float* sx, const float* sm, const uint8_t* w, const float* s,
+QK_VNNI void int_panels(const int8_t* xq, const float* sx, const float* sm, const uint8_t* w, const uint16_t* s,
                         const uint8_t* z, float zc, Out y, int K, int group, int il, int XB, int p0, int m0) {
     constexpr int STEP = BITS == 4 ? 8 : 4, NX = BITS == 4 ? 2 : 1;
     const int G = K / group, nb = K / XB;
@@ -79,7 +79,7 @@ QK_VNNI void int_panels(const int8_t* xq, const float* sx, const float* sm, cons
         }
         for (int a = 0; a < NB; ++a) {
             const size_t gi = atg((p0 + a) * 16, g, y.N, G);
-            const __m512 sv = _mm512_loadu_ps(s + gi);
+            const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + gi)));
             const __m512 zf = z ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(z + gi))))
                                 : _mm512_set1_ps(zc);
             for (int b = 0; b < MT; ++b) {
