@@ -1,14 +1,17 @@
 """Tiny GPTQ / AWQ checkpoints written by the tests themselves, from the format description
 (/work/shared/QUANT_FORMATS.md 1.2-1.6), independently of qvl's readers.
 
-  write_quantized(path, fmt, *, bits=4, group=32, layout="hub", zero_bias=False, seed=0)
-      -> (quantized checkpoint dir, float reference dir)
+  write_quantized(path, fmt, *, bits=4, group=32, layout="hub", zero_bias=False, seed=0, act_order=False,
+                  overrides=None) -> (quantized checkpoint dir, float reference dir)
 
 A random Qwen2-VL with hidden 128 / intermediate 256 (every packing constraint holds with group 32) is
 made with transformers; every decoder projection is quantized by round-to-nearest:
   gptq  symmetric, zero 2**(bits−1), s = max|W_group| / (2**(bits−1) − 1), q = round(W / s) + zero in
         [0, 2**bits); qweight packs 32/bits input rows per int32 LSB first; qzeros packs 32/bits output
-        columns and stores zero − 1 (v1); g_idx = i // group; fp16 scales.
+        columns and stores zero − 1 (v1); g_idx = i // group; fp16 scales. act_order (desc_act: true):
+        each layer's input columns are taken in a random order, group g = the order's g-th `group`
+        columns, g_idx[order[i]] = i // group; q/k/v share one order and gate/up another (one input
+        each, as GPTQ's Hessian order), o_proj and down_proj their own.
   awq   4 bit with zero points: s = (max − min) / 15, z = round(−min / s), q = round(W / s) + z in [0, 15];
         qweight (K, N/8) and qzeros (G, N/8) pack column 8c + ORDER[i] at bits [4i, 4i + 4).
 Everything else is stored fp16 (as the official repos); the reference dir holds the same model in float32
@@ -51,22 +54,37 @@ def _pack_u32(vals: np.ndarray, bits: int, axis: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(word, -1, axis)).view(np.int32)
 
 
-def gptq_pack(w: torch.Tensor, bits: int, group: int):
-    """W (N, K) fp32 -> (stored tensors, dequantized W)."""
+def gptq_pack(w: torch.Tensor, bits: int, group: int, order: torch.Tensor | None = None):
+    """W (N, K) fp32 -> (stored tensors, dequantized W); order: the act order (a permutation of K), None
+    for columns in order."""
     n, k = w.shape
     zero, qmax = 1 << (bits - 1), (1 << bits) - 1
-    wg = w.view(n, k // group, group)
-    s = (wg.abs().amax(-1) / (zero - 1)).half().float()                      # (N, G) fp16 values
-    q = (torch.round(wg / s[..., None]) + zero).clamp(0, qmax).to(torch.int64)  # (N, G, g)
-    deq = (s[..., None] * (q - zero)).view(n, k)
-    q = q.view(n, k).numpy()
+    order = torch.arange(k) if order is None else order                      # group g: order[g·group ...]
+    g_idx = torch.empty(k, dtype=torch.long).index_copy_(0, order, torch.arange(k) // group)   # (K,)
+    amax = w[:, order].view(n, k // group, group).abs().amax(-1)             # (N, G)
+    s = (amax / (zero - 1)).half().float()                                    # (N, G) fp16 values
+    sk = s[:, g_idx]                                                          # (N, K) each weight's scale
+    q = (torch.round(w / sk) + zero).clamp(0, qmax).to(torch.int64)          # (N, K)
+    deq = sk * (q - zero)
+    q = q.numpy()
     tensors = {
         "qweight": torch.from_numpy(_pack_u32(q.T, bits, axis=0)),                       # (K·b/32, N)
         "qzeros": torch.from_numpy(_pack_u32(np.full((k // group, n), zero - 1), bits, axis=1)),
         "scales": s.t().contiguous().half(),                                              # (G, N)
-        "g_idx": torch.arange(k, dtype=torch.int32) // group,
+        "g_idx": g_idx.to(torch.int32),
     }
     return tensors, deq
+
+
+_INPUTS = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
+
+
+def _act_order(hub_key: str, k: int, seed: int) -> torch.Tensor:
+    """One random column order per layer and input (q/k/v share theirs, gate/up theirs)."""
+    m = re.match(r"model\.layers\.(\d+)\.\w+\.(\w+)_proj", hub_key)
+    tag = f"{m.group(1)}.{_INPUTS[m.group(2)]}"
+    g = torch.Generator().manual_seed(seed * 1000 + sum(map(ord, tag)) * 7 + int(m.group(1)))
+    return torch.randperm(k, generator=g)
 
 
 def awq_pack(w: torch.Tensor, group: int):
@@ -100,7 +118,8 @@ def _nested(key: str) -> str:
 
 
 def write_quantized(path, fmt: str, *, bits: int = 4, group: int = 32, layout: str = "hub",
-                    zero_bias: bool = False, seed: int = 0) -> tuple[Path, Path]:
+                    zero_bias: bool = False, seed: int = 0, act_order: bool = False,
+                    overrides: dict | None = None) -> tuple[Path, Path]:
     from safetensors.torch import save_file
     from transformers import Qwen2VLConfig
 
@@ -109,6 +128,8 @@ def write_quantized(path, fmt: str, *, bits: int = 4, group: int = 32, layout: s
     ids = write_tokenizer(qdir)
     write_tokenizer(ref)
     cfg = quant_config_dict(ids)
+    for key, v in (overrides or {}).items():                        # other text shapes; vision_config merges
+        cfg[key] = dict(cfg[key], **v) if key == "vision_config" else v
     model = random_qwen2_vl(Qwen2VLConfig(**dict(cfg, torch_dtype="float32")), seed)
     stored: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -119,7 +140,8 @@ def write_quantized(path, fmt: str, *, bits: int = 4, group: int = 32, layout: s
             hub = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
             if PROJ.fullmatch(hub):
                 prefix = hub[: -len(".weight")]
-                tensors, deq = gptq_pack(t, bits, group) if fmt == "gptq" else awq_pack(t, group)
+                order = _act_order(hub, t.shape[1], seed) if act_order else None
+                tensors, deq = gptq_pack(t, bits, group, order) if fmt == "gptq" else awq_pack(t, group)
                 t.copy_(deq)                             # the reference runs the dequantized weight
                 stored.update({f"{prefix}.{a}": v for a, v in tensors.items()})
                 if zero_bias and f"{key[:-len('.weight')]}.bias" not in state:
@@ -135,7 +157,7 @@ def write_quantized(path, fmt: str, *, bits: int = 4, group: int = 32, layout: s
     save_file({k: v.contiguous() for k, v in stored.items()}, str(qdir / "model.safetensors"),
               metadata={"format": "pt"})
     if fmt == "gptq":
-        qc = {"bits": bits, "damp_percent": 0.1, "dataset": None, "desc_act": False, "group_size": group,
+        qc = {"bits": bits, "damp_percent": 0.1, "dataset": None, "desc_act": act_order, "group_size": group,
               "modules_in_block_to_quantize": None, "quant_method": "gptq", "sym": True,
               "true_sequential": True}
     else:

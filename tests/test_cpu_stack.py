@@ -1,6 +1,6 @@
 """A decode step's decoder layers in one C++ call (qvl.layers.cpu_stack) give the Python layers' results
 bit for bit: greedy tokens and every logprob equal with the stack bound and unbound, over bf16 panels, int8
-and int4 (on-the-fly) weights, one sequence and several of different lengths whose blocks interleave in
+and int4 (on-the-fly) weights and act-order GPTQ-Int4 (permuted inputs), one sequence and several of different lengths whose blocks interleave in
 the cache, for Qwen2-VL and Qwen3-VL (q/k norms; an image prompt, whose DeepStack prefill runs the Python
 layers); the stack is bound only where every layer runs qvl's kernels, skips prefill, and refuses an
 index outside the cache with a ValueError before writing anything."""
@@ -56,12 +56,21 @@ def ckpt3(tmp_path_factory):
         rope_scaling={"rope_type": "default", "mrope_section": [12, 10, 10], "mrope_interleaved": True}))
 
 
+@pytest.fixture(scope="module")
+def ckpt_act(tmp_path_factory):
+    """An act-order GPTQ-Int4 checkpoint of SHAPE (its linears multiply x[:, perm])."""
+    from quant_fixtures import write_quantized
+
+    return write_quantized(tmp_path_factory.mktemp("stack_act"), "gptq", bits=4, group=32, seed=5, act_order=True,
+                           overrides=dict(SHAPE, vision_config={"hidden_size": 256}))[0]
+
+
 @pytest.mark.parametrize("family, quantization", [("qwen2", None), ("qwen2", "int8"), ("qwen2", "int4"),
-                                                  ("qwen3", "int4"), ("qwen3", None)])
-def test_stack_equals_python_layers(ckpt, ckpt3, family, quantization):
+                                                  ("qwen3", "int4"), ("qwen3", None), ("qwen2-act", None)])
+def test_stack_equals_python_layers(ckpt, ckpt3, ckpt_act, family, quantization):
     from tiny import IMG, chat, image
 
-    eng = _engine(ckpt if family == "qwen2" else ckpt3, quantization)
+    eng = _engine({"qwen2": ckpt, "qwen3": ckpt3, "qwen2-act": ckpt_act}[family], quantization)
     assert eng.cpu_runtime.decode_stack and cpu_stack.stack_of(eng.model.model) is not None
     prompts = ["Describe this image.", "What color is the circle? " * 3, "Hello"]       # 3 lengths
     if family == "qwen3":

@@ -18,7 +18,7 @@ from tiny import IMG, chat, image
 from quant_fixtures import write_quantized
 
 FORMATS = {"gptq4": ("gptq", 4, "hub"), "gptq8": ("gptq", 8, "nested"), "awq": ("awq", 4, "hub"),
-           "awq_nested": ("awq", 4, "nested")}
+           "awq_nested": ("awq", 4, "nested"), "gptq4_act": ("gptq", 4, "hub")}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def ckpts(tmp_path_factory):
     out = {}
     for tag, (fmt, bits, layout) in FORMATS.items():
         out[tag] = write_quantized(tmp_path_factory.mktemp(tag), fmt, bits=bits, layout=layout,
-                                   zero_bias=tag == "gptq4", seed=len(out))
+                                   zero_bias=tag == "gptq4", seed=len(out), act_order=tag.endswith("_act"))
     return out
 
 
@@ -50,6 +50,7 @@ def test_logits_and_greedy_match_transformers_on_dequantized_weights(ckpts, tag)
     eng = tiny_engine(qdir)
     quantized = [m for m in eng.model.modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == 2 * 7 and all(m.kernel == "dequant" for m in quantized)
+    assert all((m.perm is not None) == tag.endswith("_act") for m in quantized)      # act order: permuted
     assert not any(isinstance(m, QuantLinear) for m in eng.model.visual.modules())
     assert isinstance(eng.model.lm_head, torch.nn.Linear) and eng.model.quantization.method == FORMATS[tag][0]
     hf = Qwen2VLForConditionalGeneration.from_pretrained(ref).eval()
@@ -124,8 +125,8 @@ def _set_qc(**kv):
 
 
 @pytest.mark.parametrize("tag, edit, message", [
-    ("gptq4", _set_qc(desc_act=True), r"^quantization: GPTQ with desc_act=true \(act-order g_idx\); use a "
-                                      r"desc_act=false checkpoint is not supported$"),
+    ("gptq4", _set_qc(desc_act=True, group_size=-1), r"^quantization_config: desc_act=true with "
+                                                     r"group_size=-1 \(act order needs groups\)$"),
     ("gptq4", _set_qc(bits=3), r"^quantization: GPTQ with bits=3 \(qvl runs 4 and 8\) is not supported$"),
     ("gptq4", _set_qc(sym=False), r"^quantization: asymmetric GPTQ \(sym=False\) is not supported$"),
     ("gptq4", lambda c: c.update(quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic"}),
@@ -144,16 +145,45 @@ def test_refusals_one_line(ckpts, tmp_path, tag, edit, message):
     assert "\n" not in str(e.value)
 
 
-def test_asymmetric_zeros_and_act_order_g_idx_refused(ckpts, tmp_path):
+def test_asymmetric_zeros_and_bad_g_idx_refused(ckpts, tmp_path):
+    from qvl.parallel.slices import row_slices
+    from qvl.quant.spec import QuantSpec
+
     src = ckpts["gptq4"][0]
     key = "model.layers.0.self_attn.q_proj"
     bad = _edit(src, tmp_path / "z", tensors=lambda s: s[f"{key}.qzeros"].fill_(0x66666666))
     with pytest.raises(ValueError, match=rf"^{key}.qzeros: zero points \[7\] found where symmetric 4-bit GPTQ "
                                          r"has 8 everywhere \(stored 7\)"):
         load_model(bad)
-    bad = _edit(src, tmp_path / "g", tensors=lambda s: s[f"{key}.g_idx"].copy_(s[f"{key}.g_idx"].flip(0)))
-    with pytest.raises(ValueError, match=rf"^{key}.g_idx is not the trivial i // group_size"):
+
+    def uneven(s):                                           # group 1 takes a column of group 0
+        s[f"{key}.g_idx"][0] = 1
+    bad = _edit(ckpts["gptq4_act"][0], tmp_path / "g", tensors=uneven)
+    with pytest.raises(ValueError, match=rf"^{key}.g_idx must give each of the 4 groups 32 input columns; it "
+                                         r"has values 0..3 and group sizes \[31, 32, 33\]$"):
         load_model(bad)
+    bad = _edit(ckpts["gptq4_act"][0], tmp_path / "n", tensors=lambda s: s.pop(f"{key}.g_idx"))
+    with pytest.raises(ValueError, match=rf"missing.*{key}.g_idx"):         # act order needs every g_idx
+        load_model(bad)
+    with pytest.raises(ValueError, match=r"^tensor parallelism: an act-order GPTQ checkpoint \(desc_act=true\) "
+                                         r"scatters each group over the whole input"):
+        row_slices(QuantSpec("gptq", 4, 32, act_order=True), 0, 64, 128)
+
+
+def test_act_order_g_idx_reorders_the_columns(ckpts):
+    """The act-order fixture's g_idx really scatters the groups; a flipped trivial g_idx (a valid act order)
+    is read too, and equals the dequantized weight computed column by column from the stored tensors."""
+    from qvl.quant import formats
+
+    state = load_file(str(ckpts["gptq4_act"][0] / "model.safetensors"))
+    key = "model.layers.1.mlp.down_proj"
+    g_idx = state[f"{key}.g_idx"].long()
+    assert not torch.equal(g_idx, torch.arange(256) // 32) and torch.equal(torch.bincount(g_idx), torch.full((8,), 32))
+    qz = formats.gptq(state[f"{key}.qweight"], state[f"{key}.qzeros"], state[f"{key}.scales"], g_idx, bits=4,
+                      group_size=32, zero_offset=1, shape=(128, 256), name=key)
+    q = formats._unpack_rows(state[f"{key}.qweight"], 4).t().float()                        # (N, K) as stored
+    want = (q - 8) * state[f"{key}.scales"].float().t()[:, g_idx]                            # s[g_idx[k]]·(q − z)
+    assert torch.equal(formats.dequantize(qz), want) and torch.equal(qz.q[:, 0].long(), q[:, int(qz.perm[0])].long())
 
 
 def test_method_must_match_the_checkpoint(ckpts, tiny_ckpt):

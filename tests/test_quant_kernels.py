@@ -28,6 +28,7 @@ CASES = {  # tag -> (fixture format, bits, group, on-the-fly method or None, ker
     "awq": ("awq", 4, 32, None, "qk-int4" if NATIVE else "int4pack"), "awq-g64": ("awq", 4, 64, None, "qk-int4" if NATIVE else "int4pack"),
     "int8": ("gptq", 4, 32, "int8", "qk-int8" if NATIVE else "int8pack"),
     "int4": ("gptq", 4, 32, "int4", "qk-int4" if NATIVE else "int4pack"),
+    "gptq4-act": ("gptq-act", 4, 32, None, "qk-int4" if NATIVE else "int4pack"),    # desc_act: x[:, perm]
 }
 needs_native = pytest.mark.skipif(not NATIVE, reason="qvl's integer CPU kernels need g++ and AVX-512 VNNI or AVX2")
 needs_bf16 = pytest.mark.skipif(not qk.native(), reason="qvl's bf16 CPU kernel needs g++ and AVX-512 BF16")
@@ -268,8 +269,8 @@ def test_failed_compile_falls_back(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """(format, bits) -> (quantized dir, float dir); on-the-fly cases quantize the float one."""
-    return {key: write_quantized(tmp_path_factory.mktemp(f"{key[0]}{key[1]}g{key[2]}"), key[0], bits=key[1],
-                                 group=key[2], seed=11)
+    return {key: write_quantized(tmp_path_factory.mktemp(f"{key[0]}{key[1]}g{key[2]}"), key[0].split("-")[0],
+                                 bits=key[1], group=key[2], seed=11, act_order=key[0].endswith("-act"))
             for key in {c[:3] for c in CASES.values()}}
 
 
@@ -295,6 +296,12 @@ def test_bf16_kernels_meet_the_bf16_criterion(ckpts, tag):
         kv_cache_memory=8 << 20)) for dtype in ("float32", "bfloat16"))
     kernels = {m.kernel for m in fast_eng.model.modules() if isinstance(m, QuantLinear)}
     assert kernels == {kernel}
+    if fmt.endswith("-act"):                  # permuted columns; gate/up (one order) still one call
+        from qvl.layers.fused_linear import _KEY
+        assert all(m.perm is not None for m in fast_eng.model.modules() if isinstance(m, QuantLinear))
+        mlp = fast_eng.model.model.layers[0].mlp
+        assert torch.equal(mlp.gate_proj.perm, mlp.up_proj.perm) and not torch.equal(mlp.up_proj.perm, mlp.down_proj.perm)
+        assert not NATIVE or ("gate_proj", "up_proj") in mlp.__dict__.get(_KEY, {})
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (84, 112, 3), dtype=np.uint8))
     texts = [(chat(IMG + "Describe this image."), [image]), (chat("How many shapes are there?"), None)]
     params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16, logprobs=5)

@@ -10,7 +10,8 @@ states are the Python path's bit for bit (tests/test_cpu_stack.py).
                                 or Qwen3's: each of its classes declares `stack_math` itself, "qwen2",
                                 or "qwen2+qk_norm" for Qwen3's attention) when every layer's q/k/v and
                                 gate/up are one fused qvl kernel call and o_proj / down_proj one qvl
-                                kernel each (qk-int4 / qk-int8 QuantLinears, bf16 on qvl's panels) and
+                                kernel each (qk-int4 / qk-int8 QuantLinears, act-order GPTQ's with
+                                their column permutation, bf16 on qvl's panels) and
                                 the glue ops run here (AVX2 + FMA); False (nothing bound) otherwise
   uninstall(decoder)
   stack_of(decoder) -> DecodeStack | None
@@ -46,7 +47,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 class _Linear(ctypes.Structure):           # stack.h's Linear
     _fields_ = [("bits", _I), ("w", _P), ("s", _P), ("z", _P), ("zc", _I), ("group", _I), ("il", _I),
-                ("isa", _I), ("N", _I), ("K", _I), ("bias", _P)]
+                ("isa", _I), ("N", _I), ("K", _I), ("bias", _P), ("perm", _P)]
 
 
 class _Layer(ctypes.Structure):            # stack.h's Layer
@@ -60,11 +61,14 @@ class _Step(ctypes.Structure):             # stack.h's Step
                 ("block_size", _I), ("num_blocks", _I), ("nthreads", _I), ("nlayers", _I), ("layers", _P)]
 
 
-def _quant(w: qk.QuantWeight, bias: torch.Tensor | None, keep: list) -> tuple[_Linear, int]:
+def _quant(w: qk.QuantWeight, bias: torch.Tensor | None, perm: torch.Tensor | None,
+           keep: list) -> tuple[_Linear, int]:
     b = w.bias32(bias)
-    keep.append(b)
+    p = None if perm is None else perm.to(torch.int64).contiguous()                    # (K,) act order
+    keep += [b, p]
     return _Linear(w.bits, w.w.data_ptr(), w.s.data_ptr(), None if w.z is None else w.z.data_ptr(), w.zc, w.group,
-                   w.il, w.isa, w.n, w.k, None if b is None else b.data_ptr()), qlinear.MANY_ROWS - 1
+                   w.il, w.isa, w.n, w.k, None if b is None else b.data_ptr(),
+                   None if p is None else p.data_ptr()), qlinear.MANY_ROWS - 1
 
 
 def _panels(panels: torch.Tensor, bias: torch.Tensor | None, isa: int | None, max_rows: int,
@@ -79,7 +83,7 @@ def _panels(panels: torch.Tensor, bias: torch.Tensor | None, isa: int | None, ma
 def _fused(module: nn.Module, names: tuple[str, ...], keep: list) -> tuple[_Linear, int] | None:
     f = module.__dict__.get(_KEY, {}).get(names)
     if isinstance(f, _FusedQuant):
-        return _quant(f.weight, f.bias, keep)
+        return _quant(f.weight, f.bias, f.perm, keep)
     if isinstance(f, _FusedPanels):
         return _panels(f.panels, f.bias, f.isa, f.max_rows, keep)
     return None
@@ -87,7 +91,7 @@ def _fused(module: nn.Module, names: tuple[str, ...], keep: list) -> tuple[_Line
 
 def _single(m: nn.Module, keep: list) -> tuple[_Linear, int] | None:
     if type(m) is QuantLinear and m.kernel in ("qk-int4", "qk-int8"):
-        return _quant(m.kernel_weight(), m.bias, keep)
+        return _quant(m.kernel_weight(), m.bias, m.perm, keep)
     fwd = m.__dict__.get("forward") if type(m) is nn.Linear else None
     if isinstance(fwd, _PanelForward):
         return _panels(fwd.packed, fwd.bias, fwd.isa, fwd.max_rows, keep)

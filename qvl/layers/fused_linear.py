@@ -14,8 +14,8 @@ concatenated along the output dim (on huge pages, qvl.layers.huge_pages), and ea
 become views of the concatenation (no memory is added). One call then reads one sequential stream: for the 2B at batch 1 that is 4 kernel
 calls a layer instead of 7, and k/v_proj (256 rows each) stop paying a call and a panel ramp of their own.
 
-  qk-int4 / qk-int8 QuantLinears (same bits, group, in_features; every member but the last a multiple of
-      128 rows, the kernels' block of interleaved panels): every row count, the
+  qk-int4 / qk-int8 QuantLinears (same bits, group, in_features and act-order column permutation;
+      every member but the last a multiple of 128 rows, the kernels' block of interleaved panels): every row count, the
       fused QuantWeight's in-register path below MANY_ROWS rows, its dequant + GEMM path from there on.
   bf16 linears on qvl's panels (qvl.layers.packed_linear._PanelForward): up to their max_rows, else each
       member's own forward (prefill: F.linear on the plain weights).
@@ -76,9 +76,12 @@ class _FusedQuant(_Fused):
             self.weight = qk.QuantWeight(8, _cat(mods, "w8"), _cat(mods, "s8"), group=m0.group)
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=m.dtype) for m in mods]
         self.bias = torch.cat(biases) if any(m.bias is not None for m in mods) else None     # (n,)
+        self.perm = m0.perm                              # act-order GPTQ: the members' one column order
         assert self.weight.n == n
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
         if x.shape[0] >= qlinear.MANY_ROWS:
             return self.weight.dequant_matmul(x, self.bias)
         return self.weight.matmul(x, self.bias)
@@ -120,11 +123,17 @@ def _cat(mods: list[QuantLinear], buf: str) -> torch.Tensor:
     return _cat_tensors([m._buffers[buf] for m in mods], mods, buf)
 
 
+def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Act-order members fuse when they sort their input columns alike (GPTQ's q/k/v and gate/up do:
+    one input, one Hessian order)."""
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
 def _fusable(mods: list[nn.Module]) -> type[_Fused] | None:
     if all(type(m) is QuantLinear for m in mods):
         m0 = mods[0]
         same = all(m.kernel == m0.kernel and m.group == m0.group and m.in_features == m0.in_features
-                   for m in mods)
+                   and _same_perm(m.perm, m0.perm) for m in mods)
         # the integer panels are interleaved in blocks of 128 rows: all but the last member fill whole blocks
         same = same and all(m.out_features % 128 == 0 for m in mods[:-1])
         return _FusedQuant if same and m0.kernel in ("qk-int4", "qk-int8") else None

@@ -5,6 +5,8 @@ weight packing of qvl.layers.packed_linear, which picks nn.Linear modules, never
 
 Loading (qvl.build routes `<module>.<attr>` here): `accepts(attr)`, `load(attr, tensor)`, `missing()`.
   gptq    qweight, qzeros, scales (+ g_idx, bias)        awq    qweight, qzeros, scales (+ bias)
+          (act order, spec.act_order: g_idx required; the integers are kept with their columns sorted by
+          group and `perm` (K,) says which input column each is: the kernels multiply x[:, perm])
   int8 / int4 (on the fly)  weight (+ bias): quantized the moment it arrives, the float copy dropped
 A module without a bias accepts an all-zero `bias` (older GPTQ revisions carry them) and refuses a
 nonzero one. When the last tensor arrives the integers are converted to the kernel's form at once, so
@@ -74,13 +76,16 @@ class QuantLinear(nn.Module):
         self.kernel = choose_kernel(spec.bits, group, in_features, out_features, dtype, self.device)
         self.group = group
         self.register_buffer("bias", None)
+        self.register_buffer("perm", None)                # act-order GPTQ: (K,) int64, q's column order
         self._pending: dict[str, torch.Tensor] = {}
-        self._required = set(_FORMAT_TENSORS[spec.method]) | ({"bias"} if has_bias else set())
+        self._required = (set(_FORMAT_TENSORS[spec.method]) | ({"bias"} if has_bias else set())
+                          | ({"g_idx"} if spec.act_order else set()))
         self.loaded = False
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.has_bias}, {self.spec.method} "
-                f"{self.spec.bits}-bit group {self.group}, kernel={self.kernel}")
+                f"{self.spec.bits}-bit group {self.group}{', act order' if self.perm is not None else ''}, "
+                f"kernel={self.kernel}")
 
     # --- loading ---------------------------------------------------------------------------------
     def accepts(self, attr: str) -> bool:
@@ -118,6 +123,8 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"{self.name}.bias has shape {tuple(b.shape)}, expected ({self.out_features},)")
             self._buffers_set(bias=b.to(device=self.device, dtype=self.dtype, copy=True))   # no file view
         self._pending = {}
+        if qz.perm is not None:
+            self._buffers_set(perm=qz.perm.to(self.device))
         self._set_kernel_tensors(qz)
         self.loaded = True
 
@@ -172,7 +179,7 @@ class QuantLinear(nn.Module):
         q = self.q
         if self.spec.bits == 4:
             q = torch.stack([q & 0xF, q >> 4], -1).view(self.out_features, self.in_features)     # (N, K)
-        return formats.dequantize(formats.Quantized(q, self.zeros, self.scales, self.group), dtype)
+        return formats.dequantize(formats.Quantized(q, self.zeros, self.scales, self.group, self.perm), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.bias)
@@ -184,7 +191,8 @@ class QuantLinear(nn.Module):
         if x.dtype != torch.bfloat16 or x.device.type != "cpu":
             raise ValueError(f"{self.name}: the {self.kernel} kernel runs bf16 on CPU, got {x.dtype} on {x.device}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).contiguous()                                        # (M, K)
+        x2 = x.reshape(-1, self.in_features)                                                     # (M, K)
+        x2 = x2.contiguous() if self.perm is None else x2.index_select(1, self.perm)            # q's order
         if self.kernel in ("qk-int4", "qk-int8"):
             return self._qk_forward(x2).view(*lead, self.out_features)                           # (..., N)
         if self.kernel == "int4pack":

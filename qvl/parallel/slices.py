@@ -73,6 +73,10 @@ def row_slices(spec: QuantSpec | None, a: int, b: int, in_: int) -> dict[str, Te
     """Input features [a, b) of a linear with `in_` of them (the bias stays whole: added after the reduce)."""
     if spec is None or not spec.from_checkpoint:
         return {"weight": TensorSlice(1, a, b, in_)}
+    if spec.act_order:
+        raise ValueError("tensor parallelism: an act-order GPTQ checkpoint (desc_act=true) scatters each "
+                         "group over the whole input, so o_proj / down_proj cannot be split by input rows; "
+                         "use tensor_parallel_size=1 or a desc_act=false checkpoint")
     out: dict[str, TensorSlice] = {}
     if spec.method == "gptq":
         pf = 32 // spec.bits                                       # input rows per int32 of qweight

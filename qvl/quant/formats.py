@@ -5,13 +5,17 @@ Every reader returns `Quantized(q, zeros, scales, group)` for one linear of `out
   zeros   (G, N) float32, integer-valued zero points (G = K / group)
   scales  (G, N) float32 (the stored fp16 values, exactly)
   group   input columns per group
-and the dequantized weight is W[n, k] = (q[n, k] - zeros[k // group, n]) * scales[k // group, n]
-(GPTQ writes it s·(q − z), AWQ (q − z)·s: the same product).
+  perm    None, or (K,) int64 for act-order GPTQ: q's column j is input column perm[j] (groups are then
+          contiguous in q, group g = q's columns [g·group, (g+1)·group)); a kernel multiplies x[:, perm]
+and the dequantized weight, in q's column order, is W'[n, j] = (q[n, j] - zeros[j // group, n]) *
+scales[j // group, n] (GPTQ writes it s·(q − z), AWQ (q − z)·s: the same product); W[:, perm] = W'.
 
   gptq(qweight, qzeros, scales, g_idx, *, bits, group_size, zero_offset, shape)
       qweight (K·bits/32, N) int32 packed along the input dim, LSB first; qzeros (G, N·bits/32) int32
       packed along the output dim; a v1 checkpoint stores zero − 1 (zero_offset 1). Symmetric only: every
-      zero must be 2**(bits−1) (the 0x77777777 word of sym int4 v1), else ValueError.
+      zero must be 2**(bits−1) (the 0x77777777 word of sym int4 v1), else ValueError. g_idx (K,), group
+      of each input column: i // group (or None) keeps q as stored; anything else (act order) must give
+      every group exactly `group` columns, and q comes back with its columns sorted by group (perm).
   awq(qweight, qzeros, scales, *, group_size, shape)
       4 bit; qweight (K, N/8) and qzeros (G, N/8) int32 packed along the output dim, column 8c + ORDER[i]
       at bits [4i, 4i + 4).
@@ -33,6 +37,7 @@ class Quantized(NamedTuple):
     zeros: torch.Tensor
     scales: torch.Tensor
     group: int
+    perm: torch.Tensor | None = None
 
 
 def _expect(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
@@ -76,12 +81,19 @@ def gptq(qweight, qzeros, scales, g_idx, *, bits: int, group_size: int, zero_off
     _expect(f"{name}.qweight", qweight, (k // pf, n), torch.int32)
     _expect(f"{name}.qzeros", qzeros, (g, n // pf), torch.int32)
     _expect(f"{name}.scales", scales, (g, n))
+    perm = None
     if g_idx is not None:
         _expect(f"{name}.g_idx", g_idx, (k,))
-        if not torch.equal(g_idx.long(), torch.arange(k) // group):
-            raise ValueError(f"{name}.g_idx is not the trivial i // group_size (act-order checkpoint); "
-                             f"qvl runs desc_act=false GPTQ only")
-    q = _unpack_rows(qweight, bits).t().to(torch.uint8).contiguous()             # (N, K)
+        gi = g_idx.long()
+        if not torch.equal(gi, torch.arange(k) // group):                       # act order
+            counts = torch.bincount(gi.clamp(0, g), minlength=g + 1)
+            if int(gi.min()) < 0 or int(gi.max()) >= g or not bool((counts[:g] == group).all()):
+                raise ValueError(f"{name}.g_idx must give each of the {g} groups {group} input columns; "
+                                 f"it has values {int(gi.min())}..{int(gi.max())} and group sizes "
+                                 f"{sorted(set(counts[:g].tolist()))}")
+            perm = torch.argsort(gi, stable=True)                                  # (K,) q's column order
+    q = _unpack_rows(qweight, bits).t().to(torch.uint8)                           # (N, K)
+    q = (q if perm is None else q[:, perm]).contiguous()
     zeros = _unpack_cols(qzeros, bits) + zero_offset                               # (G, N)
     sym = 1 << (bits - 1)
     if not bool((zeros == sym).all()):
@@ -89,7 +101,7 @@ def gptq(qweight, qzeros, scales, g_idx, *, bits: int, group_size: int, zero_off
         raise ValueError(f"{name}.qzeros: zero points {bad} found where symmetric {bits}-bit GPTQ has "
                          f"{sym} everywhere (stored {sym - zero_offset}); the checkpoint is asymmetric or "
                          f"its checkpoint_format is wrong")
-    return Quantized(q, zeros.float(), scales.float(), group)
+    return Quantized(q, zeros.float(), scales.float(), group, perm)
 
 
 def awq(qweight, qzeros, scales, *, group_size: int, shape: tuple[int, int], name: str = "") -> Quantized:
@@ -111,8 +123,11 @@ def awq(qweight, qzeros, scales, *, group_size: int, shape: tuple[int, int], nam
 
 
 def dequantize(qz: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W (N, K) = (q − z)·s, computed in float32 (exact for ≤ 8-bit q and fp16 scales), then cast."""
+    """W (N, K) = (q − z)·s in the input's column order (perm undone), computed in float32 (exact for
+    ≤ 8-bit q and fp16 scales), then cast."""
     n, k = qz.q.shape
     q = qz.q.view(n, k // qz.group, qz.group).float()                                        # (N, G, g)
-    w = (q - qz.zeros.t()[:, :, None]) * qz.scales.t()[:, :, None]                            # (N, G, g)
-    return w.view(n, k).to(dtype)
+    w = ((q - qz.zeros.t()[:, :, None]) * qz.scales.t()[:, :, None]).view(n, k)               # (N, K), q's order
+    if qz.perm is not None:
+        w = torch.empty_like(w).index_copy_(1, qz.perm, w)                                    # W[:, perm] = W'
+    return w.to(dtype)

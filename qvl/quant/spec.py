@@ -4,15 +4,16 @@
 
 `quantization_config` is config.json's block as published (QUANT_FORMATS 1.1); `requested` is
 EngineConfig.quantization (None: detect from the checkpoint, as vLLM does). Supported:
-  gptq  checkpoint, `quant_method: gptq`, bits 4 or 8, `sym: true`, `desc_act: false`, any group size
-        (-1: one group per row); `checkpoint_format` gptq (v1: qzeros store zero - 1, the default) or
-        gptq_v2 (zero as is)
+  gptq  checkpoint, `quant_method: gptq`, bits 4 or 8, `sym: true`, any group size (-1: one group per
+        row); `checkpoint_format` gptq (v1: qzeros store zero - 1, the default) or gptq_v2 (zero as is);
+        `desc_act: true` (act order: each linear's `g_idx` assigns input columns to groups, which
+        qvl.quant.formats turns into a column permutation) needs the g_idx tensors (act_order)
   awq   checkpoint, `quant_method: awq`, `version: gemm`, bits 4, `zero_point: true`; its
         `modules_to_not_convert` are kept float in addition to the family's float modules
   int8  on the fly from a float checkpoint: symmetric, one scale per output channel
   int4  on the fly from a float checkpoint: symmetric, one scale per group of 128 input columns
         (64 or 32 where 128 does not divide the layer's input width)
-Everything else (fp8, bitsandbytes, compressed-tensors, 2/3-bit, asymmetric or act-order GPTQ, other
+Everything else (fp8, bitsandbytes, compressed-tensors, 2/3-bit, asymmetric GPTQ, other
 AWQ kernels, a method that contradicts the checkpoint) is a ValueError of one line naming it.
 
 Knows nothing about torch or modules.
@@ -29,13 +30,15 @@ _GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}             # checkpoint_format -> off
 @dataclass(frozen=True)
 class QuantSpec:
     """method: one of METHODS; bits; group_size (-1: one group per output row); zero_offset: what the
-    format adds to a stored zero (GPTQ v1: 1); not_convert: module-name substrings kept float."""
+    format adds to a stored zero (GPTQ v1: 1); not_convert: module-name substrings kept float;
+    act_order: GPTQ desc_act (every quantized linear must carry its g_idx)."""
 
     method: str
     bits: int
     group_size: int
     zero_offset: int = 0
     not_convert: tuple[str, ...] = ()
+    act_order: bool = False
 
     @property
     def from_checkpoint(self) -> bool:
@@ -61,8 +64,6 @@ def _gptq(qc: dict) -> QuantSpec:
     bits = _int(qc, "bits", "gptq")
     if bits not in (4, 8):
         raise _refuse(f"GPTQ with bits={bits} (qvl runs 4 and 8)")
-    if qc.get("desc_act"):
-        raise _refuse("GPTQ with desc_act=true (act-order g_idx); use a desc_act=false checkpoint")
     if qc.get("sym", True) is not True:
         raise _refuse(f"asymmetric GPTQ (sym={qc.get('sym')!r})")
     fmt = qc.get("checkpoint_format", "gptq")
@@ -71,7 +72,10 @@ def _gptq(qc: dict) -> QuantSpec:
     group = _int(qc, "group_size", "gptq")
     if group != -1 and group <= 0:
         raise ValueError(f"quantization_config.group_size must be -1 or > 0, got {group}")
-    return QuantSpec("gptq", bits, group, zero_offset=_GPTQ_FORMATS[fmt])
+    act_order = bool(qc.get("desc_act"))
+    if act_order and group == -1:
+        raise ValueError("quantization_config: desc_act=true with group_size=-1 (act order needs groups)")
+    return QuantSpec("gptq", bits, group, zero_offset=_GPTQ_FORMATS[fmt], act_order=act_order)
 
 
 def _awq(qc: dict) -> QuantSpec:

@@ -256,7 +256,14 @@ int qk_decode_attention(const uint16_t* q, long sq, const uint16_t* k, long skb,
 int qk_decode_stack(const Step* st) {
     if (!qk_glue_ok()) return -2;
     if (st->B < 1 || st->D % 16 || st->H % 8 || st->I % 8 || st->nKV <= 0 || st->nH % st->nKV) return -1;
-    return decode_stack(*st, [](const Linear& L, const uint16_t* x, uint16_t* y, int M, int nt) {
+    std::vector<uint16_t> xp;                       // x[:, perm] of an act-order linear
+    return decode_stack(*st, [&xp](const Linear& L, const uint16_t* x, uint16_t* y, int M, int nt) {
+        if (L.perm) {
+            xp.resize(size_t(M) * L.K);
+            for (int m = 0; m < M; ++m)
+                for (int k = 0; k < L.K; ++k) xp[size_t(m) * L.K + k] = x[size_t(m) * L.K + L.perm[k]];
+            x = xp.data();
+        }
         const auto* w = static_cast<const uint8_t*>(L.w);
         if (L.bits == 4) return qk_int4(x, w, L.s, L.z, L.zc, y, L.bias, M, L.N, L.K, L.group, L.il, L.isa, nt);
         if (L.bits == 8) return qk_int8(x, w, L.s, y, L.bias, M, L.N, L.K, L.group, L.il, L.isa, nt);

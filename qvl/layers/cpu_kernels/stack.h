@@ -18,6 +18,7 @@ struct Linear {                 // one weight as the kernels take it (cpu_stack.
     int bits;                   // 4, 8 (QuantWeight's integers) or 16 (pack_bf16's panels)
     const void* w; const uint16_t* s; const uint8_t* z; int zc, group, il, isa;
     int N, K; const float* bias;   // bias fp32 (N,) or null
+    const int64_t* perm;           // act-order GPTQ: the kernel multiplies x[:, perm] (K,), or null
 };
 
 struct Layer {
