@@ -9,8 +9,9 @@ one's memory-bandwidth roofline.
 The checkpoint is the Qwen2-VL-2B text config (28 layers, hidden 1536, intermediate 8960, vocab 151936,
 tied head; --family qwen3-vl: Qwen3-VL-2B's, hidden 2048, intermediate 6144, q/k norms) with random bf16
 weights, written once under --workdir; the vision tower is cut to one block
-(it is not read while decoding; --layers cuts decoder layers too). GPTQ (v1, sym, group 128) and AWQ (gemm,
-group 128) copies are packed from the same weights by tests/quant_fixtures.py. Each variant runs in its own
+(it is not read while decoding; --layers cuts decoder layers too). GPTQ (v1, sym, group 128; gptq-int4-act:
+act order, desc_act true) and AWQ (gemm, group 128) copies are packed from the same weights by
+tests/quant_fixtures.py. Each variant runs in its own
 subprocess (load_model in bf16 + an LLMEngine without tokenizer):
   rss_gb        resident memory after loading and one warm-up request (whole process, torch, the runner's
                 packed bf16 copies and the KV pool pages touched included; the bf16 weights of a bf16
@@ -57,6 +58,7 @@ from quant_checkpoints import FAMILIES, ensure_checkpoints, work_dir  # noqa: E4
 VARIANTS = {  # name -> (checkpoint, EngineConfig.quantization)
     "bf16": ("float", None), "int8": ("float", "int8"), "int4": ("float", "int4"),
     "gptq-int8": ("gptq8", None), "gptq-int4": ("gptq4", None), "awq": ("awq", None),
+    "gptq-int4-act": ("gptq4-act", None),
 }
 
 

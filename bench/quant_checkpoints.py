@@ -3,7 +3,8 @@
   work_dir(args) -> Path       --workdir/L{layers} (Qwen2-VL) or --workdir/qwen3-vl-L{layers} (--family qwen3-vl)
   write_float(path, layers, family)   random bf16 weights in qvl's own parameter names (the tied head stored
                                once), norms 1, the rest N(0, 0.02); the vision tower cut to one block
-  write_packed(src, path, fmt, bits)  GPTQ v1 (sym, group 128) or AWQ gemm (group 128) copies of src, packed by
+  write_packed(src, path, fmt, bits)  GPTQ v1 (sym, group 128; fmt "gptq-act": act order, a random column
+                               order per layer input) or AWQ gemm (group 128) copies of src, packed by
                                tests/quant_fixtures.py; the float rest in fp16, as the official repos store it
   ensure_checkpoints(work, layers, family, ckpts)   write whichever of "float" and PACKED's names are missing
 """
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-PACKED = {"gptq8": ("gptq", 8), "gptq4": ("gptq", 4), "awq": ("awq", 4)}   # checkpoint -> (format, bits)
+PACKED = {"gptq8": ("gptq", 8), "gptq4": ("gptq", 4), "awq": ("awq", 4),   # checkpoint -> (format, bits)
+          "gptq4-act": ("gptq-act", 4)}                                      # act order (desc_act: true)
 
 # Qwen3-VL-2B-Instruct's text config (28 Qwen3 layers, hidden 2048, intermediate 6144, 16 heads of 128 over 8
 # KV heads, q/k norms, tied head) and a one-block vision tower of its shape (not read while decoding).
@@ -81,7 +83,7 @@ def write_packed(src: Path, path: Path, fmt: str, bits: int) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from quant_fixtures import PROJ, awq_pack, gptq_pack
+    from quant_fixtures import PROJ, awq_pack, column_order, gptq_pack
 
     state = {}
     with safe_open(str(src / "model.safetensors"), "pt") as h:
@@ -89,7 +91,8 @@ def write_packed(src: Path, path: Path, fmt: str, bits: int) -> None:
             t = h.get_tensor(key)
             if PROJ.fullmatch(key):
                 w = t.float()
-                packed, _ = gptq_pack(w, bits, 128) if fmt == "gptq" else awq_pack(w, 128)
+                order = column_order(key, w.shape[1], 0) if fmt == "gptq-act" else None
+                packed, _ = gptq_pack(w, bits, 128, order) if fmt.startswith("gptq") else awq_pack(w, 128)
                 state.update({f"{key[:-len('.weight')]}.{a}": v for a, v in packed.items()})
             else:
                 state[key] = t.half()
@@ -98,8 +101,8 @@ def write_packed(src: Path, path: Path, fmt: str, bits: int) -> None:
     d = json.loads((src / "config.json").read_text())
     d["torch_dtype"] = "float16"
     d["quantization_config"] = (
-        {"bits": bits, "group_size": 128, "desc_act": False, "sym": True, "quant_method": "gptq"}
-        if fmt == "gptq" else
+        {"bits": bits, "group_size": 128, "desc_act": fmt == "gptq-act", "sym": True, "quant_method": "gptq"}
+        if fmt.startswith("gptq") else
         {"bits": 4, "group_size": 128, "modules_to_not_convert": ["visual"], "quant_method": "awq",
          "version": "gemm", "zero_point": True})
     (path / "config.json").write_text(json.dumps(d, indent=1))

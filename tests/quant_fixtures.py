@@ -79,7 +79,7 @@ def gptq_pack(w: torch.Tensor, bits: int, group: int, order: torch.Tensor | None
 _INPUTS = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
 
 
-def _act_order(hub_key: str, k: int, seed: int) -> torch.Tensor:
+def column_order(hub_key: str, k: int, seed: int) -> torch.Tensor:
     """One random column order per layer and input (q/k/v share theirs, gate/up theirs)."""
     m = re.match(r"model\.layers\.(\d+)\.\w+\.(\w+)_proj", hub_key)
     tag = f"{m.group(1)}.{_INPUTS[m.group(2)]}"
@@ -140,7 +140,7 @@ def write_quantized(path, fmt: str, *, bits: int = 4, group: int = 32, layout: s
             hub = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
             if PROJ.fullmatch(hub):
                 prefix = hub[: -len(".weight")]
-                order = _act_order(hub, t.shape[1], seed) if act_order else None
+                order = column_order(hub, t.shape[1], seed) if act_order else None
                 tensors, deq = gptq_pack(t, bits, group, order) if fmt == "gptq" else awq_pack(t, group)
                 t.copy_(deq)                             # the reference runs the dequantized weight
                 stored.update({f"{prefix}.{a}": v for a, v in tensors.items()})
