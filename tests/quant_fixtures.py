@@ -19,6 +19,11 @@ with every value the quantized checkpoint implies: fp16-rounded float tensors an
 W = (q − z)·s, written by save_pretrained, so transformers on it is the exact float reference.
 layout "nested" renames keys to transformers 4.52+'s `model.language_model.*` / `model.visual.*`;
 zero_bias adds the all-zero `bias` tensors older GPTQ revisions carry on o_proj and the MLP.
+
+  quantize_checkpoint(src, dst, fmt, *, bits=4, group=32) -> {weight key: dequantized W}
+      the same packing applied to a float checkpoint dir of any family (Qwen2.5-VL's `model.layers.*`,
+      Qwen3-VL's `model.language_model.layers.*`): the decoder projections packed, every other tensor and
+      file as stored, quantization_config added to config.json.
 """
 from __future__ import annotations
 
@@ -117,6 +122,39 @@ def _nested(key: str) -> str:
     return key
 
 
+def quant_config(fmt: str, bits: int, group: int, act_order: bool = False) -> dict:
+    """config.json's quantization_config as AutoGPTQ / AutoAWQ write it."""
+    if fmt == "gptq":
+        return {"bits": bits, "damp_percent": 0.1, "dataset": None, "desc_act": act_order, "group_size": group,
+                "modules_in_block_to_quantize": None, "quant_method": "gptq", "sym": True, "true_sequential": True}
+    return {"bits": 4, "group_size": group, "modules_to_not_convert": ["visual"], "quant_method": "awq",
+            "version": "gemm", "zero_point": True}
+
+
+DECODER_PROJ = re.compile(r"model\.(language_model\.)?layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+                          r"\.weight")
+
+
+def quantize_checkpoint(src, dst, fmt: str, *, bits: int = 4, group: int = 32) -> dict[str, torch.Tensor]:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    stored, deq = {}, {}
+    for key, t in load_file(str(src / "model.safetensors")).items():
+        if DECODER_PROJ.fullmatch(key):
+            tensors, deq[key] = gptq_pack(t.float(), bits, group) if fmt == "gptq" else awq_pack(t.float(), group)
+            stored.update({f"{key[:-len('.weight')]}.{a}": v for a, v in tensors.items()})
+        else:
+            stored[key] = t
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(dict(cfg, quantization_config=quant_config(fmt, bits, group)), indent=1))
+    return deq
+
+
 def write_quantized(path, fmt: str, *, bits: int = 4, group: int = 32, layout: str = "hub",
                     zero_bias: bool = False, seed: int = 0, act_order: bool = False,
                     overrides: dict | None = None) -> tuple[Path, Path]:
@@ -156,13 +194,7 @@ def write_quantized(path, fmt: str, *, bits: int = 4, group: int = 32, layout: s
     qdir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in stored.items()}, str(qdir / "model.safetensors"),
               metadata={"format": "pt"})
-    if fmt == "gptq":
-        qc = {"bits": bits, "damp_percent": 0.1, "dataset": None, "desc_act": act_order, "group_size": group,
-              "modules_in_block_to_quantize": None, "quant_method": "gptq", "sym": True,
-              "true_sequential": True}
-    else:
-        qc = {"bits": 4, "group_size": group, "modules_to_not_convert": ["visual"], "quant_method": "awq",
-              "version": "gemm", "zero_point": True}
+    qc = quant_config(fmt, bits, group, act_order)
     (qdir / "config.json").write_text(json.dumps(dict(cfg, quantization_config=qc), indent=1))
     for d in (qdir, ref):
         _write_side_files(d, ids, 200704, "Qwen2VLProcessor")
