@@ -64,11 +64,10 @@ class _Step(ctypes.Structure):             # stack.h's Step
 def _quant(w: qk.QuantWeight, bias: torch.Tensor | None, perm: torch.Tensor | None,
            keep: list) -> tuple[_Linear, int]:
     b = w.bias32(bias)
-    p = None if perm is None else perm.to(torch.int64).contiguous()                    # (K,) act order
-    keep += [b, p]
+    keep += [b, perm]                                  # perm: (K,) int64 from formats.gptq (act order) or None
     return _Linear(w.bits, w.w.data_ptr(), w.s.data_ptr(), None if w.z is None else w.z.data_ptr(), w.zc, w.group,
                    w.il, w.isa, w.n, w.k, None if b is None else b.data_ptr(),
-                   None if p is None else p.data_ptr()), qlinear.MANY_ROWS - 1
+                   None if perm is None else perm.data_ptr()), qlinear.MANY_ROWS - 1
 
 
 def _panels(panels: torch.Tensor, bias: torch.Tensor | None, isa: int | None, max_rows: int,

@@ -241,7 +241,7 @@ def pack_groups(t: torch.Tensor) -> torch.Tensor:
     return on_huge_pages(_blocked(panels).view(n // 16, g, 16))
 
 
-FP16_MAX = 65504.0
+FP16_MAX = torch.finfo(torch.float16).max                  # 65504
 
 
 def fp16_holds(s: torch.Tensor) -> bool:

@@ -19,7 +19,7 @@ import torch
 from qvl.quant.formats import Quantized
 
 _INT4_FALLBACK_GROUPS = (64, 32)
-_FP16_MAX = 65504.0
+_FP16_MAX = torch.finfo(torch.float16).max                 # the largest fp16 scale, 65504
 
 
 def int4_group(in_features: int, group_size: int) -> int:
