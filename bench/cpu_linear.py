@@ -5,7 +5,8 @@
 
 Shapes: the mid bench config's and Qwen2-VL-2B's decoder linears (out x in). Paths: F.linear in bf16
 (torch's default), the prepacked oneDNN weight (qvl.layers.packed_linear's kernel, where oneDNN has
-bf16), the fp32-from-bf16 blocks (qvl.layers.widened_linear; below its MIN_ROWS it is F.linear),
+bf16), the fp32-from-bf16 path (qvl.layers.widened_linear; below its MIN_ROWS it is F.linear): qvl's
+GEMM (cpu_kernels/gemm.h, where the library runs) and torch's fp32 GEMM on converted weight blocks,
 and F.linear in float32 on a float32 copy of the weight (the reference cost). GFLOP/s = 2 * rows *
 out * in / median time; at 1 row that number is also the GB/s of bf16 weight read (2 bytes per
 multiply-add). The best bf16 rate in the table is the practical peak this machine gives. Not a test.
@@ -57,6 +58,9 @@ def measure(out_f: int, in_f: int, rows: int, repeats: int) -> dict:
             lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeats)
     widen_linears([lin])
     res["fp32_from_bf16"] = median_s(lambda: lin(x), repeats)
+    unwiden_linears([lin])
+    widen_linears([lin], library=False)
+    res["fp32_blocks"] = median_s(lambda: lin(x), repeats)
     unwiden_linears([lin])
     res["fp32"] = median_s(lambda: F.linear(x32, w32), repeats)
     return {k: round(flop / t / 1e9, 1) for k, t in res.items()}

@@ -31,12 +31,15 @@ def test_native_bf16_needs_onednn_avx512_and_the_flag():
 
 
 @torch.no_grad()
-def test_widened_linear_is_fp32_arithmetic_on_bf16_weights():
+@pytest.mark.parametrize("library", [pytest.param(True, marks=pytest.mark.skipif(
+    qk.bf16_isa() == 0, reason="qvl's bf16 GEMM needs g++ and AVX2 + FMA")), False])
+def test_widened_linear_is_fp32_arithmetic_on_bf16_weights(library):
     torch.manual_seed(0)
     mods = nn.ModuleList([nn.Linear(96, 300), nn.Linear(300, 40, bias=False), nn.Linear(8, 8)]).bfloat16()
     mods.append(nn.Linear(8, 8))                                              # float32: left alone
     keys, w0 = list(mods.state_dict()), mods[0].weight.data_ptr()
-    assert widen_linears(mods, block_elems=96 * 64) == 3                     # 64-row blocks: 5 for 300
+    # library: qvl's GEMM; else torch's fp32 GEMM on 64-row blocks: 5 for 300
+    assert widen_linears(mods, block_elems=96 * 64, library=library) == 3
     assert widen_linears(mods) == 3 and not is_widened(mods[3])
     x = torch.randn(3, 20, 96).bfloat16()                                    # (3, 20, in): 60 rows
     for m, inp in ((mods[0], x), (mods[1], torch.randn(32, 300).bfloat16())):
@@ -91,7 +94,7 @@ def test_prepare_picks_by_dtype_and_features(tiny_ckpt):
         x = torch.randn(40, mlp.down_proj.in_features).bfloat16()
         with torch.no_grad():
             want = F.linear(x.float(), mlp.down_proj.weight.float())
-            for rows in (1, 5, 40):                                               # panels, panels, fp32 blocks
+            for rows in (1, 5, 40):                                       # panels, panels, widened (GEMM)
                 assert (mlp.down_proj(x[:rows]).float() - want[:rows]).abs().max() <= 0.01 * want.abs().max()
     restore_cpu_model(bf16)
     assert not any("forward" in m.__dict__ for m in bf16.modules())

@@ -237,6 +237,36 @@ def test_bf16_kernel_and_threads(rows, isa):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(qk.bf16_isa() == 0, reason="qvl's bf16 GEMM needs g++ and AVX2 + FMA")
+@pytest.mark.parametrize("m,n,k", [(1, 16, 8), (7, 33, 13), (37, 100, 300), (200, 257, 520), (400, 48, 264)])
+def test_bf16_gemm_fp32_sums_row_and_thread_invariant(m, n, k):
+    """gemm.h (plain (N, K) bf16 weight, any shape: partial panels, tails of 6-row tiles and 8-column
+    blocks, several row blocks and KC chunks): fp32 sums of exact products, rounded once; each output's
+    bits independent of the other rows and of the thread count."""
+    g = torch.Generator().manual_seed(m * n + k)
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    x = torch.randn(m, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    y = qk.bf16_gemm(x, w, bias)
+    want = x.double() @ w.double().t() + bias.double()
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    # fp32 sums of k exact products: within k · 2^-24 of the sum of |terms|, then one bf16 rounding
+    terms = x.double().abs() @ w.double().abs().t() + bias.double().abs()
+    assert ((y.double() - want).abs() <= want.abs() * 2 ** -8 + terms * k * 2 ** -24).all()
+    assert (y == (x.float() @ w.float().t() + bias.float()).bfloat16()).float().mean() > 0.98
+    for a, b in ((0, 1), (m // 3, m // 3 + 7), (m - 1, m)):                   # rows alone or beside others
+        assert torch.equal(qk.bf16_gemm(x[a:b].contiguous(), w, bias), y[a:b])
+    threads = torch.get_num_threads()
+    try:
+        wide = (torch.randn(2064, k, generator=g) * 0.05).bfloat16()          # 129 panels: split over threads
+        torch.set_num_threads(1)
+        one = qk.bf16_gemm(x, wide)
+        torch.set_num_threads(3)
+        assert torch.equal(qk.bf16_gemm(x, wide), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_kernel_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     if NATIVE:

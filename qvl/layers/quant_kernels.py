@@ -74,6 +74,7 @@ _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGS = {"qk_int4": [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I],
          "qk_int8": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I],
          "qk_bf16": [_P, _P, _P, _P, _I, _I, _I, _I, _I],
+         "qk_bf16_gemm": [_P, _P, _P, _P, _I, _I, _I, _I],
          "qk_dequant4": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I],
          "qk_dequant8": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I],
          # the glue ops (qvl.layers.cpu_ops); _L strides in elements, _F eps / scale
@@ -338,6 +339,17 @@ def bf16_mm(x, w, bias=None, *, isa: int | None = None) -> torch.Tensor:
     y = torch.empty(m, w.shape[0], dtype=torch.bfloat16)                                   # (M, N)
     b = None if bias is None else bias.float().contiguous()
     _check(_lib().qk_bf16(_ptr(x), _ptr(w), _ptr(y), _ptr(b), m, w.shape[0], k, isa, torch.get_num_threads()), "bf16")
+    return y
+
+
+def bf16_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) bf16 · Wᵀ (+ bias) -> (M, N) bf16 for W (N, K) bf16 as stored, computed in fp32 on AVX2 + FMA
+    (cpu_kernels/gemm.h; bf16_isa() > 0). x and W contiguous on the CPU."""
+    m, k = x.shape
+    y = torch.empty(m, w.shape[0], dtype=torch.bfloat16)                                   # (M, N)
+    b = None if bias is None else bias.float().contiguous()
+    _check(_lib().qk_bf16_gemm(_ptr(x), _ptr(w), _ptr(y), _ptr(b), m, w.shape[0], k, torch.get_num_threads()),
+           "bf16 GEMM")
     return y
 
 

@@ -2,6 +2,7 @@
 //   qk_int4(x, w, s, z, zc, y, bias, M, N, K, group, il, isa, nthreads)   4-bit weights (q − z)·s
 //   qk_int8(x, w, s, y, bias, M, N, K, group, il, isa, nthreads)          8-bit weights w·s (w = q − z as int8)
 //   qk_bf16(x, w, y, bias, M, N, K, isa, nthreads)                    bf16 weights in 16-row panels
+//   qk_bf16_gemm(x, w, y, bias, M, N, K, nthreads)                    bf16 W (N, K) as stored, many rows (gemm.h)
 //   qk_dequant4 / qk_dequant8(..., out, ld, ..., il, n0, n1, trans, isa, nthreads)   rows of W as bf16 (any CPU)
 //   qk_rms_norm, qk_rotary, qk_silu_mul, qk_decode_attention: glue.h's ops (AVX2 + FMA, qk_glue_ok())
 //   qk_decode_stack(step): a decode step's decoder layers in one call (stack.h; AVX2 + FMA)
@@ -20,6 +21,7 @@
 #include "vnni.h"
 #include "avx2.h"
 #include "bf16.h"
+#include "gemm.h"
 #include "dequant.h"
 #include "glue.h"
 #include "stack.h"
@@ -174,6 +176,17 @@ int qk_bf16(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bia
     std::vector<float> xf(size_t(M) * K);
     for (size_t i = 0; i < xf.size(); ++i) xf[i] = bf16_to_f32(x[i]);
     parallel(N / 16, nthreads, [&](int p0, int p1) { bf16_mm_avx2(xf.data(), w, y, M, K, p0, p1); });
+    return 0;
+}
+
+// y = x · Wᵀ + bias with W (N, K) bf16 row-major, in fp32 on AVX2 + FMA (gemm.h; any M, N, K); -2 where
+// this CPU lacks AVX2 + FMA.
+int qk_bf16_gemm(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bias, int M, int N, int K,
+                 int nthreads) {
+    if (M <= 0 || N <= 0 || K <= 0) return -1;
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return -2;
+    const Out y{yp, bias, N};
+    parallel((N + 15) / 16, nthreads, [&](int p0, int p1) { gemm_bf16(x, w, y, M, N, K, p0, p1); });
     return 0;
 }
 

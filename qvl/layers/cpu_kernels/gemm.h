@@ -1,0 +1,116 @@
+// Many-row bf16 linears on AVX2 + FMA (CPUs without bf16 dot products): y (M, N) bf16 = x (M, K) bf16 ·
+// Wᵀ + bias, with W (N, K) bf16 in its plain row-major layout (no copy kept), computed in fp32. BLIS's
+// blocking, per thread over its own 16-row panels of W:
+//   for each block of MC rows of x, each chunk of NCP panels, each KC columns of the input dim:
+//     x's block [MC x KC] is packed into fp32 micro-panels of 6 rows ([k][6], zero rows past M; in L2),
+//     each panel's [16 x KC] of W is converted into an fp32 micro-panel [k][16] (in L1), and every
+//     6-row micro-panel of the block multiplies it: a 6 x 16 tile, 12 ymm accumulators, per k 2 loads,
+//     6 broadcasts and 12 FMAs. The tile adds into the chunk's fp32 sums [MC x 16·NCP], which are rounded
+//     to bf16 (+ bias, in fp32) once at the end.
+// Products of bf16 values are exact in fp32; each output sums its k in one fixed order (KC chunks in
+// turn, k in turn within them), so its bits depend on neither the thread count nor the other rows.
+#pragma once
+#include <vector>
+#include "common.h"
+
+#define QK_GEMM __attribute__((target("avx2,fma")))
+
+namespace qk {
+
+constexpr int GEMM_MR = 6, GEMM_KC = 256, GEMM_MC = 192, GEMM_NCP = 48;
+
+// c[6][16] (row stride ldc) += a [k][6] · b [k][16] over kc steps; first: c = the product instead. The
+// 12 accumulators are named variables: as an array, g++ 12 kept them on the stack (a store per FMA).
+QK_GEMM inline void gemm_tile(int kc, const float* a, const float* b, float* c, int ldc, bool first) {
+#define QK_ACC(r) __m256 c##r##0 = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc), \
+                         c##r##1 = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8);
+    QK_ACC(0) QK_ACC(1) QK_ACC(2) QK_ACC(3) QK_ACC(4) QK_ACC(5)
+#undef QK_ACC
+#pragma GCC unroll 4
+    for (int k = 0; k < kc; ++k, a += GEMM_MR, b += 16) {
+        const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+#define QK_FMA(r) { const __m256 av = _mm256_broadcast_ss(a + r); \
+                    c##r##0 = _mm256_fmadd_ps(av, b0, c##r##0); c##r##1 = _mm256_fmadd_ps(av, b1, c##r##1); }
+        QK_FMA(0) QK_FMA(1) QK_FMA(2) QK_FMA(3) QK_FMA(4) QK_FMA(5)
+#undef QK_FMA
+    }
+#define QK_STORE(r) _mm256_storeu_ps(c + r * ldc, c##r##0); _mm256_storeu_ps(c + r * ldc + 8, c##r##1);
+    QK_STORE(0) QK_STORE(1) QK_STORE(2) QK_STORE(3) QK_STORE(4) QK_STORE(5)
+#undef QK_STORE
+}
+
+// 8 bf16 -> 8 fp32.
+QK_GEMM inline __m256 gemm_widen(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// b [kc][16] fp32 = W rows [n0, n0 + 16) (zeros past N), columns [k0, k0 + kc): 8 x 8 blocks widened and
+// transposed in registers, the tail columns one by one.
+QK_GEMM inline void gemm_pack_b(const uint16_t* w, int N, int K, int n0, int k0, int kc, float* b) {
+    int k = 0;
+    if (n0 + 16 <= N)
+        for (; k + 8 <= kc; k += 8)
+            for (int h = 0; h < 2; ++h) {
+                const uint16_t* src = w + size_t(n0 + 8 * h) * K + k0 + k;
+                __m256 r[8], t[8], u[8];
+                for (int i = 0; i < 8; ++i) r[i] = gemm_widen(src + size_t(i) * K);     // r[i][c] = W[n0+8h+i][k+c]
+                for (int i = 0; i < 8; i += 2) {          // t[i]: rows i, i+1 at cols 0,1 | 4,5; t[i+1]: 2,3 | 6,7
+                    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+                }
+                for (int g = 0; g < 8; g += 4)            // u[g + c]: rows g..g+3 at col c | c + 4
+                    for (int j = 0; j < 2; ++j) {
+                        u[g + 2 * j] = _mm256_shuffle_ps(t[g + j], t[g + j + 2], 0x44);
+                        u[g + 2 * j + 1] = _mm256_shuffle_ps(t[g + j], t[g + j + 2], 0xEE);
+                    }
+                for (int c = 0; c < 4; ++c) {             // col c: rows 0-3 and 4-7; col c + 4 likewise
+                    _mm256_store_ps(b + 16 * (k + c) + 8 * h, _mm256_permute2f128_ps(u[c], u[4 + c], 0x20));
+                    _mm256_store_ps(b + 16 * (k + c + 4) + 8 * h, _mm256_permute2f128_ps(u[c], u[4 + c], 0x31));
+                }
+            }
+    for (; k < kc; ++k)
+        for (int j = 0; j < 16; ++j) b[16 * k + j] = n0 + j < N ? bf16_to_f32(w[size_t(n0 + j) * K + k0 + k]) : 0.f;
+}
+
+// a [tiles][kc][6] fp32 = x rows [m0, m0 + 6·tiles) (zeros past M), columns [k0, k0 + kc).
+inline void gemm_pack_a(const uint16_t* x, int M, int K, int m0, int tiles, int k0, int kc, float* a) {
+    for (int t = 0; t < tiles; ++t)
+        for (int r = 0; r < GEMM_MR; ++r) {
+            const int m = m0 + GEMM_MR * t + r;
+            float* dst = a + size_t(t) * kc * GEMM_MR + r;
+            if (m >= M) { for (int k = 0; k < kc; ++k) dst[GEMM_MR * k] = 0.f; continue; }
+            const uint16_t* src = x + size_t(m) * K + k0;
+            for (int k = 0; k < kc; ++k) dst[GEMM_MR * k] = bf16_to_f32(src[k]);
+        }
+}
+
+// Panels [p0, p1) of W (16 rows each, the last may be partial), every row of x.
+QK_GEMM inline void gemm_bf16(const uint16_t* x, const uint16_t* w, Out y, int M, int N, int K, int p0, int p1) {
+    thread_local std::vector<float> abuf, bbuf, cbuf;
+    abuf.resize(size_t(GEMM_MC) * GEMM_KC);
+    bbuf.resize(size_t(16) * GEMM_KC + 8);
+    cbuf.resize(size_t(GEMM_MC) * 16 * GEMM_NCP);
+    float* b = bbuf.data() + (8 - (uintptr_t(bbuf.data()) / 4) % 8) % 8;       // 32-byte aligned
+    // Blocks of equal size (whole tiles, at most GEMM_MC rows): every block's tiles share W's conversion.
+    const int nblk = (M + GEMM_MC - 1) / GEMM_MC, per = ((M + nblk - 1) / nblk + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
+    for (int m0 = 0; m0 < M; m0 += per) {
+        const int mc = M - m0 < per ? M - m0 : per, tiles = (mc + GEMM_MR - 1) / GEMM_MR;
+        for (int q0 = p0; q0 < p1; q0 += GEMM_NCP) {
+            const int q1 = q0 + GEMM_NCP < p1 ? q0 + GEMM_NCP : p1, ldc = 16 * (q1 - q0);
+            for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
+                const int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+                gemm_pack_a(x, M, K, m0, tiles, k0, kc, abuf.data());
+                for (int p = q0; p < q1; ++p) {
+                    gemm_pack_b(w, N, K, 16 * p, k0, kc, b);
+                    for (int t = 0; t < tiles; ++t)
+                        gemm_tile(kc, abuf.data() + size_t(t) * kc * GEMM_MR, b,
+                                  cbuf.data() + size_t(t) * GEMM_MR * ldc + 16 * (p - q0), ldc, k0 == 0);
+                }
+            }
+            for (int r = 0; r < mc; ++r)
+                for (int n = 16 * q0; n < 16 * q1 && n < N; ++n) y.put(m0 + r, n, cbuf[size_t(r) * ldc + n - 16 * q0]);
+        }
+    }
+}
+
+}  // namespace qk
