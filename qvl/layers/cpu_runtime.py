@@ -16,11 +16,11 @@ on any machine) and returns a `CpuRuntime` saying what it chose:
     vision tower keep F.linear: oneDNN's own bf16 GEMM is already near the machine's bf16 rate there.
   * bf16 on a CPU without them (AVX2; AVX-512F without BF16, where oneDNN would emulate bf16):
     "fp32-from-bf16": every linear of the model, vision tower included, computes inputs of 16 rows or
-    more in fp32 from its bf16 weight, block by block (qvl.layers.widened_linear); weights stay bf16.
+    more in fp32 from its bf16 weight (qvl.layers.widened_linear); weights stay bf16.
     Where the CPU has AVX2 + FMA, the text decoder's and the LM head's linears also get a copy of their
     weights in qvl's 16-row panels (within `max_bytes`), which its AVX2 kernel reads for up to 32 rows
     (qvl.layers.packed_linear.panel_linears: 2x F.linear's speed at one row, 5x at 15); more rows
-    (prefill) take the fp32 blocks.
+    (prefill) take the fp32 path (qvl's AVX2 GEMM on the stored weight: cpu_kernels/gemm.h).
   * In every bf16 mode, then, the decoder's groups of linears that read one input (q/k/v, gate/up) and
     run one qvl kernel are fused into one call (qvl.layers.fused_linear; `fused_groups` counts them),
     and where every layer's linears then run qvl's kernels (qk-int4 / qk-int8, bf16 panels) a decode

@@ -39,7 +39,7 @@ every thread count.
 
 CPUs without native bf16 (AVX2): `panel_linears(linears)` gives the same panels and qvl's AVX2 + FMA bf16
 kernel for up to MAX_ROWS rows; more rows keep the forward the linear had (the CPU runtime widens first:
-qvl.layers.widened_linear's fp32 blocks), and unpacking restores it.
+qvl.layers.widened_linear's fp32 path), and unpacking restores it.
 
 Knows nothing about the model: it sees nn.Linear modules only.
 """
@@ -162,10 +162,13 @@ def pack_linears(linears: Iterable[nn.Linear], *, max_bytes: int | None = None, 
 def panel_linears(linears: Iterable[nn.Linear], *, max_bytes: int | None = None, isa: int = 2) -> int:
     """CPUs without native bf16 (AVX2): each bf16 linear whose shape fits gets a copy of its weight in
     qvl's panels and the AVX2 kernel (isa 2) for up to MAX_ROWS rows; more rows keep the forward it had
-    (qvl.layers.widened_linear's fp32 blocks). Nothing when the copies would exceed max_bytes. Returns
+    (qvl.layers.widened_linear's fp32 path). Nothing when the copies would exceed max_bytes. Returns
     how many of `linears` are on panels afterwards. 1 thread, Zen 3, weight from DRAM (8960 x 1536):
     1 row 2.5 ms against F.linear's 4.9, 4 rows 3.6 against 12.6, 15 rows 8.5 against 44.4, 16 rows 10.5
-    against the fp32 blocks' 18.2, 32 rows 16.0 against 20.6; the 151936 x 1536 head 36 against 66 ms."""
+    against the fp32 blocks' 18.2, 32 rows 16.0 against 20.6; the 151936 x 1536 head 36 against 66 ms.
+    Against qvl's AVX2 GEMM (widened_linear's path where the library runs; a later session, W in L3):
+    16 rows 11.8 against 16.9 ms, 32 rows 20.5 against 21.3, 48 rows 30.3 against 26.4 (1536 x 1536 and
+    2816 x 1024 cross over alike), so MAX_ROWS stays 32."""
     linears = list(linears)
     todo = [m for m in linears if m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
             and not _is_packed(m) and _panels_fit(m, isa)]

@@ -10,9 +10,10 @@ more in fp32, rounding the result to bf16 once:
     into an L1 block that every 6-row tile of the input multiplies;
   * elsewhere the weight is converted block by block (`block_elems` elements, 4 MiB of fp32 by default,
     so a block stays in cache while torch's fp32 GEMM reads it) and multiplied by the fp32 input.
-On Zen 3 (AVX2, 1 thread; `python bench/cpu_linear.py --gemm`) the library's GEMM ran 63-77 GFLOP/s at
-64-1024 rows where torch's fp32 GEMM (MKL) on fp32 weights ran 34-68 and the fp32 blocks 43-63; the
-FMA peak measured there is 90-94.
+On Zen 3 (AVX2, 1 thread; `python bench/cpu_linear.py --threads 1 --rows 16 64 256 1024`, the mid and
+2B decoder shapes) the library's GEMM ran 58-78 GFLOP/s from 64 to 1024 rows where the fp32 blocks ran
+39-71 and torch's fp32 GEMM (MKL) on an fp32 copy of the weight 32-79; at 16 rows 39-54 against 24-34
+and 17-54. The FMA peak of that core, measured, is 90-94.
 Fewer rows (decode) keep F.linear: bf16 matrix-vector products
 are memory-bound and read half the bytes of fp32 (measured there: 1 row through 8960x1536, 21.8 vs 8.7
 GFLOP/s; at 16 rows the fp32 blocks ran 2.5x faster than bf16). Inputs that need grad and other dtypes keep F.linear too.
