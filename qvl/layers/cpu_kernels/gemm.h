@@ -7,6 +7,7 @@
 //     6-row micro-panel of the block multiplies it: a 6 x 16 tile, 12 ymm accumulators, per k 2 loads,
 //     6 broadcasts and 12 FMAs. The tile adds into the chunk's fp32 sums [MC x 16·NCP], which are rounded
 //     to bf16 (+ bias, in fp32) once at the end.
+// Scratch per thread (kept for the next call): x's block 192 KiB, the W block 16 KiB, the sums 576 KiB.
 // Products of bf16 values are exact in fp32; each output sums its k in one fixed order (KC chunks in
 // turn, k in turn within them), so its bits depend on neither the thread count nor the other rows.
 #pragma once
