@@ -77,7 +77,7 @@ def main() -> None:
     rows = {}
     for name, eng in engines.items():
         rt = eng.cpu_runtime
-        rows[name] = dict(tok_s=statistics.median(times[name]), kernels=rt.mode,
+        rows[name] = dict(tok_s=statistics.median(times[name]), kernels=rt.mode + (" + qvl GEMM" if rt.gemm else ""),
                           features=None if rt.features is None else
                           dict(capability=rt.features.capability, onednn_bf16=rt.features.onednn_bf16,
                                native_bf16=rt.features.native_bf16))

@@ -86,6 +86,7 @@ def test_prepare_picks_by_dtype_and_features(tiny_ckpt):
     n_all = sum(isinstance(m, nn.Linear) for m in bf16.modules())
     rt = prepare_cpu_model(bf16, features=AVX2)
     assert rt.mode == "fp32-from-bf16" and rt.num_linears == n_all and rt.features == AVX2
+    assert rt.gemm == (qk.bf16_isa() > 0)                                    # qvl's AVX2 GEMM for many rows
     assert is_widened(bf16.visual.blocks[0].mlp.fc1)                          # the vision tower too
     decoder = [m for m in bf16.model.modules() if isinstance(m, nn.Linear)] + [bf16.lm_head]
     if qk.bf16_isa():                      # and the decoder's on AVX2 panels for few rows, widened beyond
@@ -98,6 +99,10 @@ def test_prepare_picks_by_dtype_and_features(tiny_ckpt):
                 assert (mlp.down_proj(x[:rows]).float() - want[:rows]).abs().max() <= 0.01 * want.abs().max()
     restore_cpu_model(bf16)
     assert not any("forward" in m.__dict__ for m in bf16.modules())
+    no_bf16 = CpuFeatures("AVX512", False, frozenset({"avx2", "fma", "avx512f"}))  # AVX-512F, no BF16
+    rt = prepare_cpu_model(bf16, features=no_bf16)
+    assert rt.mode == "fp32-from-bf16" and not rt.gemm                        # torch's wider fp32 GEMM
+    restore_cpu_model(bf16)
     native = CpuFeatures("AVX512", True, frozenset({"avx512_bf16"}))
     if native.native_bf16 and probe_cpu().native_bf16:
         rt = prepare_cpu_model(bf16, features=native, max_bytes=0)              # no room: nothing packed

@@ -20,7 +20,9 @@ on any machine) and returns a `CpuRuntime` saying what it chose:
     Where the CPU has AVX2 + FMA, the text decoder's and the LM head's linears also get a copy of their
     weights in qvl's 16-row panels (within `max_bytes`), which its AVX2 kernel reads for up to 32 rows
     (qvl.layers.packed_linear.panel_linears: 2x F.linear's speed at one row, 5x at 15); more rows
-    (prefill) take the fp32 path (qvl's AVX2 GEMM on the stored weight: cpu_kernels/gemm.h).
+    (prefill) take the fp32 path: qvl's AVX2 GEMM on the stored weight (cpu_kernels/gemm.h) where torch
+    dispatches AVX2 (`gemm`), torch's fp32 GEMM on converted blocks on AVX-512F without BF16, whose
+    fp32 kernels are twice as wide (no such CPU here: that choice is not measured).
   * In every bf16 mode, then, the decoder's groups of linears that read one input (q/k/v, gate/up) and
     run one qvl kernel are fused into one call (qvl.layers.fused_linear; `fused_groups` counts them),
     and where every layer's linears then run qvl's kernels (qk-int4 / qk-int8, bf16 panels) a decode
@@ -43,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from qvl.layers import cpu_stack
+from qvl.layers import quant_kernels as qk
 from qvl.layers.fused_linear import fuse_linears, unfuse_linears
 from qvl.layers.quant_kernels import cpu_flags
 from qvl.layers.packed_linear import pack_linears, packing_supported, panel_linears, unpack_linears
@@ -79,6 +82,7 @@ class CpuRuntime:
     features: CpuFeatures | None     # None when the model is not on the CPU
     fused_groups: int = 0            # groups of linears computed in one call (qvl.layers.fused_linear)
     panel_linears: int = 0           # fp32-from-bf16: linears on qvl's AVX2 bf16 panels for few rows
+    gemm: bool = False               # fp32-from-bf16: many rows on qvl's AVX2 GEMM (else torch's fp32 GEMM)
     decode_stack: bool = False       # a decode step's decoder layers run as one call (qvl.layers.cpu_stack)
 
 
@@ -94,9 +98,11 @@ def prepare_cpu_model(model: nn.Module, *, max_bytes: int | None = None,
     """
     if model.device.type != "cpu" or model.dtype != torch.bfloat16:
         return CpuRuntime("plain", 0, None)
-    features, panels = features or probe_cpu(), 0
+    features, panels, gemm = features or probe_cpu(), 0, False
     if not features.native_bf16:
-        mode, n = "fp32-from-bf16", widen_linears(_linears(model))
+        # AVX-512F without BF16: torch's fp32 GEMM has 16-lane kernels there, qvl's GEMM 8-lane ones
+        gemm = qk.bf16_isa() > 0 and not features.capability.startswith("AVX512")
+        mode, n = "fp32-from-bf16", widen_linears(_linears(model), library=gemm)
         if features.flags is None or {"avx2", "fma"} <= features.flags:
             panels = panel_linears(_linears(model.model) + [model.lm_head],
                                    max_bytes=None if max_bytes is None else max(0, max_bytes))
@@ -107,7 +113,7 @@ def prepare_cpu_model(model: nn.Module, *, max_bytes: int | None = None,
                          max_bytes=None if max_bytes is None else max(0, max_bytes), exact=False)
         mode = "onednn-packed" if n else "plain"
     fused = fuse_linears(model.model)
-    runtime = CpuRuntime(mode, n, features, fused, panels, cpu_stack.install(model.model))
+    runtime = CpuRuntime(mode, n, features, fused, panels, gemm=gemm, decode_stack=cpu_stack.install(model.model))
     _trim_heap()
     return runtime
 
