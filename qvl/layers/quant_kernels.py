@@ -30,7 +30,7 @@ figures.
     .dequant_rows(n0, n1, out)            rows of W in bf16, out (n1 − n0, K) (the scalar code)
   pack_bf16(w (N, K) bf16) -> 16-row panels; bf16_mm(x, panels, bias, isa=None) -> (M, N) bf16
   bf16_gemm(x, w (N, K) bf16 as stored, bias) -> (M, N) bf16: many rows in fp32 on AVX2 + FMA (gemm.h;
-               widened_linear's path); ~800 KB of per-thread scratch stays allocated after the first call
+               widened_linear's path); ~850 KB of per-thread scratch stays allocated after the first call
 Packed weights, scales and zeros of 64 KiB and more live on transparent huge pages (qvl.layers.huge_pages).
 int4: W = (q − z)·s, w4 from pack_int4, z packed (uint8) or None (then zc everywhere); int8: W = w8·s, w8
 from pack_int8. N % 16 == 0, group % 32 == 0. x is (M, K) bf16 contiguous, s from pack_scales, bias (N,) or
