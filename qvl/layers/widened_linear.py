@@ -53,7 +53,7 @@ class _WidenedForward:
         if rows < self.min_rows or x.dtype != w.dtype or torch.is_grad_enabled():
             return F.linear(x, w, self.bias)
         out_f, in_f = w.shape
-        if self.library and qk.bf16_isa() > 0 and w.is_contiguous():                              # the library's GEMM
+        if self.library and qk.bf16_isa() > 0 and w.is_contiguous():            # the library's GEMM
             y = qk.bf16_gemm(x.reshape(rows, in_f).contiguous(), w, self.bias)   # (M, out)
             return y.view(*x.shape[:-1], out_f)
         n = min(self.block, out_f)
