@@ -13,7 +13,7 @@
 // turn, k in turn within them), so its bits depend on neither the thread count nor the other rows.
 #pragma once
 #include <vector>
-#include "common.h"
+#include "avx2.h"                    // bf16x8
 
 #define QK_GEMM __attribute__((target("avx2,fma")))
 
@@ -42,15 +42,10 @@ QK_GEMM inline void gemm_tile(int kc, const float* a, const float* b, float* c, 
 #undef QK_STORE
 }
 
-// 8 bf16 -> 8 fp32.
-QK_GEMM inline __m256 gemm_widen(const uint16_t* p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
 // 8 x 8 widened and transposed in registers: dst[c * ld + i] = rows[i][c] (c, i < 8), dst 32-byte aligned.
 QK_GEMM inline void gemm_transpose8(const uint16_t* const* rows, float* dst, int ld) {
     __m256 r[8], t[8], u[8];
-    for (int i = 0; i < 8; ++i) r[i] = gemm_widen(rows[i]);
+    for (int i = 0; i < 8; ++i) r[i] = bf16x8(rows[i]);
     for (int i = 0; i < 8; i += 2) {                  // t[i]: rows i, i+1 at cols 0,1 | 4,5; t[i+1]: 2,3 | 6,7
         t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
         t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);

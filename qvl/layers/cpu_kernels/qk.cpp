@@ -179,17 +179,6 @@ int qk_bf16(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bia
     return 0;
 }
 
-// y = x · Wᵀ + bias with W (N, K) bf16 row-major, in fp32 on AVX2 + FMA (gemm.h; any M, N, K); -2 where
-// this CPU lacks AVX2 + FMA.
-int qk_bf16_gemm(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bias, int M, int N, int K,
-                 int nthreads) {
-    if (M <= 0 || N <= 0 || K <= 0) return -1;
-    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return -2;
-    const Out y{yp, bias, N};
-    parallel((N + 15) / 16, nthreads, [&](int p0, int p1) { gemm_bf16(x, w, y, M, N, K, p0, p1); });
-    return 0;
-}
-
 // Rows [n0, n1) of the dequantized weight as bf16: trans 0 -> out (n1 − n0, K) = W rows, trans 1 -> out
 // (K, n1 − n0) = Wᵀ columns (the many-row GEMM's operand); ld: out's row stride in elements. isa 1:
 // dequant.h (AVX-512 BF16, trans 1 only), 0: the scalar code (any CPU). Panels split over nthreads; either
@@ -231,6 +220,17 @@ int qk_dequant8(const uint8_t* w, const uint16_t* s, uint16_t* out, int ld, int 
 int qk_glue_ok() {
     static const int ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     return ok;
+}
+
+// y = x · Wᵀ + bias with W (N, K) bf16 row-major, in fp32 on AVX2 + FMA (gemm.h; any M, N, K); -2 where
+// this CPU lacks AVX2 + FMA.
+int qk_bf16_gemm(const uint16_t* x, const uint16_t* w, uint16_t* yp, const float* bias, int M, int N, int K,
+                 int nthreads) {
+    if (M <= 0 || N <= 0 || K <= 0) return -1;
+    if (!qk_glue_ok()) return -2;
+    const Out y{yp, bias, N};
+    parallel((N + 15) / 16, nthreads, [&](int p0, int p1) { gemm_bf16(x, w, y, M, N, K, p0, p1); });
+    return 0;
 }
 
 int qk_rms_norm(const uint16_t* x, long sx, const uint16_t* w, uint16_t* y, long sy, int rows, int H, float eps) {
